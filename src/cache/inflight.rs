@@ -1,0 +1,187 @@
+//! Single flight for blob downloads: the table `digest -> fill in progress`.
+//!
+//! The first request for an uncached blob becomes the leader and gets a [`FillPermit`]; everyone
+//! else (the leader's own client included) follows the fill by reading the growing temp file up to
+//! the published [`FillState`]. A permit dropped before it finished marks the fill `Failed`, so a
+//! dropped writer never reads as a finished body. Knows nothing of HTTP or upstreams.
+
+use crate::error::Code;
+use crate::digest::Digest;
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Where a fill stands, as its readers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FillState {
+    /// Waiting for upstream's answer.
+    Starting,
+    /// Bytes `0..written` are in the file; `total` is upstream's `Content-Length`, if sent.
+    Streaming { written: u64, total: Option<u64> },
+    /// Verified and committed; the file holds exactly `size` bytes.
+    Complete { size: u64 },
+    /// Abandoned; readers must abort their responses.
+    Failed(FillError),
+}
+
+/// Why a fill failed, in the form a client is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FillError {
+    pub code: Code,
+    pub message: String,
+}
+
+/// A fill as a reader sees it: the temp file (shared handle, valid across the final rename)
+/// and the progress of the writer.
+#[derive(Clone, Debug)]
+pub struct Fill {
+    pub file: Arc<File>,
+    pub progress: watch::Receiver<FillState>,
+}
+
+/// The right and duty to perform a fill. Dropping it unfinished fails the fill.
+#[derive(Debug)]
+pub struct FillPermit {
+    digest: Digest,
+    table: Arc<Inflight>,
+    progress: watch::Sender<FillState>,
+    finished: bool,
+}
+
+impl FillPermit {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Publishes progress to every reader.
+    pub fn publish(&self, state: FillState) {
+        self.progress.send_replace(state);
+    }
+
+    /// A sender for publishing progress from another thread (the disk writer).
+    pub fn progress_sender(&self) -> watch::Sender<FillState> {
+        self.progress.clone()
+    }
+
+    /// Ends the fill with its final state and leaves the table. Call only after the blob
+    /// is committed (or for a failure), so that a newcomer finds it in the store.
+    pub fn finish(mut self, state: FillState) {
+        self.progress.send_replace(state);
+        self.table.remove(&self.digest);
+        self.finished = true;
+    }
+}
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.progress.send_replace(FillState::Failed(FillError {
+                code: Code::Unavailable,
+                message: "the download was abandoned".into(),
+            }));
+            self.table.remove(&self.digest);
+        }
+    }
+}
+
+/// What a request for a blob turns out to be.
+pub enum Role<H, T> {
+    /// Already in the store.
+    Hit(H),
+    /// Another request is downloading it: follow.
+    Follower(Fill),
+    /// Nobody is: download it into `T` (and follow like everyone else).
+    Leader(FillPermit, Fill, T),
+}
+
+/// The table of fills in progress.
+#[derive(Debug, Default)]
+pub struct Inflight {
+    fills: Mutex<HashMap<Digest, Fill>>,
+}
+
+impl Inflight {
+    /// Under the table's lock: join a fill in progress, else find the blob in the store
+    /// (`lookup`), else start a fill in a fresh temp file (`create`). Doing all three under
+    /// one lock means a blob committed between a miss and a join is never fetched twice.
+    /// `create` returns the leader's destination and a handle readers use to follow it.
+    pub fn join_or_lead<H, T, E>(
+        self: &Arc<Self>,
+        digest: &Digest,
+        lookup: impl FnOnce() -> Result<Option<H>, E>,
+        create: impl FnOnce() -> Result<(T, File), E>,
+    ) -> Result<Role<H, T>, E> {
+        let mut fills = self.fills.lock().expect("inflight lock poisoned");
+        if let Some(fill) = fills.get(digest) {
+            return Ok(Role::Follower(fill.clone()));
+        }
+        if let Some(hit) = lookup()? {
+            return Ok(Role::Hit(hit));
+        }
+        let (temp, reader) = create()?;
+        let (tx, rx) = watch::channel(FillState::Starting);
+        let fill = Fill {
+            file: Arc::new(reader),
+            progress: rx,
+        };
+        fills.insert(digest.clone(), fill.clone());
+        let permit = FillPermit {
+            digest: digest.clone(),
+            table: Arc::clone(self),
+            progress: tx,
+            finished: false,
+        };
+        Ok(Role::Leader(permit, fill, temp))
+    }
+
+    /// Fills in progress.
+    pub fn len(&self) -> usize {
+        self.fills.lock().expect("inflight lock poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn remove(&self, digest: &Digest) {
+        self.fills.lock().expect("inflight lock poisoned").remove(digest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp() -> Result<((), File), ()> {
+        Ok(((), tempfile::tempfile().unwrap()))
+    }
+
+    #[test]
+    fn first_leads_then_others_follow_then_hit() {
+        let table = Arc::new(Inflight::default());
+        let d = Digest::of(b"a");
+        let Ok(Role::Leader(permit, _, ())) = table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp) else {
+            panic!("first must lead")
+        };
+        let Ok(Role::Follower(fill)) = table.join_or_lead(&d, || Ok(None::<()>), temp) else {
+            panic!("second must follow")
+        };
+        permit.finish(FillState::Complete { size: 1 });
+        assert_eq!(*fill.progress.borrow(), FillState::Complete { size: 1 });
+        assert!(table.is_empty());
+        assert!(matches!(table.join_or_lead(&d, || Ok(Some(())), temp), Ok(Role::Hit(()))));
+    }
+
+    #[test]
+    fn dropped_permit_fails_the_fill() {
+        let table = Arc::new(Inflight::default());
+        let d = Digest::of(b"b");
+        let Ok(Role::Leader(permit, fill, temp)) = table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp) else {
+            panic!()
+        };
+        drop(permit);
+        assert!(matches!(*fill.progress.borrow(), FillState::Failed(_)));
+        assert!(table.is_empty());
+    }
+}

@@ -1,0 +1,202 @@
+//! The cache facade: content by digest (blobs on disk, manifests on disk and in memory), tag
+//! records with a TTL, and the single-flight table for downloads in progress.
+//!
+//! The cache knows nothing of HTTP or upstreams: loaders are handed in by the caller
+//! (`proxy`), and the cache makes sure each runs once however many requests wait for it.
+//! Blocking file calls run on tokio's blocking pool.
+
+pub mod inflight;
+pub mod store;
+
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::oci::{RepoName, Tag};
+use bytes::Bytes;
+use inflight::{Inflight, Role};
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{ManifestMeta, Store, TagRecord, TempBlob};
+
+/// A manifest with the media type it is served as.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// What a tag resolves to, and whether upstream confirmed it recently.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagAnswer {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    /// Upstream could not be asked: this is the last known mapping.
+    pub stale: bool,
+}
+
+/// A tag of a repository of a registry (the index of a configured registry).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    pub registry: usize,
+    pub repo: RepoName,
+    pub tag: Tag,
+}
+
+/// A stored blob, open.
+pub type BlobHit = (File, u64);
+
+/// Shared cache state.
+pub struct Cache {
+    store: Arc<Store>,
+    inflight: Arc<Inflight>,
+    /// Recently served manifests, weighed by size; also coalesces concurrent loads.
+    manifests: moka::future::Cache<Digest, Arc<Manifest>>,
+    /// Tag answers live for the tag TTL; loading one coalesces concurrent revalidations.
+    tags: moka::future::Cache<TagKey, TagAnswer>,
+}
+
+impl Cache {
+    pub fn open(dir: &Path, tag_ttl: Duration, manifest_memory_bytes: u64) -> io::Result<Cache> {
+        let store = Arc::new(Store::open(dir)?);
+        let manifests = moka::future::Cache::builder()
+            .max_capacity(manifest_memory_bytes)
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+            .build();
+        let tags = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(tag_ttl.max(Duration::from_millis(1)))
+            .build();
+        Ok(Cache {
+            store,
+            inflight: Arc::new(Inflight::default()),
+            manifests,
+            tags,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Downloads in progress.
+    pub fn fills_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// A stored blob, without joining or starting a download.
+    pub async fn stored_blob(&self, digest: &Digest) -> io::Result<Option<BlobHit>> {
+        let store = Arc::clone(&self.store);
+        let digest = digest.clone();
+        blocking(move || store.open_blob(&digest)).await
+    }
+
+    /// A stored blob, or the download in progress, or the duty to start one.
+    pub async fn blob(&self, digest: &Digest) -> io::Result<Role<BlobHit, TempBlob>> {
+        let store = Arc::clone(&self.store);
+        let inflight = Arc::clone(&self.inflight);
+        let digest = digest.clone();
+        blocking(move || {
+            inflight.join_or_lead(
+                &digest,
+                || store.open_blob(&digest),
+                || {
+                    let temp = store.create_temp(&digest)?;
+                    let reader = temp.file.try_clone()?;
+                    Ok((temp, reader))
+                },
+            )
+        })
+        .await
+    }
+
+    /// The manifest with this digest: from memory, disk, or `load` (run once for all waiters,
+    /// its result stored on disk).
+    pub async fn manifest<F>(&self, digest: &Digest, load: F) -> Result<Arc<Manifest>, Error>
+    where
+        F: Future<Output = Result<Manifest, Error>>,
+    {
+        let store = Arc::clone(&self.store);
+        let key = digest.clone();
+        let init = async move {
+            let disk_store = Arc::clone(&store);
+            let disk_key = key.clone();
+            if let Some((bytes, meta)) = blocking(move || disk_store.get_manifest(&disk_key)).await? {
+                let media_type = meta
+                    .map(|m| m.media_type)
+                    .or_else(|| crate::oci::sniff_manifest_type(&bytes))
+                    .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_string());
+                return Ok(Arc::new(Manifest {
+                    digest: key,
+                    media_type,
+                    bytes: Bytes::from(bytes),
+                }));
+            }
+            let manifest = load.await?;
+            self.put_manifest(&manifest).await?;
+            Ok(Arc::new(manifest))
+        };
+        self.manifests
+            .try_get_with(digest.clone(), init)
+            .await
+            .map_err(Error::Shared)
+    }
+
+    /// Stores a verified manifest on disk and in memory.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> io::Result<()> {
+        let store = Arc::clone(&self.store);
+        let m = manifest.clone();
+        blocking(move || {
+            let meta = ManifestMeta {
+                media_type: m.media_type.clone(),
+            };
+            store.put_manifest(&m.digest, &m.bytes, &meta)
+        })
+        .await?;
+        self.manifests
+            .insert(manifest.digest.clone(), Arc::new(manifest.clone()))
+            .await;
+        Ok(())
+    }
+
+    /// The tag's answer: fresh from memory, or from `load` (run once for all waiters).
+    pub async fn tag<F>(&self, key: &TagKey, load: F) -> Result<TagAnswer, Error>
+    where
+        F: Future<Output = Result<TagAnswer, Error>>,
+    {
+        self.tags
+            .try_get_with(key.clone(), load)
+            .await
+            .map_err(Error::Shared)
+    }
+
+    /// The tag record kept on disk (the last mapping upstream confirmed).
+    pub async fn tag_record(&self, registry: &str, key: &TagKey) -> io::Result<Option<TagRecord>> {
+        let store = Arc::clone(&self.store);
+        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
+        blocking(move || store.get_tag(&registry, &repo, &tag)).await
+    }
+
+    pub async fn put_tag_record(&self, registry: &str, key: &TagKey, record: TagRecord) -> io::Result<()> {
+        let store = Arc::clone(&self.store);
+        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
+        blocking(move || store.put_tag(&registry, &repo, &tag, &record)).await
+    }
+
+    pub async fn remove_tag_record(&self, registry: &str, key: &TagKey) -> io::Result<()> {
+        let store = Arc::clone(&self.store);
+        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
+        blocking(move || store.remove_tag(&registry, &repo, &tag)).await
+    }
+}
+
+/// Runs a blocking file operation on the blocking pool.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+}

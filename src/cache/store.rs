@@ -1,0 +1,316 @@
+//! The on-disk store: the only code that builds paths under the cache directory.
+//!
+//! ```text
+//! <dir>/blobs/sha256/<2 hex>/<64 hex>         immutable content (manifests too), name = digest
+//! <dir>/blobs/sha256/<2 hex>/<64 hex>.meta    manifests only: their media type (JSON)
+//! <dir>/tags/<registry>/<repository>/_tags/<tag>   tag record (JSON): digest, media type, size
+//! <dir>/tmp/                                  downloads in progress; emptied at start-up
+//! ```
+//!
+//! Content enters `blobs/` only by rename after fsync, so a crash leaves either the whole
+//! verified file or nothing. Paths are built only from parsed [`Digest`]s, validated
+//! repository names and tags, and configured registry names. All calls block: async callers
+//! run them on the blocking pool.
+
+use crate::digest::Digest;
+use crate::oci::{RepoName, Tag};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The cache directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    /// Makes temp file names unique within this process.
+    tmp_counter: AtomicU64,
+}
+
+/// What is kept beside a manifest: how to label it when served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestMeta {
+    pub media_type: String,
+}
+
+/// The last known answer for a tag.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    /// Unix seconds when upstream last confirmed this mapping.
+    pub checked_at: u64,
+}
+
+/// A download in progress under `tmp/`, deleted on drop unless committed.
+#[derive(Debug)]
+pub struct TempBlob {
+    path: PathBuf,
+    pub file: File,
+    committed: bool,
+}
+
+impl Drop for TempBlob {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating) the cache directory and empties `tmp/` of what a previous run left.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        fs::create_dir_all(root.join("blobs/sha256"))?;
+        fs::create_dir_all(root.join("tags"))?;
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        Ok(Store {
+            root: root.to_owned(),
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn meta_path(&self, digest: &Digest) -> PathBuf {
+        let mut path = self.blob_path(digest).into_os_string();
+        path.push(".meta");
+        PathBuf::from(path)
+    }
+
+    fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+        self.root
+            .join("tags")
+            .join(registry)
+            .join(repo.as_str())
+            .join("_tags")
+            .join(tag.as_str())
+    }
+
+    /// Opens a stored blob: its file and size, or `None` when absent.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.blob_path(digest)) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some((file, size)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts a download: a fresh file under `tmp/`.
+    pub fn create_temp(&self, digest: &Digest) -> io::Result<TempBlob> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}-{n}", digest.hex(), std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(TempBlob {
+            path,
+            file,
+            committed: false,
+        })
+    }
+
+    /// Makes a verified download part of the store: fsync, rename, fsync the directory.
+    pub fn commit(&self, mut temp: TempBlob, digest: &Digest) -> io::Result<()> {
+        temp.file.sync_data()?;
+        let dest = self.blob_path(digest);
+        let dir = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(&temp.path, &dest)?;
+        temp.committed = true;
+        File::open(dir)?.sync_all()
+    }
+
+    /// Stores a small verified object (a manifest) with its media type.
+    pub fn put_manifest(&self, digest: &Digest, bytes: &[u8], meta: &ManifestMeta) -> io::Result<()> {
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        self.write_atomically(&self.meta_path(digest), &json)?;
+        let mut temp = self.create_temp(digest)?;
+        temp.file.write_all(bytes)?;
+        self.commit(temp, digest)
+    }
+
+    /// A stored manifest's bytes and media type, or `None` when absent.
+    pub fn get_manifest(&self, digest: &Digest) -> io::Result<Option<(Vec<u8>, Option<ManifestMeta>)>> {
+        let bytes = match fs::read(self.blob_path(digest)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = fs::read(self.meta_path(digest))
+            .ok()
+            .and_then(|m| serde_json::from_slice(&m).ok());
+        Ok(Some((bytes, meta)))
+    }
+
+    pub fn get_tag(&self, registry: &str, repo: &RepoName, tag: &Tag) -> io::Result<Option<TagRecord>> {
+        match fs::read(self.tag_path(registry, repo, tag)) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn put_tag(&self, registry: &str, repo: &RepoName, tag: &Tag, record: &TagRecord) -> io::Result<()> {
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.write_atomically(&self.tag_path(registry, repo, tag), &json)
+    }
+
+    pub fn remove_tag(&self, registry: &str, repo: &RepoName, tag: &Tag) -> io::Result<()> {
+        match fs::remove_file(self.tag_path(registry, repo, tag)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Repositories with at least one tag record, as `<registry>/<repository>`.
+    pub fn repositories(&self) -> io::Result<Vec<(String, String)>> {
+        let mut found = Vec::new();
+        let tags = self.root.join("tags");
+        for registry in read_dir_names(&tags)? {
+            collect_repos(&tags.join(&registry), String::new(), &registry, &mut found)?;
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Tags recorded for a repository.
+    pub fn tags(&self, registry: &str, repo: &RepoName) -> io::Result<Vec<String>> {
+        let dir = self.root.join("tags").join(registry).join(repo.as_str()).join("_tags");
+        let mut names = read_dir_names(&dir)?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Whether a file can be created in the store (readiness).
+    pub fn is_writable(&self) -> bool {
+        let probe = self.root.join("tmp").join(format!(".probe-{}", std::process::id()));
+        let ok = File::create(&probe).is_ok();
+        let _ = fs::remove_file(&probe);
+        ok
+    }
+
+    fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("small-{}-{n}", std::process::id()));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_data()?;
+            fs::create_dir_all(dest.parent().expect("store paths have a parent"))?;
+            fs::rename(&tmp, dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+fn read_dir_names(dir: &Path) -> io::Result<Vec<String>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+fn collect_repos(dir: &Path, prefix: String, registry: &str, out: &mut Vec<(String, String)>) -> io::Result<()> {
+    for name in read_dir_names(dir)? {
+        if name == "_tags" {
+            out.push((registry.to_string(), prefix.clone()));
+            continue;
+        }
+        let child = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        collect_repos(&dir.join(&name), child, registry, out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_files_vanish_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest::of(b"x");
+        let mut t = store.create_temp(&d).unwrap();
+        t.file.write_all(b"x").unwrap();
+        drop(t);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(store.open_blob(&d).unwrap().is_none());
+        let mut t = store.create_temp(&d).unwrap();
+        t.file.write_all(b"x").unwrap();
+        store.commit(t, &d).unwrap();
+        assert_eq!(store.open_blob(&d).unwrap().unwrap().1, 1);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn restart_purges_leftover_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = store.create_temp(&Digest::of(b"y")).unwrap();
+        std::mem::forget(t); // as if the process died mid-download
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
+        Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tags_and_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = TagRecord {
+            digest: Digest::of(b"m").to_string(),
+            media_type: "t".into(),
+            size: 1,
+            checked_at: 0,
+        };
+        let a = RepoName::parse("library/a").unwrap();
+        let ab = RepoName::parse("library/a/b").unwrap();
+        let tag = Tag::parse("1.0").unwrap();
+        store.put_tag("docker.io", &a, &tag, &record).unwrap();
+        store.put_tag("docker.io", &ab, &tag, &record).unwrap();
+        assert_eq!(store.get_tag("docker.io", &a, &tag).unwrap(), Some(record));
+        assert_eq!(store.tags("docker.io", &a).unwrap(), vec!["1.0".to_string()]);
+        let repos = store.repositories().unwrap();
+        assert_eq!(
+            repos,
+            vec![
+                ("docker.io".to_string(), "library/a".to_string()),
+                ("docker.io".to_string(), "library/a/b".to_string())
+            ]
+        );
+    }
+}

@@ -1,0 +1,467 @@
+//! Configuration: the TOML file (or the embedded default), parsed with unknown keys refused, then
+//! validated so that every error names the key it is about.
+//!
+//! The keys `server.listen`, `cache.dir`, `registry.name`, `registry.default`,
+//! `registry.upstream.url`, `.username`, `.password` and `.password_file` are a stable contract.
+//! `config.example.toml` documents every key and is parsed by a test.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The registries this mirror serves; the embedded default serves Docker Hub.
+    #[serde(default = "default_registries")]
+    pub registry: Vec<RegistryConfig>,
+}
+
+/// How the mirror listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to accept clients on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT, how long responses in flight may take to finish before the process exits.
+    #[serde(default = "default_shutdown_grace", with = "duration_text")]
+    pub shutdown_grace: Duration,
+}
+
+/// Where and how content is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The cache directory (created if missing). Holds `blobs/`, `tags/` and `tmp/`.
+    #[serde(default = "default_cache_dir")]
+    pub dir: PathBuf,
+    /// How long a tag's digest is trusted before it is revalidated with a HEAD upstream.
+    #[serde(default = "default_tag_ttl", with = "duration_text")]
+    pub tag_ttl: Duration,
+    /// Upper bound on one blob download from upstream, whoever waits for it.
+    #[serde(default = "default_fill_timeout", with = "duration_text")]
+    pub fill_timeout: Duration,
+    /// Memory for recently served manifests, in MiB (they are small and asked for often).
+    #[serde(default = "default_manifest_memory_mib")]
+    pub manifest_memory_mib: u64,
+}
+
+/// One registry the mirror serves, such as `docker.io`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The registry's host name as clients spell it in image references.
+    pub name: String,
+    /// Serve this registry at bare `/v2/<name>/...` paths (dockerd's `registry-mirrors`).
+    #[serde(default)]
+    pub default: bool,
+    /// Where content comes from, in order of preference.
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+/// One upstream endpoint of a registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL, `https://host[:port][/path]` (or `http://` for a LAN registry).
+    pub url: String,
+    /// Account for the upstream's token or basic authentication; anonymous when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The account's password or access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// A file holding the password (first line), so it stays out of the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Time allowed to open a connection (TCP and TLS).
+    #[serde(default = "default_connect_timeout", with = "duration_text")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to its response headers.
+    #[serde(default = "default_response_timeout", with = "duration_text")]
+    pub response_timeout: Duration,
+    /// A body that delivers no byte for this long is abandoned.
+    #[serde(default = "default_stall_timeout", with = "duration_text")]
+    pub stall_timeout: Duration,
+}
+
+/// A secret string: never printed, never logged.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            server: ServerConfig::default(),
+            cache: CacheConfig::default(),
+            registry: default_registries(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: default_cache_dir(),
+            tag_ttl: default_tag_ttl(),
+            fill_timeout: default_fill_timeout(),
+            manifest_memory_mib: default_manifest_memory_mib(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// An anonymous upstream with default timeouts.
+    pub fn new(url: impl Into<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            username: None,
+            password: None,
+            password_file: None,
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            stall_timeout: default_stall_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("./regmirror-data")
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fill_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_manifest_memory_mib() -> u64 {
+    64
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_registries() -> Vec<RegistryConfig> {
+    vec![RegistryConfig {
+        name: "docker.io".into(),
+        default: true,
+        upstream: vec![UpstreamConfig::new("https://registry-1.docker.io")],
+    }]
+}
+
+impl Config {
+    /// Reads, parses and validates a file; secrets in `password_file`s are loaded.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        config.load_secrets()
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.registry.is_empty() {
+            return Err(invalid("registry", "at least one [[registry]] is required"));
+        }
+        let defaults = self.registry.iter().filter(|r| r.default).count();
+        if defaults > 1 {
+            return Err(invalid("registry.default", "only one registry may be the default"));
+        }
+        if self.cache.manifest_memory_mib == 0 {
+            return Err(invalid("cache.manifest_memory_mib", "must be at least 1"));
+        }
+        for (i, registry) in self.registry.iter().enumerate() {
+            let key = format!("registry[{i}]");
+            if !is_host_name(&registry.name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is not a registry host name", registry.name),
+                ));
+            }
+            if self.registry[..i].iter().any(|r| r.name == registry.name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("registry {:?} is configured twice", registry.name),
+                ));
+            }
+            if registry.upstream.is_empty() {
+                return Err(invalid(
+                    format!("{key}.upstream"),
+                    "at least one [[registry.upstream]] is required",
+                ));
+            }
+            for (j, upstream) in registry.upstream.iter().enumerate() {
+                upstream.validate(&format!("{key}.upstream[{j}]"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces each `password_file` by the password it holds.
+    pub fn load_secrets(mut self) -> Result<Config, ConfigError> {
+        for (i, registry) in self.registry.iter_mut().enumerate() {
+            for (j, upstream) in registry.upstream.iter_mut().enumerate() {
+                if let Some(file) = &upstream.password_file {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        invalid(
+                            format!("registry[{i}].upstream[{j}].password_file"),
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?;
+                    let line = text.lines().next().unwrap_or("").trim_end().to_string();
+                    upstream.password = Some(Secret::new(line));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| invalid(format!("{key}.url"), format!("{:?} is not a URL: {e}", self.url)))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    format!("{:?} must start with http:// or https://", self.url),
+                ))
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(invalid(format!("{key}.url"), format!("{:?} has no host", self.url)));
+        }
+        if uri.query().is_some() || self.url.contains('@') {
+            return Err(invalid(
+                format!("{key}.url"),
+                "must not carry a query or credentials (use username / password)",
+            ));
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(invalid(
+                format!("{key}.password_file"),
+                "set either password or password_file, not both",
+            ));
+        }
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        if self.username.is_some() != has_password {
+            return Err(invalid(
+                format!("{key}.username"),
+                "username and password (or password_file) go together",
+            ));
+        }
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("response_timeout", self.response_timeout),
+            ("stall_timeout", self.stall_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("{key}.{name}"), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_host_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (name, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+        });
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+/// Durations as human text (`"60s"`, `"5m"`, `"1h 30m"`).
+mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_a_docker_hub_mirror() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(c.cache.dir, PathBuf::from("./regmirror-data"));
+        assert_eq!(c.registry.len(), 1);
+        assert!(c.registry[0].default);
+        assert_eq!(c.registry[0].upstream[0].url, "https://registry-1.docker.io");
+    }
+
+    #[test]
+    fn contract_keys_parse() {
+        let c = Config::parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:5000"
+            [cache]
+            dir = "/var/lib/regmirror"
+            [[registry]]
+            name = "docker.io"
+            default = true
+            [[registry.upstream]]
+            url = "https://registry-1.docker.io"
+            username = "u"
+            password = "p"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.cache.dir, PathBuf::from("/var/lib/regmirror"));
+        assert_eq!(c.registry[0].upstream[0].password.as_ref().unwrap().expose(), "p");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("[server]\nlisten_addr = \"1.2.3.4:5\"\n").unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::parse("[cache]\ntag_ttl = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("tag_ttl"), "{e}");
+        let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"ftp://x\"\n";
+        let e = Config::parse(text).unwrap_err();
+        assert!(e.to_string().contains("registry[0].upstream[0].url"), "{e}");
+        let text = "[[registry]]\nname = \"x.io\"\nupstream = []\n";
+        assert!(Config::parse(text).unwrap_err().to_string().contains("registry[0].upstream"));
+        let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"https://x\"\nusername = \"u\"\n";
+        assert!(Config::parse(text).unwrap_err().to_string().contains("username"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"https://x\"\nusername = \"u\"\npassword = \"hunter2\"\n";
+        let c = Config::parse(text).unwrap();
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert!(c.registry.iter().any(|r| r.default));
+    }
+}

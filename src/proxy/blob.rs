@@ -1,0 +1,145 @@
+//! Blobs: from the store (Range aware), or by following the one download in progress, which
+//! the first request for an uncached blob starts. A HEAD of an uncached blob asks upstream with a
+//! HEAD and starts nothing.
+
+use super::Outcome;
+use crate::app::App;
+use crate::body::{self, ResponseBody};
+use crate::cache::inflight::{Fill, FillState, Role};
+use crate::digest::Digest;
+use crate::error::{Code, Error};
+use crate::fill::{self, FillJob};
+use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
+use crate::range::{self, Plan};
+use http::{header, HeaderMap, Method, Response, StatusCode};
+use std::sync::Arc;
+
+pub async fn serve(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, Error> {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    if head {
+        return serve_head(app, registry, repo, digest, range, outcome).await;
+    }
+    match app.cache().blob(digest).await? {
+        Role::Hit((file, size)) => {
+            *outcome = Outcome::Hit;
+            let file = Arc::new(file);
+            Ok(respond_sized(digest, size, range, |start, end| {
+                body::follow(file, None, start, Some(end))
+            }))
+        }
+        Role::Follower(fill) => {
+            *outcome = Outcome::Join;
+            follow_fill(digest, fill, range).await
+        }
+        Role::Leader(permit, fill, temp) => {
+            *outcome = Outcome::Miss;
+            let job = FillJob {
+                upstream: Arc::clone(app.upstream(registry)),
+                repo: repo.clone(),
+                store: Arc::clone(app.cache().store()),
+                timeout: app.config().cache.fill_timeout,
+            };
+            fill::spawn(job, permit, temp);
+            follow_fill(digest, fill, range).await
+        }
+    }
+}
+
+async fn serve_head(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+    range: Option<&str>,
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, Error> {
+    if let Some((_, size)) = app.cache().stored_blob(digest).await? {
+        *outcome = Outcome::Hit;
+        return Ok(respond_sized(digest, size, range, |_, _| body::empty()));
+    }
+    *outcome = Outcome::Bypass;
+    let answer = app
+        .upstream(registry)
+        .fetch(Method::HEAD, repo, &format!("blobs/{digest}"), &[])
+        .await?;
+    if answer.status() == StatusCode::NOT_FOUND {
+        return Err(blob_unknown(digest));
+    }
+    let size = answer
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::BadContent(format!("upstream HEAD of blob {digest} has no Content-Length")))?;
+    Ok(respond_sized(digest, size, range, |_, _| body::empty()))
+}
+
+/// Answers from a download in progress, once upstream has answered it.
+async fn follow_fill(digest: &Digest, fill: Fill, range: Option<&str>) -> Result<Response<ResponseBody>, Error> {
+    let mut progress = fill.progress.clone();
+    let state = progress
+        .wait_for(|s| !matches!(s, FillState::Starting))
+        .await
+        .map(|s| s.clone())
+        .map_err(|_| Error::coded(Code::Unavailable, "the download ended before upstream answered"))?;
+    let size = match state {
+        FillState::Failed(e) => return Err(Error::coded(e.code, e.message)),
+        FillState::Complete { size } => Some(size),
+        FillState::Streaming { total, .. } => total,
+        FillState::Starting => unreachable!("waited for a later state"),
+    };
+    let file = fill.file;
+    let Some(size) = size else {
+        // Upstream sent no length: the whole blob, chunked; its end is held back until verified.
+        return Ok(blob_headers(digest, StatusCode::OK)
+            .body(body::follow(file, Some(progress), 0, None))
+            .expect("blob headers are valid"));
+    };
+    Ok(respond_sized(digest, size, range, |start, end| {
+        body::follow(file, Some(progress), start, Some(end))
+    }))
+}
+
+/// A blob answer of known size: 200, 206 or 416 as the `Range` asks.
+fn respond_sized(
+    digest: &Digest,
+    size: u64,
+    range: Option<&str>,
+    body: impl FnOnce(u64, u64) -> ResponseBody,
+) -> Response<ResponseBody> {
+    let response = match range::plan(range, size) {
+        Plan::Whole => blob_headers(digest, StatusCode::OK)
+            .header(header::CONTENT_LENGTH, size)
+            .body(body(0, size)),
+        Plan::Partial { start, end } => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, range::content_range(start, end, size))
+            .header(header::CONTENT_LENGTH, end - start)
+            .body(body(start, end)),
+        Plan::Unsatisfiable => blob_headers(digest, StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+            .header(header::CONTENT_LENGTH, 0)
+            .body(body::empty()),
+    };
+    response.expect("blob headers are valid")
+}
+
+fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+}
+
+fn blob_unknown(digest: &Digest) -> Error {
+    Error::coded(Code::BlobUnknown, format!("blob {digest} not found upstream"))
+}

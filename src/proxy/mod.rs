@@ -1,0 +1,147 @@
+//! The data path: one request in, one response out. Routes the request, hands it to the
+//! manifest or blob path, turns errors into OCI responses, adds the headers every answer
+//! carries and writes the access log line. The only module that knows every piece.
+
+mod blob;
+mod manifest;
+mod misc;
+
+use crate::app::App;
+use crate::body::{self, ResponseBody};
+use crate::error::Error;
+use crate::oci::API_VERSION_HEADER;
+use crate::route::{self, Route, Target};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a request was answered with respect to the cache; stable strings for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not a cacheable request.
+    #[default]
+    None,
+    /// Served from the cache.
+    Hit,
+    /// Fetched from upstream (and cached).
+    Miss,
+    /// Joined a download another request started.
+    Join,
+    /// Served a last known tag mapping because upstream could not be asked.
+    Stale,
+    /// Passed through without caching.
+    Bypass,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::None => "-",
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Join => "join",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+        }
+    }
+}
+
+/// Answers one request.
+pub async fn handle<B>(app: Arc<App>, request: Request<B>, client: SocketAddr) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let routed = route::route(&method, uri.path(), uri.query(), app.routes());
+    let head = method == http::Method::HEAD;
+    let mut outcome = Outcome::None;
+    let (mut response, kind, registry, failure) = match routed {
+        Ok(route) => {
+            let kind = route.kind();
+            let registry = route.registry.map(|i| app.routes()[i].name.clone());
+            match dispatch(&app, &route, request.headers(), &mut outcome).await {
+                Ok(response) => (response, kind, registry, None),
+                Err(e) => {
+                    let text = e.to_string();
+                    (e.into_response(head), kind, registry, Some(text))
+                }
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            (Error::from(e).into_response(head), "invalid", None, Some(text))
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    if let Some(ns) = uri.query().and_then(namespace_of) {
+        if let Ok(value) = HeaderValue::from_str(&ns) {
+            headers.insert("oci-namespace", value);
+        }
+    }
+    let status = response.status().as_u16();
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    tracing::info!(
+        target: "regmirror::access",
+        client = %client,
+        method = %method,
+        path = %uri.path(),
+        route = kind,
+        registry = registry.as_deref().unwrap_or("-"),
+        status,
+        cache = outcome.as_str(),
+        bytes,
+        ms = started.elapsed().as_millis() as u64,
+        error = failure.as_deref().unwrap_or(""),
+    );
+    response
+}
+
+async fn dispatch(
+    app: &App,
+    route: &Route,
+    headers: &http::HeaderMap,
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, Error> {
+    let head = route.head;
+    match &route.target {
+        Target::ApiBase => Ok(misc::json(StatusCode::OK, "{}".into(), head)),
+        Target::Healthz => Ok(misc::text(StatusCode::OK, "ok\n")),
+        Target::Readyz => Ok(misc::readiness(app)),
+        Target::Catalog => misc::catalog(app, head).await,
+        Target::Manifest { repo, reference } => {
+            let registry = route.registry.expect("manifests route to a registry");
+            manifest::serve(app, registry, repo, reference, headers, head, outcome).await
+        }
+        Target::Blob { repo, digest } => {
+            let registry = route.registry.expect("blobs route to a registry");
+            blob::serve(app, registry, repo, digest, headers, head, outcome).await
+        }
+        Target::TagsList { repo, query } => {
+            let registry = route.registry.expect("tags route to a registry");
+            misc::tags_list(app, registry, repo, query.as_deref(), head, outcome).await
+        }
+        Target::Referrers { repo, digest } => {
+            let registry = route.registry.expect("referrers route to a registry");
+            misc::referrers(app, registry, repo, digest, head).await
+        }
+    }
+}
+
+fn namespace_of(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| pair.strip_prefix("ns=").map(str::to_string))
+}
+
+/// An empty body for HEAD, else `bytes`.
+fn body_unless_head(bytes: bytes::Bytes, head: bool) -> ResponseBody {
+    if head {
+        body::empty()
+    } else {
+        body::full(bytes)
+    }
+}

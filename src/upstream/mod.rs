@@ -1,0 +1,397 @@
+//! Talking to upstream registries: one [`RegistryUpstream`] per configured registry, holding its
+//! endpoints in order of preference, each with its own HTTP client, timeouts and auth state.
+//!
+//! A request goes to the first endpoint; on a connection error, a timeout, a 5xx or a 429 it moves
+//! on to the next. Redirects (Docker Hub sends blobs to a CDN) are followed for GET and HEAD, and
+//! `Authorization` is sent only to the endpoint's own host. This module returns responses and
+//! typed errors; it knows nothing of the cache.
+
+pub mod auth;
+
+use crate::config::{RegistryConfig, UpstreamConfig};
+use crate::oci::RepoName;
+use auth::{AuthState, Challenge, Credentials, TokenKey};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+/// Redirect hops followed before giving up.
+const MAX_REDIRECTS: usize = 5;
+/// Largest token endpoint answer read.
+const MAX_TOKEN_BYTES: usize = 64 * 1024;
+const USER_AGENT: &str = concat!("regmirror/", env!("CARGO_PKG_VERSION"));
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Why an upstream request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{message}")]
+    Status { status: u16, message: String },
+    #[error("{message}")]
+    RateLimited {
+        retry_after: Option<u64>,
+        message: String,
+    },
+    #[error("{0}")]
+    Auth(String),
+    #[error("{0}")]
+    Redirect(String),
+    #[error("{0}")]
+    Body(String),
+}
+
+impl UpstreamError {
+    /// Whether the next endpoint might do better.
+    fn try_next(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::RateLimited { .. } => true,
+            UpstreamError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// A successful (2xx) or not-found (404) answer, with what it came from.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    /// The endpoint's base URL, for logs.
+    pub endpoint: String,
+    /// How long the body may go without a byte.
+    pub stall_timeout: Duration,
+}
+
+impl Answer {
+    pub fn status(&self) -> StatusCode {
+        self.response.status()
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        self.response.headers()
+    }
+
+    /// Reads the whole body, refusing more than `limit` bytes.
+    pub async fn bytes(self, limit: usize) -> Result<Bytes, UpstreamError> {
+        let endpoint = self.endpoint;
+        let stall = self.stall_timeout;
+        let body = Limited::new(self.response.into_body(), limit);
+        match tokio::time::timeout(stall, body.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) => Err(UpstreamError::Body(format!("{endpoint}: {e}"))),
+            Err(_) => Err(UpstreamError::Timeout(format!("{endpoint}: body stalled"))),
+        }
+    }
+}
+
+/// The upstream side of one registry.
+pub struct RegistryUpstream {
+    pub name: String,
+    endpoints: Vec<Endpoint>,
+}
+
+impl RegistryUpstream {
+    pub fn new(config: &RegistryConfig) -> RegistryUpstream {
+        RegistryUpstream {
+            name: config.name.clone(),
+            endpoints: config.upstream.iter().map(Endpoint::new).collect(),
+        }
+    }
+
+    /// `GET` or `HEAD` of `/v2/<repo>/<rest>` (`rest` is e.g. `manifests/latest`), with these
+    /// `Accept` values. Returns a 2xx or 404 answer; anything else is an error.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        rest: &str,
+        accept: &[String],
+    ) -> Result<Answer, UpstreamError> {
+        let scope = format!("repository:{}:pull", repo.as_str());
+        let path = format!("v2/{}/{}", repo.as_str(), rest);
+        let mut last_error = None;
+        for endpoint in &self.endpoints {
+            match endpoint.fetch(&method, &path, accept, &scope).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if e.try_next() => {
+                    tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %e, "upstream failed; trying the next");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| UpstreamError::Connect("no upstream configured".into())))
+    }
+}
+
+/// One upstream URL with its client, timeouts and auth state.
+struct Endpoint {
+    /// Base URL without a trailing slash, e.g. `https://registry-1.docker.io`.
+    base: String,
+    /// `host[:port]` of the base, the only host that gets our `Authorization`.
+    authority: String,
+    http: HttpClient,
+    auth: AuthState,
+    response_timeout: Duration,
+    stall_timeout: Duration,
+}
+
+impl Endpoint {
+    fn new(config: &UpstreamConfig) -> Endpoint {
+        let base = config.url.trim_end_matches('/').to_string();
+        let authority = base
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let credentials = match (&config.username, &config.password) {
+            (Some(username), Some(password)) => Some(Credentials {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            _ => None,
+        };
+        Endpoint {
+            base,
+            authority,
+            http: http_client(config.connect_timeout),
+            auth: AuthState::new(credentials),
+            response_timeout: config.response_timeout,
+            stall_timeout: config.stall_timeout,
+        }
+    }
+
+    async fn fetch(&self, method: &Method, path: &str, accept: &[String], scope: &str) -> Result<Answer, UpstreamError> {
+        let url = format!("{}/{}", self.base, path);
+        let mut used_token = None;
+        let mut authorization = match self.auth.known_challenge() {
+            Some(challenge) => self.authorization(&challenge, scope, &mut used_token).await?,
+            None => None,
+        };
+        let mut response = self.send(method, &url, accept, authorization.as_deref()).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            if let Some(challenge) = challenge_of(&response) {
+                if let Some(key) = used_token.take() {
+                    self.auth.forget(&key).await;
+                }
+                self.auth.remember(challenge.clone());
+                let scope = match &challenge {
+                    Challenge::Bearer { scope: Some(s), .. } => s.clone(),
+                    _ => scope.to_string(),
+                };
+                authorization = self.authorization(&challenge, &scope, &mut used_token).await?;
+                if authorization.is_some() {
+                    response = self.send(method, &url, accept, authorization.as_deref()).await?;
+                }
+            }
+        }
+        self.classify(response)
+    }
+
+    /// The `Authorization` value for `scope` under `challenge`, fetching a token if needed.
+    async fn authorization(
+        &self,
+        challenge: &Challenge,
+        scope: &str,
+        used_token: &mut Option<TokenKey>,
+    ) -> Result<Option<String>, UpstreamError> {
+        match challenge {
+            Challenge::Basic => Ok(self.auth.credentials.as_ref().map(Credentials::basic)),
+            Challenge::Bearer { .. } => {
+                let key = AuthState::token_key(challenge, scope).expect("bearer has a token key");
+                let token = self
+                    .auth
+                    .token(key.clone(), self.fetch_token(key.clone()))
+                    .await
+                    .map_err(UpstreamError::Auth)?;
+                *used_token = Some(key);
+                Ok(Some(format!("Bearer {}", token.value)))
+            }
+        }
+    }
+
+    async fn fetch_token(&self, key: TokenKey) -> Result<auth::Token, String> {
+        let url = key.url();
+        let uri: Uri = url.parse().map_err(|e| format!("bad token realm {:?}: {e}", key.realm))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(format!("token realm {:?} is not http(s)", key.realm));
+        }
+        let mut request = Request::get(uri).header(header::USER_AGENT, USER_AGENT);
+        if let Some(credentials) = &self.auth.credentials {
+            request = request.header(header::AUTHORIZATION, credentials.basic());
+        }
+        let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
+        tracing::debug!(realm = %key.realm, scope = %key.scope, "fetching upstream token");
+        let response = tokio::time::timeout(self.response_timeout, self.http.request(request))
+            .await
+            .map_err(|_| format!("token endpoint {} timed out", key.realm))?
+            .map_err(|e| format!("token endpoint {}: {e}", key.realm))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_TOKEN_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("token endpoint {}: {e}", key.realm))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("token endpoint {} answered {status}", key.realm));
+        }
+        auth::parse_token(&body)
+    }
+
+    /// Sends one request, following redirects; `Authorization` goes only to our own host.
+    async fn send(
+        &self,
+        method: &Method,
+        url: &str,
+        accept: &[String],
+        authorization: Option<&str>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut uri: Uri = url
+            .parse()
+            .map_err(|e| UpstreamError::Connect(format!("bad upstream URL {url:?}: {e}")))?;
+        for _ in 0..=MAX_REDIRECTS {
+            let same_host = uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str());
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .header(header::USER_AGENT, USER_AGENT);
+            for value in accept {
+                request = request.header(header::ACCEPT, value.as_str());
+            }
+            if let (true, Some(auth)) = (same_host, authorization) {
+                request = request.header(header::AUTHORIZATION, auth);
+            }
+            let request = request
+                .body(Empty::new())
+                .map_err(|e| UpstreamError::Connect(format!("cannot build request for {uri}: {e}")))?;
+            let response = tokio::time::timeout(self.response_timeout, self.http.request(request))
+                .await
+                .map_err(|_| UpstreamError::Timeout(format!("{} did not answer within {:?}", self.base, self.response_timeout)))?
+                .map_err(|e| UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e))))?;
+            if !response.status().is_redirection() {
+                return Ok(response);
+            }
+            uri = redirect_target(&uri, response.headers())?;
+            tracing::debug!(from = %self.base, to = %uri.authority().map(|a| a.as_str()).unwrap_or(""), "following upstream redirect");
+        }
+        Err(UpstreamError::Redirect(format!("{}: more than {MAX_REDIRECTS} redirects", self.base)))
+    }
+
+    fn classify(&self, response: Response<Incoming>) -> Result<Answer, UpstreamError> {
+        let status = response.status();
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            return Ok(Answer {
+                response,
+                endpoint: self.base.clone(),
+                stall_timeout: self.stall_timeout,
+            });
+        }
+        let message = format!("{} answered {status}", self.base);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            return Err(UpstreamError::RateLimited { retry_after, message });
+        }
+        Err(UpstreamError::Status {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+fn challenge_of(response: &Response<Incoming>) -> Option<Challenge> {
+    response
+        .headers()
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(auth::parse_challenge)
+}
+
+/// Resolves a redirect's `Location` against the request URI; only http(s) targets are followed.
+fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError> {
+    let location = headers
+        .get(header::LOCATION)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .ok_or_else(|| UpstreamError::Redirect(format!("redirect from {from} without Location")))?;
+    let target: Uri = if location.starts_with('/') {
+        let scheme = from.scheme_str().unwrap_or("https");
+        let authority = from.authority().map(|a| a.as_str()).unwrap_or("");
+        format!("{scheme}://{authority}{location}").parse()
+    } else {
+        location.parse()
+    }
+    .map_err(|e| UpstreamError::Redirect(format!("bad redirect Location {location:?}: {e}")))?;
+    match target.scheme_str() {
+        Some("http" | "https") if target.authority().is_some() => Ok(target),
+        _ => Err(UpstreamError::Redirect(format!("refusing redirect to {location:?}"))),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match builder.with_native_roots() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system CA certificates found; HTTPS upstreams will fail verification");
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        }
+    };
+    let https = builder
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_and_refuse_other_schemes() {
+        let from: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::LOCATION, "https://cdn.example/data?sig=1".parse().unwrap());
+        assert_eq!(redirect_target(&from, &h).unwrap().to_string(), "https://cdn.example/data?sig=1");
+        h.insert(header::LOCATION, "/other/path".parse().unwrap());
+        assert_eq!(redirect_target(&from, &h).unwrap().to_string(), "https://registry.example/other/path");
+        h.insert(header::LOCATION, "file:///etc/passwd".parse().unwrap());
+        assert!(redirect_target(&from, &h).is_err());
+        h.insert(header::LOCATION, "ftp://x/y".parse().unwrap());
+        assert!(redirect_target(&from, &h).is_err());
+        assert!(redirect_target(&from, &HeaderMap::new()).is_err());
+    }
+}
