@@ -1,0 +1,309 @@
+//! Blob path against the in-process fake registry: single flight, verification, faults, Range.
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_clients_share_one_upstream_download() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(8 * 1024 * 1024, 1);
+    let digest = origin.add_blob(blob.clone());
+    // Slow enough that all clients arrive while the download runs.
+    origin.knobs(|k| {
+        k.chunk = Some(256 * 1024);
+        k.chunk_delay = Some(Duration::from_millis(15));
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for client in clients {
+        let got = client.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.header("docker-content-digest"), Some(digest.to_string().as_str()));
+        assert!(got.bytes()[..] == blob[..], "body differs from the origin's blob");
+    }
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert!(mirror.has_blob(&digest));
+    // Now a hit: upstream is not asked again.
+    let again = get(&url).await;
+    assert!(again.bytes()[..] == blob[..]);
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(mirror.temp_files(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_aborts_every_client_and_stores_nothing() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(2 * 1024 * 1024, 2);
+    let digest = origin.add_blob(blob.clone());
+    origin.knobs(|k| {
+        k.corrupt_blobs = true;
+        k.chunk_delay = Some(Duration::from_millis(5));
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for client in clients {
+        let got = client.await.unwrap();
+        // Headers may already be out; the body must never arrive complete.
+        match &got.body {
+            Ok(body) => assert!(
+                got.status != StatusCode::OK && body[..] != blob[..],
+                "a client received a complete body for a corrupt blob (status {})",
+                got.status
+            ),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert!(!mirror.has_blob(&digest), "a corrupt blob was stored");
+    eventually("the temp file is removed", || mirror.temp_files() == 0).await;
+
+    // Once the origin is healthy, the next request fetches again and succeeds.
+    origin.knobs(|k| k.corrupt_blobs = false);
+    let got = get(&url).await;
+    assert!(got.bytes()[..] == blob[..]);
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_stream_before_the_download_ends() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(300 * 1024, 3);
+    let digest = origin.add_blob(blob.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    origin.knobs(|k| {
+        k.chunk = Some(blob.len() - 1); // everything but the last byte, then wait
+        k.gate = Some(Arc::clone(&gate));
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let response = client()
+        .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = 0usize;
+    use http_body_util::BodyExt;
+    // Read what is offered before the origin sends its last byte.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), body.frame()).await {
+            Ok(Some(Ok(frame))) => received += frame.into_data().map(|d| d.len()).unwrap_or(0),
+            Ok(other) => panic!("body ended early: {:?}", other.map(|r| r.map(|_| ()))),
+            Err(_) => break, // nothing more until the origin continues
+        }
+    }
+    assert_eq!(received, blob.len() - 1, "clients must get the bytes as they arrive");
+    gate.add_permits(1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(received + rest.len(), blob.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_last_byte_never_reaches_the_client() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(400 * 1024, 11);
+    let digest = origin.add_blob(blob.clone());
+    origin.knobs(|k| k.corrupt_last_byte = true);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let response = client()
+        .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    use http_body_util::BodyExt;
+    let mut body = response.into_body();
+    let mut received = 0usize;
+    let ended_with_error = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received += frame.into_data().map(|d| d.len()).unwrap_or(0),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(ended_with_error, "the response ended cleanly");
+    assert!(received < blob.len(), "the wrong last byte was sent");
+    assert!(!mirror.has_blob(&digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_mid_body_aborts_clients_and_stores_nothing() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(1024 * 1024, 4);
+    let digest = origin.add_blob(blob.clone());
+    origin.knobs(|k| {
+        k.reset_after = Some(300 * 1024);
+        k.chunk = Some(100 * 1024);
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let got = get(&url).await;
+    assert!(got.body.is_err() || got.status != StatusCode::OK, "a cut download looked complete");
+    assert!(!mirror.has_blob(&digest));
+    eventually("the temp file is removed", || mirror.temp_files() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_does_not_cancel_the_fill() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(1024 * 1024, 5);
+    let digest = origin.add_blob(blob.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    origin.knobs(|k| k.gate = Some(Arc::clone(&gate)));
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    {
+        let response = client()
+            .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // The client goes away with the download paused mid-body.
+    }
+    gate.add_permits(1);
+    eventually("the blob is committed", || mirror.has_blob(&digest)).await;
+    let got = get(&url).await;
+    assert!(got.bytes()[..] == blob[..]);
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_on_hit_and_in_flight() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(500_000, 6);
+    let digest = origin.add_blob(blob.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    origin.knobs(|k| {
+        k.gate = Some(Arc::clone(&gate));
+        k.chunk = Some(100_000);
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+
+    // In flight: a range inside the part already written, and one beyond it.
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    eventually("the fill has started", || mirror.app.cache().fills_in_flight() == 1).await;
+    let early = tokio::spawn({
+        let url = url.clone();
+        async move { request(Method::GET, &url, &[("range", "bytes=10-99")]).await }
+    });
+    let late = tokio::spawn({
+        let url = url.clone();
+        async move { request(Method::GET, &url, &[("range", "bytes=400000-")]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(1);
+    let early = early.await.unwrap();
+    assert_eq!(early.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(early.header("content-range"), Some("bytes 10-99/500000"));
+    assert!(early.bytes()[..] == blob[10..100]);
+    let late = late.await.unwrap();
+    assert_eq!(late.status, StatusCode::PARTIAL_CONTENT);
+    assert!(late.bytes()[..] == blob[400_000..]);
+    assert!(leader.await.unwrap().bytes()[..] == blob[..]);
+
+    // Hit.
+    let got = request(Method::GET, &url, &[("range", "bytes=-5")]).await;
+    assert_eq!(got.status, StatusCode::PARTIAL_CONTENT);
+    assert!(got.bytes()[..] == blob[blob.len() - 5..]);
+    assert_eq!(got.header("content-length"), Some("5"));
+    let got = request(Method::GET, &url, &[("range", "bytes=500000-")]).await;
+    assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(got.header("content-range"), Some("bytes */500000"));
+    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_carries_length_and_digest_without_a_download() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(12_345, 7);
+    let digest = origin.add_blob(blob.clone());
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    for round in ["miss", "hit"] {
+        let got = head(&url).await;
+        assert_eq!(got.status, StatusCode::OK, "{round}");
+        assert_eq!(got.header("content-length"), Some("12345"), "{round}");
+        assert_eq!(got.header("docker-content-digest"), Some(digest.to_string().as_str()));
+        assert!(got.bytes().is_empty());
+        if round == "miss" {
+            assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 0);
+            assert!(get(&url).await.bytes()[..] == blob[..]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_upstream_bodies_are_verified_too() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(700_000, 8);
+    let digest = origin.add_blob(blob.clone());
+    origin.knobs(|k| k.no_content_length = true);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let got = get(&url).await;
+    assert!(got.bytes()[..] == blob[..]);
+    assert!(mirror.has_blob(&digest));
+
+    let other = random_bytes(300_000, 9);
+    let other_digest = origin.add_blob(other);
+    origin.knobs(|k| k.corrupt_blobs = true);
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{other_digest}"))).await;
+    assert!(got.body.is_err(), "a chunked corrupt body ended cleanly");
+    assert!(!mirror.has_blob(&other_digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_blob_is_404_blob_unknown() {
+    let origin = FakeRegistry::start().await;
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let missing = regmirror::digest::Digest::of(b"nothing");
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{missing}"))).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(got.json()["errors"][0]["code"], "BLOB_UNKNOWN");
+    assert_eq!(mirror.temp_files(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdn_redirects_are_followed_without_our_credentials() {
+    let origin = FakeRegistry::start().await;
+    let cdn = FakeRegistry::start().await;
+    let blob = random_bytes(200_000, 10);
+    let digest = origin.add_blob(blob.clone());
+    cdn.add_blob(blob.clone());
+    origin.knobs(|k| {
+        k.require_token = true;
+        k.redirect_blobs_to = Some(cdn.url());
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+    assert!(got.bytes()[..] == blob[..]);
+    assert_eq!(cdn.hits("GET", &format!("/cdn/{digest}")), 1);
+    let origin_auth = origin.authorizations();
+    assert!(
+        origin_auth.iter().any(|(p, a)| p.contains("/blobs/") && a.as_deref().is_some_and(|a| a.starts_with("Bearer "))),
+        "the origin got no token"
+    );
+    for (path, auth) in cdn.authorizations() {
+        assert_eq!(auth, None, "Authorization leaked to the CDN on {path}");
+    }
+}
