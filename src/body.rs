@@ -27,7 +27,9 @@ pub fn empty() -> ResponseBody {
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
@@ -100,10 +102,14 @@ impl Follower {
             FillState::Starting => Ok(Limit::Partial(0)),
             FillState::Streaming { written, .. } => {
                 // Hold back the response's last byte until the blob is verified.
-                let cap = self.end.map_or(written, |end| written.min(end.saturating_sub(1)));
+                let cap = self
+                    .end
+                    .map_or(written, |end| written.min(end.saturating_sub(1)));
                 Ok(Limit::Partial(cap))
             }
-            FillState::Complete { size } => Ok(Limit::Final(self.end.map_or(size, |e| e.min(size)))),
+            FillState::Complete { size } => {
+                Ok(Limit::Final(self.end.map_or(size, |e| e.min(size))))
+            }
             FillState::Failed(e) => Err(io::Error::other(e.message)),
         }
     }
@@ -126,7 +132,10 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
         let mut buf = vec![0u8; len as usize];
         let n = file.read_at(&mut buf, pos)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file is shorter than expected"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file is shorter than expected",
+            ));
         }
         buf.truncate(n);
         Ok(Bytes::from(buf))

@@ -254,7 +254,10 @@ impl Config {
         }
         let defaults = self.registry.iter().filter(|r| r.default).count();
         if defaults > 1 {
-            return Err(invalid("registry.default", "only one registry may be the default"));
+            return Err(invalid(
+                "registry.default",
+                "only one registry may be the default",
+            ));
         }
         if self.cache.manifest_memory_mib == 0 {
             return Err(invalid("cache.manifest_memory_mib", "must be at least 1"));
@@ -313,10 +316,12 @@ impl Config {
 
 impl UpstreamConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let uri: http::Uri = self
-            .url
-            .parse()
-            .map_err(|e| invalid(format!("{key}.url"), format!("{:?} is not a URL: {e}", self.url)))?;
+        let uri: http::Uri = self.url.parse().map_err(|e| {
+            invalid(
+                format!("{key}.url"),
+                format!("{:?} is not a URL: {e}", self.url),
+            )
+        })?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => {
@@ -327,7 +332,10 @@ impl UpstreamConfig {
             }
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(invalid(format!("{key}.url"), format!("{:?} has no host", self.url)));
+            return Err(invalid(
+                format!("{key}.url"),
+                format!("{:?} has no host", self.url),
+            ));
         }
         if uri.query().is_some() || self.url.contains('@') {
             return Err(invalid(
@@ -354,7 +362,10 @@ impl UpstreamConfig {
             ("stall_timeout", self.stall_timeout),
         ] {
             if value.is_zero() {
-                return Err(invalid(format!("{key}.{name}"), "must be greater than zero"));
+                return Err(invalid(
+                    format!("{key}.{name}"),
+                    "must be greater than zero",
+                ));
             }
         }
         Ok(())
@@ -370,7 +381,9 @@ fn is_host_name(name: &str) -> bool {
         && host.len() <= 253
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
         });
     host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
@@ -403,7 +416,10 @@ mod tests {
         assert_eq!(c.cache.dir, PathBuf::from("./regmirror-data"));
         assert_eq!(c.registry.len(), 1);
         assert!(c.registry[0].default);
-        assert_eq!(c.registry[0].upstream[0].url, "https://registry-1.docker.io");
+        assert_eq!(
+            c.registry[0].upstream[0].url,
+            "https://registry-1.docker.io"
+        );
     }
 
     #[test]
@@ -425,7 +441,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.cache.dir, PathBuf::from("/var/lib/regmirror"));
-        assert_eq!(c.registry[0].upstream[0].password.as_ref().unwrap().expose(), "p");
+        assert_eq!(
+            c.registry[0].upstream[0]
+                .password
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "p"
+        );
     }
 
     #[test]
@@ -442,9 +465,15 @@ mod tests {
         let e = Config::parse(text).unwrap_err();
         assert!(e.to_string().contains("registry[0].upstream[0].url"), "{e}");
         let text = "[[registry]]\nname = \"x.io\"\nupstream = []\n";
-        assert!(Config::parse(text).unwrap_err().to_string().contains("registry[0].upstream"));
+        assert!(Config::parse(text)
+            .unwrap_err()
+            .to_string()
+            .contains("registry[0].upstream"));
         let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"https://x\"\nusername = \"u\"\n";
-        assert!(Config::parse(text).unwrap_err().to_string().contains("username"));
+        assert!(Config::parse(text)
+            .unwrap_err()
+            .to_string()
+            .contains("username"));
     }
 
     #[test]

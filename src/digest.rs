@@ -195,9 +195,15 @@ mod tests {
         let mut h = Hasher::default();
         h.update(b"hello");
         assert!(h.clone().verify(&good, Some(5)).is_ok());
-        assert!(matches!(h.clone().verify(&good, Some(6)), Err(Mismatch::Size { .. })));
+        assert!(matches!(
+            h.clone().verify(&good, Some(6)),
+            Err(Mismatch::Size { .. })
+        ));
         let mut bad = Hasher::default();
         bad.update(b"hellO");
-        assert!(matches!(bad.verify(&good, None), Err(Mismatch::Digest { .. })));
+        assert!(matches!(
+            bad.verify(&good, None),
+            Err(Mismatch::Digest { .. })
+        ));
     }
 }

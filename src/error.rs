@@ -129,7 +129,11 @@ impl Error {
         if let Some(secs) = self.retry_after() {
             builder = builder.header(header::RETRY_AFTER, secs);
         }
-        let body = if head { body::empty() } else { body::full(json) };
+        let body = if head {
+            body::empty()
+        } else {
+            body::full(json)
+        };
         builder.body(body).expect("static headers are valid")
     }
 }
@@ -143,8 +147,16 @@ mod tests {
         let cases = [
             (RouteError::NameInvalid("A".into()), 400, "NAME_INVALID"),
             (RouteError::TagInvalid("-".into()), 400, "TAG_INVALID"),
-            (RouteError::DigestInvalid("x".into(), "bad".into()), 400, "DIGEST_INVALID"),
-            (RouteError::Unsupported(http::Method::PUT), 405, "UNSUPPORTED"),
+            (
+                RouteError::DigestInvalid("x".into(), "bad".into()),
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                RouteError::Unsupported(http::Method::PUT),
+                405,
+                "UNSUPPORTED",
+            ),
             (RouteError::NotFound("/x".into()), 404, "NAME_UNKNOWN"),
         ];
         for (err, status, code) in cases {

@@ -39,7 +39,10 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         let started = Instant::now();
         let outcome = match tokio::time::timeout(job.timeout, run(&job, &permit, temp)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(failure(Code::Unavailable, format!("download exceeded {:?}", job.timeout))),
+            Err(_) => Err(failure(
+                Code::Unavailable,
+                format!("download exceeded {:?}", job.timeout),
+            )),
         };
         match outcome {
             Ok(size) => {
@@ -73,7 +76,10 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
         .await
         .map_err(|e| failure(Code::Unavailable, e.to_string()))?;
     if answer.status() == StatusCode::NOT_FOUND {
-        return Err(failure(Code::BlobUnknown, format!("blob {digest} not found upstream")));
+        return Err(failure(
+            Code::BlobUnknown,
+            format!("blob {digest} not found upstream"),
+        ));
     }
     let total = content_length(answer.headers());
     permit.publish(FillState::Streaming { written: 0, total });
@@ -89,35 +95,62 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     received?;
     let (temp, hasher) = written?;
     let size = hasher.len();
-    hasher
-        .verify(&digest, total)
-        .map_err(|m| failure(Code::Unavailable, format!("upstream sent a corrupt blob: {m}")))?;
+    hasher.verify(&digest, total).map_err(|m| {
+        failure(
+            Code::Unavailable,
+            format!("upstream sent a corrupt blob: {m}"),
+        )
+    })?;
     let store = Arc::clone(&job.store);
     tokio::task::spawn_blocking(move || store.commit(temp, &digest))
         .await
         .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?
-        .map_err(|e| failure(Code::Unknown, format!("committing to the cache failed: {e}")))?;
+        .map_err(|e| {
+            failure(
+                Code::Unknown,
+                format!("committing to the cache failed: {e}"),
+            )
+        })?;
     Ok(size)
 }
 
 /// Moves the upstream body into the writer's queue, bounded by the declared length and the
 /// stall timeout. Dropping `chunks` (on return) tells the writer the body is over.
-async fn pump(answer: Answer, chunks: mpsc::Sender<Bytes>, total: Option<u64>) -> Result<(), FillError> {
+async fn pump(
+    answer: Answer,
+    chunks: mpsc::Sender<Bytes>,
+    total: Option<u64>,
+) -> Result<(), FillError> {
     let stall = answer.stall_timeout;
     let endpoint = answer.endpoint.clone();
     let mut body = answer.response.into_body();
     let mut received = 0u64;
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
-            Err(_) => return Err(failure(Code::Unavailable, format!("{endpoint}: no data for {stall:?}"))),
+            Err(_) => {
+                return Err(failure(
+                    Code::Unavailable,
+                    format!("{endpoint}: no data for {stall:?}"),
+                ))
+            }
             Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => return Err(failure(Code::Unavailable, format!("{endpoint}: body failed: {e}"))),
+            Ok(Some(Err(e))) => {
+                return Err(failure(
+                    Code::Unavailable,
+                    format!("{endpoint}: body failed: {e}"),
+                ))
+            }
             Ok(Some(Ok(frame))) => frame,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         received += data.len() as u64;
         if total.is_some_and(|t| received > t) {
-            return Err(failure(Code::Unavailable, format!("{endpoint}: body longer than its Content-Length")));
+            return Err(failure(
+                Code::Unavailable,
+                format!("{endpoint}: body longer than its Content-Length"),
+            ));
         }
         if chunks.send(data).await.is_err() {
             // The writer stopped; its error is what the fill reports.

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(version, about = "A pull-through caching mirror for OCI / Docker registries")]
+#[command(
+    version,
+    about = "A pull-through caching mirror for OCI / Docker registries"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -157,7 +157,12 @@ impl AcceptSet {
         for value in headers.get_all(http::header::ACCEPT) {
             let Ok(value) = value.to_str() else { continue };
             for item in value.split(',') {
-                let media = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                let media = item
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
                 if media == "*/*" || media == "application/*" {
                     set.wildcard = true;
                 } else if !media.is_empty() {
@@ -196,7 +201,8 @@ pub fn is_media_type(s: &str) -> bool {
     let token = |t: &str| {
         !t.is_empty()
             && t.len() <= 127
-            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
     };
     token(kind) && token(sub)
 }
@@ -227,10 +233,20 @@ mod tests {
 
     #[test]
     fn repository_names_follow_the_spec() {
-        for good in ["alpine", "library/alpine", "a/b/c", "my-org/app_1", "a__b", "a--b", "x.y/z9"] {
+        for good in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-org/app_1",
+            "a__b",
+            "a--b",
+            "x.y/z9",
+        ] {
             assert!(RepoName::parse(good).is_some(), "{good}");
         }
-        for bad in ["", "Alpine", "a//b", "/a", "a/", "-a", "a-", "a___b", "a..b", "a/../b", "a b"] {
+        for bad in [
+            "", "Alpine", "a//b", "/a", "a/", "-a", "a-", "a___b", "a..b", "a/../b", "a b",
+        ] {
             assert!(RepoName::parse(bad).is_none(), "{bad:?}");
         }
         assert!(RepoName::parse(&"a".repeat(256)).is_none());
@@ -257,7 +273,12 @@ mod tests {
     #[test]
     fn accept_headers_are_merged_and_stripped() {
         let mut h = http::HeaderMap::new();
-        h.append("accept", format!("{OCI_INDEX}, {OCI_MANIFEST};q=0.9").parse().unwrap());
+        h.append(
+            "accept",
+            format!("{OCI_INDEX}, {OCI_MANIFEST};q=0.9")
+                .parse()
+                .unwrap(),
+        );
         h.append("accept", DOCKER_LIST.parse().unwrap());
         let set = AcceptSet::from_headers(&h);
         assert!(set.accepts(OCI_MANIFEST));
@@ -271,10 +292,19 @@ mod tests {
 
     #[test]
     fn sniffs_media_types() {
-        assert_eq!(sniff_manifest_type(br#"{"manifests":[]}"#).as_deref(), Some(OCI_INDEX));
-        assert_eq!(sniff_manifest_type(br#"{"layers":[]}"#).as_deref(), Some(OCI_MANIFEST));
+        assert_eq!(
+            sniff_manifest_type(br#"{"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            sniff_manifest_type(br#"{"layers":[]}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
         let docker = format!(r#"{{"mediaType":"{DOCKER_MANIFEST}","layers":[]}}"#);
-        assert_eq!(sniff_manifest_type(docker.as_bytes()).as_deref(), Some(DOCKER_MANIFEST));
+        assert_eq!(
+            sniff_manifest_type(docker.as_bytes()).as_deref(),
+            Some(DOCKER_MANIFEST)
+        );
         assert_eq!(sniff_manifest_type(b"not json"), None);
         assert_eq!(sniff_manifest_type(br#"{"mediaType":"a\r\nb"}"#), None);
         assert!(is_media_type(OCI_INDEX));

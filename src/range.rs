@@ -70,9 +70,27 @@ mod tests {
         let p = |h| plan(Some(h), 100);
         assert_eq!(plan(None, 100), Plan::Whole);
         assert_eq!(p("bytes=0-9"), Plan::Partial { start: 0, end: 10 });
-        assert_eq!(p("bytes=90-"), Plan::Partial { start: 90, end: 100 });
-        assert_eq!(p("bytes=90-1000"), Plan::Partial { start: 90, end: 100 });
-        assert_eq!(p("bytes=-10"), Plan::Partial { start: 90, end: 100 });
+        assert_eq!(
+            p("bytes=90-"),
+            Plan::Partial {
+                start: 90,
+                end: 100
+            }
+        );
+        assert_eq!(
+            p("bytes=90-1000"),
+            Plan::Partial {
+                start: 90,
+                end: 100
+            }
+        );
+        assert_eq!(
+            p("bytes=-10"),
+            Plan::Partial {
+                start: 90,
+                end: 100
+            }
+        );
         assert_eq!(p("bytes=-1000"), Plan::Partial { start: 0, end: 100 });
         assert_eq!(p("bytes=100-"), Plan::Unsatisfiable);
         assert_eq!(p("bytes=-0"), Plan::Unsatisfiable);

@@ -26,10 +26,22 @@ pub struct RegistryName {
 pub enum Target {
     /// `GET /v2/`: the API version check.
     ApiBase,
-    Manifest { repo: RepoName, reference: Reference },
-    Blob { repo: RepoName, digest: Digest },
-    TagsList { repo: RepoName, query: Option<String> },
-    Referrers { repo: RepoName, digest: Digest },
+    Manifest {
+        repo: RepoName,
+        reference: Reference,
+    },
+    Blob {
+        repo: RepoName,
+        digest: Digest,
+    },
+    TagsList {
+        repo: RepoName,
+        query: Option<String>,
+    },
+    Referrers {
+        repo: RepoName,
+        digest: Digest,
+    },
     Catalog,
     Healthz,
     Readyz,
@@ -206,9 +218,9 @@ fn parse_reference(raw: &str) -> Result<Reference, RouteError> {
 
 fn parse_digest(raw: &str) -> Result<Digest, RouteError> {
     let decoded = raw.replace("%3A", ":").replace("%3a", ":");
-    decoded
-        .parse()
-        .map_err(|e: crate::digest::DigestError| RouteError::DigestInvalid(raw.into(), e.to_string()))
+    decoded.parse().map_err(|e: crate::digest::DigestError| {
+        RouteError::DigestInvalid(raw.into(), e.to_string())
+    })
 }
 
 /// The first value of `key` in a query string (values here never need percent-decoding beyond
@@ -257,14 +269,50 @@ mod tests {
     #[test]
     fn routes_table() {
         let cases: &[(&str, Option<&str>, usize, &str, &str)] = &[
-            ("/v2/alpine/manifests/3.20", None, 0, "library/alpine", "manifest"),
-            ("/v2/library/alpine/manifests/latest", None, 0, "library/alpine", "manifest"),
+            (
+                "/v2/alpine/manifests/3.20",
+                None,
+                0,
+                "library/alpine",
+                "manifest",
+            ),
+            (
+                "/v2/library/alpine/manifests/latest",
+                None,
+                0,
+                "library/alpine",
+                "manifest",
+            ),
             ("/v2/a/b/c/blobs/D", None, 0, "a/b/c", "blob"),
-            ("/v2/ghcr.io/owner/app/manifests/1.0", None, 1, "owner/app", "manifest"),
-            ("/v2/owner/app/manifests/1.0", Some("ns=ghcr.io"), 1, "owner/app", "manifest"),
-            ("/v2/alpine/manifests/1", Some("ns=docker.io"), 0, "library/alpine", "manifest"),
+            (
+                "/v2/ghcr.io/owner/app/manifests/1.0",
+                None,
+                1,
+                "owner/app",
+                "manifest",
+            ),
+            (
+                "/v2/owner/app/manifests/1.0",
+                Some("ns=ghcr.io"),
+                1,
+                "owner/app",
+                "manifest",
+            ),
+            (
+                "/v2/alpine/manifests/1",
+                Some("ns=docker.io"),
+                0,
+                "library/alpine",
+                "manifest",
+            ),
             ("/v2/org/blobs/x/tags/list", None, 0, "org/blobs/x", "tags"),
-            ("/v2/org/manifests/blobs/D", None, 0, "org/manifests", "blob"),
+            (
+                "/v2/org/manifests/blobs/D",
+                None,
+                0,
+                "org/manifests",
+                "blob",
+            ),
             ("/v2/org/app/referrers/D", None, 0, "org/app", "referrers"),
         ];
         for (path, query, registry, repo, kind) in cases {
@@ -286,28 +334,51 @@ mod tests {
     #[test]
     fn references_are_typed() {
         let r = get(&format!("/v2/alpine/manifests/{D}"), None).unwrap();
-        assert!(matches!(r.target, Target::Manifest { reference: Reference::Digest(_), .. }));
+        assert!(matches!(
+            r.target,
+            Target::Manifest {
+                reference: Reference::Digest(_),
+                ..
+            }
+        ));
         let r = get("/v2/alpine/manifests/3.20", None).unwrap();
-        assert!(matches!(r.target, Target::Manifest { reference: Reference::Tag(_), .. }));
+        assert!(matches!(
+            r.target,
+            Target::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            }
+        ));
     }
 
     #[test]
     fn bad_input_gets_typed_errors() {
-        assert!(matches!(get("/v2/Alpine/manifests/1", None), Err(RouteError::NameInvalid(_))));
-        assert!(matches!(get("/v2/alpine/manifests/-x", None), Err(RouteError::TagInvalid(_))));
+        assert!(matches!(
+            get("/v2/Alpine/manifests/1", None),
+            Err(RouteError::NameInvalid(_))
+        ));
+        assert!(matches!(
+            get("/v2/alpine/manifests/-x", None),
+            Err(RouteError::TagInvalid(_))
+        ));
         assert!(matches!(
             get("/v2/alpine/blobs/sha256:zz", None),
             Err(RouteError::DigestInvalid(..))
         ));
         assert!(matches!(
             get("/v2/alpine/blobs/../../etc/passwd", None),
-            Err(RouteError::NotFound(_) | RouteError::DigestInvalid(..) | RouteError::NameInvalid(_))
+            Err(RouteError::NotFound(_)
+                | RouteError::DigestInvalid(..)
+                | RouteError::NameInvalid(_))
         ));
         assert!(matches!(
             get("/v2/a/manifests/1", Some("ns=quay.io")),
             Err(RouteError::UnknownRegistry(_))
         ));
-        assert!(matches!(get("/v2/alpine/other/x", None), Err(RouteError::NotFound(_))));
+        assert!(matches!(
+            get("/v2/alpine/other/x", None),
+            Err(RouteError::NotFound(_))
+        ));
         assert!(matches!(get("/v3/", None), Err(RouteError::NotFound(_))));
         let put = route(&Method::PUT, "/v2/a/manifests/1", None, &registries());
         assert!(matches!(put, Err(RouteError::Unsupported(_))));

@@ -29,15 +29,27 @@ async fn concurrent_cold_clients_share_one_upstream_download() {
     for client in clients {
         let got = client.await.unwrap();
         assert_eq!(got.status, StatusCode::OK);
-        assert_eq!(got.header("docker-content-digest"), Some(digest.to_string().as_str()));
-        assert!(got.bytes()[..] == blob[..], "body differs from the origin's blob");
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(digest.to_string().as_str())
+        );
+        assert!(
+            got.bytes()[..] == blob[..],
+            "body differs from the origin's blob"
+        );
     }
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
     assert!(mirror.has_blob(&digest));
     // Now a hit: upstream is not asked again.
     let again = get(&url).await;
     assert!(again.bytes()[..] == blob[..]);
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
     assert_eq!(mirror.temp_files(), 0);
 }
 
@@ -61,16 +73,18 @@ async fn corrupt_blob_aborts_every_client_and_stores_nothing() {
     for client in clients {
         let got = client.await.unwrap();
         // Headers may already be out; the body must never arrive complete.
-        match &got.body {
-            Ok(body) => assert!(
+        if let Ok(body) = &got.body {
+            assert!(
                 got.status != StatusCode::OK && body[..] != blob[..],
                 "a client received a complete body for a corrupt blob (status {})",
                 got.status
-            ),
-            Err(_) => {}
+            );
         }
     }
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
     assert!(!mirror.has_blob(&digest), "a corrupt blob was stored");
     eventually("the temp file is removed", || mirror.temp_files() == 0).await;
 
@@ -78,7 +92,10 @@ async fn corrupt_blob_aborts_every_client_and_stores_nothing() {
     origin.knobs(|k| k.corrupt_blobs = false);
     let got = get(&url).await;
     assert!(got.bytes()[..] == blob[..]);
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 2);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +111,11 @@ async fn bytes_stream_before_the_download_ends() {
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let response = client()
-        .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+        .request(
+            http::Request::get(&url)
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -109,7 +130,11 @@ async fn bytes_stream_before_the_download_ends() {
             Err(_) => break, // nothing more until the origin continues
         }
     }
-    assert_eq!(received, blob.len() - 1, "clients must get the bytes as they arrive");
+    assert_eq!(
+        received,
+        blob.len() - 1,
+        "clients must get the bytes as they arrive"
+    );
     gate.add_permits(1);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(received + rest.len(), blob.len());
@@ -124,7 +149,11 @@ async fn a_wrong_last_byte_never_reaches_the_client() {
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let response = client()
-        .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+        .request(
+            http::Request::get(&url)
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     use http_body_util::BodyExt;
@@ -154,7 +183,10 @@ async fn reset_mid_body_aborts_clients_and_stores_nothing() {
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let got = get(&url).await;
-    assert!(got.body.is_err() || got.status != StatusCode::OK, "a cut download looked complete");
+    assert!(
+        got.body.is_err() || got.status != StatusCode::OK,
+        "a cut download looked complete"
+    );
     assert!(!mirror.has_blob(&digest));
     eventually("the temp file is removed", || mirror.temp_files() == 0).await;
 }
@@ -170,7 +202,11 @@ async fn client_disconnect_does_not_cancel_the_fill() {
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     {
         let response = client()
-            .request(http::Request::get(&url).body(http_body_util::Empty::new()).unwrap())
+            .request(
+                http::Request::get(&url)
+                    .body(http_body_util::Empty::new())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -180,7 +216,10 @@ async fn client_disconnect_does_not_cancel_the_fill() {
     eventually("the blob is committed", || mirror.has_blob(&digest)).await;
     let got = get(&url).await;
     assert!(got.bytes()[..] == blob[..]);
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +240,10 @@ async fn range_requests_on_hit_and_in_flight() {
         let url = url.clone();
         async move { get(&url).await }
     });
-    eventually("the fill has started", || mirror.app.cache().fills_in_flight() == 1).await;
+    eventually("the fill has started", || {
+        mirror.app.cache().fills_in_flight() == 1
+    })
+    .await;
     let early = tokio::spawn({
         let url = url.clone();
         async move { request(Method::GET, &url, &[("range", "bytes=10-99")]).await }
@@ -229,7 +271,10 @@ async fn range_requests_on_hit_and_in_flight() {
     let got = request(Method::GET, &url, &[("range", "bytes=500000-")]).await;
     assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(got.header("content-range"), Some("bytes */500000"));
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,10 +288,16 @@ async fn head_carries_length_and_digest_without_a_download() {
         let got = head(&url).await;
         assert_eq!(got.status, StatusCode::OK, "{round}");
         assert_eq!(got.header("content-length"), Some("12345"), "{round}");
-        assert_eq!(got.header("docker-content-digest"), Some(digest.to_string().as_str()));
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(digest.to_string().as_str())
+        );
         assert!(got.bytes().is_empty());
         if round == "miss" {
-            assert_eq!(origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")), 0);
+            assert_eq!(
+                origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+                0
+            );
             assert!(get(&url).await.bytes()[..] == blob[..]);
         }
     }
@@ -300,7 +351,8 @@ async fn cdn_redirects_are_followed_without_our_credentials() {
     assert_eq!(cdn.hits("GET", &format!("/cdn/{digest}")), 1);
     let origin_auth = origin.authorizations();
     assert!(
-        origin_auth.iter().any(|(p, a)| p.contains("/blobs/") && a.as_deref().is_some_and(|a| a.starts_with("Bearer "))),
+        origin_auth.iter().any(|(p, a)| p.contains("/blobs/")
+            && a.as_deref().is_some_and(|a| a.starts_with("Bearer "))),
         "the origin got no token"
     );
     for (path, auth) in cdn.authorizations() {

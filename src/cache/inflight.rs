@@ -5,8 +5,8 @@
 //! the published [`FillState`]. A permit dropped before it finished marks the fill `Failed`, so a
 //! dropped writer never reads as a finished body. Knows nothing of HTTP or upstreams.
 
-use crate::error::Code;
 use crate::digest::Digest;
+use crate::error::Code;
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -145,7 +145,10 @@ impl Inflight {
     }
 
     fn remove(&self, digest: &Digest) {
-        self.fills.lock().expect("inflight lock poisoned").remove(digest);
+        self.fills
+            .lock()
+            .expect("inflight lock poisoned")
+            .remove(digest);
     }
 }
 
@@ -161,7 +164,9 @@ mod tests {
     fn first_leads_then_others_follow_then_hit() {
         let table = Arc::new(Inflight::default());
         let d = Digest::of(b"a");
-        let Ok(Role::Leader(permit, _, ())) = table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp) else {
+        let Ok(Role::Leader(permit, _, ())) =
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+        else {
             panic!("first must lead")
         };
         let Ok(Role::Follower(fill)) = table.join_or_lead(&d, || Ok(None::<()>), temp) else {
@@ -170,14 +175,19 @@ mod tests {
         permit.finish(FillState::Complete { size: 1 });
         assert_eq!(*fill.progress.borrow(), FillState::Complete { size: 1 });
         assert!(table.is_empty());
-        assert!(matches!(table.join_or_lead(&d, || Ok(Some(())), temp), Ok(Role::Hit(()))));
+        assert!(matches!(
+            table.join_or_lead(&d, || Ok(Some(())), temp),
+            Ok(Role::Hit(()))
+        ));
     }
 
     #[test]
     fn dropped_permit_fails_the_fill() {
         let table = Arc::new(Inflight::default());
         let d = Digest::of(b"b");
-        let Ok(Role::Leader(permit, fill, temp)) = table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp) else {
+        let Ok(Role::Leader(permit, fill, ())) =
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+        else {
             panic!()
         };
         drop(permit);

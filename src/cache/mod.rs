@@ -125,7 +125,9 @@ impl Cache {
         let init = async move {
             let disk_store = Arc::clone(&store);
             let disk_key = key.clone();
-            if let Some((bytes, meta)) = blocking(move || disk_store.get_manifest(&disk_key)).await? {
+            if let Some((bytes, meta)) =
+                blocking(move || disk_store.get_manifest(&disk_key)).await?
+            {
                 let media_type = meta
                     .map(|m| m.media_type)
                     .or_else(|| crate::oci::sniff_manifest_type(&bytes))
@@ -181,7 +183,12 @@ impl Cache {
         blocking(move || store.get_tag(&registry, &repo, &tag)).await
     }
 
-    pub async fn put_tag_record(&self, registry: &str, key: &TagKey, record: TagRecord) -> io::Result<()> {
+    pub async fn put_tag_record(
+        &self,
+        registry: &str,
+        key: &TagKey,
+        record: TagRecord,
+    ) -> io::Result<()> {
         let store = Arc::clone(&self.store);
         let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
         blocking(move || store.put_tag(&registry, &repo, &tag, &record)).await
@@ -195,7 +202,9 @@ impl Cache {
 }
 
 /// Runs a blocking file operation on the blocking pool.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?

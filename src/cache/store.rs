@@ -119,10 +119,10 @@ impl Store {
     /// Starts a download: a fresh file under `tmp/`.
     pub fn create_temp(&self, digest: &Digest) -> io::Result<TempBlob> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{}-{n}", digest.hex(), std::process::id()));
+        let path =
+            self.root
+                .join("tmp")
+                .join(format!("{}-{}-{n}", digest.hex(), std::process::id()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -147,7 +147,12 @@ impl Store {
     }
 
     /// Stores a small verified object (a manifest) with its media type.
-    pub fn put_manifest(&self, digest: &Digest, bytes: &[u8], meta: &ManifestMeta) -> io::Result<()> {
+    pub fn put_manifest(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        meta: &ManifestMeta,
+    ) -> io::Result<()> {
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
         self.write_atomically(&self.meta_path(digest), &json)?;
         let mut temp = self.create_temp(digest)?;
@@ -156,7 +161,10 @@ impl Store {
     }
 
     /// A stored manifest's bytes and media type, or `None` when absent.
-    pub fn get_manifest(&self, digest: &Digest) -> io::Result<Option<(Vec<u8>, Option<ManifestMeta>)>> {
+    pub fn get_manifest(
+        &self,
+        digest: &Digest,
+    ) -> io::Result<Option<(Vec<u8>, Option<ManifestMeta>)>> {
         let bytes = match fs::read(self.blob_path(digest)) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -168,7 +176,12 @@ impl Store {
         Ok(Some((bytes, meta)))
     }
 
-    pub fn get_tag(&self, registry: &str, repo: &RepoName, tag: &Tag) -> io::Result<Option<TagRecord>> {
+    pub fn get_tag(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> io::Result<Option<TagRecord>> {
         match fs::read(self.tag_path(registry, repo, tag)) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -176,7 +189,13 @@ impl Store {
         }
     }
 
-    pub fn put_tag(&self, registry: &str, repo: &RepoName, tag: &Tag, record: &TagRecord) -> io::Result<()> {
+    pub fn put_tag(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> io::Result<()> {
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
         self.write_atomically(&self.tag_path(registry, repo, tag), &json)
     }
@@ -201,7 +220,12 @@ impl Store {
 
     /// Tags recorded for a repository.
     pub fn tags(&self, registry: &str, repo: &RepoName) -> io::Result<Vec<String>> {
-        let dir = self.root.join("tags").join(registry).join(repo.as_str()).join("_tags");
+        let dir = self
+            .root
+            .join("tags")
+            .join(registry)
+            .join(repo.as_str())
+            .join("_tags");
         let mut names = read_dir_names(&dir)?;
         names.sort();
         Ok(names)
@@ -209,7 +233,10 @@ impl Store {
 
     /// Whether a file can be created in the store (readiness).
     pub fn is_writable(&self) -> bool {
-        let probe = self.root.join("tmp").join(format!(".probe-{}", std::process::id()));
+        let probe = self
+            .root
+            .join("tmp")
+            .join(format!(".probe-{}", std::process::id()));
         let ok = File::create(&probe).is_ok();
         let _ = fs::remove_file(&probe);
         ok
@@ -217,7 +244,10 @@ impl Store {
 
     fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("small-{}-{n}", std::process::id()));
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("small-{}-{n}", std::process::id()));
         let result = (|| {
             let mut file = File::create(&tmp)?;
             file.write_all(bytes)?;
@@ -243,13 +273,22 @@ fn read_dir_names(dir: &Path) -> io::Result<Vec<String>> {
     }
 }
 
-fn collect_repos(dir: &Path, prefix: String, registry: &str, out: &mut Vec<(String, String)>) -> io::Result<()> {
+fn collect_repos(
+    dir: &Path,
+    prefix: String,
+    registry: &str,
+    out: &mut Vec<(String, String)>,
+) -> io::Result<()> {
     for name in read_dir_names(dir)? {
         if name == "_tags" {
             out.push((registry.to_string(), prefix.clone()));
             continue;
         }
-        let child = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let child = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
         collect_repos(&dir.join(&name), child, registry, out)?;
     }
     Ok(())
@@ -303,7 +342,10 @@ mod tests {
         store.put_tag("docker.io", &a, &tag, &record).unwrap();
         store.put_tag("docker.io", &ab, &tag, &record).unwrap();
         assert_eq!(store.get_tag("docker.io", &a, &tag).unwrap(), Some(record));
-        assert_eq!(store.tags("docker.io", &a).unwrap(), vec!["1.0".to_string()]);
+        assert_eq!(
+            store.tags("docker.io", &a).unwrap(),
+            vec!["1.0".to_string()]
+        );
         let repos = store.repositories().unwrap();
         assert_eq!(
             repos,

@@ -78,18 +78,31 @@ async fn serve_head(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::BadContent(format!("upstream HEAD of blob {digest} has no Content-Length")))?;
+        .ok_or_else(|| {
+            Error::BadContent(format!(
+                "upstream HEAD of blob {digest} has no Content-Length"
+            ))
+        })?;
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
 }
 
 /// Answers from a download in progress, once upstream has answered it.
-async fn follow_fill(digest: &Digest, fill: Fill, range: Option<&str>) -> Result<Response<ResponseBody>, Error> {
+async fn follow_fill(
+    digest: &Digest,
+    fill: Fill,
+    range: Option<&str>,
+) -> Result<Response<ResponseBody>, Error> {
     let mut progress = fill.progress.clone();
     let state = progress
         .wait_for(|s| !matches!(s, FillState::Starting))
         .await
         .map(|s| s.clone())
-        .map_err(|_| Error::coded(Code::Unavailable, "the download ended before upstream answered"))?;
+        .map_err(|_| {
+            Error::coded(
+                Code::Unavailable,
+                "the download ended before upstream answered",
+            )
+        })?;
     let size = match state {
         FillState::Failed(e) => return Err(Error::coded(e.code, e.message)),
         FillState::Complete { size } => Some(size),
@@ -120,7 +133,10 @@ fn respond_sized(
             .header(header::CONTENT_LENGTH, size)
             .body(body(0, size)),
         Plan::Partial { start, end } => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, range::content_range(start, end, size))
+            .header(
+                header::CONTENT_RANGE,
+                range::content_range(start, end, size),
+            )
             .header(header::CONTENT_LENGTH, end - start)
             .body(body(start, end)),
         Plan::Unsatisfiable => blob_headers(digest, StatusCode::RANGE_NOT_SATISFIABLE)
@@ -141,5 +157,8 @@ fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder 
 }
 
 fn blob_unknown(digest: &Digest) -> Error {
-    Error::coded(Code::BlobUnknown, format!("blob {digest} not found upstream"))
+    Error::coded(
+        Code::BlobUnknown,
+        format!("blob {digest} not found upstream"),
+    )
 }

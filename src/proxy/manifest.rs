@@ -36,7 +36,13 @@ pub async fn serve(
     match reference {
         Reference::Digest(digest) => {
             let manifest = by_digest(app, registry, repo, digest, outcome).await?;
-            Ok(respond(&manifest.digest, &manifest.media_type, manifest.bytes.clone(), head, false))
+            Ok(respond(
+                &manifest.digest,
+                &manifest.media_type,
+                manifest.bytes.clone(),
+                head,
+                false,
+            ))
         }
         Reference::Tag(tag) if accept.is_canonical() => {
             let key = TagKey {
@@ -47,7 +53,10 @@ pub async fn serve(
             let went_upstream = Arc::new(AtomicBool::new(false));
             let answer = app
                 .cache()
-                .tag(&key, revalidate(app, key.clone(), Arc::clone(&went_upstream)))
+                .tag(
+                    &key,
+                    revalidate(app, key.clone(), Arc::clone(&went_upstream)),
+                )
                 .await?;
             *outcome = match (answer.stale, went_upstream.load(Ordering::Relaxed)) {
                 (true, _) => Outcome::Stale,
@@ -56,11 +65,22 @@ pub async fn serve(
             };
             if head {
                 let size = answer.size as usize;
-                return Ok(respond_head(&answer.digest, &answer.media_type, size, answer.stale));
+                return Ok(respond_head(
+                    &answer.digest,
+                    &answer.media_type,
+                    size,
+                    answer.stale,
+                ));
             }
             let mut ignored = Outcome::None;
             let manifest = by_digest(app, registry, repo, &answer.digest, &mut ignored).await?;
-            Ok(respond(&manifest.digest, &manifest.media_type, manifest.bytes.clone(), false, answer.stale))
+            Ok(respond(
+                &manifest.digest,
+                &manifest.media_type,
+                manifest.bytes.clone(),
+                false,
+                answer.stale,
+            ))
         }
         Reference::Tag(tag) => {
             *outcome = Outcome::Bypass;
@@ -107,14 +127,23 @@ async fn by_digest(
 /// Loads a tag's answer after its TTL: a HEAD upstream when a previous mapping is known (HEADs
 /// do not count against Docker Hub's pull limit), a GET otherwise; the last mapping when
 /// upstream cannot be asked.
-async fn revalidate(app: &App, key: TagKey, went_upstream: Arc<AtomicBool>) -> Result<TagAnswer, Error> {
+async fn revalidate(
+    app: &App,
+    key: TagKey,
+    went_upstream: Arc<AtomicBool>,
+) -> Result<TagAnswer, Error> {
     went_upstream.store(true, Ordering::Relaxed);
     let upstream = app.upstream(key.registry);
     let Some(previous) = app.cache().tag_record(&upstream.name, &key).await? else {
         return fetch_tag(app, &key).await;
     };
     let head = upstream
-        .fetch(Method::HEAD, &key.repo, &format!("manifests/{}", key.tag), &canonical_accept())
+        .fetch(
+            Method::HEAD,
+            &key.repo,
+            &format!("manifests/{}", key.tag),
+            &canonical_accept(),
+        )
         .await;
     match head {
         Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
@@ -129,7 +158,9 @@ async fn revalidate(app: &App, key: TagKey, went_upstream: Arc<AtomicBool>) -> R
                     size,
                     checked_at: unix_now(),
                 };
-                app.cache().put_tag_record(&upstream.name, &key, record).await?;
+                app.cache()
+                    .put_tag_record(&upstream.name, &key, record)
+                    .await?;
                 Ok(TagAnswer {
                     digest,
                     media_type,
@@ -160,7 +191,12 @@ fn stale_or(previous: TagRecord, error: UpstreamError, key: &TagKey) -> Result<T
 async fn fetch_tag(app: &App, key: &TagKey) -> Result<TagAnswer, Error> {
     let upstream = app.upstream(key.registry);
     let answer = upstream
-        .fetch(Method::GET, &key.repo, &format!("manifests/{}", key.tag), &canonical_accept())
+        .fetch(
+            Method::GET,
+            &key.repo,
+            &format!("manifests/{}", key.tag),
+            &canonical_accept(),
+        )
         .await?;
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(manifest_unknown(&key.repo, &key.tag));
@@ -173,7 +209,9 @@ async fn fetch_tag(app: &App, key: &TagKey) -> Result<TagAnswer, Error> {
         size: manifest.bytes.len() as u64,
         checked_at: unix_now(),
     };
-    app.cache().put_tag_record(&upstream.name, key, record).await?;
+    app.cache()
+        .put_tag_record(&upstream.name, key, record)
+        .await?;
     Ok(TagAnswer {
         digest: manifest.digest,
         media_type: manifest.media_type,
@@ -202,29 +240,43 @@ async fn pass_through(
     }
     if head {
         let (digest, media_type, size) = described(answer.headers()).ok_or_else(|| {
-            Error::BadContent(format!("upstream HEAD of {repo}:{tag} lacks digest, type or length"))
+            Error::BadContent(format!(
+                "upstream HEAD of {repo}:{tag} lacks digest, type or length"
+            ))
         })?;
         return Ok(respond_head(&digest, &media_type, size as usize, false));
     }
     let manifest = read_manifest(answer, &format!("{repo}:{tag}")).await?;
     app.cache().put_manifest(&manifest).await?;
-    Ok(respond(&manifest.digest, &manifest.media_type, manifest.bytes, false, false))
+    Ok(respond(
+        &manifest.digest,
+        &manifest.media_type,
+        manifest.bytes,
+        false,
+        false,
+    ))
 }
 
 /// Reads and checks a manifest answer: at most 4 MiB, and the digest upstream claims (if any)
 /// must be the digest of the bytes.
 async fn read_manifest(answer: Answer, what: &str) -> Result<Manifest, Error> {
     if answer.status() == StatusCode::NOT_FOUND {
-        return Err(Error::coded(Code::ManifestUnknown, format!("manifest {what} not found upstream")));
+        return Err(Error::coded(
+            Code::ManifestUnknown,
+            format!("manifest {what} not found upstream"),
+        ));
     }
     let claimed = header_digest(answer.headers());
     let content_type = media_type_of(answer.headers());
-    let bytes = answer.bytes(oci::MAX_MANIFEST_BYTES).await.map_err(|e| match e {
-        UpstreamError::Body(m) if m.contains("length limit") => {
-            Error::BadContent(format!("manifest {what} is larger than 4 MiB"))
-        }
-        other => other.into(),
-    })?;
+    let bytes = answer
+        .bytes(oci::MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Body(m) if m.contains("length limit") => {
+                Error::BadContent(format!("manifest {what} is larger than 4 MiB"))
+            }
+            other => other.into(),
+        })?;
     let digest = Digest::of(&bytes);
     if let Some(claimed) = claimed {
         if claimed != digest {
@@ -258,7 +310,12 @@ fn described(headers: &HeaderMap) -> Option<(Digest, String, u64)> {
 }
 
 fn header_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers.get(DOCKER_CONTENT_DIGEST)?.to_str().ok()?.parse().ok()
+    headers
+        .get(DOCKER_CONTENT_DIGEST)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn media_type_of(headers: &HeaderMap) -> Option<String> {
@@ -269,14 +326,26 @@ fn media_type_of(headers: &HeaderMap) -> Option<String> {
 
 /// The `Accept` values the mirror sends for its own manifest requests.
 fn canonical_accept() -> Vec<String> {
-    oci::CANONICAL_MANIFEST_TYPES.iter().map(|t| t.to_string()).collect()
+    oci::CANONICAL_MANIFEST_TYPES
+        .iter()
+        .map(|t| t.to_string())
+        .collect()
 }
 
 fn manifest_unknown(repo: &RepoName, tag: &Tag) -> Error {
-    Error::coded(Code::ManifestUnknown, format!("manifest {repo}:{tag} not found upstream"))
+    Error::coded(
+        Code::ManifestUnknown,
+        format!("manifest {repo}:{tag} not found upstream"),
+    )
 }
 
-fn respond(digest: &Digest, media_type: &str, bytes: Bytes, head: bool, stale: bool) -> Response<ResponseBody> {
+fn respond(
+    digest: &Digest,
+    media_type: &str,
+    bytes: Bytes,
+    head: bool,
+    stale: bool,
+) -> Response<ResponseBody> {
     let size = bytes.len();
     let builder = headers(digest, media_type, size, stale);
     builder
@@ -284,7 +353,12 @@ fn respond(digest: &Digest, media_type: &str, bytes: Bytes, head: bool, stale: b
         .expect("manifest headers are valid")
 }
 
-fn respond_head(digest: &Digest, media_type: &str, size: usize, stale: bool) -> Response<ResponseBody> {
+fn respond_head(
+    digest: &Digest,
+    media_type: &str,
+    size: usize,
+    stale: bool,
+) -> Response<ResponseBody> {
     headers(digest, media_type, size, stale)
         .body(crate::body::empty())
         .expect("manifest headers are valid")

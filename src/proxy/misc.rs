@@ -36,7 +36,10 @@ pub fn readiness(app: &App) -> Response<ResponseBody> {
     if app.cache().store().is_writable() {
         text(StatusCode::OK, "ready\n")
     } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, "cache directory is not writable\n")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cache directory is not writable\n",
+        )
     }
 }
 
@@ -44,7 +47,11 @@ pub fn readiness(app: &App) -> Response<ResponseBody> {
 pub async fn catalog(app: &App, head: bool) -> Result<Response<ResponseBody>, Error> {
     let store = Arc::clone(app.cache().store());
     let found = blocking(move || store.repositories()).await?;
-    let default = app.routes().iter().find(|r| r.is_default).map(|r| r.name.clone());
+    let default = app
+        .routes()
+        .iter()
+        .find(|r| r.is_default)
+        .map(|r| r.name.clone());
     let names: Vec<String> = found
         .into_iter()
         .map(|(registry, repo)| {
@@ -74,14 +81,19 @@ pub async fn tags_list(
     };
     let upstream = app.upstream(registry);
     match upstream.fetch(Method::GET, repo, &rest, &[]).await {
-        Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
-            Err(Error::coded(Code::NameUnknown, format!("repository {repo} not found upstream")))
-        }
+        Ok(answer) if answer.status() == StatusCode::NOT_FOUND => Err(Error::coded(
+            Code::NameUnknown,
+            format!("repository {repo} not found upstream"),
+        )),
         Ok(answer) => {
             *outcome = Outcome::Bypass;
             let link = answer.headers().get(header::LINK).cloned();
             let bytes = answer.bytes(MAX_LISTING_BYTES).await?;
-            let mut response = json(StatusCode::OK, String::from_utf8_lossy(&bytes).into_owned(), head);
+            let mut response = json(
+                StatusCode::OK,
+                String::from_utf8_lossy(&bytes).into_owned(),
+                head,
+            );
             if let Some(link) = link {
                 response.headers_mut().insert(header::LINK, link);
             }
@@ -125,10 +137,18 @@ pub async fn referrers(
 ) -> Result<Response<ResponseBody>, Error> {
     let answer = app
         .upstream(registry)
-        .fetch(Method::GET, repo, &format!("referrers/{digest}"), &[oci::OCI_INDEX.to_string()])
+        .fetch(
+            Method::GET,
+            repo,
+            &format!("referrers/{digest}"),
+            &[oci::OCI_INDEX.to_string()],
+        )
         .await?;
     if answer.status() == StatusCode::NOT_FOUND {
-        return Err(Error::coded(Code::ManifestUnknown, format!("no referrers API upstream for {repo}")));
+        return Err(Error::coded(
+            Code::ManifestUnknown,
+            format!("no referrers API upstream for {repo}"),
+        ));
     }
     let bytes = answer.bytes(MAX_LISTING_BYTES).await?;
     Ok(Response::builder()

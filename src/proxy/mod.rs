@@ -48,7 +48,11 @@ impl Outcome {
 }
 
 /// Answers one request.
-pub async fn handle<B>(app: Arc<App>, request: Request<B>, client: SocketAddr) -> Response<ResponseBody> {
+pub async fn handle<B>(
+    app: Arc<App>,
+    request: Request<B>,
+    client: SocketAddr,
+) -> Response<ResponseBody> {
     let started = Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
@@ -69,7 +73,12 @@ pub async fn handle<B>(app: Arc<App>, request: Request<B>, client: SocketAddr) -
         }
         Err(e) => {
             let text = e.to_string();
-            (Error::from(e).into_response(head), "invalid", None, Some(text))
+            (
+                Error::from(e).into_response(head),
+                "invalid",
+                None,
+                Some(text),
+            )
         }
     };
     let headers = response.headers_mut();
@@ -134,7 +143,9 @@ async fn dispatch(
 }
 
 fn namespace_of(query: &str) -> Option<String> {
-    query.split('&').find_map(|pair| pair.strip_prefix("ns=").map(str::to_string))
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("ns=").map(str::to_string))
 }
 
 /// An empty body for HEAD, else `bytes`.

@@ -120,7 +120,9 @@ pub fn parse_token(body: &[u8]) -> Result<Token, String> {
         .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
     Ok(Token {
         value,
-        lifetime: lifetime.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1)),
+        lifetime: lifetime
+            .saturating_sub(EXPIRY_MARGIN)
+            .max(Duration::from_secs(1)),
     })
 }
 
@@ -162,7 +164,12 @@ fn encode(s: &str) -> String {
 struct TokenExpiry;
 
 impl moka::Expiry<TokenKey, Token> for TokenExpiry {
-    fn expire_after_create(&self, _key: &TokenKey, token: &Token, _created: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        token: &Token,
+        _created: Instant,
+    ) -> Option<Duration> {
         Some(token.lifetime)
     }
 }
@@ -178,7 +185,10 @@ impl Credentials {
     /// The `Authorization: Basic ...` value.
     pub fn basic(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password.expose());
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 }
 
@@ -260,7 +270,9 @@ mod tests {
 
     #[test]
     fn parses_quoted_commas_unquoted_values_and_basic() {
-        let c = parse_challenge(r#"bearer realm=http://h/t, scope="repository:a:pull,push",service="s""#);
+        let c = parse_challenge(
+            r#"bearer realm=http://h/t, scope="repository:a:pull,push",service="s""#,
+        );
         assert_eq!(
             c,
             Some(Challenge::Bearer {
@@ -269,10 +281,13 @@ mod tests {
                 scope: Some("repository:a:pull,push".into()),
             })
         );
-        assert_eq!(parse_challenge(r#"Basic realm="Registry""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
-        assert_eq!(parse_challenge(r#"Bearer realm="unterminated"#).is_some(), true);
+        assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_some());
     }
 
     #[test]

@@ -55,7 +55,9 @@ impl UpstreamError {
     /// Whether the next endpoint might do better.
     fn try_next(&self) -> bool {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::RateLimited { .. } => true,
+            UpstreamError::Connect(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::RateLimited { .. } => true,
             UpstreamError::Status { status, .. } => *status >= 500,
             _ => false,
         }
@@ -170,27 +172,40 @@ impl Endpoint {
         }
     }
 
-    async fn fetch(&self, method: &Method, path: &str, accept: &[String], scope: &str) -> Result<Answer, UpstreamError> {
+    async fn fetch(
+        &self,
+        method: &Method,
+        path: &str,
+        accept: &[String],
+        scope: &str,
+    ) -> Result<Answer, UpstreamError> {
         let url = format!("{}/{}", self.base, path);
         let mut used_token = None;
         let mut authorization = match self.auth.known_challenge() {
-            Some(challenge) => self.authorization(&challenge, scope, &mut used_token).await?,
+            Some(challenge) => {
+                self.authorization(&challenge, scope, &mut used_token)
+                    .await?
+            }
             None => None,
         };
-        let mut response = self.send(method, &url, accept, authorization.as_deref()).await?;
+        let mut response = self
+            .send(method, &url, accept, authorization.as_deref())
+            .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             if let Some(challenge) = challenge_of(&response) {
                 if let Some(key) = used_token.take() {
                     self.auth.forget(&key).await;
                 }
                 self.auth.remember(challenge.clone());
-                let scope = match &challenge {
-                    Challenge::Bearer { scope: Some(s), .. } => s.clone(),
-                    _ => scope.to_string(),
-                };
-                authorization = self.authorization(&challenge, &scope, &mut used_token).await?;
+                // Tokens are keyed by the scope this request needs (the one Docker Hub's
+                // challenge names too), so the preemptive path finds them again.
+                authorization = self
+                    .authorization(&challenge, scope, &mut used_token)
+                    .await?;
                 if authorization.is_some() {
-                    response = self.send(method, &url, accept, authorization.as_deref()).await?;
+                    response = self
+                        .send(method, &url, accept, authorization.as_deref())
+                        .await?;
                 }
             }
         }
@@ -221,7 +236,9 @@ impl Endpoint {
 
     async fn fetch_token(&self, key: TokenKey) -> Result<auth::Token, String> {
         let url = key.url();
-        let uri: Uri = url.parse().map_err(|e| format!("bad token realm {:?}: {e}", key.realm))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("bad token realm {:?}: {e}", key.realm))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(format!("token realm {:?} is not http(s)", key.realm));
         }
@@ -270,20 +287,30 @@ impl Endpoint {
             if let (true, Some(auth)) = (same_host, authorization) {
                 request = request.header(header::AUTHORIZATION, auth);
             }
-            let request = request
-                .body(Empty::new())
-                .map_err(|e| UpstreamError::Connect(format!("cannot build request for {uri}: {e}")))?;
+            let request = request.body(Empty::new()).map_err(|e| {
+                UpstreamError::Connect(format!("cannot build request for {uri}: {e}"))
+            })?;
             let response = tokio::time::timeout(self.response_timeout, self.http.request(request))
                 .await
-                .map_err(|_| UpstreamError::Timeout(format!("{} did not answer within {:?}", self.base, self.response_timeout)))?
-                .map_err(|e| UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e))))?;
+                .map_err(|_| {
+                    UpstreamError::Timeout(format!(
+                        "{} did not answer within {:?}",
+                        self.base, self.response_timeout
+                    ))
+                })?
+                .map_err(|e| {
+                    UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e)))
+                })?;
             if !response.status().is_redirection() {
                 return Ok(response);
             }
             uri = redirect_target(&uri, response.headers())?;
             tracing::debug!(from = %self.base, to = %uri.authority().map(|a| a.as_str()).unwrap_or(""), "following upstream redirect");
         }
-        Err(UpstreamError::Redirect(format!("{}: more than {MAX_REDIRECTS} redirects", self.base)))
+        Err(UpstreamError::Redirect(format!(
+            "{}: more than {MAX_REDIRECTS} redirects",
+            self.base
+        )))
     }
 
     fn classify(&self, response: Response<Incoming>) -> Result<Answer, UpstreamError> {
@@ -302,7 +329,10 @@ impl Endpoint {
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse().ok());
-            return Err(UpstreamError::RateLimited { retry_after, message });
+            return Err(UpstreamError::RateLimited {
+                retry_after,
+                message,
+            });
         }
         Err(UpstreamError::Status {
             status: status.as_u16(),
@@ -336,7 +366,9 @@ fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError
     .map_err(|e| UpstreamError::Redirect(format!("bad redirect Location {location:?}: {e}")))?;
     match target.scheme_str() {
         Some("http" | "https") if target.authority().is_some() => Ok(target),
-        _ => Err(UpstreamError::Redirect(format!("refusing redirect to {location:?}"))),
+        _ => Err(UpstreamError::Redirect(format!(
+            "refusing redirect to {location:?}"
+        ))),
     }
 }
 
@@ -384,10 +416,19 @@ mod tests {
     fn redirects_resolve_and_refuse_other_schemes() {
         let from: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
         let mut h = HeaderMap::new();
-        h.insert(header::LOCATION, "https://cdn.example/data?sig=1".parse().unwrap());
-        assert_eq!(redirect_target(&from, &h).unwrap().to_string(), "https://cdn.example/data?sig=1");
+        h.insert(
+            header::LOCATION,
+            "https://cdn.example/data?sig=1".parse().unwrap(),
+        );
+        assert_eq!(
+            redirect_target(&from, &h).unwrap().to_string(),
+            "https://cdn.example/data?sig=1"
+        );
         h.insert(header::LOCATION, "/other/path".parse().unwrap());
-        assert_eq!(redirect_target(&from, &h).unwrap().to_string(), "https://registry.example/other/path");
+        assert_eq!(
+            redirect_target(&from, &h).unwrap().to_string(),
+            "https://registry.example/other/path"
+        );
         h.insert(header::LOCATION, "file:///etc/passwd".parse().unwrap());
         assert!(redirect_target(&from, &h).is_err());
         h.insert(header::LOCATION, "ftp://x/y".parse().unwrap());

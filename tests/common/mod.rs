@@ -113,27 +113,61 @@ impl FakeRegistry {
     pub fn add_blob(&self, bytes: impl Into<Bytes>) -> Digest {
         let bytes = bytes.into();
         let digest = Digest::of(&bytes);
-        self.state.lock().unwrap().blobs.insert(digest.to_string(), bytes);
+        self.state
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(digest.to_string(), bytes);
         digest
     }
 
     /// Adds a manifest under its digest and, if given, a tag; returns its digest.
-    pub fn add_manifest(&self, repo: &str, tag: Option<&str>, media_type: &str, bytes: impl Into<Bytes>) -> Digest {
+    pub fn add_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+    ) -> Digest {
         let bytes = bytes.into();
         let digest = Digest::of(&bytes);
         let mut state = self.state.lock().unwrap();
         let entry = (media_type.to_string(), bytes);
-        state.manifests.insert((repo.into(), digest.to_string()), entry.clone());
+        state
+            .manifests
+            .insert((repo.into(), digest.to_string()), entry.clone());
         if let Some(tag) = tag {
             state.manifests.insert((repo.into(), tag.into()), entry);
         }
         digest
     }
 
+    /// Serves `bytes` under any reference, even a digest they do not have (a lying upstream).
+    pub fn add_manifest_as(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+    ) {
+        let entry = (media_type.to_string(), bytes.into());
+        self.state
+            .lock()
+            .unwrap()
+            .manifests
+            .insert((repo.into(), reference.into()), entry);
+    }
+
     /// How often `METHOD /path` was asked.
     pub fn hits(&self, method: &str, path: &str) -> usize {
         let key = format!("{method} {path}");
-        self.state.lock().unwrap().hits.get(&key).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .hits
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every request's path and Authorization header.
@@ -142,7 +176,11 @@ impl FakeRegistry {
     }
 }
 
-async fn serve(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming>) -> Response<TestBody> {
+async fn serve(
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let auth = req
@@ -156,7 +194,12 @@ async fn serve(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming
         s.knobs.clone()
     };
     if let Some(status) = knobs.fail_status {
-        return respond(status, "application/json", Bytes::from_static(b"{\"errors\":[]}"), &[]);
+        return respond(
+            status,
+            "application/json",
+            Bytes::from_static(b"{\"errors\":[]}"),
+            &[],
+        );
     }
     if path == "/token" {
         let body = match knobs.token_expires_in {
@@ -172,11 +215,20 @@ async fn serve(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming
             None => respond(404, "application/json", Bytes::new(), &[]),
         };
     }
-    if knobs.require_token && !auth.as_deref().is_some_and(|a| a.starts_with("Bearer tok-")) {
+    if knobs.require_token
+        && !auth
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer tok-"))
+    {
         let challenge = format!(
             r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:x:pull""#
         );
-        return respond(401, "application/json", Bytes::new(), &[("www-authenticate", &challenge)]);
+        return respond(
+            401,
+            "application/json",
+            Bytes::new(),
+            &[("www-authenticate", &challenge)],
+        );
     }
     if path == "/v2/" {
         return respond(200, "application/json", Bytes::from_static(b"{}"), &[]);
@@ -192,18 +244,38 @@ async fn serve(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming
             .get(&(repo.to_string(), reference.to_string()))
             .cloned();
         let Some((media_type, bytes)) = found else {
-            return respond(404, "application/json", Bytes::from_static(br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#), &[]);
+            return respond(
+                404,
+                "application/json",
+                Bytes::from_static(br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
+                &[],
+            );
         };
         let digest = Digest::of(&bytes).to_string();
-        let body = if method == Method::HEAD { Bytes::new() } else { bytes.clone() };
-        let mut r = respond(200, &media_type, body, &[("docker-content-digest", &digest)]);
-        r.headers_mut().insert(header::CONTENT_LENGTH, bytes.len().into());
+        let body = if method == Method::HEAD {
+            Bytes::new()
+        } else {
+            bytes.clone()
+        };
+        let mut r = respond(
+            200,
+            &media_type,
+            body,
+            &[("docker-content-digest", &digest)],
+        );
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, bytes.len().into());
         return r;
     }
     if let Some((_repo, digest)) = rest.split_once("/blobs/") {
         let blob = state.lock().unwrap().blobs.get(digest).cloned();
         let Some(blob) = blob else {
-            return respond(404, "application/json", Bytes::from_static(br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#), &[]);
+            return respond(
+                404,
+                "application/json",
+                Bytes::from_static(br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#),
+                &[],
+            );
         };
         if let (Some(cdn), true) = (&knobs.redirect_blobs_to, method == Method::GET) {
             let location = format!("{cdn}/cdn/{digest}");
@@ -226,7 +298,12 @@ async fn serve(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<Incoming
     respond(404, "text/plain", Bytes::new(), &[])
 }
 
-fn respond(status: u16, content_type: &str, body: Bytes, headers: &[(&str, &str)]) -> Response<TestBody> {
+fn respond(
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Response<TestBody> {
     let mut builder = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type);
@@ -234,7 +311,11 @@ fn respond(status: u16, content_type: &str, body: Bytes, headers: &[(&str, &str)
         builder = builder.header(*k, *v);
     }
     builder
-        .body(http_body_util::Full::new(body).map_err(|never| match never {}).boxed())
+        .body(
+            http_body_util::Full::new(body)
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .unwrap()
 }
 
@@ -249,7 +330,11 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
     }
     if head {
         return builder
-            .body(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
             .unwrap();
     }
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
@@ -270,12 +355,20 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
         for (i, piece) in data.chunks(chunk).enumerate() {
             if let Some(limit) = knobs.reset_after {
                 if sent + piece.len() > limit {
-                    let _ = tx.send(Ok(Frame::data(Bytes::copy_from_slice(&piece[..limit - sent])))).await;
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::copy_from_slice(
+                            &piece[..limit - sent],
+                        ))))
+                        .await;
                     let _ = tx.send(Err(std::io::Error::other("injected reset"))).await;
                     return;
                 }
             }
-            if tx.send(Ok(Frame::data(Bytes::copy_from_slice(piece)))).await.is_err() {
+            if tx
+                .send(Ok(Frame::data(Bytes::copy_from_slice(piece))))
+                .await
+                .is_err()
+            {
                 return;
             }
             sent += piece.len();
@@ -289,7 +382,8 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
     builder.body(StreamBody::new(stream).boxed()).unwrap()
 }
 
@@ -359,17 +453,20 @@ impl TestMirror {
 
     /// Files left under `tmp/`.
     pub fn temp_files(&self) -> usize {
-        std::fs::read_dir(self.cache_dir().join("tmp")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.cache_dir().join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
-    /// Stops the server, letting responses in flight finish.
-    pub async fn stop(mut self) {
+    /// Stops the server, letting responses in flight finish; returns the cache's directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        self.dir
     }
 }
 
@@ -410,7 +507,10 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Got
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let response = client().request(builder.body(Empty::new()).unwrap()).await.unwrap();
+    let response = client()
+        .request(builder.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
