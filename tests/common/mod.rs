@@ -2,6 +2,8 @@
 //! mirror on 127.0.0.1:0 in a temp dir, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod e2e;
+
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};

@@ -1,0 +1,405 @@
+//! End-to-end harness: Debian's `docker-registry` as the origin (seeded by the test with a
+//! generated multi-platform image), the `regmirror` binary in front of it, and helpers to run
+//! real clients. Every process started here is stopped by its guard.
+
+use super::random_bytes;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use regmirror::digest::Digest;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (and reaped) on drop.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Process {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {name}: {e} (run tests/run.sh, which installs it)")
+            });
+        Process {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's output so far (for failure messages).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `grace` before SIGKILL.
+    pub fn terminate(&mut self, grace: Duration) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(10));
+    }
+}
+
+/// A free loopback port (bound, then released for the child to bind).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `url` until it answers 200.
+pub async fn wait_until_up(url: &str, process: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            super::client().get(url.parse().unwrap()),
+        )
+        .await
+        {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{} did not come up at {url}:\n{}",
+        process.name,
+        process.output()
+    );
+}
+
+/// Debian's reference registry on a free port.
+pub struct Origin {
+    pub port: u16,
+    pub process: Process,
+}
+
+impl Origin {
+    pub async fn start(dir: &Path) -> Origin {
+        let port = free_port();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let process = Process::spawn(
+            "docker-registry",
+            Command::new("docker-registry").arg("serve").arg(&config),
+            dir.join("registry.log"),
+        );
+        wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
+        Origin { port, process }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The regmirror binary, configured as users do, in front of `upstream`.
+pub struct Mirror {
+    pub port: u16,
+    pub cache: PathBuf,
+    pub process: Process,
+}
+
+impl Mirror {
+    pub async fn start(dir: &Path, upstream: &str) -> Mirror {
+        let port = free_port();
+        let cache = dir.join("mirror-cache");
+        let config = dir.join("regmirror.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{upstream}\"\n",
+                cache.display().to_string()
+            ),
+        )
+        .unwrap();
+        let process = Process::spawn(
+            "regmirror",
+            Command::new(env!("CARGO_BIN_EXE_regmirror"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "info"),
+            dir.join("regmirror.log"),
+        );
+        wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
+        Mirror {
+            port,
+            cache,
+            process,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the mirror's store holds this content.
+    pub fn has(&self, digest: &Digest) -> bool {
+        super::blob_path(&self.cache, digest).exists()
+    }
+}
+
+/// What the seeded origin holds, with the digests every client must see.
+pub struct Seeded {
+    /// `library/e2e:oci`: an OCI index over two OCI manifests.
+    pub oci_index: Digest,
+    /// `library/e2e:docker`: a Docker manifest list over two schema2 manifests.
+    pub docker_list: Digest,
+    /// Per format, the linux/amd64 manifest digest and its config digest.
+    pub oci_amd64: (Digest, Digest),
+    pub docker_amd64: (Digest, Digest),
+    /// Every blob (configs and layers) pushed.
+    pub blobs: Vec<Digest>,
+}
+
+pub const REPO: &str = "library/e2e";
+
+/// A gzip'd tar layer holding a small text file and 1 MiB of random bytes.
+fn layer(platform: &str) -> (Vec<u8>, Digest) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("hello.txt", format!("hello from {platform}\n").as_bytes());
+    add(
+        "random.bin",
+        &random_bytes(1024 * 1024, platform.len() as u64 + 7),
+    );
+    let raw = tar.into_inner().unwrap();
+    let diff_id = Digest::of(&raw);
+    let mut gz = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+fn image_config(arch: &str, diff_id: &Digest) -> Vec<u8> {
+    serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Cmd": ["/hello"], "Env": ["PATH=/"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        "history": [{"created_by": "regmirror e2e test"}]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+struct Pusher {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Pusher {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> http::Response<hyper::body::Incoming> {
+        let request = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        self.http.request(request).await.unwrap()
+    }
+
+    async fn blob(&self, bytes: &[u8]) -> Digest {
+        let digest = Digest::of(bytes);
+        let start = self
+            .send(
+                Method::POST,
+                &format!("{}/v2/{REPO}/blobs/uploads/", self.base),
+                "application/octet-stream",
+                vec![],
+            )
+            .await;
+        assert_eq!(start.status(), StatusCode::ACCEPTED, "upload start");
+        let location = start.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let done = self
+            .send(
+                Method::PUT,
+                &format!("{location}{sep}digest={digest}"),
+                "application/octet-stream",
+                bytes.to_vec(),
+            )
+            .await;
+        assert_eq!(done.status(), StatusCode::CREATED, "blob upload");
+        digest
+    }
+
+    async fn manifest(&self, reference: &str, media_type: &str, bytes: Vec<u8>) -> Digest {
+        let digest = Digest::of(&bytes);
+        let response = self
+            .send(
+                Method::PUT,
+                &format!("{}/v2/{REPO}/manifests/{reference}", self.base),
+                media_type,
+                bytes,
+            )
+            .await;
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "manifest push: {}",
+            String::from_utf8_lossy(&body)
+        );
+        digest
+    }
+}
+
+/// Pushes the two-platform image in both formats.
+pub async fn seed(origin: &Origin) -> Seeded {
+    let pusher = Pusher {
+        base: origin.url(),
+        http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+    };
+    let formats = [
+        (
+            "oci",
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        (
+            "docker",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.container.image.v1+json",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ),
+    ];
+    let mut blobs = Vec::new();
+    let mut tops = Vec::new();
+    let mut amd64 = Vec::new();
+    for (tag, index_type, manifest_type, config_type, layer_type) in formats {
+        let mut entries = Vec::new();
+        for arch in ["amd64", "arm64"] {
+            let (layer_bytes, diff_id) = layer(&format!("{tag}-{arch}"));
+            let config = image_config(arch, &diff_id);
+            let layer_digest = pusher.blob(&layer_bytes).await;
+            let config_digest = pusher.blob(&config).await;
+            blobs.extend([layer_digest.clone(), config_digest.clone()]);
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": manifest_type,
+                "config": {"mediaType": config_type, "size": config.len(), "digest": config_digest.to_string()},
+                "layers": [{"mediaType": layer_type, "size": layer_bytes.len(), "digest": layer_digest.to_string()}],
+            })
+            .to_string()
+            .into_bytes();
+            let size = manifest.len();
+            let digest = pusher
+                .manifest(&Digest::of(&manifest).to_string(), manifest_type, manifest)
+                .await;
+            if arch == "amd64" {
+                amd64.push((digest.clone(), config_digest));
+            }
+            entries.push(serde_json::json!({
+                "mediaType": manifest_type, "size": size, "digest": digest.to_string(),
+                "platform": {"architecture": arch, "os": "linux"}
+            }));
+        }
+        let index =
+            serde_json::json!({"schemaVersion": 2, "mediaType": index_type, "manifests": entries})
+                .to_string()
+                .into_bytes();
+        tops.push(pusher.manifest(tag, index_type, index).await);
+    }
+    Seeded {
+        oci_index: tops[0].clone(),
+        docker_list: tops[1].clone(),
+        oci_amd64: amd64[0].clone(),
+        docker_amd64: amd64[1].clone(),
+        blobs,
+    }
+}
+
+/// Runs a command to completion, panicking with its output on failure.
+pub fn run(what: &str, command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+/// Whether a program is on PATH (or at this path).
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
