@@ -96,6 +96,11 @@ impl Error {
             Error::Coded { code, .. } => *code,
             Error::Shared(inner) => inner.code(),
             Error::Upstream(UpstreamError::RateLimited { .. }) => Code::TooManyRequests,
+            // Docker Hub answers 401 for repositories that do not exist (or are private).
+            Error::Upstream(UpstreamError::Status {
+                status: 401 | 403, ..
+            }) => Code::NameUnknown,
+            Error::Upstream(UpstreamError::TooLarge(_)) => Code::ManifestInvalid,
             Error::Upstream(_) => Code::Unavailable,
             Error::BadContent(_) => Code::ManifestInvalid,
             Error::Storage(_) => Code::Unknown,

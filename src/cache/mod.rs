@@ -114,6 +114,17 @@ impl Cache {
         .await
     }
 
+    /// The manifest with this digest if the cache holds it (memory or disk); never loads.
+    pub async fn cached_manifest(&self, digest: &Digest) -> io::Result<Option<Arc<Manifest>>> {
+        if let Some(m) = self.manifests.get(digest).await {
+            return Ok(Some(m));
+        }
+        let store = Arc::clone(&self.store);
+        let key = digest.clone();
+        let found = blocking(move || store.get_manifest(&key)).await?;
+        Ok(found.map(|(bytes, meta)| Arc::new(manifest_from_disk(digest.clone(), bytes, meta))))
+    }
+
     /// The manifest with this digest: from memory, disk, or `load` (run once for all waiters,
     /// its result stored on disk).
     pub async fn manifest<F>(&self, digest: &Digest, load: F) -> Result<Arc<Manifest>, Error>
@@ -198,6 +209,19 @@ impl Cache {
         let store = Arc::clone(&self.store);
         let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
         blocking(move || store.remove_tag(&registry, &repo, &tag)).await
+    }
+}
+
+fn manifest_from_disk(digest: Digest, bytes: Vec<u8>, meta: Option<ManifestMeta>) -> Manifest {
+    let media_type = meta
+        .map(|m| m.media_type)
+        .filter(|t| crate::oci::is_media_type(t))
+        .or_else(|| crate::oci::sniff_manifest_type(&bytes))
+        .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_string());
+    Manifest {
+        digest,
+        media_type,
+        bytes: Bytes::from(bytes),
     }
 }
 

@@ -34,6 +34,9 @@ pub async fn serve(
 ) -> Result<Response<ResponseBody>, Error> {
     let accept = AcceptSet::from_headers(headers);
     match reference {
+        Reference::Digest(digest) if head => {
+            head_by_digest(app, registry, repo, digest, outcome).await
+        }
         Reference::Digest(digest) => {
             let manifest = by_digest(app, registry, repo, digest, outcome).await?;
             Ok(respond(
@@ -122,6 +125,50 @@ async fn by_digest(
         Outcome::Hit
     };
     Ok(manifest)
+}
+
+/// A HEAD by digest: from the cache, else a HEAD upstream (which, unlike a GET, does not
+/// count as a pull on Docker Hub); nothing is stored.
+async fn head_by_digest(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, Error> {
+    if let Some(m) = app.cache().cached_manifest(digest).await? {
+        *outcome = Outcome::Hit;
+        return Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false));
+    }
+    *outcome = Outcome::Bypass;
+    let answer = app
+        .upstream(registry)
+        .fetch(
+            Method::HEAD,
+            repo,
+            &format!("manifests/{digest}"),
+            &canonical_accept(),
+        )
+        .await?;
+    if answer.status() == StatusCode::NOT_FOUND {
+        return Err(Error::coded(
+            Code::ManifestUnknown,
+            format!("manifest {repo}@{digest} not found upstream"),
+        ));
+    }
+    match described(answer.headers()) {
+        Some((claimed, media_type, size)) if &claimed == digest => {
+            Ok(respond_head(digest, &media_type, size as usize, false))
+        }
+        Some((claimed, ..)) => Err(Error::BadContent(format!(
+            "upstream answered {digest} with {claimed}"
+        ))),
+        None => {
+            // Upstream's HEAD does not say enough: fetch (and cache) the manifest instead.
+            let m = by_digest(app, registry, repo, digest, outcome).await?;
+            Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false))
+        }
+    }
 }
 
 /// Loads a tag's answer after its TTL: a HEAD upstream when a previous mapping is known (HEADs

@@ -49,6 +49,8 @@ pub enum UpstreamError {
     Redirect(String),
     #[error("{0}")]
     Body(String),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl UpstreamError {
@@ -89,6 +91,9 @@ impl Answer {
         let body = Limited::new(self.response.into_body(), limit);
         match tokio::time::timeout(stall, body.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(
+                UpstreamError::TooLarge(format!("{endpoint}: answer larger than {limit} bytes")),
+            ),
             Ok(Err(e)) => Err(UpstreamError::Body(format!("{endpoint}: {e}"))),
             Err(_) => Err(UpstreamError::Timeout(format!("{endpoint}: body stalled"))),
         }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test regmirror has: formatting and lints, unit and integration tests, and the
+# end-to-end tests with real parts (Debian's docker-registry as the origin; skopeo, podman,
+# containerd's ctr and dockerd as clients). Installs the Debian packages those need first,
+# only when they are missing. Needs root (or sudo) for the installs and the daemons.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker-registry skopeo podman containerd docker.io)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --quiet -- --include-ignored
