@@ -286,18 +286,32 @@ async fn head_by_digest_of_an_uncached_manifest_is_a_head_upstream() {
     let url = mirror.url(&format!("/v2/library/app/manifests/{digest}"));
     let got = head_manifest(&url).await;
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.header("content-length"), Some(manifest.len().to_string().as_str()));
-    assert_eq!(got.header("docker-content-digest"), Some(digest.to_string().as_str()));
+    assert_eq!(
+        got.header("content-length"),
+        Some(manifest.len().to_string().as_str())
+    );
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
     assert_eq!(got.header("content-type"), Some(DOCKER_MANIFEST));
-    assert_eq!(origin.hits("GET", &format!("/v2/library/app/manifests/{digest}")), 0);
-    assert_eq!(origin.hits("HEAD", &format!("/v2/library/app/manifests/{digest}")), 1);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/manifests/{digest}")),
+        0
+    );
+    assert_eq!(
+        origin.hits("HEAD", &format!("/v2/library/app/manifests/{digest}")),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_over_4_mib_are_refused() {
     let origin = FakeRegistry::start().await;
     let padding = "x".repeat(4 * 1024 * 1024 + 1);
-    let huge = format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","annotations":{{"pad":"{padding}"}}}}"#);
+    let huge = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","annotations":{{"pad":"{padding}"}}}}"#
+    );
     origin.add_manifest("library/app", Some("huge"), DOCKER_MANIFEST, huge);
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/huge")).await;
