@@ -359,3 +359,28 @@ async fn cdn_redirects_are_followed_without_our_credentials() {
         assert_eq!(auth, None, "Authorization leaked to the CDN on {path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_body_fails_the_fill_within_the_stall_timeout() {
+    let origin = FakeRegistry::start().await;
+    let digest = origin.add_blob(random_bytes(10_000, 13));
+    origin.knobs(|k| k.stall_blobs = true);
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.registry[0].upstream[0].stall_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+    assert!(got.body.is_err(), "a stalled download ended cleanly");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!mirror.has_blob(&digest));
+    eventually("the fill is gone", || {
+        mirror.app.cache().fills_in_flight() == 0
+    })
+    .await;
+    eventually("the temp file is removed", || mirror.temp_files() == 0).await;
+}

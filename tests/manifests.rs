@@ -318,3 +318,36 @@ async fn manifests_over_4_mib_are_refused() {
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
     assert_eq!(got.json()["errors"][0]["code"], "MANIFEST_INVALID");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_upstreams_get_the_configured_credentials() {
+    let (origin, digest, _) = origin_with_image().await;
+    origin.knobs(|k| k.require_basic = Some("Basic bWlycm9yOnMzY3JldA==".into())); // mirror:s3cret
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        let upstream = &mut c.registry[0].upstream[0];
+        upstream.username = Some("mirror".into());
+        upstream.password = Some(regmirror::config::Secret::new("s3cret".into()));
+    })
+    .await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+    // After the first challenge, credentials go along up front: one 401 in all.
+    let by_digest = get_manifest(&mirror.url(&format!("/v2/library/app/manifests/{digest}"))).await;
+    assert_eq!(by_digest.status, StatusCode::OK);
+    let unauthenticated = origin
+        .authorizations()
+        .iter()
+        .filter(|(_, a)| a.is_none())
+        .count();
+    assert_eq!(unauthenticated, 1);
+
+    // Without credentials the repository is unknown to clients (so they fall back).
+    let anonymous = TestMirror::start(&origin.url(), |_| {}).await;
+    let got = get_manifest(&anonymous.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert_eq!(got.json()["errors"][0]["code"], "NAME_UNKNOWN");
+}

@@ -32,6 +32,10 @@ pub struct Knobs {
     pub fail_status: Option<u16>,
     /// Require a bearer token from `/token` on this server.
     pub require_token: bool,
+    /// Require this `Authorization: Basic ...` value.
+    pub require_basic: Option<String>,
+    /// Answer blob GETs with headers, then never send a byte.
+    pub stall_blobs: bool,
     /// `expires_in` of issued tokens (absent when `None`).
     pub token_expires_in: Option<u64>,
     /// Redirect blob GETs to `<base>/cdn/<digest>` (another fake).
@@ -232,6 +236,16 @@ async fn serve(
             &[("www-authenticate", &challenge)],
         );
     }
+    if let Some(expected) = &knobs.require_basic {
+        if auth.as_deref() != Some(expected.as_str()) {
+            return respond(
+                401,
+                "application/json",
+                Bytes::new(),
+                &[("www-authenticate", r#"Basic realm="fake""#)],
+            );
+        }
+    }
     if path == "/v2/" {
         return respond(200, "application/json", Bytes::from_static(b"{}"), &[]);
     }
@@ -342,6 +356,10 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     let knobs = knobs.clone();
     tokio::spawn(async move {
+        if knobs.stall_blobs {
+            tx.closed().await;
+            return;
+        }
         let mut data = blob.to_vec();
         if knobs.corrupt_blobs && !data.is_empty() {
             let mid = data.len() / 2;
