@@ -2,9 +2,9 @@
 //! chunk; at the end, size and digest are checked and only a verified blob is committed.
 //!
 //! Runs detached from any client (a client that disconnects does not cancel it) under its own
-//! timeout. Two halves run side by side: the async half reads the upstream body, and a blocking
-//! writer writes and hashes each chunk and publishes how far the file is written, so network,
-//! disk and hashing overlap.
+//! timeout. Three parts run side by side: the async pump reads the upstream body; a blocking
+//! writer writes each chunk and publishes how far the file is written; a blocking hasher hashes.
+//! Network, disk and hashing overlap.
 
 use crate::cache::inflight::{FillError, FillPermit, FillState};
 use crate::cache::store::{Store, TempBlob};
@@ -84,16 +84,23 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     let total = content_length(answer.headers());
     permit.publish(FillState::Streaming { written: 0, total });
 
-    let (chunks, queue) = mpsc::channel(WRITE_QUEUE);
+    // Three parties run side by side: this task reads the network, one blocking task writes
+    // the file (and tells readers how far it is), another hashes.
+    let (to_writer, writer_queue) = mpsc::channel(WRITE_QUEUE);
+    let (to_hasher, hasher_queue) = mpsc::channel(WRITE_QUEUE);
     let progress = permit.progress_sender();
-    let writer = tokio::task::spawn_blocking(move || write_and_hash(temp, queue, progress, total));
-    let received = pump(answer, chunks, total).await;
+    let writer = tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total));
+    let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue));
+    let received = pump(answer, [to_writer, to_hasher], total).await;
     let written = writer
         .await
         .map_err(|e| failure(Code::Unknown, format!("writer task failed: {e}")))?
         .map_err(|e| failure(Code::Unknown, format!("writing to the cache failed: {e}")));
+    let hasher = hasher
+        .await
+        .map_err(|e| failure(Code::Unknown, format!("hasher task failed: {e}")))?;
     received?;
-    let (temp, hasher) = written?;
+    let temp = written?;
     let size = hasher.len();
     hasher.verify(&digest, total).map_err(|m| {
         failure(
@@ -114,11 +121,11 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     Ok(size)
 }
 
-/// Moves the upstream body into the writer's queue, bounded by the declared length and the
-/// stall timeout. Dropping `chunks` (on return) tells the writer the body is over.
+/// Hands the upstream body to the writer and the hasher, bounded by the declared length and
+/// the stall timeout. Dropping the senders (on return) tells both the body is over.
 async fn pump(
     answer: Answer,
-    chunks: mpsc::Sender<Bytes>,
+    sinks: [mpsc::Sender<Bytes>; 2],
     total: Option<u64>,
 ) -> Result<(), FillError> {
     let stall = answer.stall_timeout;
@@ -152,30 +159,38 @@ async fn pump(
                 format!("{endpoint}: body longer than its Content-Length"),
             ));
         }
-        if chunks.send(data).await.is_err() {
-            // The writer stopped; its error is what the fill reports.
-            return Ok(());
+        for sink in &sinks {
+            if sink.send(data.clone()).await.is_err() {
+                // The writer stopped; its error is what the fill reports.
+                return Ok(());
+            }
         }
     }
 }
 
-/// The disk half: write, hash, publish.
-fn write_and_hash(
+/// The disk: write each chunk, then tell readers how far the file goes.
+fn write(
     mut temp: TempBlob,
     mut queue: mpsc::Receiver<Bytes>,
     progress: watch::Sender<FillState>,
     total: Option<u64>,
-) -> std::io::Result<(TempBlob, Hasher)> {
-    let mut hasher = Hasher::default();
+) -> std::io::Result<TempBlob> {
+    let mut written = 0u64;
     while let Some(chunk) = queue.blocking_recv() {
         temp.file.write_all(&chunk)?;
-        hasher.update(&chunk);
-        progress.send_replace(FillState::Streaming {
-            written: hasher.len(),
-            total,
-        });
+        written += chunk.len() as u64;
+        progress.send_replace(FillState::Streaming { written, total });
     }
-    Ok((temp, hasher))
+    Ok(temp)
+}
+
+/// The hash of everything the pump received.
+fn hash(mut queue: mpsc::Receiver<Bytes>) -> Hasher {
+    let mut hasher = Hasher::default();
+    while let Some(chunk) = queue.blocking_recv() {
+        hasher.update(&chunk);
+    }
+    hasher
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
