@@ -33,6 +33,10 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long responses in flight may take to finish before the process exits.
     #[serde(default = "default_shutdown_grace", with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// Status for requests naming a registry that is not configured: 404 (clients fall back to
+    /// the next mirror or the origin) or 403. regmirror never proxies unconfigured registries.
+    #[serde(default = "default_unknown_registry_status")]
+    pub unknown_registry_status: u16,
 }
 
 /// Where and how content is kept.
@@ -64,6 +68,14 @@ pub struct RegistryConfig {
     pub default: bool,
     /// Where content comes from, in order of preference.
     pub upstream: Vec<UpstreamConfig>,
+    /// After an endpoint fails (connection, timeout, 5xx, stalled body), it is skipped for this
+    /// long, then probed again by one request; a dead endpoint costs one failure per period.
+    #[serde(default = "default_failover_cooldown", with = "duration_text")]
+    pub failover_cooldown: Duration,
+    /// Let endpoints with `resolve_tags = false` answer for tags when no trusted one can.
+    /// Off by default: a public mirror may serve stale or forged tags, never unverifiable bytes.
+    #[serde(default)]
+    pub allow_untrusted_tags: bool,
 }
 
 /// One upstream endpoint of a registry.
@@ -90,6 +102,10 @@ pub struct UpstreamConfig {
     /// A body that delivers no byte for this long is abandoned.
     #[serde(default = "default_stall_timeout", with = "duration_text")]
     pub stall_timeout: Duration,
+    /// Whether this endpoint may say which digest a tag points to. Content by digest is
+    /// verified and may come from any endpoint; set `false` for public mirrors.
+    #[serde(default = "default_true")]
+    pub resolve_tags: bool,
 }
 
 /// A secret string: never printed, never logged.
@@ -155,6 +171,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             shutdown_grace: default_shutdown_grace(),
+            unknown_registry_status: default_unknown_registry_status(),
         }
     }
 }
@@ -181,6 +198,7 @@ impl UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             stall_timeout: default_stall_timeout(),
+            resolve_tags: true,
         }
     }
 }
@@ -212,12 +230,34 @@ fn default_response_timeout() -> Duration {
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_failover_cooldown() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_unknown_registry_status() -> u16 {
+    404
+}
 fn default_registries() -> Vec<RegistryConfig> {
-    vec![RegistryConfig {
-        name: "docker.io".into(),
-        default: true,
-        upstream: vec![UpstreamConfig::new("https://registry-1.docker.io")],
-    }]
+    vec![RegistryConfig::new(
+        "docker.io",
+        true,
+        vec![UpstreamConfig::new("https://registry-1.docker.io")],
+    )]
+}
+
+impl RegistryConfig {
+    /// A registry with default failover settings.
+    pub fn new(name: impl Into<String>, default: bool, upstream: Vec<UpstreamConfig>) -> RegistryConfig {
+        RegistryConfig {
+            name: name.into(),
+            default,
+            upstream,
+            failover_cooldown: default_failover_cooldown(),
+            allow_untrusted_tags: false,
+        }
+    }
 }
 
 impl Config {
@@ -259,6 +299,9 @@ impl Config {
                 "only one registry may be the default",
             ));
         }
+        if !matches!(self.server.unknown_registry_status, 403 | 404) {
+            return Err(invalid("server.unknown_registry_status", "must be 403 or 404"));
+        }
         if self.cache.manifest_memory_mib == 0 {
             return Err(invalid("cache.manifest_memory_mib", "must be at least 1"));
         }
@@ -284,6 +327,12 @@ impl Config {
             }
             for (j, upstream) in registry.upstream.iter().enumerate() {
                 upstream.validate(&format!("{key}.upstream[{j}]"))?;
+            }
+            if !registry.allow_untrusted_tags && !registry.upstream.iter().any(|u| u.resolve_tags) {
+                return Err(invalid(
+                    format!("{key}.upstream"),
+                    "no endpoint may resolve tags: set resolve_tags = true on one, or allow_untrusted_tags = true",
+                ));
             }
         }
         Ok(())

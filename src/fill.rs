@@ -11,7 +11,7 @@ use crate::cache::store::{Store, TempBlob};
 use crate::digest::Hasher;
 use crate::error::Code;
 use crate::oci::RepoName;
-use crate::upstream::{Answer, RegistryUpstream};
+use crate::upstream::{Answer, RegistryUpstream, UpstreamRequest};
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
@@ -72,7 +72,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     let digest = permit.digest().clone();
     let answer = job
         .upstream
-        .fetch(Method::GET, &job.repo, &format!("blobs/{digest}"), &[])
+        .fetch(&UpstreamRequest::blob(Method::GET, &job.repo, &digest))
         .await
         .map_err(|e| failure(Code::Unavailable, e.to_string()))?;
     if answer.status() == StatusCode::NOT_FOUND {

@@ -204,6 +204,14 @@ fn pick_registry<'a>(
         .iter()
         .position(|r| r.is_default)
         .ok_or_else(|| RouteError::NotFound(format!("no default registry serves {name:?}")))?;
+    // Docker Hub names never start with a host name (`ghcr.io/...`, `localhost:5000/...`):
+    // such a prefix names another registry, one this mirror does not serve.
+    if let Some((first, _)) = name.split_once('/') {
+        let names_a_host = first.contains('.') || first.contains(':') || first == "localhost";
+        if names_a_host && registries[index].library_prefix {
+            return Err(RouteError::UnknownRegistry(first.to_string()));
+        }
+    }
     Ok((index, name))
 }
 
@@ -373,6 +381,10 @@ mod tests {
         ));
         assert!(matches!(
             get("/v2/a/manifests/1", Some("ns=quay.io")),
+            Err(RouteError::UnknownRegistry(_))
+        ));
+        assert!(matches!(
+            get("/v2/quay.io/org/app/manifests/1", None),
             Err(RouteError::UnknownRegistry(_))
         ));
         assert!(matches!(

@@ -47,6 +47,16 @@ pub struct TagKey {
     pub tag: Tag,
 }
 
+/// A small upstream listing (a `tags/list` page, a referrers index), or the fact there is none.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    pub body: Bytes,
+    /// The pagination `Link` header, if upstream sent one.
+    pub link: Option<String>,
+    /// Upstream had it (false: it answered 404).
+    pub found: bool,
+}
+
 /// A stored blob, open.
 pub type BlobHit = (File, u64);
 
@@ -58,6 +68,8 @@ pub struct Cache {
     manifests: moka::future::Cache<Digest, Arc<Manifest>>,
     /// Tag answers live for the tag TTL; loading one coalesces concurrent revalidations.
     tags: moka::future::Cache<TagKey, TagAnswer>,
+    /// Listings live for the tag TTL too.
+    listings: moka::future::Cache<String, Listing>,
 }
 
 impl Cache {
@@ -71,11 +83,17 @@ impl Cache {
             .max_capacity(100_000)
             .time_to_live(tag_ttl.max(Duration::from_millis(1)))
             .build();
+        let listings = moka::future::Cache::builder()
+            .max_capacity(64 * 1024 * 1024)
+            .weigher(|k: &String, l: &Listing| u32::try_from(k.len() + l.body.len()).unwrap_or(u32::MAX))
+            .time_to_live(tag_ttl.max(Duration::from_millis(1)))
+            .build();
         Ok(Cache {
             store,
             inflight: Arc::new(Inflight::default()),
             manifests,
             tags,
+            listings,
         })
     }
 
@@ -185,6 +203,14 @@ impl Cache {
             .try_get_with(key.clone(), load)
             .await
             .map_err(Error::Shared)
+    }
+
+    /// A listing: fresh from memory, or from `load` (run once for all waiters).
+    pub async fn listing<F>(&self, key: String, load: F) -> Result<Listing, Error>
+    where
+        F: Future<Output = Result<Listing, Error>>,
+    {
+        self.listings.try_get_with(key, load).await.map_err(Error::Shared)
     }
 
     /// The tag record kept on disk (the last mapping upstream confirmed).

@@ -10,6 +10,7 @@ use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
 use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
+use crate::upstream::UpstreamRequest;
 use crate::range::{self, Plan};
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
@@ -68,7 +69,7 @@ async fn serve_head(
     *outcome = Outcome::Bypass;
     let answer = app
         .upstream(registry)
-        .fetch(Method::HEAD, repo, &format!("blobs/{digest}"), &[])
+        .fetch(&UpstreamRequest::blob(Method::HEAD, repo, digest))
         .await?;
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(blob_unknown(digest));

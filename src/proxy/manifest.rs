@@ -13,7 +13,7 @@ use crate::cache::{Manifest, TagAnswer, TagKey};
 use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::oci::{self, AcceptSet, Reference, RepoName, Tag, DOCKER_CONTENT_DIGEST};
-use crate::upstream::{Answer, UpstreamError};
+use crate::upstream::{Answer, UpstreamError, UpstreamRequest};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,10 +105,9 @@ async fn by_digest(
     let load = async move {
         flag.store(true, Ordering::Relaxed);
         let accept = canonical_accept();
-        let answer = app
-            .upstream(registry)
-            .fetch(Method::GET, repo, &format!("manifests/{digest}"), &accept)
-            .await?;
+        let reference = Reference::Digest(digest.clone());
+        let request = UpstreamRequest::manifest(Method::GET, repo, &reference, &accept);
+        let answer = app.upstream(registry).fetch(&request).await?;
         let manifest = read_manifest(answer, &format!("{repo}@{digest}")).await?;
         if &manifest.digest != digest {
             return Err(Error::BadContent(format!(
@@ -141,15 +140,9 @@ async fn head_by_digest(
         return Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false));
     }
     *outcome = Outcome::Bypass;
-    let answer = app
-        .upstream(registry)
-        .fetch(
-            Method::HEAD,
-            repo,
-            &format!("manifests/{digest}"),
-            &canonical_accept(),
-        )
-        .await?;
+    let (reference, accept) = (Reference::Digest(digest.clone()), canonical_accept());
+    let request = UpstreamRequest::manifest(Method::HEAD, repo, &reference, &accept);
+    let answer = app.upstream(registry).fetch(&request).await?;
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(Error::coded(
             Code::ManifestUnknown,
@@ -184,14 +177,9 @@ async fn revalidate(
     let Some(previous) = app.cache().tag_record(&upstream.name, &key).await? else {
         return fetch_tag(app, &key).await;
     };
-    let head = upstream
-        .fetch(
-            Method::HEAD,
-            &key.repo,
-            &format!("manifests/{}", key.tag),
-            &canonical_accept(),
-        )
-        .await;
+    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
+    let request = UpstreamRequest::manifest(Method::HEAD, &key.repo, &reference, &accept);
+    let head = upstream.fetch(&request).await;
     match head {
         Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
             app.cache().remove_tag_record(&upstream.name, &key).await?;
@@ -237,14 +225,9 @@ fn stale_or(previous: TagRecord, error: UpstreamError, key: &TagKey) -> Result<T
 /// GET of a tag with every modern manifest type accepted: stores the manifest and the mapping.
 async fn fetch_tag(app: &App, key: &TagKey) -> Result<TagAnswer, Error> {
     let upstream = app.upstream(key.registry);
-    let answer = upstream
-        .fetch(
-            Method::GET,
-            &key.repo,
-            &format!("manifests/{}", key.tag),
-            &canonical_accept(),
-        )
-        .await?;
+    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
+    let request = UpstreamRequest::manifest(Method::GET, &key.repo, &reference, &accept);
+    let answer = upstream.fetch(&request).await?;
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(manifest_unknown(&key.repo, &key.tag));
     }
@@ -278,10 +261,9 @@ async fn pass_through(
     head: bool,
 ) -> Result<Response<ResponseBody>, Error> {
     let method = if head { Method::HEAD } else { Method::GET };
-    let answer = app
-        .upstream(registry)
-        .fetch(method, repo, &format!("manifests/{tag}"), accept.types())
-        .await?;
+    let reference = Reference::Tag(tag.clone());
+    let request = UpstreamRequest::manifest(method, repo, &reference, accept.types());
+    let answer = app.upstream(registry).fetch(&request).await?;
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(manifest_unknown(repo, tag));
     }

@@ -7,8 +7,9 @@ use crate::cache::blocking;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::oci::{self, RepoName};
-use crate::upstream::UpstreamError;
-use http::{header, Method, Response, StatusCode};
+use crate::cache::Listing;
+use crate::upstream::{Answer, UpstreamRequest};
+use http::{header, Response, StatusCode};
 use std::sync::Arc;
 
 /// Largest `tags/list` or referrers answer passed on from upstream.
@@ -66,7 +67,8 @@ pub async fn catalog(app: &App, head: bool) -> Result<Response<ResponseBody>, Er
     Ok(json(StatusCode::OK, text, head))
 }
 
-/// `tags/list` from upstream; from the tags the cache knows when upstream cannot be asked.
+/// `tags/list` from the upstreams trusted with tags, kept for the tag TTL; from the tags the
+/// cache knows when upstream cannot be asked.
 pub async fn tags_list(
     app: &App,
     registry: usize,
@@ -75,26 +77,21 @@ pub async fn tags_list(
     head: bool,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
-    let rest = match query {
-        Some(q) => format!("tags/list?{q}"),
-        None => "tags/list".to_string(),
-    };
     let upstream = app.upstream(registry);
-    match upstream.fetch(Method::GET, repo, &rest, &[]).await {
-        Ok(answer) if answer.status() == StatusCode::NOT_FOUND => Err(Error::coded(
+    let key = format!("tags {} {} {}", upstream.name, repo, query.unwrap_or(""));
+    let load = async {
+        let answer = upstream.fetch(&UpstreamRequest::tags_list(repo, query)).await?;
+        listing(answer).await
+    };
+    *outcome = Outcome::Hit;
+    match app.cache().listing(key, load).await {
+        Ok(found) if !found.found => Err(Error::coded(
             Code::NameUnknown,
             format!("repository {repo} not found upstream"),
         )),
-        Ok(answer) => {
-            *outcome = Outcome::Bypass;
-            let link = answer.headers().get(header::LINK).cloned();
-            let bytes = answer.bytes(MAX_LISTING_BYTES).await?;
-            let mut response = json(
-                StatusCode::OK,
-                String::from_utf8_lossy(&bytes).into_owned(),
-                head,
-            );
-            if let Some(link) = link {
+        Ok(found) => {
+            let mut response = json(StatusCode::OK, String::from_utf8_lossy(&found.body).into_owned(), head);
+            if let Some(link) = found.link.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
                 response.headers_mut().insert(header::LINK, link);
             }
             Ok(response)
@@ -103,11 +100,25 @@ pub async fn tags_list(
     }
 }
 
+/// Reads a small listing answer (or remembers that there is none).
+async fn listing(answer: Answer) -> Result<Listing, Error> {
+    if answer.status() == StatusCode::NOT_FOUND {
+        return Ok(Listing::default());
+    }
+    let link = answer
+        .headers()
+        .get(header::LINK)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = answer.bytes(MAX_LISTING_BYTES).await?;
+    Ok(Listing { body, link, found: true })
+}
+
 async fn cached_tags(
     app: &App,
     registry: &str,
     repo: &RepoName,
-    error: UpstreamError,
+    error: Error,
     head: bool,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
@@ -115,7 +126,7 @@ async fn cached_tags(
     let (registry, name) = (registry.to_string(), repo.clone());
     let tags = blocking(move || store.tags(&registry, &name)).await?;
     if tags.is_empty() {
-        return Err(error.into());
+        return Err(error);
     }
     *outcome = Outcome::Stale;
     let text = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
@@ -127,34 +138,38 @@ async fn cached_tags(
     Ok(response)
 }
 
-/// The referrers API, passed through (a 404 tells clients to use the tag schema instead).
+/// The referrers API, passed through and kept for the tag TTL. Where upstream lacks the API
+/// (Docker Hub, distribution), its 404 is passed on too: that is what tells clients to look
+/// for the `sha256-<hex>` tag schema instead, where such registries keep signatures.
 pub async fn referrers(
     app: &App,
     registry: usize,
     repo: &RepoName,
     digest: &Digest,
     head: bool,
+    outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
-    let answer = app
-        .upstream(registry)
-        .fetch(
-            Method::GET,
-            repo,
-            &format!("referrers/{digest}"),
-            &[oci::OCI_INDEX.to_string()],
-        )
-        .await?;
-    if answer.status() == StatusCode::NOT_FOUND {
+    let upstream = app.upstream(registry);
+    let key = format!("referrers {} {} {}", upstream.name, repo, digest);
+    let accept = [oci::OCI_INDEX.to_string()];
+    let load = async {
+        let answer = upstream
+            .fetch(&UpstreamRequest::referrers(repo, digest, &accept))
+            .await?;
+        listing(answer).await
+    };
+    *outcome = Outcome::Hit;
+    let found = app.cache().listing(key, load).await?;
+    if !found.found {
         return Err(Error::coded(
             Code::ManifestUnknown,
             format!("no referrers API upstream for {repo}"),
         ));
     }
-    let bytes = answer.bytes(MAX_LISTING_BYTES).await?;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, oci::OCI_INDEX)
-        .header(header::CONTENT_LENGTH, bytes.len())
-        .body(body_unless_head(bytes, head))
+        .header(header::CONTENT_LENGTH, found.body.len())
+        .body(body_unless_head(found.body, head))
         .expect("static headers are valid"))
 }

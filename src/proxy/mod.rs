@@ -8,9 +8,9 @@ mod misc;
 
 use crate::app::App;
 use crate::body::{self, ResponseBody};
-use crate::error::Error;
+use crate::error::{Code, Error};
 use crate::oci::API_VERSION_HEADER;
-use crate::route::{self, Route, Target};
+use crate::route::{self, Route, RouteError, Target};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,12 +73,14 @@ pub async fn handle<B>(
         }
         Err(e) => {
             let text = e.to_string();
-            (
-                Error::from(e).into_response(head),
-                "invalid",
-                None,
-                Some(text),
-            )
+            let refuse = matches!(e, RouteError::UnknownRegistry(_))
+                && app.config().server.unknown_registry_status == 403;
+            let error = if refuse {
+                Error::coded(Code::Denied, text.clone())
+            } else {
+                Error::from(e)
+            };
+            (error.into_response(head), "invalid", None, Some(text))
         }
     };
     let headers = response.headers_mut();
@@ -137,7 +139,7 @@ async fn dispatch(
         }
         Target::Referrers { repo, digest } => {
             let registry = route.registry.expect("referrers route to a registry");
-            misc::referrers(app, registry, repo, digest, head).await
+            misc::referrers(app, registry, repo, digest, head, outcome).await
         }
     }
 }

@@ -7,9 +7,13 @@
 //! typed errors; it knows nothing of the cache.
 
 pub mod auth;
+pub mod health;
 
 use crate::config::{RegistryConfig, UpstreamConfig};
-use crate::oci::RepoName;
+use crate::digest::Digest;
+use crate::oci::{Reference, RepoName};
+use health::{Admission, Health, HealthSnapshot};
+use tokio::time::Instant;
 use auth::{AuthState, Challenge, Credentials, TokenKey};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -66,9 +70,87 @@ impl UpstreamError {
     }
 }
 
+/// What to ask an upstream for.
+pub struct UpstreamRequest<'a> {
+    pub method: Method,
+    pub repo: &'a RepoName,
+    /// The path after `/v2/<repo>/`, with its query (`manifests/latest`, `tags/list?n=10`).
+    pub rest: String,
+    pub accept: &'a [String],
+    /// Asks what a tag means: only endpoints trusted to resolve tags are asked.
+    pub resolves_tag: bool,
+    /// A manifest GET, which counts against Docker Hub's pull limit: not sent to an endpoint
+    /// that is rate limiting us.
+    pub counts_as_pull: bool,
+    /// Resume a blob: `Range: bytes=N-`.
+    pub range_from: Option<u64>,
+}
+
+impl<'a> UpstreamRequest<'a> {
+    pub fn manifest(method: Method, repo: &'a RepoName, reference: &Reference, accept: &'a [String]) -> Self {
+        UpstreamRequest {
+            counts_as_pull: method == Method::GET,
+            method,
+            repo,
+            rest: format!("manifests/{reference}"),
+            accept,
+            resolves_tag: matches!(reference, Reference::Tag(_)),
+            range_from: None,
+        }
+    }
+
+    pub fn blob(method: Method, repo: &'a RepoName, digest: &Digest) -> Self {
+        UpstreamRequest {
+            method,
+            repo,
+            rest: format!("blobs/{digest}"),
+            accept: &[],
+            resolves_tag: false,
+            counts_as_pull: false,
+            range_from: None,
+        }
+    }
+
+    pub fn tags_list(repo: &'a RepoName, query: Option<&str>) -> Self {
+        let rest = match query {
+            Some(q) => format!("tags/list?{q}"),
+            None => "tags/list".to_string(),
+        };
+        UpstreamRequest {
+            method: Method::GET,
+            repo,
+            rest,
+            accept: &[],
+            resolves_tag: true,
+            counts_as_pull: false,
+            range_from: None,
+        }
+    }
+
+    pub fn referrers(repo: &'a RepoName, digest: &Digest, accept: &'a [String]) -> Self {
+        UpstreamRequest {
+            method: Method::GET,
+            repo,
+            rest: format!("referrers/{digest}"),
+            accept,
+            resolves_tag: false,
+            counts_as_pull: false,
+            range_from: None,
+        }
+    }
+
+    /// The same request for the bytes from `offset` on.
+    pub fn resume_from(mut self, offset: u64) -> Self {
+        self.range_from = (offset > 0).then_some(offset);
+        self
+    }
+}
+
 /// A successful (2xx) or not-found (404) answer, with what it came from.
 pub struct Answer {
     pub response: Response<Incoming>,
+    /// Which endpoint answered (its index in the registry's list).
+    pub endpoint_index: usize,
     /// The endpoint's base URL, for logs.
     pub endpoint: String,
     /// How long the body may go without a byte.
@@ -91,53 +173,138 @@ impl Answer {
         let body = Limited::new(self.response.into_body(), limit);
         match tokio::time::timeout(stall, body.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(
-                UpstreamError::TooLarge(format!("{endpoint}: answer larger than {limit} bytes")),
-            ),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(UpstreamError::TooLarge(
+                format!("{endpoint}: answer larger than {limit} bytes"),
+            )),
             Ok(Err(e)) => Err(UpstreamError::Body(format!("{endpoint}: {e}"))),
             Err(_) => Err(UpstreamError::Timeout(format!("{endpoint}: body stalled"))),
         }
     }
 }
 
+/// An endpoint's state for status pages and metrics.
+#[derive(Clone, Debug)]
+pub struct EndpointStatus {
+    pub url: String,
+    pub resolve_tags: bool,
+    pub health: HealthSnapshot,
+}
+
 /// The upstream side of one registry.
 pub struct RegistryUpstream {
     pub name: String,
     endpoints: Vec<Endpoint>,
+    allow_untrusted_tags: bool,
 }
 
 impl RegistryUpstream {
     pub fn new(config: &RegistryConfig) -> RegistryUpstream {
         RegistryUpstream {
             name: config.name.clone(),
-            endpoints: config.upstream.iter().map(Endpoint::new).collect(),
+            endpoints: config
+                .upstream
+                .iter()
+                .map(|u| Endpoint::new(u, config.failover_cooldown))
+                .collect(),
+            allow_untrusted_tags: config.allow_untrusted_tags,
         }
     }
 
-    /// `GET` or `HEAD` of `/v2/<repo>/<rest>` (`rest` is e.g. `manifests/latest`), with these
-    /// `Accept` values. Returns a 2xx or 404 answer; anything else is an error.
-    pub async fn fetch(
-        &self,
-        method: Method,
-        repo: &RepoName,
-        rest: &str,
-        accept: &[String],
-    ) -> Result<Answer, UpstreamError> {
-        let scope = format!("repository:{}:pull", repo.as_str());
-        let path = format!("v2/{}/{}", repo.as_str(), rest);
+    /// Sends `request` to the first endpoint that may answer it: in configured order, trusted
+    /// for tags when the request resolves one, not in a cool-down, not rate limiting a pull.
+    /// Connection errors, timeouts, 5xx and 429 move on to the next endpoint and are remembered.
+    /// Returns a 2xx or 404 answer; anything else is an error.
+    pub async fn fetch(&self, request: &UpstreamRequest<'_>) -> Result<Answer, UpstreamError> {
+        let scope = format!("repository:{}:pull", request.repo.as_str());
         let mut last_error = None;
-        for endpoint in &self.endpoints {
-            match endpoint.fetch(&method, &path, accept, &scope).await {
-                Ok(answer) => return Ok(answer),
-                Err(e) if e.try_next() => {
-                    tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %e, "upstream failed; trying the next");
-                    last_error = Some(e);
+        for pass in [Pass::Trusted, Pass::Untrusted] {
+            for (index, endpoint) in self.endpoints.iter().enumerate() {
+                if !self.eligible(endpoint, request, pass) {
+                    continue;
                 }
-                Err(e) => return Err(e),
+                let now = Instant::now();
+                if request.counts_as_pull {
+                    if let Some(pause) = endpoint.health.rate_limit_pause(now) {
+                        last_error = Some(UpstreamError::RateLimited {
+                            retry_after: Some(pause.as_secs().max(1)),
+                            message: format!("{} is rate limiting pulls for {}s more", endpoint.base, pause.as_secs()),
+                        });
+                        continue;
+                    }
+                }
+                if endpoint.health.admit(now) == Admission::Down {
+                    last_error.get_or_insert_with(|| UpstreamError::Connect(format!("{} is down (cooling off)", endpoint.base)));
+                    continue;
+                }
+                match endpoint.fetch(request, &scope).await {
+                    Ok(mut answer) => {
+                        endpoint.health.mark_up();
+                        answer.endpoint_index = index;
+                        return Ok(answer);
+                    }
+                    Err(e) if e.try_next() => {
+                        self.note_failure(index, &e);
+                        last_error = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
-        Err(last_error.unwrap_or_else(|| UpstreamError::Connect("no upstream configured".into())))
+        Err(last_error.unwrap_or_else(|| UpstreamError::Connect(format!("no endpoint of {} may answer this", self.name))))
     }
+
+    fn eligible(&self, endpoint: &Endpoint, request: &UpstreamRequest<'_>, pass: Pass) -> bool {
+        let trusted = !request.resolves_tag || endpoint.resolve_tags;
+        match pass {
+            Pass::Trusted => trusted,
+            Pass::Untrusted => !trusted && self.allow_untrusted_tags,
+        }
+    }
+
+    /// Remembers that an endpoint failed (also used when its body stalls mid-download).
+    pub fn note_failure(&self, index: usize, error: &UpstreamError) {
+        let Some(endpoint) = self.endpoints.get(index) else { return };
+        let now = Instant::now();
+        match error {
+            UpstreamError::RateLimited { retry_after, .. } => {
+                let pause = endpoint.health.rate_limited(now, *retry_after);
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, pause_s = pause.as_secs(), "upstream rate limit hit; pausing manifest GETs");
+            }
+            other => {
+                endpoint.health.mark_down(now, &other.to_string());
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %other, "upstream endpoint failed; skipping it for the cool-down");
+            }
+        }
+    }
+
+    /// Every endpoint's state.
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let now = Instant::now();
+        self.endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                url: e.base.clone(),
+                resolve_tags: e.resolve_tags,
+                health: e.health.snapshot(now),
+            })
+            .collect()
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}
+
+/// Endpoints trusted for the request are tried first; untrusted ones only where allowed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Trusted,
+    Untrusted,
 }
 
 /// One upstream URL with its client, timeouts and auth state.
@@ -150,10 +317,13 @@ struct Endpoint {
     auth: AuthState,
     response_timeout: Duration,
     stall_timeout: Duration,
+    /// May say what a tag points to.
+    resolve_tags: bool,
+    health: Health,
 }
 
 impl Endpoint {
-    fn new(config: &UpstreamConfig) -> Endpoint {
+    fn new(config: &UpstreamConfig, cooldown: Duration) -> Endpoint {
         let base = config.url.trim_end_matches('/').to_string();
         let authority = base
             .parse::<Uri>()
@@ -174,17 +344,16 @@ impl Endpoint {
             auth: AuthState::new(credentials),
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
+            resolve_tags: config.resolve_tags,
+            health: Health::new(cooldown),
         }
     }
 
-    async fn fetch(
-        &self,
-        method: &Method,
-        path: &str,
-        accept: &[String],
-        scope: &str,
-    ) -> Result<Answer, UpstreamError> {
-        let url = format!("{}/{}", self.base, path);
+    async fn fetch(&self, request: &UpstreamRequest<'_>, scope: &str) -> Result<Answer, UpstreamError> {
+        let url = format!("{}/v2/{}/{}", self.base, request.repo.as_str(), request.rest);
+        let (method, accept) = (&request.method, request.accept);
+        let range = request.range_from.map(|n| format!("bytes={n}-"));
+        let range = range.as_deref();
         let mut used_token = None;
         let mut authorization = match self.auth.known_challenge() {
             Some(challenge) => {
@@ -194,7 +363,7 @@ impl Endpoint {
             None => None,
         };
         let mut response = self
-            .send(method, &url, accept, authorization.as_deref())
+            .send(method, &url, accept, range, authorization.as_deref())
             .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             if let Some(challenge) = challenge_of(&response) {
@@ -209,11 +378,12 @@ impl Endpoint {
                     .await?;
                 if authorization.is_some() {
                     response = self
-                        .send(method, &url, accept, authorization.as_deref())
+                        .send(method, &url, accept, range, authorization.as_deref())
                         .await?;
                 }
             }
         }
+        self.health.observe(response.headers());
         self.classify(response)
     }
 
@@ -275,6 +445,7 @@ impl Endpoint {
         method: &Method,
         url: &str,
         accept: &[String],
+        range: Option<&str>,
         authorization: Option<&str>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut uri: Uri = url
@@ -288,6 +459,9 @@ impl Endpoint {
                 .header(header::USER_AGENT, USER_AGENT);
             for value in accept {
                 request = request.header(header::ACCEPT, value.as_str());
+            }
+            if let Some(range) = range {
+                request = request.header(header::RANGE, range);
             }
             if let (true, Some(auth)) = (same_host, authorization) {
                 request = request.header(header::AUTHORIZATION, auth);
@@ -323,6 +497,7 @@ impl Endpoint {
         if status.is_success() || status == StatusCode::NOT_FOUND {
             return Ok(Answer {
                 response,
+                endpoint_index: 0,
                 endpoint: self.base.clone(),
                 stall_timeout: self.stall_timeout,
             });

@@ -426,11 +426,7 @@ impl TestMirror {
         up.connect_timeout = Duration::from_secs(2);
         up.response_timeout = Duration::from_secs(5);
         up.stall_timeout = Duration::from_secs(5);
-        config.registry = vec![RegistryConfig {
-            name: "docker.io".into(),
-            default: true,
-            upstream: vec![up],
-        }];
+        config.registry = vec![RegistryConfig::new("docker.io", true, vec![up])];
         tweak(&mut config);
         config.validate().unwrap();
         Self::start_with(config, dir).await
