@@ -249,7 +249,11 @@ fn default_registries() -> Vec<RegistryConfig> {
 
 impl RegistryConfig {
     /// A registry with default failover settings.
-    pub fn new(name: impl Into<String>, default: bool, upstream: Vec<UpstreamConfig>) -> RegistryConfig {
+    pub fn new(
+        name: impl Into<String>,
+        default: bool,
+        upstream: Vec<UpstreamConfig>,
+    ) -> RegistryConfig {
         RegistryConfig {
             name: name.into(),
             default,
@@ -300,7 +304,10 @@ impl Config {
             ));
         }
         if !matches!(self.server.unknown_registry_status, 403 | 404) {
-            return Err(invalid("server.unknown_registry_status", "must be 403 or 404"));
+            return Err(invalid(
+                "server.unknown_registry_status",
+                "must be 403 or 404",
+            ));
         }
         if self.cache.manifest_memory_mib == 0 {
             return Err(invalid("cache.manifest_memory_mib", "must be at least 1"));

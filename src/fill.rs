@@ -8,10 +8,11 @@
 
 use crate::cache::inflight::{FillError, FillPermit, FillState};
 use crate::cache::store::{Store, TempBlob};
+use crate::digest::Digest;
 use crate::digest::Hasher;
 use crate::error::Code;
 use crate::oci::RepoName;
-use crate::upstream::{Answer, RegistryUpstream, UpstreamRequest};
+use crate::upstream::{Answer, RegistryUpstream, UpstreamError, UpstreamRequest};
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
@@ -91,7 +92,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     let progress = permit.progress_sender();
     let writer = tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total));
     let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue));
-    let received = pump(answer, [to_writer, to_hasher], total).await;
+    let received = pump_with_resume(job, &digest, answer, [to_writer, to_hasher], total).await;
     let written = writer
         .await
         .map_err(|e| failure(Code::Unknown, format!("writer task failed: {e}")))?
@@ -121,51 +122,137 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     Ok(size)
 }
 
-/// Hands the upstream body to the writer and the hasher, bounded by the declared length and
-/// the stall timeout. Dropping the senders (on return) tells both the body is over.
-async fn pump(
-    answer: Answer,
+/// Feeds the writer and the hasher from upstream; when a source fails mid-body, continues from
+/// the next endpoint with `Range: bytes=N-` (or, where ranges are not supported, from a full
+/// answer whose first N bytes are skipped), keeping the hash state. Readers never notice: bytes
+/// already delivered stay valid, and the digest check at the end covers every byte.
+async fn pump_with_resume(
+    job: &FillJob,
+    digest: &Digest,
+    mut answer: Answer,
     sinks: [mpsc::Sender<Bytes>; 2],
     total: Option<u64>,
 ) -> Result<(), FillError> {
+    let mut received = 0u64;
+    let mut skip = 0u64;
+    let mut resumes = 0usize;
+    let max_resumes = 2 * job.upstream.len().max(1);
+    loop {
+        let failed_endpoint = answer.endpoint_index;
+        let error = match pump(answer, &sinks, total, &mut received, skip).await {
+            Ok(()) => return Ok(()),
+            Err(Stop::SinkClosed) => return Ok(()),
+            Err(Stop::TooLong(message)) => return Err(failure(Code::Unavailable, message)),
+            Err(Stop::Source(message)) => message,
+        };
+        job.upstream
+            .note_failure(failed_endpoint, &UpstreamError::Body(error.clone()));
+        resumes += 1;
+        if resumes > max_resumes {
+            return Err(failure(
+                Code::Unavailable,
+                format!("giving up after {resumes} attempts: {error}"),
+            ));
+        }
+        tracing::warn!(%digest, offset = received, error = %error, "upstream failed mid-blob; resuming");
+        let request = UpstreamRequest::blob(Method::GET, &job.repo, digest).resume_from(received);
+        answer = match job.upstream.fetch(&request).await {
+            Ok(a) => a,
+            // Nobody else can serve it: give the same source one more chance.
+            Err(_) if resumes == 1 => job
+                .upstream
+                .fetch_from(failed_endpoint, &request)
+                .await
+                .map_err(|e| {
+                    failure(Code::Unavailable, format!("{error}; resuming failed: {e}"))
+                })?,
+            Err(e) => {
+                return Err(failure(
+                    Code::Unavailable,
+                    format!("{error}; resuming failed: {e}"),
+                ))
+            }
+        };
+        skip = match answer.status() {
+            StatusCode::PARTIAL_CONTENT if range_start(answer.headers()) == Some(received) => 0,
+            StatusCode::OK => received,
+            other => {
+                return Err(failure(
+                    Code::Unavailable,
+                    format!(
+                        "{error}; {} answered the resume with {other}",
+                        answer.endpoint
+                    ),
+                ))
+            }
+        };
+    }
+}
+
+/// Why a pump stopped early.
+enum Stop {
+    /// The writer is gone (its own error says why).
+    SinkClosed,
+    /// The source failed: resume elsewhere.
+    Source(String),
+    /// More bytes than declared: not worth resuming.
+    TooLong(String),
+}
+
+/// Moves one upstream body into the sinks after skipping its first `skip` bytes, counting
+/// `received`, bounded by the declared total and the stall timeout.
+async fn pump(
+    answer: Answer,
+    sinks: &[mpsc::Sender<Bytes>; 2],
+    total: Option<u64>,
+    received: &mut u64,
+    mut skip: u64,
+) -> Result<(), Stop> {
     let stall = answer.stall_timeout;
     let endpoint = answer.endpoint.clone();
     let mut body = answer.response.into_body();
-    let mut received = 0u64;
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
-            Err(_) => {
-                return Err(failure(
-                    Code::Unavailable,
-                    format!("{endpoint}: no data for {stall:?}"),
-                ))
+            Err(_) => return Err(Stop::Source(format!("{endpoint}: no data for {stall:?}"))),
+            Ok(None) if total.is_some_and(|t| *received < t) => {
+                return Err(Stop::Source(format!(
+                    "{endpoint}: body ended after {received} bytes"
+                )))
             }
             Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => {
-                return Err(failure(
-                    Code::Unavailable,
-                    format!("{endpoint}: body failed: {e}"),
-                ))
-            }
+            Ok(Some(Err(e))) => return Err(Stop::Source(format!("{endpoint}: body failed: {e}"))),
             Ok(Some(Ok(frame))) => frame,
         };
-        let Ok(data) = frame.into_data() else {
+        let Ok(mut data) = frame.into_data() else {
             continue;
         };
-        received += data.len() as u64;
-        if total.is_some_and(|t| received > t) {
-            return Err(failure(
-                Code::Unavailable,
-                format!("{endpoint}: body longer than its Content-Length"),
-            ));
+        if skip > 0 {
+            let n = skip.min(data.len() as u64);
+            let _ = data.split_to(n as usize);
+            skip -= n;
         }
-        for sink in &sinks {
+        if data.is_empty() {
+            continue;
+        }
+        *received += data.len() as u64;
+        if total.is_some_and(|t| *received > t) {
+            return Err(Stop::TooLong(format!(
+                "{endpoint}: body longer than its Content-Length"
+            )));
+        }
+        for sink in sinks {
             if sink.send(data.clone()).await.is_err() {
-                // The writer stopped; its error is what the fill reports.
-                return Ok(());
+                return Err(Stop::SinkClosed);
             }
         }
     }
+}
+
+/// The first byte position of a `Content-Range: bytes N-M/T` answer.
+fn range_start(headers: &http::HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let range = value.trim().strip_prefix("bytes ")?;
+    range.split('-').next()?.trim().parse().ok()
 }
 
 /// The disk: write each chunk, then tell readers how far the file goes.

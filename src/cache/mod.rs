@@ -85,7 +85,9 @@ impl Cache {
             .build();
         let listings = moka::future::Cache::builder()
             .max_capacity(64 * 1024 * 1024)
-            .weigher(|k: &String, l: &Listing| u32::try_from(k.len() + l.body.len()).unwrap_or(u32::MAX))
+            .weigher(|k: &String, l: &Listing| {
+                u32::try_from(k.len() + l.body.len()).unwrap_or(u32::MAX)
+            })
             .time_to_live(tag_ttl.max(Duration::from_millis(1)))
             .build();
         Ok(Cache {
@@ -210,7 +212,10 @@ impl Cache {
     where
         F: Future<Output = Result<Listing, Error>>,
     {
-        self.listings.try_get_with(key, load).await.map_err(Error::Shared)
+        self.listings
+            .try_get_with(key, load)
+            .await
+            .map_err(Error::Shared)
     }
 
     /// The tag record kept on disk (the last mapping upstream confirmed).

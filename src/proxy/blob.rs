@@ -10,8 +10,8 @@ use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
 use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
-use crate::upstream::UpstreamRequest;
 use crate::range::{self, Plan};
+use crate::upstream::UpstreamRequest;
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
 

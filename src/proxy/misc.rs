@@ -4,10 +4,10 @@ use super::{body_unless_head, Outcome};
 use crate::app::App;
 use crate::body::{self, ResponseBody};
 use crate::cache::blocking;
+use crate::cache::Listing;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::oci::{self, RepoName};
-use crate::cache::Listing;
 use crate::upstream::{Answer, UpstreamRequest};
 use http::{header, Response, StatusCode};
 use std::sync::Arc;
@@ -80,7 +80,9 @@ pub async fn tags_list(
     let upstream = app.upstream(registry);
     let key = format!("tags {} {} {}", upstream.name, repo, query.unwrap_or(""));
     let load = async {
-        let answer = upstream.fetch(&UpstreamRequest::tags_list(repo, query)).await?;
+        let answer = upstream
+            .fetch(&UpstreamRequest::tags_list(repo, query))
+            .await?;
         listing(answer).await
     };
     *outcome = Outcome::Hit;
@@ -90,8 +92,15 @@ pub async fn tags_list(
             format!("repository {repo} not found upstream"),
         )),
         Ok(found) => {
-            let mut response = json(StatusCode::OK, String::from_utf8_lossy(&found.body).into_owned(), head);
-            if let Some(link) = found.link.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
+            let mut response = json(
+                StatusCode::OK,
+                String::from_utf8_lossy(&found.body).into_owned(),
+                head,
+            );
+            if let Some(link) = found
+                .link
+                .and_then(|l| http::HeaderValue::from_str(&l).ok())
+            {
                 response.headers_mut().insert(header::LINK, link);
             }
             Ok(response)
@@ -111,7 +120,11 @@ async fn listing(answer: Answer) -> Result<Listing, Error> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body = answer.bytes(MAX_LISTING_BYTES).await?;
-    Ok(Listing { body, link, found: true })
+    Ok(Listing {
+        body,
+        link,
+        found: true,
+    })
 }
 
 async fn cached_tags(

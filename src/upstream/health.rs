@@ -167,7 +167,10 @@ impl Health {
         HealthSnapshot {
             up: state.down_until.is_none(),
             last_error: state.last_error.clone(),
-            rate_limited_for: state.rate_limited_until.filter(|u| now < *u).map(|u| u - now),
+            rate_limited_for: state
+                .rate_limited_until
+                .filter(|u| now < *u)
+                .map(|u| u - now),
             rate_limit: state.rate_limit.clone(),
         }
     }
@@ -185,7 +188,11 @@ mod tests {
         h.mark_down(t0, "refused");
         assert_eq!(h.admit(t0 + Duration::from_secs(5)), Admission::Down);
         assert_eq!(h.admit(t0 + Duration::from_secs(11)), Admission::Probe);
-        assert_eq!(h.admit(t0 + Duration::from_secs(12)), Admission::Down, "only one prober");
+        assert_eq!(
+            h.admit(t0 + Duration::from_secs(12)),
+            Admission::Down,
+            "only one prober"
+        );
         h.mark_up();
         assert_eq!(h.admit(t0 + Duration::from_secs(12)), Admission::Up);
         assert!(h.snapshot(t0).up);
@@ -210,7 +217,10 @@ mod tests {
         let h = Health::new(Duration::from_secs(10));
         let t0 = Instant::now();
         assert_eq!(h.rate_limited(t0, Some(7)), Duration::from_secs(7));
-        assert_eq!(h.rate_limit_pause(t0 + Duration::from_secs(2)), Some(Duration::from_secs(5)));
+        assert_eq!(
+            h.rate_limit_pause(t0 + Duration::from_secs(2)),
+            Some(Duration::from_secs(5))
+        );
         assert_eq!(h.rate_limit_pause(t0 + Duration::from_secs(8)), None);
         let mut headers = HeaderMap::new();
         headers.insert("ratelimit-limit", "100;w=21600".parse().unwrap());

@@ -12,10 +12,9 @@ pub mod health;
 use crate::config::{RegistryConfig, UpstreamConfig};
 use crate::digest::Digest;
 use crate::oci::{Reference, RepoName};
-use health::{Admission, Health, HealthSnapshot};
-use tokio::time::Instant;
 use auth::{AuthState, Challenge, Credentials, TokenKey};
 use bytes::Bytes;
+use health::{Admission, Health, HealthSnapshot};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
@@ -24,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Redirect hops followed before giving up.
 const MAX_REDIRECTS: usize = 5;
@@ -87,7 +87,12 @@ pub struct UpstreamRequest<'a> {
 }
 
 impl<'a> UpstreamRequest<'a> {
-    pub fn manifest(method: Method, repo: &'a RepoName, reference: &Reference, accept: &'a [String]) -> Self {
+    pub fn manifest(
+        method: Method,
+        repo: &'a RepoName,
+        reference: &Reference,
+        accept: &'a [String],
+    ) -> Self {
         UpstreamRequest {
             counts_as_pull: method == Method::GET,
             method,
@@ -173,9 +178,9 @@ impl Answer {
         let body = Limited::new(self.response.into_body(), limit);
         match tokio::time::timeout(stall, body.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(UpstreamError::TooLarge(
-                format!("{endpoint}: answer larger than {limit} bytes"),
-            )),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(
+                UpstreamError::TooLarge(format!("{endpoint}: answer larger than {limit} bytes")),
+            ),
             Ok(Err(e)) => Err(UpstreamError::Body(format!("{endpoint}: {e}"))),
             Err(_) => Err(UpstreamError::Timeout(format!("{endpoint}: body stalled"))),
         }
@@ -227,13 +232,19 @@ impl RegistryUpstream {
                     if let Some(pause) = endpoint.health.rate_limit_pause(now) {
                         last_error = Some(UpstreamError::RateLimited {
                             retry_after: Some(pause.as_secs().max(1)),
-                            message: format!("{} is rate limiting pulls for {}s more", endpoint.base, pause.as_secs()),
+                            message: format!(
+                                "{} is rate limiting pulls for {}s more",
+                                endpoint.base,
+                                pause.as_secs()
+                            ),
                         });
                         continue;
                     }
                 }
                 if endpoint.health.admit(now) == Admission::Down {
-                    last_error.get_or_insert_with(|| UpstreamError::Connect(format!("{} is down (cooling off)", endpoint.base)));
+                    last_error.get_or_insert_with(|| {
+                        UpstreamError::Connect(format!("{} is down (cooling off)", endpoint.base))
+                    });
                     continue;
                 }
                 match endpoint.fetch(request, &scope).await {
@@ -250,7 +261,26 @@ impl RegistryUpstream {
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| UpstreamError::Connect(format!("no endpoint of {} may answer this", self.name))))
+        Err(last_error.unwrap_or_else(|| {
+            UpstreamError::Connect(format!("no endpoint of {} may answer this", self.name))
+        }))
+    }
+
+    /// Sends `request` to one given endpoint, whatever its health (a last resort for resuming).
+    pub async fn fetch_from(
+        &self,
+        index: usize,
+        request: &UpstreamRequest<'_>,
+    ) -> Result<Answer, UpstreamError> {
+        let endpoint = self
+            .endpoints
+            .get(index)
+            .ok_or_else(|| UpstreamError::Connect(format!("no endpoint {index}")))?;
+        let scope = format!("repository:{}:pull", request.repo.as_str());
+        let mut answer = endpoint.fetch(request, &scope).await?;
+        endpoint.health.mark_up();
+        answer.endpoint_index = index;
+        Ok(answer)
     }
 
     fn eligible(&self, endpoint: &Endpoint, request: &UpstreamRequest<'_>, pass: Pass) -> bool {
@@ -263,7 +293,9 @@ impl RegistryUpstream {
 
     /// Remembers that an endpoint failed (also used when its body stalls mid-download).
     pub fn note_failure(&self, index: usize, error: &UpstreamError) {
-        let Some(endpoint) = self.endpoints.get(index) else { return };
+        let Some(endpoint) = self.endpoints.get(index) else {
+            return;
+        };
         let now = Instant::now();
         match error {
             UpstreamError::RateLimited { retry_after, .. } => {
@@ -349,8 +381,17 @@ impl Endpoint {
         }
     }
 
-    async fn fetch(&self, request: &UpstreamRequest<'_>, scope: &str) -> Result<Answer, UpstreamError> {
-        let url = format!("{}/v2/{}/{}", self.base, request.repo.as_str(), request.rest);
+    async fn fetch(
+        &self,
+        request: &UpstreamRequest<'_>,
+        scope: &str,
+    ) -> Result<Answer, UpstreamError> {
+        let url = format!(
+            "{}/v2/{}/{}",
+            self.base,
+            request.repo.as_str(),
+            request.rest
+        );
         let (method, accept) = (&request.method, request.accept);
         let range = request.range_from.map(|n| format!("bytes={n}-"));
         let range = range.as_deref();

@@ -36,6 +36,14 @@ pub struct Knobs {
     pub require_basic: Option<String>,
     /// Answer blob GETs with headers, then never send a byte.
     pub stall_blobs: bool,
+    /// Send this many bytes of a blob body, then hang.
+    pub stall_after: Option<usize>,
+    /// Ignore `Range` (answer 200 with the whole blob).
+    pub ignore_range: bool,
+    /// Answer manifest requests with 429 and this `Retry-After`.
+    pub rate_limit_manifests: Option<u64>,
+    /// Send Docker Hub's rate-limit headers on manifest answers.
+    pub rate_limit_headers: bool,
     /// `expires_in` of issued tokens (absent when `None`).
     pub token_expires_in: Option<u64>,
     /// Redirect blob GETs to `<base>/cdn/<digest>` (another fake).
@@ -65,6 +73,8 @@ struct State {
     hits: HashMap<String, usize>,
     /// (path, Authorization) of every request
     authorizations: Vec<(String, Option<String>)>,
+    /// `Range` header of every blob request
+    ranges: Vec<Option<String>>,
     knobs: Knobs,
 }
 
@@ -176,6 +186,11 @@ impl FakeRegistry {
             .unwrap_or(0)
     }
 
+    /// The `Range` header of every blob request, in order.
+    pub fn ranges(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().ranges.clone()
+    }
+
     /// Every request's path and Authorization header.
     pub fn authorizations(&self) -> Vec<(String, Option<String>)> {
         self.state.lock().unwrap().authorizations.clone()
@@ -193,8 +208,15 @@ async fn serve(
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap().to_string());
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .map(|v| v.to_str().unwrap().to_string());
     let knobs = {
         let mut s = state.lock().unwrap();
+        if path.contains("/blobs/") || path.starts_with("/cdn/") {
+            s.ranges.push(range.clone());
+        }
         *s.hits.entry(format!("{method} {path}")).or_default() += 1;
         s.authorizations.push((path.clone(), auth.clone()));
         s.knobs.clone()
@@ -253,6 +275,19 @@ async fn serve(
         return respond(404, "text/plain", Bytes::new(), &[]);
     };
     if let Some((repo, reference)) = rest.split_once("/manifests/") {
+        if let Some(retry_after) = knobs.rate_limit_manifests {
+            let retry = retry_after.to_string();
+            return respond(
+                429,
+                "application/json",
+                Bytes::from_static(br#"{"errors":[{"code":"TOOMANYREQUESTS"}]}"#),
+                &[
+                    ("retry-after", &retry),
+                    ("ratelimit-limit", "100;w=21600"),
+                    ("ratelimit-remaining", "0;w=21600"),
+                ],
+            );
+        }
         let found = state
             .lock()
             .unwrap()
@@ -279,6 +314,12 @@ async fn serve(
             body,
             &[("docker-content-digest", &digest)],
         );
+        if knobs.rate_limit_headers {
+            let h = r.headers_mut();
+            h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+            h.insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+            h.insert("docker-ratelimit-source", "192.0.2.7".parse().unwrap());
+        }
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, bytes.len().into());
         return r;
@@ -296,6 +337,20 @@ async fn serve(
         if let (Some(cdn), true) = (&knobs.redirect_blobs_to, method == Method::GET) {
             let location = format!("{cdn}/cdn/{digest}");
             return respond(307, "text/plain", Bytes::new(), &[("location", &location)]);
+        }
+        let offset = range.filter(|_| !knobs.ignore_range).and_then(|r| {
+            r.strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse::<usize>().ok())
+        });
+        if let (Some(offset), false) = (offset, method == Method::HEAD) {
+            let total = blob.len();
+            let mut r = blob_response(blob.slice(offset.min(total)..), &knobs, false);
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let value = format!("bytes {offset}-{}/{total}", total.saturating_sub(1));
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, value.parse().unwrap());
+            return r;
         }
         return blob_response(blob, &knobs, method == Method::HEAD);
     }
@@ -360,6 +415,12 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
             tx.closed().await;
             return;
         }
+        if let Some(n) = knobs.stall_after {
+            let n = n.min(blob.len());
+            let _ = tx.send(Ok(Frame::data(blob.slice(..n)))).await;
+            tx.closed().await;
+            return;
+        }
         let mut data = blob.to_vec();
         if knobs.corrupt_blobs && !data.is_empty() {
             let mid = data.len() / 2;
@@ -407,6 +468,75 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
     builder.body(StreamBody::new(stream).boxed()).unwrap()
 }
 
+/// An endpoint that accepts connections and closes them at once, counting them.
+pub struct DeadEndpoint {
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl DeadEndpoint {
+    pub async fn start() -> DeadEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = listener.accept() => if let Ok((stream, _)) = r {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        drop(stream);
+                    },
+                    _ = &mut stopped => return,
+                }
+            }
+        });
+        DeadEndpoint {
+            addr,
+            connections,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An endpoint that accepts connections and never answers.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+impl BlackHole {
+    pub async fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    r = listener.accept() => if let Ok((stream, _)) = r { held.push(stream) },
+                    _ = &mut stopped => return,
+                }
+            }
+        });
+        BlackHole { addr, _stop: stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
 /// A mirror on 127.0.0.1:0 with its own cache directory.
 pub struct TestMirror {
     pub addr: SocketAddr,
@@ -419,14 +549,16 @@ pub struct TestMirror {
 impl TestMirror {
     /// A mirror of one default registry `docker.io` whose only upstream is `upstream`.
     pub async fn start(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestMirror {
+        Self::start_many(&[upstream], tweak).await
+    }
+
+    /// A mirror of one default registry `docker.io` with these upstreams, in order.
+    pub async fn start_many(upstreams: &[&str], tweak: impl FnOnce(&mut Config)) -> TestMirror {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.cache.dir = dir.path().join("cache");
-        let mut up = UpstreamConfig::new(upstream);
-        up.connect_timeout = Duration::from_secs(2);
-        up.response_timeout = Duration::from_secs(5);
-        up.stall_timeout = Duration::from_secs(5);
-        config.registry = vec![RegistryConfig::new("docker.io", true, vec![up])];
+        let ups = upstreams.iter().map(|u| test_upstream(u)).collect();
+        config.registry = vec![RegistryConfig::new("docker.io", true, ups)];
         tweak(&mut config);
         config.validate().unwrap();
         Self::start_with(config, dir).await
@@ -484,6 +616,15 @@ impl TestMirror {
         }
         self.dir
     }
+}
+
+/// An upstream with timeouts short enough for tests.
+pub fn test_upstream(url: &str) -> UpstreamConfig {
+    let mut up = UpstreamConfig::new(url);
+    up.connect_timeout = Duration::from_secs(2);
+    up.response_timeout = Duration::from_secs(5);
+    up.stall_timeout = Duration::from_secs(5);
+    up
 }
 
 pub fn blob_path(cache: &Path, digest: &Digest) -> PathBuf {

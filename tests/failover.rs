@@ -1,0 +1,305 @@
+//! Several upstream endpoints: ordered failover with health memory, resume by Range, the trust
+//! split for tags, rate limits and fast offline answers.
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use std::time::{Duration, Instant};
+
+fn blob_url(mirror: &TestMirror, digest: &regmirror::digest::Digest) -> String {
+    mirror.url(&format!("/v2/library/app/blobs/{digest}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_then_stalling_then_good_endpoint_completes_by_range() {
+    let dead = DeadEndpoint::start().await;
+    let stalling = FakeRegistry::start().await;
+    let good = FakeRegistry::start().await;
+    let blob = random_bytes(1024 * 1024, 21);
+    let other = random_bytes(50_000, 22);
+    for fake in [&stalling, &good] {
+        fake.add_blob(blob.clone());
+        fake.add_blob(other.clone());
+    }
+    let digest = regmirror::digest::Digest::of(&blob);
+    let other_digest = regmirror::digest::Digest::of(&other);
+    stalling.knobs(|k| k.stall_after = Some(300 * 1024));
+    let mirror = TestMirror::start_many(&[&dead.url(), &stalling.url(), &good.url()], |c| {
+        c.registry[0].upstream[1].stall_timeout = Duration::from_millis(300);
+    })
+    .await;
+
+    let got = get(&blob_url(&mirror, &digest)).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(
+        got.body.is_ok(),
+        "the client's stream broke: {:?}",
+        got.body.err()
+    );
+    assert!(got.bytes()[..] == blob[..], "resumed body differs");
+    assert_eq!(dead.connections(), 1);
+    assert_eq!(
+        stalling.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
+    assert_eq!(
+        good.ranges(),
+        vec![Some(format!("bytes={}-", 300 * 1024))],
+        "resume was not by Range"
+    );
+    assert!(mirror.has_blob(&digest));
+
+    // The next request skips both failed endpoints (they are cooling off).
+    let got = get(&blob_url(&mirror, &other_digest)).await;
+    assert!(got.bytes()[..] == other[..]);
+    assert_eq!(dead.connections(), 1, "the dead endpoint was asked again");
+    assert_eq!(
+        stalling.hits("GET", &format!("/v2/library/app/blobs/{other_digest}")),
+        0
+    );
+    let status = mirror.app.upstream(0).status();
+    assert!(!status[0].health.up && !status[1].health.up && status[2].health.up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_range_support_the_resume_skips_what_was_received() {
+    let stalling = FakeRegistry::start().await;
+    let good = FakeRegistry::start().await;
+    let blob = random_bytes(600_000, 23);
+    stalling.add_blob(blob.clone());
+    let digest = good.add_blob(blob.clone());
+    stalling.knobs(|k| k.stall_after = Some(200_000));
+    good.knobs(|k| k.ignore_range = true);
+    let mirror = TestMirror::start_many(&[&stalling.url(), &good.url()], |c| {
+        c.registry[0].upstream[0].stall_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let got = get(&blob_url(&mirror, &digest)).await;
+    assert!(got.body.is_ok(), "the client's stream broke");
+    assert!(got.bytes()[..] == blob[..]);
+    assert!(mirror.has_blob(&digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_only_endpoint_is_never_asked_about_tags() {
+    let liar = FakeRegistry::start().await;
+    let trusted = FakeRegistry::start().await;
+    let config = trusted.add_blob(b"{}".to_vec());
+    let real = schema2_manifest(&config, 2, &[]);
+    let forged = schema2_manifest(&regmirror::digest::Digest::of(b"evil"), 4, &[]);
+    let real_digest =
+        trusted.add_manifest("library/app", Some("1.0"), DOCKER_MANIFEST, real.clone());
+    liar.add_manifest("library/app", None, DOCKER_MANIFEST, real.clone());
+    liar.add_manifest("library/app", Some("1.0"), DOCKER_MANIFEST, forged);
+    let mirror = TestMirror::start_many(&[&liar.url(), &trusted.url()], |c| {
+        c.registry[0].upstream[0].resolve_tags = false;
+    })
+    .await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(real_digest.to_string().as_str())
+    );
+    assert_eq!(liar.hits("GET", "/v2/library/app/manifests/1.0"), 0);
+    assert_eq!(liar.hits("HEAD", "/v2/library/app/manifests/1.0"), 0);
+    // Content by digest may come from the content-only endpoint (it is verified).
+    let head =
+        head_manifest(&mirror.url(&format!("/v2/library/app/manifests/{real_digest}"))).await;
+    assert_eq!(head.status, StatusCode::OK);
+    // tags/list is a tag answer too.
+    let _ = get(&mirror.url("/v2/library/app/tags/list")).await;
+    assert_eq!(liar.hits("GET", "/v2/library/app/tags/list"), 0);
+    assert_eq!(trusted.hits("GET", "/v2/library/app/tags/list"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_tags_only_when_allowed() {
+    let mirror_only = FakeRegistry::start().await;
+    let config = mirror_only.add_blob(b"{}".to_vec());
+    let digest = mirror_only.add_manifest(
+        "library/app",
+        Some("1.0"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config, 2, &[]),
+    );
+    let dead = DeadEndpoint::start().await;
+    let strict = TestMirror::start_many(&[&mirror_only.url(), &dead.url()], |c| {
+        c.registry[0].upstream[0].resolve_tags = false;
+    })
+    .await;
+    let got = get_manifest(&strict.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(mirror_only.hits("GET", "/v2/library/app/manifests/1.0"), 0);
+
+    let lenient = TestMirror::start_many(&[&mirror_only.url(), &dead.url()], |c| {
+        c.registry[0].upstream[0].resolve_tags = false;
+        c.registry[0].allow_untrusted_tags = true;
+    })
+    .await;
+    let got = get_manifest(&lenient.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_upstream_gets_no_manifest_gets_until_retry_after() {
+    let (origin, digest) = {
+        let origin = FakeRegistry::start().await;
+        let config = origin.add_blob(b"{}".to_vec());
+        let d = origin.add_manifest(
+            "library/app",
+            Some("1.0"),
+            DOCKER_MANIFEST,
+            schema2_manifest(&config, 2, &[]),
+        );
+        origin.add_manifest(
+            "library/app",
+            Some("2.0"),
+            DOCKER_MANIFEST,
+            schema2_manifest(&config, 2, &[(d.clone(), 1)]),
+        );
+        (origin, d)
+    };
+    origin.knobs(|k| k.rate_limit_headers = true);
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(100)
+    })
+    .await;
+    let tag_url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&tag_url).await.status, StatusCode::OK);
+    let seen = mirror.app.upstream(0).status()[0]
+        .health
+        .rate_limit
+        .clone()
+        .expect("rate-limit headers recorded");
+    assert_eq!((seen.limit, seen.remaining), (Some(100), Some(42)));
+    assert_eq!(seen.source.as_deref(), Some("192.0.2.7"));
+
+    origin.knobs(|k| k.rate_limit_manifests = Some(1));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let stale = get_manifest(&tag_url).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(
+        stale.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+    assert!(stale.header("warning").is_some());
+    // A tag never seen: nothing to serve, and no GET is spent while the window lasts.
+    let gets_before = origin.hits("GET", "/v2/library/app/manifests/2.0");
+    let limited = get_manifest(&mirror.url("/v2/library/app/manifests/2.0")).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.header("retry-after").is_some());
+    assert_eq!(
+        origin.hits("GET", "/v2/library/app/manifests/2.0"),
+        gets_before
+    );
+
+    // After the window, GETs go out again.
+    origin.knobs(|k| k.rate_limit_manifests = None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = get_manifest(&mirror.url("/v2/library/app/manifests/2.0")).await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    assert_eq!(
+        origin.hits("GET", "/v2/library/app/manifests/2.0"),
+        gets_before + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_detection_costs_one_timeout_not_one_per_request() {
+    let origin = FakeRegistry::start().await;
+    let config = origin.add_blob(b"{}".to_vec());
+    for tag in ["a", "b", "c"] {
+        origin.add_manifest(
+            "library/app",
+            Some(tag),
+            DOCKER_MANIFEST,
+            schema2_manifest(&config, 2, &[]),
+        );
+    }
+    let hole = BlackHole::start().await;
+    // The origin is listed first so the tags get cached; then it goes dark and the black hole
+    // (which never answers) is all that is left.
+    let mirror = TestMirror::start_many(&[&origin.url(), &hole.url()], |c| {
+        c.cache.tag_ttl = Duration::from_millis(100);
+        c.registry[0].upstream[1].response_timeout = Duration::from_millis(500);
+    })
+    .await;
+    for tag in ["a", "b", "c"] {
+        assert_eq!(
+            get_manifest(&mirror.url(&format!("/v2/library/app/manifests/{tag}")))
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    origin.knobs(|k| k.fail_status = Some(503));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    let first = get_manifest(&mirror.url("/v2/library/app/manifests/a")).await;
+    assert!(first.header("warning").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "first stale answer took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    for tag in ["b", "c"] {
+        let got = get_manifest(&mirror.url(&format!("/v2/library/app/manifests/{tag}"))).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert!(got.header("warning").is_some());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "stale answers took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfigured_registries_are_refused() {
+    let origin = FakeRegistry::start().await;
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    for path in [
+        "/v2/quay.io/org/app/manifests/1",
+        "/v2/org/app/manifests/1?ns=quay.io",
+    ] {
+        let got = get(&mirror.url(path)).await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(got.json()["errors"][0]["code"], "NAME_UNKNOWN");
+    }
+    let strict = TestMirror::start(&origin.url(), |c| c.server.unknown_registry_status = 403).await;
+    let got = get(&strict.url("/v2/quay.io/org/app/manifests/1")).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    assert_eq!(got.json()["errors"][0]["code"], "DENIED");
+    assert!(
+        origin.authorizations().is_empty(),
+        "an unconfigured registry reached upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_is_cached_briefly() {
+    let origin = FakeRegistry::start().await;
+    let config = origin.add_blob(b"{}".to_vec());
+    origin.add_manifest(
+        "library/app",
+        Some("1.0"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config, 2, &[]),
+    );
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    for _ in 0..3 {
+        let got = request(
+            Method::GET,
+            &mirror.url("/v2/library/app/tags/list?n=10"),
+            &[],
+        )
+        .await;
+        assert_eq!(got.json()["tags"][0], "1.0");
+    }
+    assert_eq!(origin.hits("GET", "/v2/library/app/tags/list"), 1);
+}
