@@ -121,22 +121,33 @@ async fn skopeo_copies_every_platform_byte_exact() {
     assert_eq!(Digest::of(blob.bytes()), seeded.blobs[0]);
 }
 
+/// Two origins behind one mirror: `docker.io` (default) with `library/e2e`, and `ghcr.io`
+/// with `org/tool`; returns what each holds.
+async fn two_registries(dir: &Path) -> (Origin, Seeded, Origin, Seeded, Mirror) {
+    std::fs::create_dir_all(dir.join("hub")).unwrap();
+    std::fs::create_dir_all(dir.join("ghcr")).unwrap();
+    let hub = Origin::start(&dir.join("hub")).await;
+    let hub_image = seed(&hub).await;
+    let ghcr = Origin::start(&dir.join("ghcr")).await;
+    let ghcr_image = seed_repo(&ghcr, "org/tool").await;
+    let mirror = Mirror::start_with(
+        dir,
+        &[
+            ("docker.io", &[(hub.url().as_str(), true)]),
+            ("ghcr.io", &[(ghcr.url().as_str(), true)]),
+        ],
+    )
+    .await;
+    (hub, hub_image, ghcr, ghcr_image, mirror)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry and podman: run tests/run.sh"]
-async fn podman_pulls_through_a_registries_conf_mirror() {
+async fn podman_pulls_two_registries_through_path_prefix_mirrors() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start(dir.path()).await;
-    let seeded = seed(&origin).await;
-    let mirror = Mirror::start(dir.path(), &origin.url()).await;
+    let (_hub, hub_image, _ghcr, ghcr_image, mirror) = two_registries(dir.path()).await;
     let conf = dir.path().join("registries.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
-            mirror.host()
-        ),
-    )
-    .unwrap();
+    install_example("podman/registries.conf", &conf, &mirror.host());
     let podman = |args: &[&str]| {
         let mut c = Command::new("podman");
         c.env("CONTAINERS_REGISTRIES_CONF", &conf)
@@ -155,11 +166,23 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
             .args(args);
         c
     };
-    for (tag, top, (_, config)) in [
-        ("docker", &seeded.docker_list, &seeded.docker_amd64),
-        ("oci", &seeded.oci_index, &seeded.oci_amd64),
+    for (image, top, (_, config)) in [
+        (
+            format!("docker.io/{REPO}:docker"),
+            &hub_image.docker_list,
+            &hub_image.docker_amd64,
+        ),
+        (
+            format!("docker.io/{REPO}:oci"),
+            &hub_image.oci_index,
+            &hub_image.oci_amd64,
+        ),
+        (
+            "ghcr.io/org/tool:oci".to_string(),
+            &ghcr_image.oci_index,
+            &ghcr_image.oci_amd64,
+        ),
     ] {
-        let image = format!("docker.io/{REPO}:{tag}");
         run(
             "podman pull",
             &mut podman(&["pull", "--arch", "amd64", &image]),
@@ -178,14 +201,14 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
         assert_eq!(
             fields.next(),
             Some(config.hex()),
-            "image ID is not the origin's config ({tag})"
+            "image ID is not the origin's config ({image})"
         );
         assert_eq!(
             fields.next(),
             Some(top.to_string().as_str()),
-            "podman recorded another digest ({tag})"
+            "podman recorded another digest ({image})"
         );
-        assert!(mirror.has(top), "{tag} did not go through the mirror");
+        assert!(mirror.has(top), "{image} did not go through the mirror");
     }
 }
 
@@ -215,22 +238,12 @@ fn start_containerd(dir: &Path) -> (Process, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry and containerd: run tests/run.sh"]
-async fn containerd_pulls_through_a_hosts_toml_mirror() {
+async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = Origin::start(dir.path()).await;
-    let seeded = seed(&origin).await;
-    let mirror = Mirror::start(dir.path(), &origin.url()).await;
+    let (_hub, hub_image, _ghcr, ghcr_image, mirror) = two_registries(dir.path()).await;
     let hosts = dir.path().join("certs.d");
-    std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
-    std::fs::write(
-        hosts.join("docker.io/hosts.toml"),
-        format!(
-            "server = \"https://registry-1.docker.io\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            mirror.host()
-        ),
-    )
-    .unwrap();
-    let (containerd, socket) = start_containerd(dir.path());
+    install_example("containerd/certs.d", &hosts, &mirror.host());
+    let (mut containerd, socket) = start_containerd(dir.path());
     let ctr = |args: &[&str]| {
         let mut c = Command::new("ctr");
         c.args(["--address", &socket, "--namespace", "e2e"])
@@ -244,15 +257,18 @@ async fn containerd_pulls_through_a_hosts_toml_mirror() {
         .unwrap_or(false)
     {
         assert!(
-            std::time::Instant::now() < deadline,
+            std::time::Instant::now() < deadline && !containerd.exited(),
             "containerd did not start:\n{}",
             containerd.output()
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    for (tag, top) in [("oci", &seeded.oci_index), ("docker", &seeded.docker_list)] {
-        let image = format!("docker.io/{REPO}:{tag}");
-        let hosts_dir = hosts.display().to_string();
+    let hosts_dir = hosts.display().to_string();
+    for (image, top) in [
+        (format!("docker.io/{REPO}:oci"), &hub_image.oci_index),
+        (format!("docker.io/{REPO}:docker"), &hub_image.docker_list),
+        ("ghcr.io/org/tool:oci".to_string(), &ghcr_image.oci_index),
+    ] {
         run(
             "ctr images pull",
             &mut ctr(&[
@@ -270,14 +286,16 @@ async fn containerd_pulls_through_a_hosts_toml_mirror() {
         let listed = run("ctr images ls", &mut ctr(&["images", "ls"]));
         let line = listed
             .lines()
-            .find(|l| l.starts_with(&image))
+            .find(|l| l.split_whitespace().next() == Some(image.as_str()))
             .unwrap_or_else(|| panic!("{image} not listed:\n{listed}"));
         assert!(
             line.contains(&top.to_string()),
-            "containerd resolved {tag} to another digest:\n{line}"
+            "containerd resolved {image} to another digest:\n{line}"
         );
-        assert!(mirror.has(top), "{tag} did not go through the mirror");
+        assert!(mirror.has(top), "{image} did not go through the mirror");
     }
+    // The layers both registries share are stored once, under their digest.
+    assert!(mirror.has(&ghcr_image.oci_amd64.1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,8 +308,8 @@ async fn dockerd_pulls_through_registry_mirrors() {
     let d = dir.path();
     let socket = format!("unix://{}", d.join("docker.sock").display());
     let daemon_json = d.join("daemon.json");
-    std::fs::write(&daemon_json, "{}").unwrap();
-    let dockerd = Process::spawn(
+    install_example("docker/daemon.json", &daemon_json, &mirror.host());
+    let mut dockerd = Process::spawn(
         "dockerd",
         Command::new("dockerd")
             .arg("--config-file")
@@ -308,8 +326,7 @@ async fn dockerd_pulls_through_registry_mirrors() {
                 "--storage-driver=vfs",
                 "--iptables=false",
                 "--bridge=none",
-            ])
-            .arg(format!("--registry-mirror=http://{}", mirror.host())),
+            ]),
         d.join("dockerd.log"),
     );
     let docker = |args: &[&str]| {
@@ -324,7 +341,7 @@ async fn dockerd_pulls_through_registry_mirrors() {
         .unwrap_or(false)
     {
         assert!(
-            std::time::Instant::now() < deadline,
+            std::time::Instant::now() < deadline && !dockerd.exited(),
             "dockerd did not start:\n{}",
             dockerd.output()
         );
@@ -357,4 +374,88 @@ async fn dockerd_pulls_through_registry_mirrors() {
         );
         assert!(mirror.has(top), "{tag} did not go through the mirror");
     }
+}
+
+/// Debian's docker-registry in proxy mode (`proxy.remoteurl`), as a public mirror would be.
+async fn start_proxy_registry(dir: &Path, remote: &str) -> (Process, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let config = dir.join("proxy.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {remote}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let process = Process::spawn(
+        "docker-registry (proxy)",
+        Command::new("docker-registry").arg("serve").arg(&config),
+        dir.join("proxy.log"),
+    );
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
+    (process, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry: run tests/run.sh"]
+async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("origin")).unwrap();
+    let origin = Origin::start(&dir.path().join("origin")).await;
+    let blob = common::random_bytes(256 * 1024 * 1024, 99);
+    let digest = push_blob(&origin, REPO, &blob).await;
+    let (mut proxy, proxy_port) =
+        start_proxy_registry(&dir.path().join("proxy"), &origin.url()).await;
+    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    let mirror = Mirror::start_with(
+        dir.path(),
+        &[(
+            "docker.io",
+            &[(proxy_url.as_str(), false), (origin.url().as_str(), true)],
+        )],
+    )
+    .await;
+    let url = format!("http://{}/v2/{REPO}/blobs/{digest}", mirror.host());
+    let pull = tokio::spawn(async move { get(&url).await });
+    // Kill the public mirror once the download through it is well under way.
+    let tmp = mirror.cache.join("tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let written: u64 = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        if written >= 16 * 1024 * 1024 {
+            break;
+        }
+        assert!(
+            !mirror.has(&digest),
+            "the download finished before the mirror could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    proxy.kill();
+    let got = pull.await.unwrap();
+    assert!(
+        got.body.is_ok(),
+        "the client's download broke: {:?}",
+        got.body.err()
+    );
+    assert_eq!(Digest::of(got.bytes()), digest);
+    assert!(mirror.has(&digest));
+    let log = mirror.process.output();
+    assert!(
+        log.contains("resuming"),
+        "no resume in the mirror's log:\n{log}"
+    );
 }

@@ -20,6 +20,8 @@ pub struct Process {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    /// Already waited for.
+    reaped: bool,
 }
 
 impl Process {
@@ -38,6 +40,7 @@ impl Process {
             name: name.to_string(),
             child,
             log,
+            reaped: false,
         }
     }
 
@@ -50,8 +53,24 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    /// Whether the process has ended on its own.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Sends SIGTERM and waits up to `grace` before SIGKILL.
     pub fn terminate(&mut self, grace: Duration) {
+        if self.reaped || self.exited() {
+            self.reaped = true;
+            return;
+        }
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -59,12 +78,14 @@ impl Process {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                self.reaped = true;
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.reaped = true;
     }
 }
 
@@ -146,18 +167,33 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// A Docker Hub mirror whose only upstream is `upstream`.
     pub async fn start(dir: &Path, upstream: &str) -> Mirror {
+        Self::start_with(dir, &[("docker.io", &[(upstream, true)])]).await
+    }
+
+    /// A mirror of these registries (the first is the default), each with its upstreams as
+    /// (URL, resolve_tags), in order.
+    pub async fn start_with(dir: &Path, registries: &[(&str, &[(&str, bool)])]) -> Mirror {
         let port = free_port();
         let cache = dir.join("mirror-cache");
         let config = dir.join("regmirror.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{upstream}\"\n",
-                cache.display().to_string()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n",
+            cache.display().to_string()
+        );
+        for (i, (name, upstreams)) in registries.iter().enumerate() {
+            text.push_str(&format!(
+                "\n[[registry]]\nname = \"{name}\"\ndefault = {}\n",
+                i == 0
+            ));
+            for (url, resolve_tags) in upstreams.iter() {
+                text.push_str(&format!(
+                    "[[registry.upstream]]\nurl = \"{url}\"\nresolve_tags = {resolve_tags}\nstall_timeout = \"3s\"\n"
+                ));
+            }
+        }
+        std::fs::write(&config, text).unwrap();
         let process = Process::spawn(
             "regmirror",
             Command::new(env!("CARGO_BIN_EXE_regmirror"))
@@ -199,6 +235,28 @@ pub struct Seeded {
 
 pub const REPO: &str = "library/e2e";
 
+/// Copies a file or directory from `deploy/clients/` to `dest`, pointing it at `mirror_host`
+/// instead of the examples' `mirror.lan:5000`.
+pub fn install_example(example: &str, dest: &Path, mirror_host: &str) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/clients")
+        .join(example);
+    copy_replacing(&source, dest, mirror_host);
+}
+
+fn copy_replacing(source: &Path, dest: &Path, mirror_host: &str) {
+    if source.is_dir() {
+        std::fs::create_dir_all(dest).unwrap();
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            copy_replacing(&entry.path(), &dest.join(entry.file_name()), mirror_host);
+        }
+    } else {
+        let text = std::fs::read_to_string(source).unwrap();
+        std::fs::write(dest, text.replace("mirror.lan:5000", mirror_host)).unwrap();
+    }
+}
+
 /// A gzip'd tar layer holding a small text file and 1 MiB of random bytes.
 fn layer(platform: &str) -> (Vec<u8>, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
@@ -236,6 +294,7 @@ fn image_config(arch: &str, diff_id: &Digest) -> Vec<u8> {
 
 struct Pusher {
     base: String,
+    repo: String,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -261,7 +320,7 @@ impl Pusher {
         let start = self
             .send(
                 Method::POST,
-                &format!("{}/v2/{REPO}/blobs/uploads/", self.base),
+                &format!("{}/v2/{}/blobs/uploads/", self.base, self.repo),
                 "application/octet-stream",
                 vec![],
             )
@@ -294,7 +353,7 @@ impl Pusher {
         let response = self
             .send(
                 Method::PUT,
-                &format!("{}/v2/{REPO}/manifests/{reference}", self.base),
+                &format!("{}/v2/{}/manifests/{reference}", self.base, self.repo),
                 media_type,
                 bytes,
             )
@@ -311,10 +370,26 @@ impl Pusher {
     }
 }
 
-/// Pushes the two-platform image in both formats.
+/// Pushes the two-platform image in both formats as `library/e2e`.
 pub async fn seed(origin: &Origin) -> Seeded {
+    seed_repo(origin, REPO).await
+}
+
+/// Pushes one blob of `size` random bytes to `repo`; returns its digest.
+pub async fn push_blob(origin: &Origin, repo: &str, bytes: &[u8]) -> Digest {
     let pusher = Pusher {
         base: origin.url(),
+        repo: repo.to_string(),
+        http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+    };
+    pusher.blob(bytes).await
+}
+
+/// Pushes the two-platform image in both formats as `repo`.
+pub async fn seed_repo(origin: &Origin, repo: &str) -> Seeded {
+    let pusher = Pusher {
+        base: origin.url(),
+        repo: repo.to_string(),
         http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
     };
     let formats = [
