@@ -303,3 +303,27 @@ async fn tags_list_is_cached_briefly() {
     }
     assert_eq!(origin.hits("GET", "/v2/library/app/tags/list"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_mirror_404_falls_through_to_the_next_endpoint() {
+    let partial = FakeRegistry::start().await;
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(10_000, 31);
+    let digest = origin.add_blob(blob.clone());
+    let mirror = TestMirror::start_many(&[&partial.url(), &origin.url()], |c| {
+        c.registry[0].upstream[0].resolve_tags = false;
+    })
+    .await;
+    let got = get(&blob_url(&mirror, &digest)).await;
+    assert!(got.bytes()[..] == blob[..]);
+    assert_eq!(
+        partial.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
+    // A 404 is not an outage: the partial mirror is still asked first next time.
+    assert!(mirror.app.upstream(0).status()[0].health.up);
+    // Nobody has it: 404.
+    let missing = regmirror::digest::Digest::of(b"nowhere");
+    let got = get(&blob_url(&mirror, &missing)).await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+}

@@ -58,12 +58,16 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the next endpoint might do better.
+    /// Whether the next endpoint might do better: anything but an answer too large to take.
     fn try_next(&self) -> bool {
+        !matches!(self, UpstreamError::TooLarge(_))
+    }
+
+    /// Whether the endpoint itself is unwell (and should be skipped for a while), as opposed to
+    /// refusing this one request (401, 403, a bad redirect) or rate limiting us.
+    fn is_outage(&self) -> bool {
         match self {
-            UpstreamError::Connect(_)
-            | UpstreamError::Timeout(_)
-            | UpstreamError::RateLimited { .. } => true,
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Body(_) => true,
             UpstreamError::Status { status, .. } => *status >= 500,
             _ => false,
         }
@@ -222,7 +226,11 @@ impl RegistryUpstream {
     pub async fn fetch(&self, request: &UpstreamRequest<'_>) -> Result<Answer, UpstreamError> {
         let scope = format!("repository:{}:pull", request.repo.as_str());
         let mut last_error = None;
+        let mut not_found = None;
         for pass in [Pass::Trusted, Pass::Untrusted] {
+            if pass == Pass::Untrusted && not_found.is_some() {
+                break; // a trusted endpoint's 404 for a tag is not overruled
+            }
             for (index, endpoint) in self.endpoints.iter().enumerate() {
                 if !self.eligible(endpoint, request, pass) {
                     continue;
@@ -248,6 +256,15 @@ impl RegistryUpstream {
                     continue;
                 }
                 match endpoint.fetch(request, &scope).await {
+                    // Another endpoint may have what this one lacks (a partial public mirror);
+                    // the 404 stands only if nobody has it.
+                    Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
+                        endpoint.health.mark_up();
+                        not_found.get_or_insert(Answer {
+                            endpoint_index: index,
+                            ..answer
+                        });
+                    }
                     Ok(mut answer) => {
                         endpoint.health.mark_up();
                         answer.endpoint_index = index;
@@ -260,6 +277,9 @@ impl RegistryUpstream {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        if let Some(answer) = not_found {
+            return Ok(answer);
         }
         Err(last_error.unwrap_or_else(|| {
             UpstreamError::Connect(format!("no endpoint of {} may answer this", self.name))
@@ -302,9 +322,12 @@ impl RegistryUpstream {
                 let pause = endpoint.health.rate_limited(now, *retry_after);
                 tracing::warn!(registry = %self.name, endpoint = %endpoint.base, pause_s = pause.as_secs(), "upstream rate limit hit; pausing manifest GETs");
             }
-            other => {
-                endpoint.health.mark_down(now, &other.to_string());
-                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %other, "upstream endpoint failed; skipping it for the cool-down");
+            outage if outage.is_outage() => {
+                endpoint.health.mark_down(now, &outage.to_string());
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %outage, "upstream endpoint failed; skipping it for the cool-down");
+            }
+            refusal => {
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %refusal, "upstream endpoint refused the request; trying the next");
             }
         }
     }
