@@ -34,11 +34,7 @@ impl App {
             .iter()
             .map(|r| Arc::new(RegistryUpstream::new(r)))
             .collect();
-        let cache = Cache::open(
-            &config.cache.dir,
-            config.cache.tag_ttl,
-            config.cache.manifest_memory_mib * 1024 * 1024,
-        )?;
+        let cache = Cache::open(&config.cache)?;
         Ok(Arc::new(App {
             config,
             routes,

@@ -7,6 +7,7 @@
 //! error, which makes hyper abort the response (connection reset on HTTP/1.1, RST_STREAM on h2).
 
 use crate::cache::inflight::FillState;
+use crate::digest::{Digest, Hasher};
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
@@ -14,6 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Every response body the server sends.
@@ -30,6 +32,80 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// Keeps a value alive exactly as long as a body (an "in use" mark for eviction).
+pub trait WithGuard {
+    fn with_guard<G: Send + Sync + 'static>(self, guard: G) -> ResponseBody;
+}
+
+impl WithGuard for ResponseBody {
+    fn with_guard<G: Send + Sync + 'static>(self, guard: G) -> ResponseBody {
+        let guarded = Arc::new(guard);
+        self.map_frame(move |frame| {
+            let _ = &guarded;
+            frame
+        })
+        .boxed()
+    }
+}
+
+/// Streams an upstream blob body straight to a client, hashing it on the way; the last chunk is
+/// held back until size and digest are verified, and a mismatch ends the body with an error.
+pub fn verified(
+    upstream: hyper::body::Incoming,
+    digest: Digest,
+    total: Option<u64>,
+    stall: Duration,
+) -> ResponseBody {
+    struct State {
+        upstream: hyper::body::Incoming,
+        hasher: Hasher,
+        held: Option<Bytes>,
+        digest: Digest,
+        total: Option<u64>,
+        stall: Duration,
+    }
+    let state = State {
+        upstream,
+        hasher: Hasher::default(),
+        held: None,
+        digest,
+        total,
+        stall,
+    };
+    let stream = futures_util::stream::unfold(Some(state), |state| async move {
+        let mut s = state?;
+        loop {
+            let next = match tokio::time::timeout(s.stall, s.upstream.frame()).await {
+                Err(_) => return Some((Err(io::Error::other("upstream stalled")), None)),
+                Ok(next) => next,
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    s.hasher.update(&data);
+                    if let Some(previous) = s.held.replace(data) {
+                        return Some((Ok(Frame::data(previous)), Some(s)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(io::Error::other(e)), None)),
+                None => {
+                    let held = s.held.take();
+                    return match s.hasher.clone().verify(&s.digest, s.total) {
+                        Ok(()) => held.map(|b| (Ok(Frame::data(b)), None)),
+                        Err(m) => {
+                            tracing::error!(digest = %s.digest, error = %m, "passed-through blob is corrupt; aborting the response");
+                            Some((Err(io::Error::other(m.to_string())), None))
+                        }
+                    };
+                }
+            }
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,

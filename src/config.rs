@@ -55,6 +55,24 @@ pub struct CacheConfig {
     /// Memory for recently served manifests, in MiB (they are small and asked for often).
     #[serde(default = "default_manifest_memory_mib")]
     pub manifest_memory_mib: u64,
+    /// Disk budget for blobs (`"200GiB"`); unlimited when absent. Manifests and tag records
+    /// are small and not counted.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "byte_size_opt"
+    )]
+    pub max_size: Option<u64>,
+    /// When blobs use more than this share of `max_size`, the least recently used are evicted...
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+    /// ...down to this share.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+    /// Images never evicted: `registry/repository:tag` or `registry/repository@digest`
+    /// (the index, the platform manifests pulled so far, their configs and layers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
 }
 
 /// One registry the mirror serves, such as `docker.io`.
@@ -183,6 +201,10 @@ impl Default for CacheConfig {
             tag_ttl: default_tag_ttl(),
             fill_timeout: default_fill_timeout(),
             manifest_memory_mib: default_manifest_memory_mib(),
+            max_size: None,
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+            pin: Vec::new(),
         }
     }
 }
@@ -229,6 +251,12 @@ fn default_response_timeout() -> Duration {
 }
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_high_watermark() -> f64 {
+    0.95
+}
+fn default_low_watermark() -> f64 {
+    0.85
 }
 fn default_failover_cooldown() -> Duration {
     Duration::from_secs(15)
@@ -308,6 +336,28 @@ impl Config {
                 "server.unknown_registry_status",
                 "must be 403 or 404",
             ));
+        }
+        let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
+        if !(low > 0.0 && low < high && high <= 1.0) {
+            return Err(invalid(
+                "cache.low_watermark",
+                format!("watermarks must satisfy 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"),
+            ));
+        }
+        if self.cache.max_size == Some(0) {
+            return Err(invalid(
+                "cache.max_size",
+                "must be greater than zero (omit it for no limit)",
+            ));
+        }
+        for (i, pin) in self.cache.pin.iter().enumerate() {
+            let registry = pin.split('/').next().unwrap_or("");
+            if !self.registry.iter().any(|r| r.name == registry) || !pin.contains('/') {
+                return Err(invalid(
+                    format!("cache.pin[{i}]"),
+                    format!("{pin:?} must start with a configured registry, e.g. docker.io/library/alpine:3.20"),
+                ));
+            }
         }
         if self.cache.manifest_memory_mib == 0 {
             return Err(invalid("cache.manifest_memory_mib", "must be at least 1"));
@@ -445,6 +495,65 @@ fn is_host_name(name: &str) -> bool {
     host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
+/// Parses a size such as `"200GiB"`, `"500 MB"` or `"1048576"` into bytes.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    Ok((value * multiplier as f64) as u64)
+}
+
+/// Optional sizes as text (`"200GiB"`) or a number of bytes.
+mod byte_size_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(size: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match size {
+            Some(n) if n % (1 << 30) == 0 => s.serialize_str(&format!("{}GiB", n >> 30)),
+            Some(n) if n % (1 << 20) == 0 => s.serialize_str(&format!("{}MiB", n >> 20)),
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Some(n)),
+            Raw::Text(t) => super::parse_byte_size(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Durations as human text (`"60s"`, `"5m"`, `"1h 30m"`).
 mod duration_text {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -530,6 +639,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("username"));
+    }
+
+    #[test]
+    fn sizes_and_watermarks() {
+        assert_eq!(parse_byte_size("200GiB"), Ok(200 << 30));
+        assert_eq!(parse_byte_size("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_byte_size("4096"), Ok(4096));
+        assert!(parse_byte_size("12 parsecs").is_err());
+        let c = Config::parse("[cache]\nmax_size = \"10MiB\"\n").unwrap();
+        assert_eq!(c.cache.max_size, Some(10 << 20));
+        assert!(c.to_redacted_toml().contains("10MiB"));
+        let e = Config::parse("[cache]\nmax_size = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_size"), "{e}");
+        let e = Config::parse("[cache]\nhigh_watermark = 0.5\nlow_watermark = 0.6\n").unwrap_err();
+        assert!(e.to_string().contains("watermark"), "{e}");
+        let e = Config::parse("[cache]\npin = [\"quay.io/x:1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("cache.pin[0]"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! Network, disk and hashing overlap.
 
 use crate::cache::inflight::{FillError, FillPermit, FillState};
-use crate::cache::store::{Store, TempBlob};
+use crate::cache::lifecycle::Lifecycle;
+use crate::cache::store::TempBlob;
 use crate::digest::Digest;
 use crate::digest::Hasher;
 use crate::error::Code;
@@ -16,7 +17,7 @@ use crate::upstream::{Answer, RegistryUpstream, UpstreamError, UpstreamRequest};
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -28,7 +29,8 @@ const WRITE_QUEUE: usize = 64;
 pub struct FillJob {
     pub upstream: Arc<RegistryUpstream>,
     pub repo: RepoName,
-    pub store: Arc<Store>,
+    /// Where a verified blob is committed (and what makes room when the disk is full).
+    pub lifecycle: Arc<Lifecycle>,
     pub timeout: Duration,
 }
 
@@ -90,7 +92,9 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     let (to_writer, writer_queue) = mpsc::channel(WRITE_QUEUE);
     let (to_hasher, hasher_queue) = mpsc::channel(WRITE_QUEUE);
     let progress = permit.progress_sender();
-    let writer = tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total));
+    let lifecycle = Arc::clone(&job.lifecycle);
+    let writer =
+        tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total, &lifecycle));
     let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue));
     let received = pump_with_resume(job, &digest, answer, [to_writer, to_hasher], total).await;
     let written = writer
@@ -109,16 +113,24 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("upstream sent a corrupt blob: {m}"),
         )
     })?;
-    let store = Arc::clone(&job.store);
-    tokio::task::spawn_blocking(move || store.commit(temp, &digest))
-        .await
-        .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?
-        .map_err(|e| {
-            failure(
-                Code::Unknown,
-                format!("committing to the cache failed: {e}"),
-            )
-        })?;
+    let lifecycle = Arc::clone(&job.lifecycle);
+    tokio::task::spawn_blocking(move || {
+        let committed = lifecycle.commit(temp, &digest, size);
+        if committed.as_ref().is_err_and(is_disk_full) {
+            lifecycle.mark_disk_full();
+            lifecycle.make_room(size);
+        }
+        lifecycle.enforce_budget();
+        committed
+    })
+    .await
+    .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?
+    .map_err(|e| {
+        failure(
+            Code::Unknown,
+            format!("committing to the cache failed: {e}"),
+        )
+    })?;
     Ok(size)
 }
 
@@ -255,20 +267,51 @@ fn range_start(headers: &http::HeaderMap) -> Option<u64> {
     range.split('-').next()?.trim().parse().ok()
 }
 
-/// The disk: write each chunk, then tell readers how far the file goes.
+/// The disk: write each chunk, then tell readers how far the file goes. When the disk is full,
+/// evict and try once more; if it is still full, give up (the temp file goes) and let misses
+/// bypass the cache for a while.
 fn write(
     mut temp: TempBlob,
     mut queue: mpsc::Receiver<Bytes>,
     progress: watch::Sender<FillState>,
     total: Option<u64>,
+    lifecycle: &Lifecycle,
 ) -> std::io::Result<TempBlob> {
     let mut written = 0u64;
     while let Some(chunk) = queue.blocking_recv() {
-        temp.file.write_all(&chunk)?;
+        if let Err(e) = temp.file.write_all(&chunk) {
+            if !is_disk_full(&e) {
+                return Err(e);
+            }
+            let needed = total.map_or(chunk.len() as u64, |t| t.saturating_sub(written));
+            let freed = lifecycle.make_room(needed);
+            tracing::warn!(
+                freed,
+                needed,
+                "disk full while caching a blob; evicted to make room"
+            );
+            // Undo the partial write, then try the chunk once more.
+            temp.file.set_len(written)?;
+            temp.file.seek(SeekFrom::Start(written))?;
+            if let Err(e) = temp.file.write_all(&chunk) {
+                if is_disk_full(&e) {
+                    lifecycle.mark_disk_full();
+                }
+                return Err(e);
+            }
+        }
         written += chunk.len() as u64;
         progress.send_replace(FillState::Streaming { written, total });
     }
     Ok(temp)
+}
+
+/// ENOSPC (or a quota).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// The hash of everything the pump received.

@@ -227,6 +227,31 @@ pub fn sniff_manifest_type(body: &[u8]) -> Option<String> {
     probe.layers.map(|_| OCI_MANIFEST.to_string())
 }
 
+/// The digests a manifest refers to: child manifests of an index, or config and layers.
+pub fn references(body: &[u8]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Document {
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+    }
+    let Ok(doc) = serde_json::from_slice::<Document>(body) else {
+        return Vec::new();
+    };
+    doc.manifests
+        .iter()
+        .chain(doc.config.iter())
+        .chain(doc.layers.iter())
+        .filter_map(|d| d.digest.parse().ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +313,19 @@ mod tests {
         let mut w = http::HeaderMap::new();
         w.append("accept", "*/*".parse().unwrap());
         assert!(AcceptSet::from_headers(&w).is_canonical());
+    }
+
+    #[test]
+    fn finds_references() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let image = format!(
+            r#"{{"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}},{{"digest":"bad"}}]}}"#
+        );
+        assert_eq!(references(image.as_bytes()), vec![a.clone(), b]);
+        let index = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
+        assert_eq!(references(index.as_bytes()), vec![a]);
+        assert!(references(b"junk").is_empty());
     }
 
     #[test]

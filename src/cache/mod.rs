@@ -5,18 +5,22 @@
 //! (`proxy`), and the cache makes sure each runs once however many requests wait for it.
 //! Blocking file calls run on tokio's blocking pool.
 
+pub mod index;
 pub mod inflight;
+pub mod lifecycle;
 pub mod store;
 
+use crate::config::CacheConfig;
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::oci::{RepoName, Tag};
 use bytes::Bytes;
+use index::{Budget, ReadGuard};
 use inflight::{Inflight, Role};
+use lifecycle::{Lifecycle, Pin};
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{ManifestMeta, Store, TagRecord, TempBlob};
@@ -57,12 +61,17 @@ pub struct Listing {
     pub found: bool,
 }
 
-/// A stored blob, open.
-pub type BlobHit = (File, u64);
+/// A stored blob, open, held in use while the guard lives.
+pub struct BlobHit {
+    pub file: File,
+    pub size: u64,
+    pub guard: ReadGuard,
+}
 
 /// Shared cache state.
 pub struct Cache {
     store: Arc<Store>,
+    lifecycle: Arc<Lifecycle>,
     inflight: Arc<Inflight>,
     /// Recently served manifests, weighed by size; also coalesces concurrent loads.
     manifests: moka::future::Cache<Digest, Arc<Manifest>>,
@@ -73,8 +82,30 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn open(dir: &Path, tag_ttl: Duration, manifest_memory_bytes: u64) -> io::Result<Cache> {
-        let store = Arc::new(Store::open(dir)?);
+    /// Opens the cache directory for the server (purging downloads a previous run left) and
+    /// indexes what it holds.
+    pub fn open(config: &CacheConfig) -> io::Result<Cache> {
+        let pins = config
+            .pin
+            .iter()
+            .map(|p| {
+                Pin::parse(p).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("cache.pin: {p:?} is not an image reference"),
+                    )
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let budget = Budget {
+            max: config.max_size,
+            high: config.high_watermark,
+            low: config.low_watermark,
+        };
+        let store = Arc::new(Store::open(&config.dir)?);
+        let lifecycle = Arc::new(Lifecycle::open(Arc::clone(&store), budget, pins)?);
+        let (tag_ttl, manifest_memory_bytes) =
+            (config.tag_ttl, config.manifest_memory_mib * 1024 * 1024);
         let manifests = moka::future::Cache::builder()
             .max_capacity(manifest_memory_bytes)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -92,6 +123,7 @@ impl Cache {
             .build();
         Ok(Cache {
             store,
+            lifecycle,
             inflight: Arc::new(Inflight::default()),
             manifests,
             tags,
@@ -103,6 +135,10 @@ impl Cache {
         &self.store
     }
 
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
     /// Downloads in progress.
     pub fn fills_in_flight(&self) -> usize {
         self.inflight.len()
@@ -110,20 +146,21 @@ impl Cache {
 
     /// A stored blob, without joining or starting a download.
     pub async fn stored_blob(&self, digest: &Digest) -> io::Result<Option<BlobHit>> {
-        let store = Arc::clone(&self.store);
+        let lifecycle = Arc::clone(&self.lifecycle);
         let digest = digest.clone();
-        blocking(move || store.open_blob(&digest)).await
+        blocking(move || open_hit(&lifecycle, &digest)).await
     }
 
     /// A stored blob, or the download in progress, or the duty to start one.
     pub async fn blob(&self, digest: &Digest) -> io::Result<Role<BlobHit, TempBlob>> {
         let store = Arc::clone(&self.store);
+        let lifecycle = Arc::clone(&self.lifecycle);
         let inflight = Arc::clone(&self.inflight);
         let digest = digest.clone();
         blocking(move || {
             inflight.join_or_lead(
                 &digest,
-                || store.open_blob(&digest),
+                || open_hit(&lifecycle, &digest),
                 || {
                     let temp = store.create_temp(&digest)?;
                     let reader = temp.file.try_clone()?;
@@ -183,11 +220,14 @@ impl Cache {
     pub async fn put_manifest(&self, manifest: &Manifest) -> io::Result<()> {
         let store = Arc::clone(&self.store);
         let m = manifest.clone();
+        let lifecycle = Arc::clone(&self.lifecycle);
         blocking(move || {
             let meta = ManifestMeta {
                 media_type: m.media_type.clone(),
             };
-            store.put_manifest(&m.digest, &m.bytes, &meta)
+            store.put_manifest(&m.digest, &m.bytes, &meta)?;
+            lifecycle.manifest_stored(&m.digest, m.bytes.len() as u64);
+            Ok(())
         })
         .await?;
         self.manifests
@@ -241,6 +281,18 @@ impl Cache {
         let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
         blocking(move || store.remove_tag(&registry, &repo, &tag)).await
     }
+}
+
+/// Opens a stored blob and records the hit.
+fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit>> {
+    Ok(lifecycle
+        .store()
+        .open_blob(digest)?
+        .map(|(file, size)| BlobHit {
+            guard: lifecycle.hit(digest, size),
+            file,
+            size,
+        }))
 }
 
 fn manifest_from_disk(digest: Digest, bytes: Vec<u8>, meta: Option<ManifestMeta>) -> Manifest {

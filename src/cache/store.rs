@@ -26,6 +26,8 @@ pub struct Store {
     root: PathBuf,
     /// Makes temp file names unique within this process.
     tmp_counter: AtomicU64,
+    /// The server's exclusive lock on the directory, held while it runs.
+    _lock: Option<File>,
 }
 
 /// What is kept beside a manifest: how to label it when served.
@@ -60,20 +62,123 @@ impl Drop for TempBlob {
     }
 }
 
+/// What a scan of the store finds for one digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub digest: Digest,
+    pub size: u64,
+    /// Unix seconds of the file's modification time (the last recorded use).
+    pub modified: u64,
+    /// Has a manifest sidecar.
+    pub manifest: bool,
+}
+
 impl Store {
-    /// Opens (creating) the cache directory and empties `tmp/` of what a previous run left.
+    /// Opens (creating) the cache directory for the server and empties `tmp/` of what a
+    /// previous run left. Takes the directory's lock: one server per cache directory.
     pub fn open(root: &Path) -> io::Result<Store> {
+        let mut store = Store::open_shared(root)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => store._lock = Some(lock),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another regmirror server uses {}", root.display()),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let tmp = root.join("tmp");
+        fs::remove_dir_all(&tmp)?;
+        fs::create_dir_all(&tmp)?;
+        Ok(store)
+    }
+
+    /// Opens the cache directory without touching downloads in progress (for commands that
+    /// run beside a server).
+    pub fn open_shared(root: &Path) -> io::Result<Store> {
         fs::create_dir_all(root.join("blobs/sha256"))?;
         fs::create_dir_all(root.join("tags"))?;
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp)?;
+        fs::create_dir_all(root.join("tmp"))?;
         Ok(Store {
             root: root.to_owned(),
             tmp_counter: AtomicU64::new(0),
+            _lock: None,
         })
+    }
+
+    /// Every stored digest with its size and recency. Files whose names are not digests
+    /// (strays) are skipped.
+    pub fn scan(&self) -> io::Result<Vec<Found>> {
+        let mut found = Vec::new();
+        let base = self.root.join("blobs/sha256");
+        for prefix in read_dir_names(&base)? {
+            if !base.join(&prefix).is_dir() {
+                continue;
+            }
+            for name in read_dir_names(&base.join(&prefix))? {
+                if name.ends_with(".meta") {
+                    continue;
+                }
+                let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
+                    continue;
+                };
+                let path = base.join(&prefix).join(&name);
+                let Ok(meta) = fs::metadata(&path) else {
+                    continue;
+                };
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                let manifest = self.meta_path(&digest).exists();
+                found.push(Found {
+                    digest,
+                    size: meta.len(),
+                    modified,
+                    manifest,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Deletes stored content (and its sidecar). Readers that have it open keep reading.
+    pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
+        for path in [self.blob_path(digest), self.meta_path(digest)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves corrupt content aside into `quarantine/` for inspection.
+    pub fn quarantine(&self, digest: &Digest) -> io::Result<PathBuf> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir)?;
+        let dest = dir.join(digest.hex());
+        fs::rename(self.blob_path(digest), &dest)?;
+        let _ = fs::remove_file(self.meta_path(digest));
+        Ok(dest)
+    }
+
+    /// Records a use in the file's modification time (recency survives restarts).
+    pub fn touch(&self, digest: &Digest, unix_secs: u64) -> io::Result<()> {
+        let file = File::options().write(true).open(self.blob_path(digest))?;
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs))
+    }
+
+    /// The path of stored content, for commands that hash it.
+    pub fn content_path(&self, digest: &Digest) -> PathBuf {
+        self.blob_path(digest)
     }
 
     pub fn root(&self) -> &Path {
@@ -231,6 +336,25 @@ impl Store {
         Ok(names)
     }
 
+    /// Whether a server holds the directory (commands then leave `tmp/` alone).
+    pub fn server_running(root: &Path) -> bool {
+        let Ok(lock) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("lock"))
+        else {
+            return false;
+        };
+        match lock.try_lock() {
+            Ok(()) => {
+                let _ = lock.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Whether a file can be created in the store (readiness).
     pub fn is_writable(&self) -> bool {
         let probe = self
@@ -316,14 +440,63 @@ mod tests {
     }
 
     #[test]
+    fn one_server_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        assert!(Store::server_running(dir.path()));
+        let second = Store::open(dir.path()).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse);
+        drop(first);
+        assert!(!Store::server_running(dir.path()));
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
     fn restart_purges_leftover_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let t = store.create_temp(&Digest::of(b"y")).unwrap();
         std::mem::forget(t); // as if the process died mid-download
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
+        drop(store);
         Store::open(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn scan_finds_content_and_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob = Digest::of(b"blob");
+        let mut t = store.create_temp(&blob).unwrap();
+        t.file.write_all(b"blob").unwrap();
+        store.commit(t, &blob).unwrap();
+        let manifest = Digest::of(b"{}");
+        store
+            .put_manifest(
+                &manifest,
+                b"{}",
+                &ManifestMeta {
+                    media_type: "a/b".into(),
+                },
+            )
+            .unwrap();
+        std::fs::write(dir.path().join("blobs/sha256/zz-stray"), b"x").ok();
+        let mut found = store.scan().unwrap();
+        found.sort_by_key(|f| f.size);
+        assert_eq!(found.len(), 2);
+        assert_eq!((found[0].size, found[0].manifest), (2, true));
+        assert_eq!((found[1].size, found[1].manifest), (4, false));
+        store.touch(&blob, 1_000_000).unwrap();
+        let touched = store
+            .scan()
+            .unwrap()
+            .into_iter()
+            .find(|f| f.digest == blob)
+            .unwrap();
+        assert_eq!(touched.modified, 1_000_000);
+        store.remove_blob(&manifest).unwrap();
+        assert_eq!(store.scan().unwrap().len(), 1);
     }
 
     #[test]

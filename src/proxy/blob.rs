@@ -4,8 +4,9 @@
 
 use super::Outcome;
 use crate::app::App;
-use crate::body::{self, ResponseBody};
+use crate::body::{self, ResponseBody, WithGuard};
 use crate::cache::inflight::{Fill, FillState, Role};
+use crate::cache::BlobHit;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
@@ -28,13 +29,18 @@ pub async fn serve(
     if head {
         return serve_head(app, registry, repo, digest, range, outcome).await;
     }
-    match app.cache().blob(digest).await? {
-        Role::Hit((file, size)) => {
+    if app.cache().lifecycle().disk_full() {
+        if let Some(hit) = app.cache().stored_blob(digest).await? {
             *outcome = Outcome::Hit;
-            let file = Arc::new(file);
-            Ok(respond_sized(digest, size, range, |start, end| {
-                body::follow(file, None, start, Some(end))
-            }))
+            return Ok(respond_hit(digest, hit, range));
+        }
+        *outcome = Outcome::Bypass;
+        return pass_through(app, registry, repo, digest).await;
+    }
+    match app.cache().blob(digest).await? {
+        Role::Hit(hit) => {
+            *outcome = Outcome::Hit;
+            Ok(respond_hit(digest, hit, range))
         }
         Role::Follower(fill) => {
             *outcome = Outcome::Join;
@@ -45,7 +51,7 @@ pub async fn serve(
             let job = FillJob {
                 upstream: Arc::clone(app.upstream(registry)),
                 repo: repo.clone(),
-                store: Arc::clone(app.cache().store()),
+                lifecycle: Arc::clone(app.cache().lifecycle()),
                 timeout: app.config().cache.fill_timeout,
             };
             fill::spawn(job, permit, temp);
@@ -62,9 +68,9 @@ async fn serve_head(
     range: Option<&str>,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
-    if let Some((_, size)) = app.cache().stored_blob(digest).await? {
+    if let Some(hit) = app.cache().stored_blob(digest).await? {
         *outcome = Outcome::Hit;
-        return Ok(respond_sized(digest, size, range, |_, _| body::empty()));
+        return Ok(respond_sized(digest, hit.size, range, |_, _| body::empty()));
     }
     *outcome = Outcome::Bypass;
     let answer = app
@@ -85,6 +91,44 @@ async fn serve_head(
             ))
         })?;
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
+}
+
+/// Answers from the store; the blob stays in use (not evictable) until the body is done.
+fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<ResponseBody> {
+    let BlobHit { file, size, guard } = hit;
+    respond_sized(digest, size, range, |start, end| {
+        body::follow(Arc::new(file), None, start, Some(end)).with_guard(guard)
+    })
+}
+
+/// The disk is full: streams from upstream to this client without caching, verified like a
+/// fill (the last bytes wait for the digest). Whole blobs only: a range could not be verified.
+async fn pass_through(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Response<ResponseBody>, Error> {
+    let answer = app
+        .upstream(registry)
+        .fetch(&UpstreamRequest::blob(Method::GET, repo, digest))
+        .await?;
+    if answer.status() == StatusCode::NOT_FOUND {
+        return Err(blob_unknown(digest));
+    }
+    let total = answer
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    tracing::warn!(%digest, "disk full: passing the blob through without caching");
+    let mut builder = blob_headers(digest, StatusCode::OK);
+    if let Some(total) = total {
+        builder = builder.header(header::CONTENT_LENGTH, total);
+    }
+    let stall = answer.stall_timeout;
+    let body = body::verified(answer.response.into_body(), digest.clone(), total, stall);
+    Ok(builder.body(body).expect("blob headers are valid"))
 }
 
 /// Answers from a download in progress, once upstream has answered it.

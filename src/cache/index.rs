@@ -1,0 +1,294 @@
+//! The in-memory index of stored content: size, kind and last use of every digest, the total
+//! against the byte budget, and who is reading what. Decides which blobs to evict; deleting the
+//! files is the caller's job (through the store).
+//!
+//! Rebuilt from disk at start-up (recency from file modification times, which hits refresh at
+//! most once an hour). Pure bookkeeping: no I/O.
+
+use crate::digest::Digest;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// Recency is written back to the file's mtime at most this often (seconds).
+const PERSIST_RECENCY_EVERY: u64 = 3600;
+
+/// What a stored digest is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Counted against the budget and evictable.
+    Blob,
+    /// Small; kept (manifests follow their own policy).
+    Manifest,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    size: u64,
+    kind: Kind,
+    /// Unix seconds of the last use.
+    last_used: u64,
+    /// Unix seconds last written to the file's mtime.
+    persisted: u64,
+    /// Responses reading it now.
+    readers: u32,
+}
+
+/// The byte budget for blobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    pub max: Option<u64>,
+    pub high: f64,
+    pub low: f64,
+}
+
+impl Budget {
+    pub fn unlimited() -> Budget {
+        Budget {
+            max: None,
+            high: 0.95,
+            low: 0.85,
+        }
+    }
+}
+
+/// Usage figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub blob_bytes: u64,
+    pub blobs: u64,
+    pub manifests: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Digest, Entry>,
+    usage: Usage,
+}
+
+/// The index; shared.
+pub struct Index {
+    budget: Budget,
+    inner: Mutex<Inner>,
+}
+
+/// Holds a blob "in use" while a response reads it; eviction skips it meanwhile.
+pub struct ReadGuard {
+    index: Arc<Index>,
+    digest: Digest,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut inner = self.index.lock();
+        if let Some(entry) = inner.entries.get_mut(&self.digest) {
+            entry.readers = entry.readers.saturating_sub(1);
+        }
+    }
+}
+
+impl Index {
+    pub fn new(budget: Budget) -> Index {
+        Index {
+            budget,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("index lock poisoned")
+    }
+
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Records stored content (a commit, or a file found at start-up).
+    pub fn insert(&self, digest: Digest, size: u64, kind: Kind, last_used: u64) {
+        let mut inner = self.lock();
+        let entry = Entry {
+            size,
+            kind,
+            last_used,
+            persisted: last_used,
+            readers: 0,
+        };
+        if let Some(old) = inner.entries.insert(digest, entry) {
+            subtract(&mut inner.usage, old.size, old.kind);
+        }
+        add(&mut inner.usage, size, kind);
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.lock().entries.contains_key(digest)
+    }
+
+    /// Marks a use now; returns true when the new recency should be written to disk.
+    pub fn touch(&self, digest: &Digest, now: u64) -> bool {
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get_mut(digest) else {
+            return false;
+        };
+        entry.last_used = entry.last_used.max(now);
+        if now >= entry.persisted + PERSIST_RECENCY_EVERY {
+            entry.persisted = now;
+            return true;
+        }
+        false
+    }
+
+    /// Marks a blob in use until the guard is dropped.
+    pub fn acquire(self: &Arc<Self>, digest: &Digest) -> ReadGuard {
+        if let Some(entry) = self.lock().entries.get_mut(digest) {
+            entry.readers += 1;
+        }
+        ReadGuard {
+            index: Arc::clone(self),
+            digest: digest.clone(),
+        }
+    }
+
+    pub fn remove(&self, digest: &Digest) {
+        let mut inner = self.lock();
+        if let Some(old) = inner.entries.remove(digest) {
+            subtract(&mut inner.usage, old.size, old.kind);
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.lock().usage
+    }
+
+    /// Whether blob usage passed the high watermark.
+    pub fn over_high_watermark(&self) -> bool {
+        match self.budget.max {
+            Some(max) => self.usage().blob_bytes as f64 > max as f64 * self.budget.high,
+            None => false,
+        }
+    }
+
+    /// Takes out of the index the least recently used blobs (not pinned, not being read) until
+    /// usage is at most `target` bytes; returns them for deletion.
+    pub fn evict_to(&self, target: u64, pinned: &HashSet<Digest>) -> Vec<(Digest, u64)> {
+        let mut inner = self.lock();
+        if inner.usage.blob_bytes <= target {
+            return Vec::new();
+        }
+        let mut candidates: Vec<(u64, Digest, u64)> = inner
+            .entries
+            .iter()
+            .filter(|(d, e)| e.kind == Kind::Blob && e.readers == 0 && !pinned.contains(*d))
+            .map(|(d, e)| (e.last_used, d.clone(), e.size))
+            .collect();
+        candidates.sort();
+        let mut evicted = Vec::new();
+        for (_, digest, size) in candidates {
+            if inner.usage.blob_bytes <= target {
+                break;
+            }
+            inner.entries.remove(&digest);
+            subtract(&mut inner.usage, size, Kind::Blob);
+            evicted.push((digest, size));
+        }
+        evicted
+    }
+
+    /// The low-watermark target, when there is a budget.
+    pub fn low_target(&self) -> Option<u64> {
+        self.budget
+            .max
+            .map(|max| (max as f64 * self.budget.low) as u64)
+    }
+
+    /// Every entry: digest, size, kind, last use (for `ls`).
+    pub fn entries(&self) -> Vec<(Digest, u64, Kind, u64)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|(d, e)| (d.clone(), e.size, e.kind, e.last_used))
+            .collect()
+    }
+}
+
+fn add(usage: &mut Usage, size: u64, kind: Kind) {
+    match kind {
+        Kind::Blob => {
+            usage.blob_bytes += size;
+            usage.blobs += 1;
+        }
+        Kind::Manifest => usage.manifests += 1,
+    }
+}
+
+fn subtract(usage: &mut Usage, size: u64, kind: Kind) {
+    match kind {
+        Kind::Blob => {
+            usage.blob_bytes = usage.blob_bytes.saturating_sub(size);
+            usage.blobs = usage.blobs.saturating_sub(1);
+        }
+        Kind::Manifest => usage.manifests = usage.manifests.saturating_sub(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first_and_skips_pinned_and_read() {
+        let index = Arc::new(Index::new(Budget {
+            max: Some(100),
+            high: 0.9,
+            low: 0.5,
+        }));
+        for i in 0..5u8 {
+            index.insert(d(i), 20, Kind::Blob, 100 + i as u64);
+        }
+        index.insert(d(99), 1000, Kind::Manifest, 0);
+        assert_eq!(index.usage().blob_bytes, 100);
+        assert!(index.over_high_watermark());
+        index.touch(&d(0), 500); // 0 becomes the most recent
+        let _reading = index.acquire(&d(1));
+        let pinned: HashSet<Digest> = [d(2)].into();
+        let evicted: Vec<Digest> = index
+            .evict_to(50, &pinned)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(evicted, vec![d(3), d(4), d(0)]);
+        assert_eq!(index.usage().blob_bytes, 40);
+        assert!(index.contains(&d(99)), "manifests are not evicted");
+        drop(_reading);
+        let evicted = index.evict_to(0, &HashSet::new());
+        assert_eq!(evicted.len(), 2);
+    }
+
+    #[test]
+    fn recency_is_persisted_at_most_hourly() {
+        let index = Index::new(Budget::unlimited());
+        index.insert(d(1), 1, Kind::Blob, 1000);
+        assert!(!index.touch(&d(1), 1000 + 10));
+        assert!(index.touch(&d(1), 1000 + PERSIST_RECENCY_EVERY));
+        assert!(!index.touch(&d(1), 1000 + PERSIST_RECENCY_EVERY + 5));
+    }
+
+    #[test]
+    fn reinserting_does_not_double_count() {
+        let index = Index::new(Budget::unlimited());
+        index.insert(d(1), 10, Kind::Blob, 0);
+        index.insert(d(1), 10, Kind::Blob, 0);
+        assert_eq!(
+            index.usage(),
+            Usage {
+                blob_bytes: 10,
+                blobs: 1,
+                manifests: 0
+            }
+        );
+        index.remove(&d(1));
+        assert_eq!(index.usage(), Usage::default());
+    }
+}

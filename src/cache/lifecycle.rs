@@ -1,0 +1,269 @@
+//! What stays on disk: the index rebuilt from the store at start-up, recency on every hit, the
+//! byte budget (evict least recently used blobs from the high to the low watermark), pinned
+//! images, and the disk-full state.
+//!
+//! Every call blocks (file system work); async callers use the blocking pool.
+
+use super::index::{Budget, Index, Kind, ReadGuard, Usage};
+use super::store::{Store, TempBlob};
+use crate::digest::Digest;
+use crate::oci::{self, Reference, RepoName, Tag};
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// After the disk filled up, misses bypass the cache for this long before trying again.
+const DISK_FULL_BACKOFF: Duration = Duration::from_secs(30);
+/// The least an emergency eviction tries to free.
+const MIN_ROOM: u64 = 64 * 1024 * 1024;
+
+/// An image that is never evicted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub registry: String,
+    pub repo: RepoName,
+    pub reference: Reference,
+}
+
+impl Pin {
+    /// Parses `registry/repository:tag` or `registry/repository@sha256:...`.
+    pub fn parse(text: &str) -> Option<Pin> {
+        let (registry, rest) = text.split_once('/')?;
+        let (name, reference) = if let Some((name, digest)) = rest.split_once('@') {
+            (name, Reference::Digest(digest.parse().ok()?))
+        } else {
+            let (name, tag) = match rest.rsplit_once(':') {
+                Some((n, t)) if !t.contains('/') => (n, t),
+                _ => (rest, "latest"),
+            };
+            (name, Reference::Tag(Tag::parse(tag)?))
+        };
+        let mut repo = RepoName::parse(name)?;
+        if registry == "docker.io" {
+            repo = repo.with_library_prefix();
+        }
+        Some(Pin {
+            registry: registry.to_string(),
+            repo,
+            reference,
+        })
+    }
+}
+
+/// Owner of the index and of eviction.
+pub struct Lifecycle {
+    store: Arc<Store>,
+    index: Arc<Index>,
+    pins: Vec<Pin>,
+    /// An eviction run is under way.
+    evicting: AtomicBool,
+    disk_full_until: Mutex<Option<Instant>>,
+    /// Blobs evicted since start-up.
+    evictions: AtomicU64,
+}
+
+impl Lifecycle {
+    /// Indexes what the store holds.
+    pub fn open(store: Arc<Store>, budget: Budget, pins: Vec<Pin>) -> io::Result<Lifecycle> {
+        let index = Arc::new(Index::new(budget));
+        for found in store.scan()? {
+            let kind = if found.manifest {
+                Kind::Manifest
+            } else {
+                Kind::Blob
+            };
+            index.insert(found.digest, found.size, kind, found.modified);
+        }
+        Ok(Lifecycle {
+            store,
+            index,
+            pins,
+            evicting: AtomicBool::new(false),
+            disk_full_until: Mutex::new(None),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.index.usage()
+    }
+
+    pub fn budget(&self) -> Budget {
+        self.index.budget()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Commits a verified download and counts it.
+    pub fn commit(&self, temp: TempBlob, digest: &Digest, size: u64) -> io::Result<()> {
+        self.store.commit(temp, digest)?;
+        self.index.insert(digest.clone(), size, Kind::Blob, now());
+        Ok(())
+    }
+
+    /// Counts a stored manifest.
+    pub fn manifest_stored(&self, digest: &Digest, size: u64) {
+        self.index
+            .insert(digest.clone(), size, Kind::Manifest, now());
+    }
+
+    /// Records a hit: refreshes recency (on disk at most hourly) and marks the blob in use
+    /// until the returned guard is dropped.
+    pub fn hit(&self, digest: &Digest, size: u64) -> ReadGuard {
+        let now = now();
+        if !self.index.contains(digest) {
+            // Stored by another process (a `warm` beside the server): count it now.
+            self.index.insert(digest.clone(), size, Kind::Blob, now);
+        } else if self.index.touch(digest, now) {
+            if let Err(e) = self.store.touch(digest, now) {
+                tracing::debug!(%digest, error = %e, "cannot record recency");
+            }
+        }
+        self.index.acquire(digest)
+    }
+
+    /// Evicts down to the low watermark when usage passed the high one. One run at a time.
+    pub fn enforce_budget(&self) {
+        if !self.index.over_high_watermark() || self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(target) = self.index.low_target() {
+            self.evict_to(target, "budget");
+        }
+        self.evicting.store(false, Ordering::Release);
+    }
+
+    /// Evicts down to `target` bytes of blobs now (`regmirror gc`); returns (blobs, bytes).
+    pub fn evict_to(&self, target: u64, why: &str) -> (usize, u64) {
+        let pinned = self.pinned();
+        let evicted = self.index.evict_to(target, &pinned);
+        let mut bytes = 0;
+        for (digest, size) in &evicted {
+            match self.store.remove_blob(digest) {
+                Ok(()) => bytes += size,
+                Err(e) => tracing::error!(%digest, error = %e, "cannot delete an evicted blob"),
+            }
+        }
+        if !evicted.is_empty() {
+            self.evictions
+                .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+            let usage = self.index.usage();
+            tracing::info!(
+                reason = why,
+                blobs = evicted.len(),
+                bytes,
+                usage_bytes = usage.blob_bytes,
+                "evicted least recently used blobs"
+            );
+        }
+        (evicted.len(), bytes)
+    }
+
+    /// The disk is full: evicts at least `needed` bytes (and at least 64 MiB). Returns
+    /// whether anything was freed.
+    pub fn make_room(&self, needed: u64) -> bool {
+        let usage = self.index.usage().blob_bytes;
+        let mut target = usage.saturating_sub(needed.max(MIN_ROOM));
+        if let Some(low) = self.index.low_target() {
+            target = target.min(low);
+        }
+        self.evict_to(target, "disk full").0 > 0
+    }
+
+    pub fn mark_disk_full(&self) {
+        *self
+            .disk_full_until
+            .lock()
+            .expect("disk-full lock poisoned") = Some(Instant::now() + DISK_FULL_BACKOFF);
+    }
+
+    /// Whether misses should bypass the cache because the disk was full a moment ago.
+    pub fn disk_full(&self) -> bool {
+        let state = self
+            .disk_full_until
+            .lock()
+            .expect("disk-full lock poisoned");
+        state.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Every digest the pinned images need that the store knows of: the index, the platform
+    /// manifests stored so far, their configs and layers.
+    pub fn pinned(&self) -> HashSet<Digest> {
+        let mut pinned = HashSet::new();
+        for pin in &self.pins {
+            let root = match &pin.reference {
+                Reference::Digest(d) => Some(d.clone()),
+                Reference::Tag(tag) => self
+                    .store
+                    .get_tag(&pin.registry, &pin.repo, tag)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.digest.parse().ok()),
+            };
+            if let Some(root) = root {
+                self.collect(root, &mut pinned);
+            }
+        }
+        pinned
+    }
+
+    fn collect(&self, digest: Digest, into: &mut HashSet<Digest>) {
+        if !into.insert(digest.clone()) {
+            return;
+        }
+        if let Ok(Some((bytes, Some(_)))) = self.store.get_manifest(&digest) {
+            for child in oci::references(&bytes) {
+                self.collect(child, into);
+            }
+        }
+    }
+
+    /// Marks a blob in use (for readers that found it without a hit, such as HEAD).
+    pub fn acquire(&self, digest: &Digest) -> ReadGuard {
+        self.index.acquire(digest)
+    }
+
+    /// Every indexed entry, for `ls`.
+    pub fn entries(&self) -> Vec<(Digest, u64, Kind, u64)> {
+        self.index.entries()
+    }
+
+    /// Forgets content removed behind the index's back (`verify`).
+    pub fn forget(&self, digest: &Digest) {
+        self.index.remove(digest);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse() {
+        let p = Pin::parse("docker.io/alpine:3.20").unwrap();
+        assert_eq!(p.repo.as_str(), "library/alpine");
+        assert_eq!(p.reference, Reference::Tag(Tag::parse("3.20").unwrap()));
+        let p = Pin::parse("registry.example:5000/org/app").unwrap();
+        assert_eq!(p.registry, "registry.example:5000");
+        assert_eq!(p.reference, Reference::Tag(Tag::parse("latest").unwrap()));
+        let d = Digest::of(b"x");
+        let p = Pin::parse(&format!("ghcr.io/org/app@{d}")).unwrap();
+        assert_eq!(p.reference, Reference::Digest(d));
+        assert!(Pin::parse("alpine").is_none());
+        assert!(Pin::parse("ghcr.io/Org/app:1").is_none());
+    }
+}
