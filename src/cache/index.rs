@@ -25,6 +25,8 @@ pub enum Kind {
 struct Entry {
     size: u64,
     kind: Kind,
+    /// Order of last use (a logical clock: ties are impossible).
+    tick: u64,
     /// Unix seconds of the last use.
     last_used: u64,
     /// Unix seconds last written to the file's mtime.
@@ -63,6 +65,7 @@ pub struct Usage {
 struct Inner {
     entries: HashMap<Digest, Entry>,
     usage: Usage,
+    clock: u64,
 }
 
 /// The index; shared.
@@ -102,12 +105,15 @@ impl Index {
         self.budget
     }
 
-    /// Records stored content (a commit, or a file found at start-up).
+    /// Records stored content (a commit, or a file found at start-up; insert those oldest
+    /// first, so that their order of use is kept).
     pub fn insert(&self, digest: Digest, size: u64, kind: Kind, last_used: u64) {
         let mut inner = self.lock();
+        inner.clock += 1;
         let entry = Entry {
             size,
             kind,
+            tick: inner.clock,
             last_used,
             persisted: last_used,
             readers: 0,
@@ -125,9 +131,12 @@ impl Index {
     /// Marks a use now; returns true when the new recency should be written to disk.
     pub fn touch(&self, digest: &Digest, now: u64) -> bool {
         let mut inner = self.lock();
+        inner.clock += 1;
+        let tick = inner.clock;
         let Some(entry) = inner.entries.get_mut(digest) else {
             return false;
         };
+        entry.tick = tick;
         entry.last_used = entry.last_used.max(now);
         if now >= entry.persisted + PERSIST_RECENCY_EVERY {
             entry.persisted = now;
@@ -177,7 +186,7 @@ impl Index {
             .entries
             .iter()
             .filter(|(d, e)| e.kind == Kind::Blob && e.readers == 0 && !pinned.contains(*d))
-            .map(|(d, e)| (e.last_used, d.clone(), e.size))
+            .map(|(d, e)| (e.tick, d.clone(), e.size))
             .collect();
         candidates.sort();
         let mut evicted = Vec::new();

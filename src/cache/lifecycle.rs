@@ -68,7 +68,9 @@ impl Lifecycle {
     /// Indexes what the store holds.
     pub fn open(store: Arc<Store>, budget: Budget, pins: Vec<Pin>) -> io::Result<Lifecycle> {
         let index = Arc::new(Index::new(budget));
-        for found in store.scan()? {
+        let mut found = store.scan()?;
+        found.sort_by_key(|f| f.modified);
+        for found in found {
             let kind = if found.manifest {
                 Kind::Manifest
             } else {

@@ -1,0 +1,213 @@
+//! Cache lifecycle: the byte budget and LRU eviction, pins, blobs in use, shared layers, and a
+//! disk that fills up.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use regmirror::digest::Digest;
+use std::process::Command;
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
+    let origin = FakeRegistry::start().await;
+    // A pinned image: config + a 1 MiB layer.
+    let config = origin.add_blob(b"{\"architecture\":\"amd64\"}".to_vec());
+    let layer = origin.add_blob(random_bytes(MIB, 40));
+    let manifest = schema2_manifest(&config, 24, &[(layer.clone(), MIB)]);
+    origin.add_manifest("library/pinned", Some("1.0"), DOCKER_MANIFEST, manifest);
+    let big = origin.add_blob(random_bytes(32 * MIB, 41));
+    let small: Vec<Digest> = (0..7)
+        .map(|i| origin.add_blob(random_bytes(4 * MIB, 50 + i)))
+        .collect();
+
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.max_size = Some(80 * MIB as u64);
+        c.cache.high_watermark = 0.75; // 60 MiB
+        c.cache.low_watermark = 0.6; // 48 MiB
+        c.cache.pin = vec!["docker.io/library/pinned:1.0".into()];
+    })
+    .await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+    assert_eq!(
+        get_manifest(&mirror.url("/v2/library/pinned/manifests/1.0"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    for d in [&config, &layer, &big] {
+        assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+    }
+    // A client reading the big blob slowly keeps it in use.
+    let reading = client()
+        .request(
+            http::Request::get(blob(&big))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    for (i, d) in small.iter().enumerate() {
+        if i == 6 {
+            // b0 is used again just before the last pull: it is now the most recent.
+            assert_eq!(get(&blob(&small[0])).await.status, StatusCode::OK);
+        }
+        assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+    }
+    // 1 + 32 + 7 x 4 = 61 MiB > 60: evicted down to <= 48 MiB, oldest first: b1..b4.
+    for (i, d) in small.iter().enumerate() {
+        let expect_kept = !(1..=4).contains(&i);
+        assert_eq!(mirror.has_blob(d), expect_kept, "small blob {i}");
+    }
+    assert!(mirror.has_blob(&layer), "pinned layer evicted");
+    assert!(mirror.has_blob(&config), "pinned config evicted");
+    assert!(mirror.has_blob(&big), "a blob in use was evicted");
+    let usage = mirror.app.cache().lifecycle().usage();
+    assert!(
+        usage.blob_bytes <= 48 * MIB as u64 && usage.blob_bytes > 44 * MIB as u64,
+        "usage {usage:?}"
+    );
+    assert_eq!(mirror.app.cache().lifecycle().evictions(), 4);
+    drop(reading);
+
+    // An evicted blob is simply fetched again.
+    let again = get(&blob(&small[1])).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{}", small[1])),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_shared_by_repositories_is_stored_and_counted_once() {
+    let origin = FakeRegistry::start().await;
+    let layer = origin.add_blob(random_bytes(MIB, 60));
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    for repo in ["library/one", "library/two", "org/three"] {
+        let got = get(&mirror.url(&format!("/v2/{repo}/blobs/{layer}"))).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/one/blobs/{layer}")),
+        1
+    );
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/two/blobs/{layer}")),
+        0
+    );
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/org/three/blobs/{layer}")),
+        0
+    );
+    let usage = mirror.app.cache().lifecycle().usage();
+    assert_eq!((usage.blobs, usage.blob_bytes), (1, MIB as u64));
+}
+
+/// A size-limited tmpfs mounted for the test, unmounted on drop.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size_mib: usize) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs (the test needs root)"
+        );
+        SmallDisk { path }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_evicts_then_passes_through_without_partial_files() {
+    let origin = FakeRegistry::start().await;
+    let a = random_bytes(3 * MIB, 70);
+    let c = random_bytes(6 * MIB, 71);
+    let huge = random_bytes(12 * MIB, 72);
+    let (a_digest, c_digest, huge_digest) = (
+        origin.add_blob(a.clone()),
+        origin.add_blob(c.clone()),
+        origin.add_blob(huge.clone()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("cache"), 8);
+    let config = {
+        let mut c = regmirror::config::Config::default();
+        c.cache.dir = disk.path.clone();
+        c.registry = vec![regmirror::config::RegistryConfig::new(
+            "docker.io",
+            true,
+            vec![test_upstream(&origin.url())],
+        )];
+        c
+    };
+    let mirror = TestMirror::start_with(config, dir).await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+
+    assert!(get(&blob(&a_digest)).await.bytes()[..] == a[..]);
+    // 3 + 6 MiB do not fit in 8: the older blob is evicted and the write retried.
+    assert!(get(&blob(&c_digest)).await.bytes()[..] == c[..]);
+    assert!(mirror.has_blob(&c_digest));
+    assert!(!mirror.has_blob(&a_digest));
+
+    // 12 MiB never fits: that download fails cleanly...
+    let first = get(&blob(&huge_digest)).await;
+    assert!(
+        first.body.is_err() || first.status != StatusCode::OK,
+        "a download that could not be stored looked complete"
+    );
+    assert!(!mirror.has_blob(&huge_digest));
+    eventually("the temp file is removed", || mirror.temp_files() == 0).await;
+    // ...and while the disk is full, misses pass through, verified, without caching.
+    let second = get(&blob(&huge_digest)).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(second.bytes()[..] == huge[..]);
+    assert!(!mirror.has_blob(&huge_digest));
+    assert_eq!(mirror.temp_files(), 0);
+    // Cached content is still served.
+    assert!(get(&blob(&c_digest)).await.bytes()[..] == c[..]);
+    drop(mirror);
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_blob_passed_through_is_aborted() {
+    let origin = FakeRegistry::start().await;
+    let huge = random_bytes(12 * MIB, 73);
+    let digest = origin.add_blob(huge.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("cache"), 4);
+    let config = {
+        let mut c = regmirror::config::Config::default();
+        c.cache.dir = disk.path.clone();
+        c.registry = vec![regmirror::config::RegistryConfig::new(
+            "docker.io",
+            true,
+            vec![test_upstream(&origin.url())],
+        )];
+        c
+    };
+    let mirror = TestMirror::start_with(config, dir).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let _ = get(&url).await; // fills the disk; the mirror now passes misses through
+    origin.knobs(|k| k.corrupt_last_byte = true);
+    let got = get(&url).await;
+    assert!(got.body.is_err(), "a corrupt pass-through ended cleanly");
+    drop(mirror);
+    drop(disk);
+}
