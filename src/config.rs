@@ -73,6 +73,12 @@ pub struct CacheConfig {
     /// (the index, the platform manifests pulled so far, their configs and layers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin: Vec<String>,
+    /// Images pulled through the mirror at start-up (`docker.io/library/alpine:3.20`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<String>,
+    /// Platforms `warm` fetches of multi-platform images (`linux/amd64`, or `all`).
+    #[serde(default = "default_warm_platforms")]
+    pub warm_platforms: Vec<String>,
 }
 
 /// One registry the mirror serves, such as `docker.io`.
@@ -205,6 +211,8 @@ impl Default for CacheConfig {
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
             pin: Vec::new(),
+            warm: Vec::new(),
+            warm_platforms: default_warm_platforms(),
         }
     }
 }
@@ -251,6 +259,9 @@ fn default_response_timeout() -> Duration {
 }
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_warm_platforms() -> Vec<String> {
+    vec!["linux/amd64".to_string()]
 }
 fn default_high_watermark() -> f64 {
     0.95

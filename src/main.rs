@@ -1,7 +1,11 @@
-//! The `regmirror` command: `serve` and `check-config`.
+//! The `regmirror` command: `serve`, `check-config`, and the operator commands `warm`, `verify`,
+//! `gc` and `ls`.
 
 use clap::{Parser, Subcommand};
-use regmirror::{app::App, config::Config, server, shutdown, telemetry};
+use regmirror::config::{parse_byte_size, Config};
+use regmirror::warm::{self, Platforms};
+use regmirror::{app::App, cache::store::Store, ops, server, shutdown, telemetry};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,6 +36,51 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Pre-pull images through the mirror's normal path (the running server's, else an
+    /// in-process one on the same cache).
+    Warm {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The mirror to pull through (default: the server of this configuration).
+        #[arg(long)]
+        server: Option<String>,
+        /// Platforms of multi-platform images to fetch (`linux/amd64`); repeatable.
+        #[arg(long = "platform", default_values_t = ["linux/amd64".to_string()])]
+        platforms: Vec<String>,
+        /// Fetch every platform.
+        #[arg(long)]
+        all_platforms: bool,
+        /// Images: `alpine:3.20`, `docker.io/library/alpine:3.20`, `ghcr.io/org/app@sha256:...`.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Re-hash stored content; delete (or quarantine) what does not match its digest.
+    Verify {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Check only this many entries, picked at random.
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Stop after hashing this much (`10GiB`).
+        #[arg(long)]
+        max_bytes: Option<String>,
+        /// Move corrupt content to <cache>/quarantine instead of deleting it.
+        #[arg(long)]
+        quarantine: bool,
+    },
+    /// Evict least recently used blobs now, down to a target (default: the low watermark).
+    Gc {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Blob bytes to keep at most (`50GiB`).
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// List what is cached: tags, then objects by last use.
+    Ls {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
@@ -43,54 +92,213 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { config } => match load(config.as_ref()) {
-            Ok(config) => {
-                print!("{}", config.to_redacted_toml());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+    let result = match cli.command {
+        Command::CheckConfig { config } => {
+            load(config.as_ref()).map(|c| print!("{}", c.to_redacted_toml()))
+        }
         Command::Serve { config, log_json } => {
             telemetry::init(log_json);
-            let config = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!("invalid configuration: {e}");
-                    return ExitCode::from(2);
+            load(config.as_ref()).and_then(|c| runtime().block_on(serve(c)))
+        }
+        Command::Warm {
+            config,
+            server,
+            platforms,
+            all_platforms,
+            images,
+        } => {
+            telemetry::init(false);
+            let platforms = if all_platforms {
+                Platforms::All
+            } else {
+                Platforms::Only(platforms)
+            };
+            load(config.as_ref())
+                .and_then(|c| runtime().block_on(warm_command(c, server, images, platforms)))
+        }
+        Command::Verify {
+            config,
+            sample,
+            max_bytes,
+            quarantine,
+        } => load(config.as_ref()).and_then(|c| {
+            let max_bytes = max_bytes.map(|m| parse_byte_size(&m)).transpose()?;
+            let options = ops::VerifyOptions {
+                sample,
+                max_bytes,
+                quarantine,
+            };
+            let report = ops::verify(&c.cache.dir, &options).map_err(|e| e.to_string())?;
+            println!(
+                "checked {} objects ({} bytes), {} left unchecked",
+                report.checked, report.bytes, report.skipped
+            );
+            for digest in &report.corrupt {
+                let what = if quarantine { "quarantined" } else { "removed" };
+                println!("corrupt {digest}: {what}");
+            }
+            println!("{} corrupt", report.corrupt.len());
+            Ok(())
+        }),
+        Command::Gc { config, target } => load(config.as_ref()).and_then(|c| {
+            let target = match (target, c.cache.max_size) {
+                (Some(t), _) => parse_byte_size(&t)?,
+                (None, Some(max)) => (max as f64 * c.cache.low_watermark) as u64,
+                (None, None) => {
+                    return Err("no --target and no cache.max_size to take one from".into())
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match runtime.block_on(serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
+            let (blobs, bytes) =
+                ops::gc(&c.cache.dir, target, &c.cache.pin).map_err(|e| e.to_string())?;
+            println!("evicted {blobs} blobs ({bytes} bytes)");
+            Ok(())
+        }),
+        Command::Ls { config } => load(config.as_ref()).and_then(|c| {
+            let (tags, objects) = ops::ls(&c.cache.dir).map_err(|e| e.to_string())?;
+            println!(
+                "{:<16} {:<40} {:<20} {:<71} CHECKED",
+                "REGISTRY", "REPOSITORY", "TAG", "DIGEST"
+            );
+            for t in tags {
+                println!(
+                    "{:<16} {:<40} {:<20} {:<71} {}",
+                    t.registry, t.repository, t.tag, t.digest, t.checked_at
+                );
             }
+            println!();
+            println!("{:<71} {:>14} {:<8} LAST USED", "DIGEST", "SIZE", "KIND");
+            for o in objects {
+                println!(
+                    "{:<71} {:>14} {:<8} {}",
+                    o.digest.to_string(),
+                    o.size,
+                    ops::kind_name(o.manifest),
+                    o.last_used
+                );
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 async fn serve(config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
     let grace = config.server.shutdown_grace;
     let app = App::new(config).map_err(|e| format!("cannot open the cache directory: {e}"))?;
     let registries: Vec<&str> = app.routes().iter().map(|r| r.name.as_str()).collect();
+    let usage = app.cache().lifecycle().usage();
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %local,
         cache = %app.config().cache.dir.display(),
         registries = ?registries,
+        blobs = usage.blobs,
+        blob_bytes = usage.blob_bytes,
         "regmirror serving"
     );
+    if !app.config().cache.warm.is_empty() {
+        let (images, platforms) = (
+            app.config().cache.warm.clone(),
+            platforms_of(&app.config().cache.warm_platforms),
+        );
+        let default = default_registry(app.config());
+        tokio::spawn(async move {
+            match warm::warm(&local_base(local), &images, &default, &platforms).await {
+                Ok(s) => tracing::info!(
+                    images = s.images,
+                    blobs = s.blobs,
+                    bytes = s.bytes,
+                    "cache.warm done"
+                ),
+                Err(e) => tracing::error!(error = %e, "cache.warm failed"),
+            }
+        });
+    }
     server::run(listener, app, shutdown::signal(), grace).await;
     Ok(())
+}
+
+async fn warm_command(
+    config: Config,
+    server: Option<String>,
+    images: Vec<String>,
+    platforms: Platforms,
+) -> Result<(), String> {
+    let default = default_registry(&config);
+    if let Some(base) = server {
+        return warm::warm(base.trim_end_matches('/'), &images, &default, &platforms)
+            .await
+            .map(|_| ());
+    }
+    if Store::server_running(&config.cache.dir) {
+        return warm::warm(
+            &local_base(config.server.listen),
+            &images,
+            &default,
+            &platforms,
+        )
+        .await
+        .map(|_| ());
+    }
+    // No server on this cache: run one in-process for the duration.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = App::new(config).map_err(|e| format!("cannot open the cache directory: {e}"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        listener,
+        app,
+        async {
+            let _ = stopped.await;
+        },
+        std::time::Duration::from_secs(30),
+    ));
+    let result = warm::warm(&local_base(local), &images, &default, &platforms).await;
+    let _ = stop.send(());
+    let _ = server.await;
+    result.map(|_| ())
+}
+
+fn platforms_of(names: &[String]) -> Platforms {
+    if names.iter().any(|n| n == "all") {
+        Platforms::All
+    } else {
+        Platforms::Only(names.to_vec())
+    }
+}
+
+fn default_registry(config: &Config) -> String {
+    config
+        .registry
+        .iter()
+        .find(|r| r.default)
+        .map_or_else(|| "docker.io".to_string(), |r| r.name.clone())
+}
+
+/// The URL to reach a server listening on `addr` from this machine.
+fn local_base(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{host}:{}", addr.port())
 }

@@ -1,0 +1,171 @@
+//! Operator commands on the cache directory: `verify` (re-hash and drop corrupt content), `gc`
+//! (evict down to a target now) and `ls` (what is cached). They open the store without touching
+//! downloads in progress, so they are safe beside a running server; a server notices removed
+//! content on its next request for it and fetches it again.
+
+use crate::cache::index::Budget;
+use crate::cache::lifecycle::{Lifecycle, Pin};
+use crate::cache::store::Store;
+use crate::digest::{Digest, Hasher};
+use crate::oci::{RepoName, Tag};
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How much of the store `verify` checks.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Check only this many entries, chosen at random.
+    pub sample: Option<usize>,
+    /// Stop after hashing this many bytes.
+    pub max_bytes: Option<u64>,
+    /// Move corrupt content to `quarantine/` instead of deleting it.
+    pub quarantine: bool,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub checked: usize,
+    pub bytes: u64,
+    pub corrupt: Vec<Digest>,
+    /// Entries left unchecked (sample or byte budget).
+    pub skipped: usize,
+}
+
+/// Re-hashes stored content; removes (or quarantines) every entry whose bytes do not match
+/// its name.
+pub fn verify(dir: &Path, options: &VerifyOptions) -> io::Result<VerifyReport> {
+    let store = Store::open_shared(dir)?;
+    let mut found = store.scan()?;
+    shuffle(&mut found);
+    let total = found.len();
+    if let Some(n) = options.sample {
+        found.truncate(n);
+    }
+    let mut report = VerifyReport::default();
+    for entry in &found {
+        if options.max_bytes.is_some_and(|max| report.bytes >= max) {
+            break;
+        }
+        let actual = match hash_file(&store.content_path(&entry.digest)) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // evicted meanwhile
+            Err(e) => return Err(e),
+        };
+        report.checked += 1;
+        report.bytes += entry.size;
+        if actual != entry.digest {
+            tracing::error!(digest = %entry.digest, %actual, "corrupt content in the store");
+            if options.quarantine {
+                store.quarantine(&entry.digest)?;
+            } else {
+                store.remove_blob(&entry.digest)?;
+            }
+            report.corrupt.push(entry.digest.clone());
+        }
+    }
+    report.skipped = total - report.checked;
+    Ok(report)
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Evicts least recently used blobs (pins respected) until blobs use at most `target` bytes.
+/// Returns (blobs, bytes) evicted.
+pub fn gc(dir: &Path, target: u64, pins: &[String]) -> io::Result<(usize, u64)> {
+    let pins = pins.iter().filter_map(|p| Pin::parse(p)).collect();
+    let store = Arc::new(Store::open_shared(dir)?);
+    let lifecycle = Lifecycle::open(store, Budget::unlimited(), pins)?;
+    Ok(lifecycle.evict_to(target, "gc"))
+}
+
+/// One cached tag.
+#[derive(Clone, Debug)]
+pub struct TagLine {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub digest: String,
+    pub checked_at: u64,
+}
+
+/// One stored object.
+#[derive(Clone, Debug)]
+pub struct ObjectLine {
+    pub digest: Digest,
+    pub size: u64,
+    pub manifest: bool,
+    pub last_used: u64,
+}
+
+/// What is cached: tags, and every stored object, most recently used first.
+pub fn ls(dir: &Path) -> io::Result<(Vec<TagLine>, Vec<ObjectLine>)> {
+    let store = Store::open_shared(dir)?;
+    let mut tags = Vec::new();
+    for (registry, repository) in store.repositories()? {
+        let Some(repo) = RepoName::parse(&repository) else {
+            continue;
+        };
+        for tag in store.tags(&registry, &repo)? {
+            let Some(parsed) = Tag::parse(&tag) else {
+                continue;
+            };
+            if let Some(record) = store.get_tag(&registry, &repo, &parsed)? {
+                tags.push(TagLine {
+                    registry: registry.clone(),
+                    repository: repository.clone(),
+                    tag,
+                    digest: record.digest,
+                    checked_at: record.checked_at,
+                });
+            }
+        }
+    }
+    let mut objects: Vec<ObjectLine> = store
+        .scan()?
+        .into_iter()
+        .map(|f| ObjectLine {
+            digest: f.digest,
+            size: f.size,
+            manifest: f.manifest,
+            last_used: f.modified,
+        })
+        .collect();
+    objects.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+    Ok((tags, objects))
+}
+
+/// `Kind` as `ls` prints it.
+pub fn kind_name(manifest: bool) -> &'static str {
+    if manifest {
+        "manifest"
+    } else {
+        "blob"
+    }
+}
+
+/// A cheap shuffle (no need for cryptographic randomness to pick a sample).
+fn shuffle<T>(items: &mut [T]) {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    for i in (1..items.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        items.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
