@@ -143,7 +143,7 @@ pub fn ls(dir: &Path) -> io::Result<(Vec<TagLine>, Vec<ObjectLine>)> {
             last_used: f.modified,
         })
         .collect();
-    objects.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+    objects.sort_by_key(|o| std::cmp::Reverse(o.last_used));
     Ok((tags, objects))
 }
 
