@@ -681,6 +681,23 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Got
     }
 }
 
+/// A GET that may fail before any response (the server died): `None` then.
+pub async fn try_get(url: &str) -> Option<Got> {
+    let request = Request::get(url).body(Empty::new()).unwrap();
+    let response = client().request(request).await.ok()?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    Some(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 pub async fn get(url: &str) -> Got {
     request(Method::GET, url, &[]).await
 }
