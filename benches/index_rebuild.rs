@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn main() {
-    let entries: u64 = std::env::var("ENTRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let entries: u64 = std::env::var("ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     let dir = tempfile::tempdir().expect("temp dir");
     let started = Instant::now();
     let base = dir.path().join("blobs/sha256");

@@ -459,3 +459,45 @@ async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
         "no resume in the mirror's log:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry and skopeo: run tests/run.sh"]
+async fn warmed_images_are_served_with_the_origin_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut origin = Origin::start(dir.path()).await;
+    let seeded = seed(&origin).await;
+    let mirror = Mirror::start(dir.path(), &origin.url()).await;
+    run(
+        "regmirror warm",
+        Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["warm", "--server"])
+            .arg(format!("http://{}", mirror.host()))
+            .args(["e2e:oci", "docker.io/library/e2e:docker"]),
+    );
+    assert!(mirror.has(&seeded.oci_amd64.1) && mirror.has(&seeded.docker_amd64.1));
+    origin.process.kill();
+    for (tag, top) in [("oci", &seeded.oci_index), ("docker", &seeded.docker_list)] {
+        let layout = dir.path().join(format!("offline-{tag}"));
+        run(
+            "skopeo copy with the origin gone",
+            Command::new("skopeo")
+                .args([
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--override-arch",
+                    "amd64",
+                    "--override-os",
+                    "linux",
+                ])
+                .arg(format!("docker://{}/{REPO}:{tag}", mirror.host()))
+                .arg(format!("oci:{}:{tag}", layout.display())),
+        );
+        let raw = run(
+            "skopeo inspect --raw",
+            Command::new("skopeo")
+                .args(["inspect", "--raw", "--tls-verify=false"])
+                .arg(format!("docker://{}/{REPO}:{tag}", mirror.host())),
+        );
+        assert_eq!(Digest::of(raw.as_bytes()), *top);
+    }
+}
