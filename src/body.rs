@@ -6,11 +6,13 @@
 //! its length) nor ends its stream (when it did not). A failed fill ends every body with an
 //! error, which makes hyper abort the response (connection reset on HTTP/1.1, RST_STREAM on h2).
 
-use crate::cache::inflight::FillState;
+use crate::cache::inflight::{FillError, FillState};
 use crate::digest::{Digest, Hasher};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body::Frame;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::Incoming;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -19,108 +21,143 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Every response body the server sends.
-pub type ResponseBody = BoxBody<Bytes, io::Error>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Largest single read from a blob file.
 const READ_CHUNK: u64 = 256 * 1024;
 
 pub fn empty() -> ResponseBody {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 /// Keeps a value alive exactly as long as a body (an "in use" mark for eviction).
 pub trait WithGuard {
-    fn with_guard<G: Send + Sync + 'static>(self, guard: G) -> ResponseBody;
+    fn with_guard<G: Send + 'static>(self, guard: G) -> ResponseBody;
 }
 
 impl WithGuard for ResponseBody {
-    fn with_guard<G: Send + Sync + 'static>(self, guard: G) -> ResponseBody {
-        let guarded = Arc::new(guard);
+    fn with_guard<G: Send + 'static>(self, guard: G) -> ResponseBody {
+        let guarded = std::sync::Mutex::new(guard);
         self.map_frame(move |frame| {
             let _ = &guarded;
             frame
         })
-        .boxed()
+        .boxed_unsync()
     }
 }
 
-/// Streams an upstream blob body straight to a client, hashing it on the way; the last chunk is
-/// held back until size and digest are verified, and a mismatch ends the body with an error.
+/// Where the rest of a blob comes from when its download could not be stored (disk full):
+/// `fetch(offset)` answers the body from `offset` on, the bytes to skip at its start (an
+/// upstream that ignored `Range`), and the stall timeout.
+pub struct Continuation {
+    pub digest: Digest,
+    pub total: Option<u64>,
+    #[allow(clippy::type_complexity)]
+    pub fetch: Box<
+        dyn FnOnce(u64) -> BoxFuture<'static, Result<(Incoming, u64, Duration), String>> + Send,
+    >,
+}
+
+/// An upstream body passed through to a client, hashed on the way; the last chunk is held
+/// back until size and digest are verified, and a mismatch ends it with an error.
+struct Verifying {
+    upstream: Incoming,
+    hasher: Hasher,
+    held: Option<Bytes>,
+    skip: u64,
+    digest: Digest,
+    total: Option<u64>,
+    stall: Duration,
+}
+
+impl Verifying {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            let next = tokio::time::timeout(self.stall, self.upstream.frame())
+                .await
+                .map_err(|_| io::Error::other("upstream stalled"))?;
+            match next {
+                Some(Ok(frame)) => {
+                    let Ok(mut data) = frame.into_data() else {
+                        continue;
+                    };
+                    if self.skip > 0 {
+                        let n = self.skip.min(data.len() as u64);
+                        let _ = data.split_to(n as usize);
+                        self.skip -= n;
+                    }
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.hasher.update(&data);
+                    if let Some(previous) = self.held.replace(data) {
+                        return Ok(Some(previous));
+                    }
+                }
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => {
+                    if let Err(m) = self.hasher.clone().verify(&self.digest, self.total) {
+                        tracing::error!(digest = %self.digest, error = %m, "passed-through blob is corrupt; aborting the response");
+                        return Err(io::Error::other(m.to_string()));
+                    }
+                    return Ok(self.held.take());
+                }
+            }
+        }
+    }
+}
+
+/// Streams an upstream blob body straight to a client, verified (see [`Verifying`]).
 pub fn verified(
-    upstream: hyper::body::Incoming,
+    upstream: Incoming,
     digest: Digest,
     total: Option<u64>,
     stall: Duration,
 ) -> ResponseBody {
-    struct State {
-        upstream: hyper::body::Incoming,
-        hasher: Hasher,
-        held: Option<Bytes>,
-        digest: Digest,
-        total: Option<u64>,
-        stall: Duration,
-    }
-    let state = State {
+    let state = Verifying {
         upstream,
         hasher: Hasher::default(),
         held: None,
+        skip: 0,
         digest,
         total,
         stall,
     };
     let stream = futures_util::stream::unfold(Some(state), |state| async move {
         let mut s = state?;
-        loop {
-            let next = match tokio::time::timeout(s.stall, s.upstream.frame()).await {
-                Err(_) => return Some((Err(io::Error::other("upstream stalled")), None)),
-                Ok(next) => next,
-            };
-            match next {
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    s.hasher.update(&data);
-                    if let Some(previous) = s.held.replace(data) {
-                        return Some((Ok(Frame::data(previous)), Some(s)));
-                    }
-                }
-                Some(Err(e)) => return Some((Err(io::Error::other(e)), None)),
-                None => {
-                    let held = s.held.take();
-                    return match s.hasher.clone().verify(&s.digest, s.total) {
-                        Ok(()) => held.map(|b| (Ok(Frame::data(b)), None)),
-                        Err(m) => {
-                            tracing::error!(digest = %s.digest, error = %m, "passed-through blob is corrupt; aborting the response");
-                            Some((Err(io::Error::other(m.to_string())), None))
-                        }
-                    };
-                }
-            }
+        match s.next().await {
+            Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), Some(s))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
         }
     });
-    BodyExt::boxed(StreamBody::new(stream))
+    StreamBody::new(stream).boxed_unsync()
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
-/// size not yet known), following `progress` when the file is still being filled.
+/// size not yet known), following `progress` when the file is still being filled. With a
+/// `continuation`, a whole-blob response whose download could not be stored carries on from
+/// upstream instead of failing.
 pub fn follow(
     file: Arc<File>,
     progress: Option<watch::Receiver<FillState>>,
     start: u64,
     end: Option<u64>,
+    continuation: Option<Continuation>,
 ) -> ResponseBody {
     let reader = Follower {
         file,
         progress,
         pos: start,
         end,
+        continuation: continuation.filter(|_| start == 0),
+        upstream: None,
     };
     let stream = futures_util::stream::unfold(Some(reader), |state| async move {
         let mut reader = state?;
@@ -130,7 +167,7 @@ pub fn follow(
             Err(e) => Some((Err(e), None)),
         }
     });
-    BodyExt::boxed(StreamBody::new(stream))
+    StreamBody::new(stream).boxed_unsync()
 }
 
 struct Follower {
@@ -139,6 +176,9 @@ struct Follower {
     progress: Option<watch::Receiver<FillState>>,
     pos: u64,
     end: Option<u64>,
+    continuation: Option<Continuation>,
+    /// Set once the body carries on from upstream.
+    upstream: Option<Verifying>,
 }
 
 /// How far a reader may go now.
@@ -147,14 +187,22 @@ enum Limit {
     Partial(u64),
     /// Bytes up to here may be sent; then the body ends.
     Final(u64),
+    Failed(FillError),
 }
 
 impl Follower {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(upstream) = &mut self.upstream {
+            return upstream.next().await;
+        }
         loop {
-            let limit = self.limit()?;
-            let upto = match limit {
-                Limit::Partial(n) | Limit::Final(n) => n,
+            let (upto, last) = match self.limit() {
+                Limit::Partial(n) => (n, false),
+                Limit::Final(n) => (n, true),
+                Limit::Failed(e) if e.resumable && self.continuation.is_some() => {
+                    return self.carry_on_from_upstream().await;
+                }
+                Limit::Failed(e) => return Err(io::Error::other(e.message)),
             };
             if self.pos < upto {
                 let len = (upto - self.pos).min(READ_CHUNK);
@@ -162,31 +210,50 @@ impl Follower {
                 self.pos += bytes.len() as u64;
                 return Ok(Some(bytes));
             }
-            if matches!(limit, Limit::Final(_)) {
+            if last {
                 return Ok(None);
             }
             self.wait_for_progress().await?;
         }
     }
 
-    fn limit(&self) -> io::Result<Limit> {
+    /// The download failed to be stored, not to be fetched: hash what this client already got
+    /// (still readable through the open file) and fetch the rest for it alone.
+    async fn carry_on_from_upstream(&mut self) -> io::Result<Option<Bytes>> {
+        let continuation = self.continuation.take().expect("checked by the caller");
+        let hasher = hash_prefix(Arc::clone(&self.file), self.pos).await?;
+        let (upstream, skip, stall) = (continuation.fetch)(self.pos)
+            .await
+            .map_err(io::Error::other)?;
+        tracing::warn!(digest = %continuation.digest, offset = self.pos, "cannot cache the blob (disk full); passing the rest through");
+        self.upstream = Some(Verifying {
+            upstream,
+            hasher,
+            held: None,
+            skip,
+            digest: continuation.digest,
+            total: continuation.total,
+            stall,
+        });
+        self.upstream.as_mut().expect("just set").next().await
+    }
+
+    fn limit(&self) -> Limit {
         let Some(progress) = &self.progress else {
-            return Ok(Limit::Final(self.end.unwrap_or(u64::MAX)));
+            return Limit::Final(self.end.unwrap_or(u64::MAX));
         };
         let state = progress.borrow().clone();
         match state {
-            FillState::Starting => Ok(Limit::Partial(0)),
+            FillState::Starting => Limit::Partial(0),
             FillState::Streaming { written, .. } => {
                 // Hold back the response's last byte until the blob is verified.
                 let cap = self
                     .end
                     .map_or(written, |end| written.min(end.saturating_sub(1)));
-                Ok(Limit::Partial(cap))
+                Limit::Partial(cap)
             }
-            FillState::Complete { size } => {
-                Ok(Limit::Final(self.end.map_or(size, |e| e.min(size))))
-            }
-            FillState::Failed(e) => Err(io::Error::other(e.message)),
+            FillState::Complete { size } => Limit::Final(self.end.map_or(size, |e| e.min(size))),
+            FillState::Failed(e) => Limit::Failed(e),
         }
     }
 
@@ -201,6 +268,28 @@ impl Follower {
         }
         Ok(())
     }
+}
+
+/// The hash of the first `len` bytes of a file.
+async fn hash_prefix(file: Arc<File>, len: u64) -> io::Result<Hasher> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = Hasher::default();
+        let mut buf = vec![0u8; READ_CHUNK as usize];
+        while hasher.len() < len {
+            let want = (len - hasher.len()).min(READ_CHUNK) as usize;
+            let n = file.read_at(&mut buf[..want], hasher.len())?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than sent",
+                ));
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hasher)
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("hash task failed: {e}")))?
 }
 
 async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {

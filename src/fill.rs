@@ -68,6 +68,7 @@ fn failure(code: Code, message: impl Into<String>) -> FillError {
     FillError {
         code,
         message: message.into(),
+        resumable: false,
     }
 }
 
@@ -100,7 +101,13 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     let written = writer
         .await
         .map_err(|e| failure(Code::Unknown, format!("writer task failed: {e}")))?
-        .map_err(|e| failure(Code::Unknown, format!("writing to the cache failed: {e}")));
+        .map_err(|e| FillError {
+            resumable: is_disk_full(&e),
+            ..failure(
+                Code::Unavailable,
+                format!("writing to the cache failed: {e}"),
+            )
+        });
     let hasher = hasher
         .await
         .map_err(|e| failure(Code::Unknown, format!("hasher task failed: {e}")))?;
@@ -114,7 +121,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
         )
     })?;
     let lifecycle = Arc::clone(&job.lifecycle);
-    tokio::task::spawn_blocking(move || {
+    let committed = tokio::task::spawn_blocking(move || {
         let committed = lifecycle.commit(temp, &digest, size);
         if committed.as_ref().is_err_and(is_disk_full) {
             lifecycle.mark_disk_full();
@@ -124,13 +131,20 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
         committed
     })
     .await
-    .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?
-    .map_err(|e| {
-        failure(
-            Code::Unknown,
-            format!("committing to the cache failed: {e}"),
-        )
-    })?;
+    .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?;
+    match committed {
+        Ok(()) => {}
+        // Verified, but there is no room to keep it: readers finish from the open file.
+        Err(e) if is_disk_full(&e) => {
+            tracing::warn!(digest = %permit.digest(), "disk full: blob served but not cached")
+        }
+        Err(e) => {
+            return Err(failure(
+                Code::Unknown,
+                format!("committing to the cache failed: {e}"),
+            ))
+        }
+    }
     Ok(size)
 }
 
@@ -261,7 +275,7 @@ async fn pump(
 }
 
 /// The first byte position of a `Content-Range: bytes N-M/T` answer.
-fn range_start(headers: &http::HeaderMap) -> Option<u64> {
+pub fn range_start(headers: &http::HeaderMap) -> Option<u64> {
     let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let range = value.trim().strip_prefix("bytes ")?;
     range.split('-').next()?.trim().parse().ok()

@@ -165,12 +165,16 @@ async fn a_full_disk_evicts_then_passes_through_without_partial_files() {
     assert!(mirror.has_blob(&c_digest));
     assert!(!mirror.has_blob(&a_digest));
 
-    // 12 MiB never fits: that download fails cleanly...
+    // 12 MiB never fits: the download cannot be stored, yet the client gets the whole blob
+    // (the rest streamed from upstream, verified), and nothing partial stays behind...
     let first = get(&blob(&huge_digest)).await;
+    assert_eq!(first.status, StatusCode::OK);
     assert!(
-        first.body.is_err() || first.status != StatusCode::OK,
-        "a download that could not be stored looked complete"
+        first.body.is_ok(),
+        "the client's download broke: {:?}",
+        first.body.err()
     );
+    assert!(first.bytes()[..] == huge[..]);
     assert!(!mirror.has_blob(&huge_digest));
     eventually("the temp file is removed", || mirror.temp_files() == 0).await;
     // ...and while the disk is full, misses pass through, verified, without caching.
@@ -204,10 +208,21 @@ async fn a_corrupt_blob_passed_through_is_aborted() {
     };
     let mirror = TestMirror::start_with(config, dir).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
-    let _ = get(&url).await; // fills the disk; the mirror now passes misses through
     origin.knobs(|k| k.corrupt_last_byte = true);
-    let got = get(&url).await;
-    assert!(got.body.is_err(), "a corrupt pass-through ended cleanly");
+    // The download outgrows the disk and the client carries on from upstream: still verified.
+    let first = get(&url).await;
+    assert!(
+        first.body.is_err(),
+        "a corrupt blob reached the client whole (carry-on path)"
+    );
+    // Now the mirror passes misses straight through: verified as well.
+    assert!(mirror.app.cache().lifecycle().disk_full());
+    let second = get(&url).await;
+    assert!(
+        second.body.is_err(),
+        "a corrupt blob reached the client whole (pass-through)"
+    );
+    assert!(!mirror.has_blob(&digest));
     drop(mirror);
     drop(disk);
 }

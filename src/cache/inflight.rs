@@ -30,6 +30,9 @@ pub enum FillState {
 pub struct FillError {
     pub code: Code,
     pub message: String,
+    /// The bytes were fine but could not be stored (disk full): readers may fetch the rest
+    /// from upstream themselves.
+    pub resumable: bool,
 }
 
 /// A fill as a reader sees it: the temp file (shared handle, valid across the final rename)
@@ -79,6 +82,7 @@ impl Drop for FillPermit {
             self.progress.send_replace(FillState::Failed(FillError {
                 code: Code::Unavailable,
                 message: "the download was abandoned".into(),
+                resumable: false,
             }));
             self.table.remove(&self.digest);
         }

@@ -4,7 +4,7 @@
 
 use super::Outcome;
 use crate::app::App;
-use crate::body::{self, ResponseBody, WithGuard};
+use crate::body::{self, Continuation, ResponseBody, WithGuard};
 use crate::cache::inflight::{Fill, FillState, Role};
 use crate::cache::BlobHit;
 use crate::digest::Digest;
@@ -44,7 +44,7 @@ pub async fn serve(
         }
         Role::Follower(fill) => {
             *outcome = Outcome::Join;
-            follow_fill(digest, fill, range).await
+            follow_fill(app, registry, repo, digest, fill, range).await
         }
         Role::Leader(permit, fill, temp) => {
             *outcome = Outcome::Miss;
@@ -55,7 +55,7 @@ pub async fn serve(
                 timeout: app.config().cache.fill_timeout,
             };
             fill::spawn(job, permit, temp);
-            follow_fill(digest, fill, range).await
+            follow_fill(app, registry, repo, digest, fill, range).await
         }
     }
 }
@@ -97,7 +97,7 @@ async fn serve_head(
 fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<ResponseBody> {
     let BlobHit { file, size, guard } = hit;
     respond_sized(digest, size, range, |start, end| {
-        body::follow(Arc::new(file), None, start, Some(end)).with_guard(guard)
+        body::follow(Arc::new(file), None, start, Some(end), None).with_guard(guard)
     })
 }
 
@@ -133,6 +133,9 @@ async fn pass_through(
 
 /// Answers from a download in progress, once upstream has answered it.
 async fn follow_fill(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
     digest: &Digest,
     fill: Fill,
     range: Option<&str>,
@@ -155,15 +158,61 @@ async fn follow_fill(
         FillState::Starting => unreachable!("waited for a later state"),
     };
     let file = fill.file;
+    let continuation = continuation(app, registry, repo, digest, size);
     let Some(size) = size else {
         // Upstream sent no length: the whole blob, chunked; its end is held back until verified.
         return Ok(blob_headers(digest, StatusCode::OK)
-            .body(body::follow(file, Some(progress), 0, None))
+            .body(body::follow(
+                file,
+                Some(progress),
+                0,
+                None,
+                Some(continuation),
+            ))
             .expect("blob headers are valid"));
     };
     Ok(respond_sized(digest, size, range, |start, end| {
-        body::follow(file, Some(progress), start, Some(end))
+        let whole = start == 0 && end == size;
+        body::follow(
+            file,
+            Some(progress),
+            start,
+            Some(end),
+            whole.then_some(continuation),
+        )
     }))
+}
+
+/// How a client following a download fetches the rest itself if the download cannot be stored.
+fn continuation(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+    total: Option<u64>,
+) -> Continuation {
+    let upstream = Arc::clone(app.upstream(registry));
+    let (repo, owned) = (repo.clone(), digest.clone());
+    Continuation {
+        digest: digest.clone(),
+        total,
+        fetch: Box::new(move |offset| {
+            Box::pin(async move {
+                let request = UpstreamRequest::blob(Method::GET, &repo, &owned).resume_from(offset);
+                let answer = upstream.fetch(&request).await.map_err(|e| e.to_string())?;
+                let skip = match answer.status() {
+                    StatusCode::PARTIAL_CONTENT
+                        if fill::range_start(answer.headers()) == Some(offset) =>
+                    {
+                        0
+                    }
+                    StatusCode::OK => offset,
+                    other => return Err(format!("{} answered {other}", answer.endpoint)),
+                };
+                Ok((answer.response.into_body(), skip, answer.stall_timeout))
+            })
+        }),
+    }
 }
 
 /// A blob answer of known size: 200, 206 or 416 as the `Range` asks.
