@@ -3,6 +3,7 @@
 
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::metrics::{EndpointLabels, Metrics};
 use crate::route::RegistryName;
 use crate::upstream::RegistryUpstream;
 use std::io;
@@ -15,6 +16,7 @@ pub struct App {
     /// The upstream side of each registry, in configuration order.
     upstreams: Vec<Arc<RegistryUpstream>>,
     cache: Cache,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -29,10 +31,19 @@ impl App {
                 library_prefix: r.name == "docker.io",
             })
             .collect();
+        let labels: Vec<EndpointLabels> = config
+            .registry
+            .iter()
+            .map(|r| EndpointLabels {
+                registry: r.name.clone(),
+                endpoints: r.upstream.iter().map(|u| endpoint_label(&u.url)).collect(),
+            })
+            .collect();
+        let metrics = Arc::new(Metrics::new(&labels));
         let upstreams = config
             .registry
             .iter()
-            .map(|r| Arc::new(RegistryUpstream::new(r)))
+            .map(|r| Arc::new(RegistryUpstream::new(r, Arc::clone(&metrics))))
             .collect();
         let cache = Cache::open(&config.cache)?;
         Ok(Arc::new(App {
@@ -40,6 +51,7 @@ impl App {
             routes,
             upstreams,
             cache,
+            metrics,
         }))
     }
 
@@ -58,4 +70,45 @@ impl App {
     pub fn cache(&self) -> &Cache {
         &self.cache
     }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The Prometheus text, with the gauges that mirror other modules' state brought up to date.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let lifecycle = self.cache.lifecycle();
+        let usage = lifecycle.usage();
+        m.cache_size.set(usage.blob_bytes as i64);
+        m.cache_objects
+            .with_label_values(&["blob"])
+            .set(usage.blobs as i64);
+        m.cache_objects
+            .with_label_values(&["manifest"])
+            .set(usage.manifests as i64);
+        m.fills_in_flight.set(self.cache.fills_in_flight() as i64);
+        let evicted = lifecycle.evictions();
+        m.evictions
+            .inc_by(evicted.saturating_sub(m.evictions.get()));
+        for upstream in &self.upstreams {
+            for endpoint in upstream.status() {
+                let labels = [upstream.name.as_str(), endpoint.url.as_str()];
+                m.upstream_up
+                    .with_label_values(&labels)
+                    .set(i64::from(endpoint.health.up));
+                if let Some(remaining) = endpoint.health.rate_limit.and_then(|r| r.remaining) {
+                    m.ratelimit_remaining
+                        .with_label_values(&labels)
+                        .set(remaining as i64);
+                }
+            }
+        }
+        m.render()
+    }
+}
+
+/// An endpoint's label: its URL without a trailing slash (as `RegistryUpstream` names it).
+pub fn endpoint_label(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
 }

@@ -114,7 +114,9 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
     received?;
     let temp = written?;
     let size = hasher.len();
+    job.upstream.received(size);
     hasher.verify(&digest, total).map_err(|m| {
+        job.upstream.mismatch();
         failure(
             Code::Unavailable,
             format!("upstream sent a corrupt blob: {m}"),

@@ -12,6 +12,8 @@
 //! - [`body`]: response bodies, including one that follows a download in progress.
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
 //! - [`error`]: errors by source and the OCI error table.
+//! - [`metrics`]: every Prometheus series.
+//! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`).
 //! - [`config`], [`app`], [`shutdown`], [`telemetry`]: set-up.
 //!
 //! # Life of a request
@@ -34,6 +36,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod fill;
+pub mod metrics;
 pub mod oci;
 pub mod ops;
 pub mod proxy;

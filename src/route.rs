@@ -45,6 +45,7 @@ pub enum Target {
     Catalog,
     Healthz,
     Readyz,
+    Metrics,
 }
 
 /// A routed request.
@@ -71,6 +72,7 @@ impl Route {
             Target::Catalog => "catalog",
             Target::Healthz => "healthz",
             Target::Readyz => "readyz",
+            Target::Metrics => "metrics",
         }
     }
 }
@@ -111,6 +113,7 @@ pub fn route(
     match path {
         "/healthz" => return plain(Target::Healthz),
         "/readyz" => return plain(Target::Readyz),
+        "/metrics" => return plain(Target::Metrics),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2") else {

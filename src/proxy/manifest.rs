@@ -110,6 +110,7 @@ async fn by_digest(
         let answer = app.upstream(registry).fetch(&request).await?;
         let manifest = read_manifest(answer, &format!("{repo}@{digest}")).await?;
         if &manifest.digest != digest {
+            app.upstream(registry).mismatch();
             return Err(Error::BadContent(format!(
                 "upstream answered {digest} with content whose digest is {}",
                 manifest.digest

@@ -32,6 +32,20 @@ pub fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
         .expect("static headers are valid")
 }
 
+/// The Prometheus text format.
+pub fn metrics(app: &App) -> Response<ResponseBody> {
+    let text = app.render_metrics();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .header(header::CONTENT_LENGTH, text.len())
+        .body(body::full(text))
+        .expect("static headers are valid")
+}
+
 /// Ready when the store accepts writes.
 pub fn readiness(app: &App) -> Response<ResponseBody> {
     if app.cache().store().is_writable() {

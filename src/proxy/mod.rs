@@ -12,6 +12,7 @@ use crate::error::{Code, Error};
 use crate::oci::API_VERSION_HEADER;
 use crate::route::{self, Route, RouteError, Target};
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,7 +111,35 @@ pub async fn handle<B>(
         ms = started.elapsed().as_millis() as u64,
         error = failure.as_deref().unwrap_or(""),
     );
-    response
+    record(&app, kind, &method, status, outcome, started, response)
+}
+
+/// Counts the request, its cache outcome and (as they are sent) its body bytes.
+fn record(
+    app: &App,
+    kind: &str,
+    method: &http::Method,
+    status: u16,
+    outcome: Outcome,
+    started: Instant,
+    response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let metrics = app.metrics();
+    metrics.request(kind, method, status, started.elapsed().as_secs_f64());
+    if outcome == Outcome::None || !matches!(kind, "blob" | "manifest") {
+        return response;
+    }
+    metrics.cache_outcome(kind, outcome.as_str());
+    let served = metrics.served_bytes_counter(outcome == Outcome::Hit);
+    response.map(|body| {
+        body.map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                served.inc_by(data.len() as u64);
+            }
+            frame
+        })
+        .boxed_unsync()
+    })
 }
 
 async fn dispatch(
@@ -124,6 +153,7 @@ async fn dispatch(
         Target::ApiBase => Ok(misc::json(StatusCode::OK, "{}".into(), head)),
         Target::Healthz => Ok(misc::text(StatusCode::OK, "ok\n")),
         Target::Readyz => Ok(misc::readiness(app)),
+        Target::Metrics => Ok(misc::metrics(app)),
         Target::Catalog => misc::catalog(app, head).await,
         Target::Manifest { repo, reference } => {
             let registry = route.registry.expect("manifests route to a registry");

@@ -11,6 +11,7 @@ pub mod health;
 
 use crate::config::{RegistryConfig, UpstreamConfig};
 use crate::digest::Digest;
+use crate::metrics::Metrics;
 use crate::oci::{Reference, RepoName};
 use auth::{AuthState, Challenge, Credentials, TokenKey};
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -204,11 +206,13 @@ pub struct RegistryUpstream {
     pub name: String,
     endpoints: Vec<Endpoint>,
     allow_untrusted_tags: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl RegistryUpstream {
-    pub fn new(config: &RegistryConfig) -> RegistryUpstream {
+    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> RegistryUpstream {
         RegistryUpstream {
+            metrics,
             name: config.name.clone(),
             endpoints: config
                 .upstream
@@ -255,7 +259,10 @@ impl RegistryUpstream {
                     });
                     continue;
                 }
-                match endpoint.fetch(request, &scope).await {
+                let started = std::time::Instant::now();
+                let result = endpoint.fetch(request, &scope).await;
+                self.record(endpoint, &result, started);
+                match result {
                     // Another endpoint may have what this one lacks (a partial public mirror);
                     // the 404 stands only if nobody has it.
                     Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
@@ -286,6 +293,36 @@ impl RegistryUpstream {
         }))
     }
 
+    fn record(
+        &self,
+        endpoint: &Endpoint,
+        result: &Result<Answer, UpstreamError>,
+        started: std::time::Instant,
+    ) {
+        let status = match result {
+            Ok(answer) => answer.status().as_u16().to_string(),
+            Err(UpstreamError::Status { status, .. }) => status.to_string(),
+            Err(UpstreamError::RateLimited { .. }) => "429".to_string(),
+            Err(_) => "error".to_string(),
+        };
+        self.metrics.upstream_request(
+            &self.name,
+            &endpoint.base,
+            &status,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// Counts blob bytes received from upstream.
+    pub fn received(&self, bytes: u64) {
+        self.metrics.upstream_bytes(&self.name, bytes);
+    }
+
+    /// Counts content that did not match its digest.
+    pub fn mismatch(&self) {
+        self.metrics.digest_mismatch();
+    }
+
     /// Sends `request` to one given endpoint, whatever its health (a last resort for resuming).
     pub async fn fetch_from(
         &self,
@@ -297,7 +334,10 @@ impl RegistryUpstream {
             .get(index)
             .ok_or_else(|| UpstreamError::Connect(format!("no endpoint {index}")))?;
         let scope = format!("repository:{}:pull", request.repo.as_str());
-        let mut answer = endpoint.fetch(request, &scope).await?;
+        let started = std::time::Instant::now();
+        let result = endpoint.fetch(request, &scope).await;
+        self.record(endpoint, &result, started);
+        let mut answer = result?;
         endpoint.health.mark_up();
         answer.endpoint_index = index;
         Ok(answer)

@@ -1,0 +1,290 @@
+//! Prometheus metrics: every series regmirror exports, with domain-named recording methods,
+//! bounded labels (route kinds, outcomes, configured registries and endpoints) and every series
+//! present from start-up. An injected registry, so tests need no global state.
+//!
+//! Gauges that mirror state owned elsewhere (cache size, fills in flight, endpoint health,
+//! rate limits) are read when `/metrics` is scraped.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Route kinds, as `route::Route::kind` names them.
+pub const ROUTES: [&str; 10] = [
+    "base",
+    "manifest",
+    "blob",
+    "tags",
+    "referrers",
+    "catalog",
+    "healthz",
+    "readyz",
+    "metrics",
+    "invalid",
+];
+/// Cache outcomes, as `proxy::Outcome` names them.
+pub const OUTCOMES: [&str; 5] = ["hit", "miss", "join", "stale", "bypass"];
+
+/// One registry's endpoints, for labels.
+pub struct EndpointLabels {
+    pub registry: String,
+    pub endpoints: Vec<String>,
+}
+
+/// Every metric.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    cache_requests: IntCounterVec,
+    served_bytes: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    upstream_bytes: IntCounterVec,
+    pub(crate) fills_in_flight: IntGauge,
+    fill_joins: IntCounter,
+    digest_mismatches: IntCounter,
+    pub(crate) cache_size: IntGauge,
+    pub(crate) cache_objects: IntGaugeVec,
+    pub(crate) evictions: IntCounter,
+    stale_answers: IntCounter,
+    pub(crate) upstream_up: IntGaugeVec,
+    pub(crate) ratelimit_remaining: IntGaugeVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+impl Metrics {
+    /// Registers every metric and creates its series for the configured endpoints.
+    pub fn new(endpoints: &[EndpointLabels]) -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            requests: counter_vec(
+                &r,
+                "regmirror_http_requests_total",
+                "Requests answered, by route kind, method and status.",
+                &["route", "method", "status"],
+            ),
+            request_duration: histogram_vec(
+                &r,
+                "regmirror_http_request_duration_seconds",
+                "Time from request to response headers.",
+                &["route"],
+            ),
+            cache_requests: counter_vec(
+                &r,
+                "regmirror_cache_requests_total",
+                "Blob and manifest requests by cache outcome.",
+                &["kind", "outcome"],
+            ),
+            served_bytes: counter_vec(
+                &r,
+                "regmirror_served_bytes_total",
+                "Body bytes sent to clients, by where they came from.",
+                &["source"],
+            ),
+            upstream_requests: counter_vec(
+                &r,
+                "regmirror_upstream_requests_total",
+                "Requests sent upstream, by registry, endpoint and status (or error).",
+                &["registry", "endpoint", "status"],
+            ),
+            upstream_duration: histogram_vec(
+                &r,
+                "regmirror_upstream_request_duration_seconds",
+                "Time from an upstream request to its response headers.",
+                &["registry", "endpoint"],
+            ),
+            upstream_bytes: counter_vec(
+                &r,
+                "regmirror_upstream_bytes_total",
+                "Blob bytes received from upstream.",
+                &["registry"],
+            ),
+            fills_in_flight: gauge(
+                &r,
+                "regmirror_fills_in_flight",
+                "Blob downloads in progress.",
+            ),
+            fill_joins: counter(
+                &r,
+                "regmirror_fill_joins_total",
+                "Requests that joined a download already in progress.",
+            ),
+            digest_mismatches: counter(
+                &r,
+                "regmirror_digest_mismatches_total",
+                "Upstream content whose digest or size did not match (never served whole).",
+            ),
+            cache_size: gauge(
+                &r,
+                "regmirror_cache_size_bytes",
+                "Bytes of blobs in the cache.",
+            ),
+            cache_objects: gauge_vec(
+                &r,
+                "regmirror_cache_objects",
+                "Objects in the cache.",
+                &["kind"],
+            ),
+            evictions: counter(
+                &r,
+                "regmirror_cache_evictions_total",
+                "Blobs evicted to keep within the byte budget.",
+            ),
+            stale_answers: counter(
+                &r,
+                "regmirror_stale_answers_total",
+                "Tags answered from the last known mapping because upstream could not be asked.",
+            ),
+            upstream_up: gauge_vec(
+                &r,
+                "regmirror_upstream_up",
+                "1 when an endpoint is healthy, 0 while it is skipped after a failure.",
+                &["registry", "endpoint"],
+            ),
+            ratelimit_remaining: gauge_vec(
+                &r,
+                "regmirror_upstream_ratelimit_remaining",
+                "Docker Hub pulls left (ratelimit-remaining), -1 until seen.",
+                &["registry", "endpoint"],
+            ),
+            registry: r,
+        };
+        let build = gauge_vec(
+            &m.registry,
+            "regmirror_build_info",
+            "Build information.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for route in ROUTES {
+            m.request_duration.with_label_values(&[route]);
+        }
+        for kind in ["blob", "manifest"] {
+            for outcome in OUTCOMES {
+                m.cache_requests.with_label_values(&[kind, outcome]);
+            }
+            m.cache_objects.with_label_values(&[kind]);
+        }
+        for source in ["cache", "upstream"] {
+            m.served_bytes.with_label_values(&[source]);
+        }
+        for e in endpoints {
+            m.upstream_bytes.with_label_values(&[&e.registry]);
+            for url in &e.endpoints {
+                m.upstream_up.with_label_values(&[&e.registry, url]).set(1);
+                m.ratelimit_remaining
+                    .with_label_values(&[&e.registry, url])
+                    .set(-1);
+                m.upstream_duration.with_label_values(&[&e.registry, url]);
+            }
+        }
+        m
+    }
+
+    /// One answered request.
+    pub fn request(&self, route: &str, method: &http::Method, status: u16, seconds: f64) {
+        let method = match *method {
+            http::Method::GET => "GET",
+            http::Method::HEAD => "HEAD",
+            _ => "other",
+        };
+        self.requests
+            .with_label_values(&[route, method, &status.to_string()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// A blob or manifest request's cache outcome.
+    pub fn cache_outcome(&self, kind: &str, outcome: &str) {
+        self.cache_requests
+            .with_label_values(&[kind, outcome])
+            .inc();
+        match outcome {
+            "join" => self.fill_joins.inc(),
+            "stale" => self.stale_answers.inc(),
+            _ => {}
+        }
+    }
+
+    /// Counts body bytes sent to a client.
+    pub fn served_bytes_counter(&self, from_cache: bool) -> IntCounter {
+        self.served_bytes
+            .with_label_values(&[if from_cache { "cache" } else { "upstream" }])
+    }
+
+    /// One upstream request, with its status (or `error`) and time to headers.
+    pub fn upstream_request(&self, registry: &str, endpoint: &str, status: &str, seconds: f64) {
+        self.upstream_requests
+            .with_label_values(&[registry, endpoint, status])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[registry, endpoint])
+            .observe(seconds);
+    }
+
+    pub fn upstream_bytes(&self, registry: &str, bytes: u64) {
+        self.upstream_bytes
+            .with_label_values(&[registry])
+            .inc_by(bytes);
+    }
+
+    pub fn digest_mismatch(&self) {
+        self.digest_mismatches.inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
