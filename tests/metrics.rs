@@ -7,6 +7,9 @@ use common::*;
 use http::{Method, StatusCode};
 use std::collections::BTreeMap;
 
+/// A metric name, labels to match, and the value expected.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// The value of the series `name` whose labels include `labels`.
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -90,7 +93,7 @@ async fn counters_match_a_scripted_pull_sequence() {
 
     let text = String::from_utf8(get(&mirror.url("/metrics")).await.bytes().to_vec()).unwrap();
     let m = manifest.len() as f64;
-    let cases: &[(&str, &[(&str, &str)], f64)] = &[
+    let cases: &[Expected] = &[
         (
             "regmirror_cache_requests_total",
             &[("kind", "manifest"), ("outcome", "miss")],
