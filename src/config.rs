@@ -21,6 +21,43 @@ pub struct Config {
     /// The registries this mirror serves; the embedded default serves Docker Hub.
     #[serde(default = "default_registries")]
     pub registry: Vec<RegistryConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` (one object per line) for log pipelines.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// Level filter (`info`, `debug`, `regmirror=debug,hyper=info`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".to_string()
 }
 
 /// How the mirror listens.
@@ -186,6 +223,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             cache: CacheConfig::default(),
             registry: default_registries(),
+            log: LogConfig::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `gc` and `ls`.
 
 use clap::{Parser, Subcommand};
-use regmirror::config::{parse_byte_size, Config};
+use regmirror::config::{parse_byte_size, Config, LogFormat};
 use regmirror::warm::{self, Platforms};
 use regmirror::{app::App, cache::store::Store, ops, server, shutdown, telemetry};
 use std::net::SocketAddr;
@@ -26,7 +26,7 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Log one JSON object per line instead of text.
+        /// Log one JSON object per line instead of text (same as log.format = "json").
         #[arg(long)]
         log_json: bool,
     },
@@ -96,10 +96,13 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => {
             load(config.as_ref()).map(|c| print!("{}", c.to_redacted_toml()))
         }
-        Command::Serve { config, log_json } => {
-            telemetry::init(log_json);
-            load(config.as_ref()).and_then(|c| runtime().block_on(serve(c)))
-        }
+        Command::Serve { config, log_json } => load(config.as_ref()).and_then(|mut c| {
+            if log_json {
+                c.log.format = LogFormat::Json;
+            }
+            telemetry::init(c.log.format, &c.log.level);
+            runtime().block_on(serve(c))
+        }),
         Command::Warm {
             config,
             server,
@@ -107,7 +110,7 @@ fn main() -> ExitCode {
             all_platforms,
             images,
         } => {
-            telemetry::init(false);
+            telemetry::init(LogFormat::Text, "warn");
             let platforms = if all_platforms {
                 Platforms::All
             } else {

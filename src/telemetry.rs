@@ -1,16 +1,19 @@
-//! Logging set-up: tracing to stderr, level from `RUST_LOG` (default `info`), text or JSON.
+//! Logging set-up: tracing to stderr, text or JSON, level from `RUST_LOG` or the configuration.
+//! Nothing logs credentials: upstream passwords are `Secret`s and tokens are never formatted.
 
+use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber; `json` selects one JSON object per line.
-pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }
