@@ -5,6 +5,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
 use crate::route::RegistryName;
+use crate::status::Popularity;
 use crate::upstream::RegistryUpstream;
 use std::io;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub struct App {
     upstreams: Vec<Arc<RegistryUpstream>>,
     cache: Cache,
     metrics: Arc<Metrics>,
+    popularity: Popularity,
 }
 
 impl App {
@@ -52,6 +54,7 @@ impl App {
             upstreams,
             cache,
             metrics,
+            popularity: Popularity::default(),
         }))
     }
 
@@ -73,6 +76,11 @@ impl App {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Pull counts per image, for the status page.
+    pub fn popularity(&self) -> &Popularity {
+        &self.popularity
     }
 
     /// The Prometheus text, with the gauges that mirror other modules' state brought up to date.

@@ -12,7 +12,7 @@
 //! - [`body`]: response bodies, including one that follows a download in progress.
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
 //! - [`error`]: errors by source and the OCI error table.
-//! - [`metrics`]: every Prometheus series.
+//! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
 //! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`).
 //! - [`config`], [`app`], [`shutdown`], [`telemetry`]: set-up.
 //!
@@ -44,6 +44,7 @@ pub mod range;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod upstream;
 pub mod warm;

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 /// Route kinds, as `route::Route::kind` names them.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
     "base",
     "manifest",
     "blob",
@@ -21,10 +21,23 @@ pub const ROUTES: [&str; 10] = [
     "healthz",
     "readyz",
     "metrics",
+    "status",
     "invalid",
 ];
 /// Cache outcomes, as `proxy::Outcome` names them.
 pub const OUTCOMES: [&str; 5] = ["hit", "miss", "join", "stale", "bypass"];
+
+/// Totals for the status page.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub joins: u64,
+    pub stale: u64,
+    pub bypass: u64,
+    pub bytes_from_cache: u64,
+    pub bytes_from_upstream: u64,
+}
 
 /// One registry's endpoints, for labels.
 pub struct EndpointLabels {
@@ -277,6 +290,25 @@ impl Metrics {
 
     pub fn digest_mismatch(&self) {
         self.digest_mismatches.inc();
+    }
+
+    /// Blob and manifest totals.
+    pub fn snapshot(&self) -> Snapshot {
+        let outcome = |o: &str| {
+            ["blob", "manifest"]
+                .iter()
+                .map(|k| self.cache_requests.with_label_values(&[k, o]).get())
+                .sum()
+        };
+        Snapshot {
+            hits: outcome("hit"),
+            misses: outcome("miss"),
+            joins: outcome("join"),
+            stale: outcome("stale"),
+            bypass: outcome("bypass"),
+            bytes_from_cache: self.served_bytes.with_label_values(&["cache"]).get(),
+            bytes_from_upstream: self.served_bytes.with_label_values(&["upstream"]).get(),
+        }
     }
 
     /// The text exposition.

@@ -46,6 +46,8 @@ pub enum Target {
     Healthz,
     Readyz,
     Metrics,
+    /// The status page at `/`.
+    Status,
 }
 
 /// A routed request.
@@ -73,6 +75,7 @@ impl Route {
             Target::Healthz => "healthz",
             Target::Readyz => "readyz",
             Target::Metrics => "metrics",
+            Target::Status => "status",
         }
     }
 }
@@ -114,6 +117,7 @@ pub fn route(
         "/healthz" => return plain(Target::Healthz),
         "/readyz" => return plain(Target::Readyz),
         "/metrics" => return plain(Target::Metrics),
+        "/" if method == Method::GET || method == Method::HEAD => return plain(Target::Status),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2") else {

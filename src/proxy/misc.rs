@@ -32,6 +32,17 @@ pub fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
         .expect("static headers are valid")
 }
 
+/// The HTML status page.
+pub fn status_page(app: &App, head: bool) -> Response<ResponseBody> {
+    let html = crate::status::render(app);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CONTENT_LENGTH, html.len())
+        .body(body_unless_head(html.into(), head))
+        .expect("static headers are valid")
+}
+
 /// The Prometheus text format.
 pub fn metrics(app: &App) -> Response<ResponseBody> {
     let text = app.render_metrics();

@@ -154,10 +154,17 @@ async fn dispatch(
         Target::Healthz => Ok(misc::text(StatusCode::OK, "ok\n")),
         Target::Readyz => Ok(misc::readiness(app)),
         Target::Metrics => Ok(misc::metrics(app)),
+        Target::Status => Ok(misc::status_page(app, head)),
         Target::Catalog => misc::catalog(app, head).await,
         Target::Manifest { repo, reference } => {
             let registry = route.registry.expect("manifests route to a registry");
-            manifest::serve(app, registry, repo, reference, headers, head, outcome).await
+            let response =
+                manifest::serve(app, registry, repo, reference, headers, head, outcome).await?;
+            if let (false, crate::oci::Reference::Tag(tag)) = (head, reference) {
+                app.popularity()
+                    .pulled(&format!("{}/{repo}:{tag}", app.routes()[registry].name));
+            }
+            Ok(response)
         }
         Target::Blob { repo, digest } => {
             let registry = route.registry.expect("blobs route to a registry");

@@ -1,0 +1,197 @@
+//! The status page at `GET /`: server-rendered HTML for people who would rather look than read
+//! metrics. Cache use against the budget, hit ratio and bytes saved, upstream endpoints with
+//! their health and rate limits, downloads in progress, and the most pulled images.
+//!
+//! Reads the same state `/metrics` exposes; no JavaScript.
+
+use crate::app::App;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Distinct images remembered for "most pulled" (later ones are not counted once full).
+const MAX_TRACKED_IMAGES: usize = 10_000;
+
+/// Pull counts per image (`registry/repository:tag`).
+#[derive(Default)]
+pub struct Popularity {
+    counts: Mutex<HashMap<String, u64>>,
+}
+
+impl Popularity {
+    pub fn pulled(&self, image: &str) {
+        let mut counts = self.counts.lock().expect("popularity lock poisoned");
+        if let Some(n) = counts.get_mut(image) {
+            *n += 1;
+        } else if counts.len() < MAX_TRACKED_IMAGES {
+            counts.insert(image.to_string(), 1);
+        }
+    }
+
+    /// The `n` most pulled images, most first.
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let counts = self.counts.lock().expect("popularity lock poisoned");
+        let mut all: Vec<(String, u64)> = counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Renders the page.
+pub fn render(app: &App) -> String {
+    let _ = app.render_metrics(); // brings the gauges up to date
+    let stats = app.metrics().snapshot();
+    let usage = app.cache().lifecycle().usage();
+    let budget = app.cache().lifecycle().budget();
+    let mut html = String::with_capacity(8192);
+    html.push_str(concat!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>regmirror</title>",
+        "<style>body{font:15px system-ui,sans-serif;margin:2em;color:#222}h1{font-size:1.4em}",
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}",
+        ".num{text-align:right}.up{color:#17803d}.down{color:#b42318}.bar{background:#eee;width:20em;height:.8em}",
+        ".fill{background:#2563eb;height:100%}</style></head><body>",
+        "<h1>regmirror</h1>"
+    ));
+    // Cache use.
+    html.push_str("<h2>Cache</h2><table>");
+    let _ = write!(
+        html,
+        "<tr><th>blobs</th><td id=\"blob-bytes\" class=\"num\">{}</td><td>{} objects</td></tr>",
+        human(usage.blob_bytes),
+        usage.blobs
+    );
+    match budget.max {
+        Some(max) => {
+            let share = usage.blob_bytes as f64 / max as f64;
+            let _ = write!(
+                html,
+                "<tr><th>budget</th><td id=\"budget\" class=\"num\">{}</td><td><div class=\"bar\"><div class=\"fill\" style=\"width:{:.1}%\"></div></div> {:.1}% used</td></tr>",
+                human(max),
+                (share * 100.0).min(100.0),
+                share * 100.0
+            );
+        }
+        None => html.push_str("<tr><th>budget</th><td id=\"budget\">unlimited</td><td></td></tr>"),
+    }
+    let _ = write!(
+        html,
+        "<tr><th>manifests</th><td class=\"num\">{}</td><td></td></tr></table>",
+        usage.manifests
+    );
+    // Savings.
+    let answered = stats.hits + stats.misses + stats.joins + stats.stale;
+    let ratio = if answered == 0 {
+        0.0
+    } else {
+        (stats.hits + stats.joins + stats.stale) as f64 / answered as f64 * 100.0
+    };
+    html.push_str("<h2>Savings</h2><table>");
+    let _ = write!(html, "<tr><th>hit ratio</th><td id=\"hit-ratio\" class=\"num\">{ratio:.1}%</td><td>{} hits, {} joined, {} stale, {} misses</td></tr>", stats.hits, stats.joins, stats.stale, stats.misses);
+    let _ = write!(html, "<tr><th>bytes saved</th><td id=\"bytes-saved\" class=\"num\">{}</td><td>served from the cache</td></tr>", human(stats.bytes_from_cache));
+    let _ = write!(
+        html,
+        "<tr><th>bytes fetched</th><td class=\"num\">{}</td><td>from upstream</td></tr>",
+        human(stats.bytes_from_upstream)
+    );
+    let _ = write!(html, "<tr><th>downloads in flight</th><td id=\"fills\" class=\"num\">{}</td><td></td></tr></table>", app.cache().fills_in_flight());
+    // Upstreams.
+    html.push_str("<h2>Upstreams</h2><table><tr><th>registry</th><th>endpoint</th><th>tags</th><th>health</th><th>rate limit</th></tr>");
+    for registry in app.routes().iter().enumerate() {
+        let (index, route) = registry;
+        for endpoint in app.upstream(index).status() {
+            let health = if endpoint.health.up {
+                "<span class=\"up\">up</span>".to_string()
+            } else {
+                format!(
+                    "<span class=\"down\">down</span> {}",
+                    escape(endpoint.health.last_error.as_deref().unwrap_or(""))
+                )
+            };
+            let limit = match (
+                &endpoint.health.rate_limit,
+                endpoint.health.rate_limited_for,
+            ) {
+                (_, Some(pause)) => format!("paused {}s", pause.as_secs()),
+                (Some(r), None) => format!(
+                    "{} of {} left",
+                    r.remaining.map_or("?".into(), |v| v.to_string()),
+                    r.limit.map_or("?".into(), |v| v.to_string())
+                ),
+                (None, None) => "-".to_string(),
+            };
+            let trust = if endpoint.resolve_tags {
+                "resolves"
+            } else {
+                "content only"
+            };
+            let _ = write!(
+                html,
+                "<tr class=\"endpoint\"><td>{}</td><td>{}</td><td>{trust}</td><td>{health}</td><td>{}</td></tr>",
+                escape(&route.name),
+                escape(&endpoint.url),
+                escape(&limit)
+            );
+        }
+    }
+    html.push_str("</table>");
+    // Popular images.
+    html.push_str("<h2>Most pulled</h2><table id=\"popular\"><tr><th>image</th><th class=\"num\">pulls</th></tr>");
+    for (image, pulls) in app.popularity().top(15) {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td class=\"num\">{pulls}</td></tr>",
+            escape(&image)
+        );
+    }
+    html.push_str("</table>");
+    let _ = write!(
+        html,
+        "<p><a href=\"/metrics\">metrics</a> · regmirror {}</p></body></html>",
+        env!("CARGO_PKG_VERSION")
+    );
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn popularity_orders_and_bounds() {
+        let p = Popularity::default();
+        for _ in 0..3 {
+            p.pulled("docker.io/library/a:1");
+        }
+        p.pulled("docker.io/library/b:1");
+        assert_eq!(p.top(1), vec![("docker.io/library/a:1".to_string(), 3)]);
+        assert_eq!(p.top(5).len(), 2);
+    }
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            escape("<a href=\"x\">&"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;"
+        );
+        assert_eq!(human(1536), "1.5 KiB");
+    }
+}
