@@ -1,5 +1,5 @@
-//! The `regmirror` command: `serve`, `check-config`, and the operator commands `warm`, `verify`,
-//! `gc` and `ls`.
+//! The `regmirror` command: `serve`, `check-config`, the operator commands `warm`, `verify`,
+//! `gc` and `ls`, and `health` for container health checks.
 
 use clap::{Parser, Subcommand};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
@@ -80,6 +80,11 @@ enum Command {
     Ls {
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Exit 0 when the server answers its health check (for container HEALTHCHECKs).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:5000/healthz")]
+        url: String,
     },
 }
 
@@ -181,6 +186,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Health { url } => runtime().block_on(health(&url)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -278,6 +284,22 @@ async fn warm_command(
     let _ = stop.send(());
     let _ = server.await;
     result.map(|_| ())
+}
+
+async fn health(url: &str) -> Result<(), String> {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+    let client: Client<HttpConnector, Empty<bytes::Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(HttpConnector::new());
+    let uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| format!("{url}: no answer within 5 s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    match response.status() {
+        http::StatusCode::OK => Ok(()),
+        other => Err(format!("{url}: {other}")),
+    }
 }
 
 fn platforms_of(names: &[String]) -> Platforms {

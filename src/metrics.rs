@@ -216,6 +216,10 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for route in ROUTES {
             m.request_duration.with_label_values(&[route]);
+            m.requests.with_label_values(&[route, "GET", "200"]);
+        }
+        for route in ["manifest", "blob"] {
+            m.requests.with_label_values(&[route, "HEAD", "200"]);
         }
         for kind in ["blob", "manifest"] {
             for outcome in OUTCOMES {
@@ -234,6 +238,7 @@ impl Metrics {
                     .with_label_values(&[&e.registry, url])
                     .set(-1);
                 m.upstream_duration.with_label_values(&[&e.registry, url]);
+                m.upstream_requests.with_label_values(&[&e.registry, url, "200"]);
             }
         }
         m
