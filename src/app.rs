@@ -1,5 +1,6 @@
 //! Shared state of a running mirror: the configuration, the routing table, one upstream per
-//! registry and the cache. Built once at start-up and shared by every connection.
+//! registry, the cache and the counters. A reload builds a new generation around the same cache
+//! and counters ([`Live`]); requests in flight finish on the generation they started with.
 
 use crate::cache::Cache;
 use crate::config::Config;
@@ -8,7 +9,7 @@ use crate::route::RegistryName;
 use crate::status::Popularity;
 use crate::upstream::RegistryUpstream;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub struct App {
     config: Config,
@@ -16,14 +17,31 @@ pub struct App {
     routes: Vec<RegistryName>,
     /// The upstream side of each registry, in configuration order.
     upstreams: Vec<Arc<RegistryUpstream>>,
-    cache: Cache,
+    /// Shared by every configuration generation (one store, one set of counters).
+    cache: Arc<Cache>,
     metrics: Arc<Metrics>,
-    popularity: Popularity,
+    popularity: Arc<Popularity>,
 }
 
 impl App {
     /// Opens the cache directory (purging leftovers of an earlier run) and builds the clients.
     pub fn new(config: Config) -> io::Result<Arc<App>> {
+        let metrics = Arc::new(Metrics::new(&endpoint_labels(&config)));
+        let cache = Arc::new(Cache::open(&config.cache)?);
+        Ok(Arc::new(App::assemble(
+            config,
+            cache,
+            metrics,
+            Arc::default(),
+        )))
+    }
+
+    fn assemble(
+        config: Config,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        popularity: Arc<Popularity>,
+    ) -> App {
         let routes = config
             .registry
             .iter()
@@ -33,29 +51,44 @@ impl App {
                 library_prefix: r.name == "docker.io",
             })
             .collect();
-        let labels: Vec<EndpointLabels> = config
-            .registry
-            .iter()
-            .map(|r| EndpointLabels {
-                registry: r.name.clone(),
-                endpoints: r.upstream.iter().map(|u| endpoint_label(&u.url)).collect(),
-            })
-            .collect();
-        let metrics = Arc::new(Metrics::new(&labels));
         let upstreams = config
             .registry
             .iter()
             .map(|r| Arc::new(RegistryUpstream::new(r, Arc::clone(&metrics))))
             .collect();
-        let cache = Cache::open(&config.cache)?;
-        Ok(Arc::new(App {
+        App {
             config,
             routes,
             upstreams,
             cache,
             metrics,
-            popularity: Popularity::default(),
-        }))
+            popularity,
+        }
+    }
+
+    /// The same mirror under a new configuration: registries, upstreams, credentials, TTLs,
+    /// budget and pins change; the cache, its directory and the counters carry over. Settings
+    /// that need a restart (listen address, cache directory) are kept and reported.
+    pub fn reconfigured(&self, mut config: Config) -> Result<App, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        if config.server.listen != self.config.server.listen {
+            tracing::warn!(old = %self.config.server.listen, new = %config.server.listen, "server.listen changes only on restart");
+            config.server.listen = self.config.server.listen;
+        }
+        if config.cache.dir != self.config.cache.dir {
+            tracing::warn!(old = %self.config.cache.dir.display(), new = %config.cache.dir.display(), "cache.dir changes only on restart");
+            config.cache.dir = self.config.cache.dir.clone();
+        }
+        self.cache
+            .reconfigure(&config.cache)
+            .map_err(|e| e.to_string())?;
+        self.metrics.add_endpoints(&endpoint_labels(&config));
+        Ok(App::assemble(
+            config,
+            Arc::clone(&self.cache),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.popularity),
+        ))
     }
 
     pub fn config(&self) -> &Config {
@@ -113,6 +146,44 @@ impl App {
             }
         }
         m.render()
+    }
+}
+
+fn endpoint_labels(config: &Config) -> Vec<EndpointLabels> {
+    config
+        .registry
+        .iter()
+        .map(|r| EndpointLabels {
+            registry: r.name.clone(),
+            endpoints: r.upstream.iter().map(|u| endpoint_label(&u.url)).collect(),
+        })
+        .collect()
+}
+
+/// The running configuration generation, swapped whole by a reload; each request keeps the
+/// generation it started with.
+pub struct Live {
+    current: RwLock<Arc<App>>,
+}
+
+impl Live {
+    pub fn new(app: Arc<App>) -> Arc<Live> {
+        Arc::new(Live {
+            current: RwLock::new(app),
+        })
+    }
+
+    pub fn get(&self) -> Arc<App> {
+        Arc::clone(&self.current.read().expect("live lock poisoned"))
+    }
+
+    /// Switches to a new configuration, or keeps the running one and says why not.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let next = self.get().reconfigured(config)?;
+        let registries: Vec<String> = next.routes.iter().map(|r| r.name.clone()).collect();
+        *self.current.write().expect("live lock poisoned") = Arc::new(next);
+        tracing::info!(?registries, "configuration reloaded");
+        Ok(())
     }
 }
 

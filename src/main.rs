@@ -2,12 +2,14 @@
 //! `gc` and `ls`, and `health` for container health checks.
 
 use clap::{Parser, Subcommand};
+use regmirror::app::{App, Live};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
 use regmirror::warm::{self, Platforms};
-use regmirror::{app::App, cache::store::Store, ops, server, shutdown, telemetry};
+use regmirror::{cache::store::Store, ops, server, shutdown, telemetry};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -106,7 +108,7 @@ fn main() -> ExitCode {
                 c.log.format = LogFormat::Json;
             }
             telemetry::init(c.log.format, &c.log.level);
-            runtime().block_on(serve(c))
+            runtime().block_on(serve(c, config.clone()))
         }),
         Command::Warm {
             config,
@@ -204,7 +206,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
@@ -239,7 +241,9 @@ async fn serve(config: Config) -> Result<(), String> {
             }
         });
     }
-    server::run(listener, app, shutdown::signal(), grace).await;
+    let live = Live::new(app);
+    tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
+    server::run(listener, live, shutdown::signal(), grace).await;
     Ok(())
 }
 
@@ -274,7 +278,7 @@ async fn warm_command(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run(
         listener,
-        app,
+        Live::new(app),
         async {
             let _ = stopped.await;
         },
@@ -284,6 +288,24 @@ async fn warm_command(
     let _ = stop.send(());
     let _ = server.await;
     result.map(|_| ())
+}
+
+/// SIGHUP re-reads the configuration file; an invalid one is refused and the running one stays.
+async fn reload_on_sighup(live: Arc<Live>, path: Option<PathBuf>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::error!("cannot listen for SIGHUP; live reload is off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP received; reloading the configuration");
+        match load(path.as_ref()).and_then(|config| live.reload(config)) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+    }
 }
 
 async fn health(url: &str) -> Result<(), String> {

@@ -238,10 +238,25 @@ impl Metrics {
                     .with_label_values(&[&e.registry, url])
                     .set(-1);
                 m.upstream_duration.with_label_values(&[&e.registry, url]);
-                m.upstream_requests.with_label_values(&[&e.registry, url, "200"]);
+                m.upstream_requests
+                    .with_label_values(&[&e.registry, url, "200"]);
             }
         }
         m
+    }
+
+    /// Creates the series of endpoints added by a reload.
+    pub fn add_endpoints(&self, endpoints: &[EndpointLabels]) {
+        for e in endpoints {
+            self.upstream_bytes.with_label_values(&[&e.registry]);
+            for url in &e.endpoints {
+                self.upstream_up.with_label_values(&[&e.registry, url]);
+                self.upstream_duration
+                    .with_label_values(&[&e.registry, url]);
+                self.upstream_requests
+                    .with_label_values(&[&e.registry, url, "200"]);
+            }
+        }
     }
 
     /// One answered request.

@@ -3,7 +3,7 @@
 //!
 //! `run` takes an already-bound listener so tests can bind port 0.
 
-use crate::app::App;
+use crate::app::Live;
 use crate::proxy;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,7 +22,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves until `shutdown` resolves, then lets responses in flight finish for up to `grace`.
 pub async fn run(
     listener: TcpListener,
-    app: Arc<App>,
+    live: Arc<Live>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
@@ -46,9 +46,10 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
+        let live = Arc::clone(&live);
         let service = service_fn(move |request| {
-            let app = Arc::clone(&app);
+            // Each request runs on the configuration generation current when it arrived.
+            let app = live.get();
             async move { Ok::<_, Infallible>(proxy::handle(app, request, client).await) }
         });
         let connection = builder

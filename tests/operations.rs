@@ -122,3 +122,141 @@ async fn credentials_and_tokens_never_reach_the_logs() {
     // The token flow did happen (so the check above means something).
     assert!(origin.hits("GET", "/token") >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_upstreams_for_new_requests_while_downloads_continue() {
+    let first = FakeRegistry::start().await;
+    let second = FakeRegistry::start().await;
+    let blob = random_bytes(3 * 1024 * 1024, 113);
+    let digest = first.add_blob(blob.clone());
+    first.knobs(|k| {
+        k.chunk = Some(128 * 1024);
+        k.chunk_delay = Some(Duration::from_millis(25));
+    });
+    let config = second.add_blob(b"{}".to_vec());
+    let tag_digest = second.add_manifest(
+        "library/app",
+        Some("1.0"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config, 2, &[]),
+    );
+    let mirror = TestMirror::start(&first.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let download = tokio::spawn(async move { get(&url).await });
+    eventually("the download is under way", || {
+        mirror.app.cache().fills_in_flight() == 1
+    })
+    .await;
+
+    let mut next = mirror.app.config().clone();
+    next.registry[0].upstream = vec![test_upstream(&second.url())];
+    next.cache.tag_ttl = Duration::from_secs(5);
+    mirror
+        .live
+        .reload(next.clone())
+        .expect("a valid configuration is applied");
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(tag_digest.to_string().as_str())
+    );
+    assert_eq!(first.hits("GET", "/v2/library/app/manifests/1.0"), 0);
+
+    // An invalid configuration is refused and the running one stays.
+    let mut broken = next.clone();
+    broken.registry[0].upstream[0].url = "ftp://nowhere".into();
+    assert!(mirror.live.reload(broken).is_err());
+    assert_eq!(
+        mirror.live.get().config().registry[0].upstream[0].url,
+        second.url()
+    );
+
+    let got = download.await.unwrap();
+    assert!(
+        got.body.is_ok(),
+        "the download in flight broke: {:?}",
+        got.body.err()
+    );
+    assert!(got.bytes()[..] == blob[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_refuses_a_broken_one() {
+    let first = FakeRegistry::start().await;
+    let second = FakeRegistry::start().await;
+    let config_blob = first.add_blob(b"{}".to_vec());
+    second.add_blob(b"{}".to_vec());
+    let one = first.add_manifest(
+        "library/app",
+        Some("1.0"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config_blob, 2, &[]),
+    );
+    let two = second.add_manifest(
+        "library/app",
+        Some("1.0"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config_blob, 3, &[]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("c.toml");
+    let write = |upstream: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\ntag_ttl = \"0s\"\n\
+                 [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{upstream}\"\n",
+                dir.path().join("cache").display().to_string()
+            ),
+        )
+        .unwrap()
+    };
+    write(&first.url());
+    let log = dir.path().join("serve.log");
+    let mirror = Process::spawn(
+        "regmirror",
+        Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["serve", "--config"])
+            .arg(&path),
+        log.clone(),
+    );
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+    let tag = format!("http://127.0.0.1:{port}/v2/library/app/manifests/1.0");
+    let digest_of = |got: Got| got.header("docker-content-digest").unwrap().to_string();
+    assert_eq!(digest_of(get_manifest(&tag).await), one.to_string());
+
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    write(&second.url());
+    assert!(hup(mirror.pid()).success());
+    let mut switched = false;
+    for _ in 0..100 {
+        if digest_of(get_manifest(&tag).await) == two.to_string() {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        switched,
+        "SIGHUP did not apply the new upstream:\n{}",
+        mirror.output()
+    );
+
+    std::fs::write(&path, "[server]\nlisten = 5\n").unwrap();
+    assert!(hup(mirror.pid()).success());
+    eventually("the refusal is logged", || {
+        mirror.output().contains("configuration reload refused")
+    })
+    .await;
+    assert_eq!(
+        digest_of(get_manifest(&tag).await),
+        two.to_string(),
+        "a broken file replaced the running config"
+    );
+}

@@ -70,7 +70,7 @@ struct Inner {
 
 /// The index; shared.
 pub struct Index {
-    budget: Budget,
+    budget: Mutex<Budget>,
     inner: Mutex<Inner>,
 }
 
@@ -92,7 +92,7 @@ impl Drop for ReadGuard {
 impl Index {
     pub fn new(budget: Budget) -> Index {
         Index {
-            budget,
+            budget: Mutex::new(budget),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -102,7 +102,12 @@ impl Index {
     }
 
     pub fn budget(&self) -> Budget {
-        self.budget
+        *self.budget.lock().expect("budget lock poisoned")
+    }
+
+    /// A new budget (configuration reload).
+    pub fn set_budget(&self, budget: Budget) {
+        *self.budget.lock().expect("budget lock poisoned") = budget;
     }
 
     /// Records stored content (a commit, or a file found at start-up; insert those oldest
@@ -169,8 +174,9 @@ impl Index {
 
     /// Whether blob usage passed the high watermark.
     pub fn over_high_watermark(&self) -> bool {
-        match self.budget.max {
-            Some(max) => self.usage().blob_bytes as f64 > max as f64 * self.budget.high,
+        let budget = self.budget();
+        match budget.max {
+            Some(max) => self.usage().blob_bytes as f64 > max as f64 * budget.high,
             None => false,
         }
     }
@@ -203,9 +209,8 @@ impl Index {
 
     /// The low-watermark target, when there is a budget.
     pub fn low_target(&self) -> Option<u64> {
-        self.budget
-            .max
-            .map(|max| (max as f64 * self.budget.low) as u64)
+        let budget = self.budget();
+        budget.max.map(|max| (max as f64 * budget.low) as u64)
     }
 
     /// Every entry: digest, size, kind, last use (for `ls`).

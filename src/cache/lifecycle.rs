@@ -56,7 +56,7 @@ impl Pin {
 pub struct Lifecycle {
     store: Arc<Store>,
     index: Arc<Index>,
-    pins: Vec<Pin>,
+    pins: Mutex<Vec<Pin>>,
     /// An eviction run is under way.
     evicting: AtomicBool,
     disk_full_until: Mutex<Option<Instant>>,
@@ -81,7 +81,7 @@ impl Lifecycle {
         Ok(Lifecycle {
             store,
             index,
-            pins,
+            pins: Mutex::new(pins),
             evicting: AtomicBool::new(false),
             disk_full_until: Mutex::new(None),
             evictions: AtomicU64::new(0),
@@ -102,6 +102,12 @@ impl Lifecycle {
 
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// A new budget and pins (configuration reload); applied at the next eviction.
+    pub fn reconfigure(&self, budget: Budget, pins: Vec<Pin>) {
+        self.index.set_budget(budget);
+        *self.pins.lock().expect("pins lock poisoned") = pins;
     }
 
     /// Commits a verified download and counts it.
@@ -200,7 +206,8 @@ impl Lifecycle {
     /// manifests stored so far, their configs and layers.
     pub fn pinned(&self) -> HashSet<Digest> {
         let mut pinned = HashSet::new();
-        for pin in &self.pins {
+        let pins = self.pins.lock().expect("pins lock poisoned").clone();
+        for pin in &pins {
             let root = match &pin.reference {
                 Reference::Digest(d) => Some(d.clone()),
                 Reference::Tag(tag) => self

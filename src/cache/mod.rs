@@ -21,6 +21,7 @@ use lifecycle::{Lifecycle, Pin};
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use store::{ManifestMeta, Store, TagRecord, TempBlob};
@@ -79,24 +80,29 @@ pub struct Cache {
     tags: moka::future::Cache<TagKey, TagAnswer>,
     /// Listings live for the tag TTL too.
     listings: moka::future::Cache<String, Listing>,
+    /// The tag TTL in milliseconds (changeable by a reload; applies to answers loaded after it).
+    tag_ttl_ms: Arc<AtomicU64>,
+}
+
+/// Expiry by the current tag TTL.
+struct TagTtl(Arc<AtomicU64>);
+
+impl<K, V> moka::Expiry<K, V> for TagTtl {
+    fn expire_after_create(
+        &self,
+        _key: &K,
+        _value: &V,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(self.0.load(Ordering::Relaxed).max(1)))
+    }
 }
 
 impl Cache {
     /// Opens the cache directory for the server (purging downloads a previous run left) and
     /// indexes what it holds.
     pub fn open(config: &CacheConfig) -> io::Result<Cache> {
-        let pins = config
-            .pin
-            .iter()
-            .map(|p| {
-                Pin::parse(p).ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("cache.pin: {p:?} is not an image reference"),
-                    )
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let pins = parse_pins(&config.pin)?;
         let budget = Budget {
             max: config.max_size,
             high: config.high_watermark,
@@ -110,18 +116,20 @@ impl Cache {
             .max_capacity(manifest_memory_bytes)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
             .build();
+        let tag_ttl_ms = Arc::new(AtomicU64::new(tag_ttl.as_millis() as u64));
         let tags = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .time_to_live(tag_ttl.max(Duration::from_millis(1)))
+            .expire_after(TagTtl(Arc::clone(&tag_ttl_ms)))
             .build();
         let listings = moka::future::Cache::builder()
             .max_capacity(64 * 1024 * 1024)
             .weigher(|k: &String, l: &Listing| {
                 u32::try_from(k.len() + l.body.len()).unwrap_or(u32::MAX)
             })
-            .time_to_live(tag_ttl.max(Duration::from_millis(1)))
+            .expire_after(TagTtl(Arc::clone(&tag_ttl_ms)))
             .build();
         Ok(Cache {
+            tag_ttl_ms,
             store,
             lifecycle,
             inflight: Arc::new(Inflight::default()),
@@ -137,6 +145,20 @@ impl Cache {
 
     pub fn lifecycle(&self) -> &Arc<Lifecycle> {
         &self.lifecycle
+    }
+
+    /// Applies the reloadable parts of a new cache configuration (TTL, budget, pins).
+    pub fn reconfigure(&self, config: &CacheConfig) -> io::Result<()> {
+        let pins = parse_pins(&config.pin)?;
+        self.tag_ttl_ms
+            .store(config.tag_ttl.as_millis() as u64, Ordering::Relaxed);
+        let budget = Budget {
+            max: config.max_size,
+            high: config.high_watermark,
+            low: config.low_watermark,
+        };
+        self.lifecycle.reconfigure(budget, pins);
+        Ok(())
     }
 
     /// Downloads in progress.
@@ -281,6 +303,19 @@ impl Cache {
         let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
         blocking(move || store.remove_tag(&registry, &repo, &tag)).await
     }
+}
+
+fn parse_pins(pins: &[String]) -> io::Result<Vec<Pin>> {
+    pins.iter()
+        .map(|p| {
+            Pin::parse(p).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cache.pin: {p:?} is not an image reference"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Opens a stored blob and records the hit.

@@ -541,7 +541,10 @@ impl BlackHole {
 pub struct TestMirror {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The first configuration generation (cache and counters are shared by all).
     pub app: Arc<App>,
+    /// For reloads.
+    pub live: Arc<regmirror::app::Live>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -568,10 +571,11 @@ impl TestMirror {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = App::new(config).unwrap();
+        let live = regmirror::app::Live::new(Arc::clone(&app));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(regmirror::server::run(
             listener,
-            Arc::clone(&app),
+            Arc::clone(&live),
             async move {
                 let _ = stopped.await;
             },
@@ -581,6 +585,7 @@ impl TestMirror {
             addr,
             dir,
             app,
+            live,
             stop: Some(stop),
             task: Some(task),
         }
