@@ -86,6 +86,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
         ));
     }
     let total = content_length(answer.headers());
+    permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
 
     // Three parties run side by side: this task reads the network, one blocking task writes

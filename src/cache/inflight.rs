@@ -9,7 +9,7 @@ use crate::digest::Digest;
 use crate::error::Code;
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
 
 /// Where a fill stands, as its readers see it.
@@ -41,12 +41,15 @@ pub struct FillError {
 pub struct Fill {
     pub file: Arc<File>,
     pub progress: watch::Receiver<FillState>,
+    /// The endpoint the download comes from, once known (for access lines).
+    pub source: Arc<OnceLock<String>>,
 }
 
 /// The right and duty to perform a fill. Dropping it unfinished fails the fill.
 #[derive(Debug)]
 pub struct FillPermit {
     digest: Digest,
+    source: Arc<OnceLock<String>>,
     table: Arc<Inflight>,
     progress: watch::Sender<FillState>,
     finished: bool,
@@ -55,6 +58,11 @@ pub struct FillPermit {
 impl FillPermit {
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// Records which endpoint the download comes from.
+    pub fn set_source(&self, endpoint: &str) {
+        let _ = self.source.set(endpoint.to_string());
     }
 
     /// Publishes progress to every reader.
@@ -125,13 +133,16 @@ impl Inflight {
         }
         let (temp, reader) = create()?;
         let (tx, rx) = watch::channel(FillState::Starting);
+        let source = Arc::new(OnceLock::new());
         let fill = Fill {
             file: Arc::new(reader),
             progress: rx,
+            source: Arc::clone(&source),
         };
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
             digest: digest.clone(),
+            source,
             table: Arc::clone(self),
             progress: tx,
             finished: false,

@@ -157,6 +157,9 @@ async fn follow_fill(
         FillState::Streaming { total, .. } => total,
         FillState::Starting => unreachable!("waited for a later state"),
     };
+    if let Some(source) = fill.source.get() {
+        crate::upstream::note_endpoint(source);
+    }
     let file = fill.file;
     let continuation = continuation(app, registry, repo, digest, size);
     let Some(size) = size else {

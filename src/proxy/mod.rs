@@ -60,11 +60,20 @@ pub async fn handle<B>(
     let routed = route::route(&method, uri.path(), uri.query(), app.routes());
     let head = method == http::Method::HEAD;
     let mut outcome = Outcome::None;
+    let mut upstream_endpoint = None;
     let (mut response, kind, registry, failure) = match routed {
         Ok(route) => {
             let kind = route.kind();
             let registry = route.registry.map(|i| app.routes()[i].name.clone());
-            match dispatch(&app, &route, request.headers(), &mut outcome).await {
+            let (result, answered_by) = crate::upstream::noting_endpoint(dispatch(
+                &app,
+                &route,
+                request.headers(),
+                &mut outcome,
+            ))
+            .await;
+            upstream_endpoint = answered_by;
+            match result {
                 Ok(response) => (response, kind, registry, None),
                 Err(e) => {
                     let text = e.to_string();
@@ -107,6 +116,7 @@ pub async fn handle<B>(
         registry = registry.as_deref().unwrap_or("-"),
         status,
         cache = outcome.as_str(),
+        upstream = upstream_endpoint.as_deref().unwrap_or("-"),
         bytes,
         ms = started.elapsed().as_millis() as u64,
         error = failure.as_deref().unwrap_or(""),

@@ -76,6 +76,28 @@ impl UpstreamError {
     }
 }
 
+tokio::task_local! {
+    /// The endpoint that answered the current request's upstream fetch, for its access line.
+    static ANSWERED_BY: std::cell::RefCell<Option<String>>;
+}
+
+/// Runs a request's handling and returns, beside its output, the endpoint that answered it
+/// (if it went upstream).
+pub async fn noting_endpoint<F: std::future::Future>(f: F) -> (F::Output, Option<String>) {
+    ANSWERED_BY
+        .scope(std::cell::RefCell::new(None), async {
+            let out = f.await;
+            let who = ANSWERED_BY.with(|c| c.borrow().clone());
+            (out, who)
+        })
+        .await
+}
+
+/// Records the endpoint that answered (a no-op outside `noting_endpoint`, e.g. in fills).
+pub fn note_endpoint(base: &str) {
+    let _ = ANSWERED_BY.try_with(|c| *c.borrow_mut() = Some(base.to_string()));
+}
+
 /// What to ask an upstream for.
 pub struct UpstreamRequest<'a> {
     pub method: Method,
@@ -275,6 +297,7 @@ impl RegistryUpstream {
                     Ok(mut answer) => {
                         endpoint.health.mark_up();
                         answer.endpoint_index = index;
+                        note_endpoint(&endpoint.base);
                         return Ok(answer);
                     }
                     Err(e) if e.try_next() => {
@@ -286,6 +309,7 @@ impl RegistryUpstream {
             }
         }
         if let Some(answer) = not_found {
+            note_endpoint(&answer.endpoint);
             return Ok(answer);
         }
         Err(last_error.unwrap_or_else(|| {
