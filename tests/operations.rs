@@ -69,18 +69,18 @@ async fn credentials_and_tokens_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let password = "pa55-w0rd-never-logged";
-    let config = dir.path().join("c.toml");
-    std::fs::write(
+    for format in ["text", "json"] {
+        let config = dir.path().join("c.toml");
+        std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[log]\nlevel = \"trace\"\n\
              [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{}\"\nusername = \"mirror\"\npassword = \"{password}\"\n",
-            dir.path().join("cache").display().to_string(),
+            dir.path().join(format!("cache-{format}")).display().to_string(),
             origin.url()
         ),
     )
     .unwrap();
-    for format in ["text", "json"] {
         let log = dir.path().join(format!("{format}.log"));
         let mut mirror = Process::spawn(
             "regmirror",
@@ -111,6 +111,16 @@ async fn credentials_and_tokens_never_reach_the_logs() {
             text.contains("regmirror::access"),
             "no access log line ({format}):\n{text}"
         );
+        let blob_line = text
+            .lines()
+            .find(|l| l.contains("regmirror::access") && l.contains("/blobs/"))
+            .unwrap_or_else(|| panic!("no access line for the blob ({format}):\n{text}"));
+        for field in ["miss", "200", &origin.url()] {
+            assert!(
+                blob_line.contains(field),
+                "the access line lacks {field:?}: {blob_line}"
+            );
+        }
         let basic = "bWlycm9yOnBhNTUtdzByZC1uZXZlci1sb2dnZWQ"; // base64 of mirror:<password>, unpadded prefix
         for secret in [password, "tok-default", basic] {
             assert!(
