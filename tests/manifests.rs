@@ -228,6 +228,27 @@ async fn concurrent_manifest_misses_coalesce() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrow_accept_reuses_a_fresh_answer_of_an_accepted_type() {
+    let (origin, digest, _) = origin_with_image().await;
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&url).await.status, StatusCode::OK); // records the tag: schema2
+    let narrow = request(Method::GET, &url, &[("accept", DOCKER_MANIFEST)]).await;
+    assert_eq!(
+        narrow.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+    let oci_only = "application/vnd.oci.image.manifest.v1+json";
+    let other = request(Method::GET, &url, &[("accept", oci_only)]).await;
+    assert_eq!(other.status, StatusCode::OK); // the fake ignores Accept; asked upstream
+    assert_eq!(
+        origin.hits("GET", "/v2/library/app/manifests/1.0"),
+        2,
+        "only the non-matching Accept goes upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn narrow_accept_passes_through_without_recording_the_tag() {
     let (origin, digest, _) = origin_with_image().await;
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;

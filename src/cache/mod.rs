@@ -258,6 +258,11 @@ impl Cache {
         Ok(())
     }
 
+    /// The tag's answer if one is fresh in memory; never loads.
+    pub async fn peek_tag(&self, key: &TagKey) -> Option<TagAnswer> {
+        self.tags.get(key).await
+    }
+
     /// The tag's answer: fresh from memory, or from `load` (run once for all waiters).
     pub async fn tag<F>(&self, key: &TagKey, load: F) -> Result<TagAnswer, Error>
     where

@@ -86,6 +86,36 @@ pub async fn serve(
             ))
         }
         Reference::Tag(tag) => {
+            // A narrower Accept gets what upstream gives every client when the tag's current
+            // answer is of a type it accepts; otherwise only upstream can say.
+            let key = TagKey {
+                registry,
+                repo: repo.clone(),
+                tag: tag.clone(),
+            };
+            if let Some(answer) = app.cache().peek_tag(&key).await {
+                if !answer.stale && accept.accepts(&answer.media_type) {
+                    *outcome = Outcome::Hit;
+                    if head {
+                        return Ok(respond_head(
+                            &answer.digest,
+                            &answer.media_type,
+                            answer.size as usize,
+                            false,
+                        ));
+                    }
+                    let mut ignored = Outcome::None;
+                    let manifest =
+                        by_digest(app, registry, repo, &answer.digest, &mut ignored).await?;
+                    return Ok(respond(
+                        &manifest.digest,
+                        &manifest.media_type,
+                        manifest.bytes.clone(),
+                        false,
+                        false,
+                    ));
+                }
+            }
             *outcome = Outcome::Bypass;
             pass_through(app, registry, repo, tag, &accept, head).await
         }

@@ -1,0 +1,743 @@
+//! The side-by-side load bench: one origin (Debian's `docker-registry`) and three mirrors in front
+//! of it — regmirror, distribution in proxy mode and nginx as a caching proxy — plus the direct
+//! path and the machine's limits, measured in one run, alternating, over several rounds.
+//!
+//! Run with: `benches/load.sh` (installs docker-registry, nginx-light, wrk and curl, builds
+//! release, then runs this). Environment: `ROUNDS` (default 3), `SIZES_MIB` (default
+//! `512,2048`), `KEEP=1` to keep the work directory.
+//!
+//! Each mirror reaches the origin through its own byte-counting TCP forwarder, so "bytes the
+//! origin sent" is measured, not inferred. Clients are curl (bulk transfers) and wrk (small
+//! objects at 64 connections). Peak RSS and CPU seconds come from /proc.
+
+use regmirror::digest::{Digest, Hasher};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1024 * 1024;
+const REPO: &str = "bench/blob";
+/// What docker, containerd and podman send for manifests.
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn main() {
+    let rounds: usize = env("ROUNDS", 3);
+    let sizes: Vec<u64> = std::env::var("SIZES_MIB")
+        .unwrap_or_else(|_| "512,2048".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let work = tempfile::Builder::new()
+        .prefix("regmirror-bench-")
+        .tempdir()
+        .expect("work dir");
+    let dir = work.path().to_path_buf();
+    println!("work dir {}", dir.display());
+
+    let origin = Service::docker_registry(&dir.join("origin"), None);
+    let mut blobs = Vec::new();
+    for &size in &sizes {
+        blobs.push(seed_blob(&dir, &origin, size * MIB, 1));
+    }
+    // A second blob of the first size, for the concurrent cold clients.
+    let shared = seed_blob(&dir, &origin, sizes[0] * MIB, 2);
+    let small = seed_blob(&dir, &origin, MIB, 3);
+    let manifest = seed_manifest(&origin, &small);
+    println!(
+        "origin seeded: {:?} MiB blobs, a 1 MiB blob and a manifest",
+        sizes
+    );
+
+    let mut results = Results::default();
+    limits(&dir, &blobs[0], &mut results);
+    for round in 0..rounds {
+        println!("round {}/{rounds}", round + 1);
+        for kind in MirrorKind::ALL {
+            let forwarder = Forwarder::start(origin.port);
+            let mirror = Mirror::start(
+                kind,
+                &dir.join(format!("{}-{round}", kind.name())),
+                forwarder.port,
+            );
+            run_workloads(
+                &mirror,
+                &forwarder,
+                &blobs,
+                &shared,
+                &small,
+                &manifest,
+                &mut results,
+            );
+            results.record(kind.name(), "peak RSS MiB", mirror.service.peak_rss_mib());
+        }
+        direct(&origin, &blobs, &mut results);
+    }
+    results.print();
+    if std::env::var("KEEP").is_ok() {
+        let kept = work.keep();
+        println!("kept {}", kept.display());
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A process the bench started; killed on drop.
+struct Service {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    fn spawn(command: &mut Command, port: u16, log: &Path) -> Service {
+        let out = std::fs::File::create(log).unwrap();
+        let child = command
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e} (run benches/load.sh)"));
+        let service = Service { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{command:?} did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        service
+    }
+
+    fn docker_registry(dir: &Path, proxy_to: Option<u16>) -> Service {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let proxy = proxy_to.map_or(String::new(), |p| {
+            format!("proxy:\n  remoteurl: http://127.0.0.1:{p}\n")
+        });
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        Service::spawn(
+            Command::new("docker-registry").arg("serve").arg(&config),
+            port,
+            &dir.join("log"),
+        )
+    }
+
+    fn nginx(dir: &Path, body: &str) -> Service {
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let port = free_port();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+                 http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n keepalive_requests 100000;\n\
+                 client_body_temp_path {d}/tmp/body;\n proxy_temp_path {d}/tmp/proxy;\n fastcgi_temp_path {d}/tmp/fcgi;\n\
+                 uwsgi_temp_path {d}/tmp/uwsgi;\n scgi_temp_path {d}/tmp/scgi;\n\
+                 server {{\n  listen 127.0.0.1:{port};\n{body}\n }}\n}}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        Service::spawn(
+            Command::new("nginx").arg("-c").arg(&conf),
+            port,
+            &dir.join("stdout.log"),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory of the process (and its children, for nginx's workers).
+    fn peak_rss_mib(&self) -> f64 {
+        let mut total = 0.0;
+        for pid in std::iter::once(self.pid()).chain(children(self.pid())) {
+            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+                    let kib: f64 = line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0);
+                    total += kib / 1024.0;
+                }
+            }
+        }
+        total
+    }
+
+    /// User + system CPU seconds of the process and its children.
+    fn cpu_seconds(&self) -> f64 {
+        let ticks = 100.0; // USER_HZ on Linux
+        std::iter::once(self.pid())
+            .chain(children(self.pid()))
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .map(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                let field = |i: usize| {
+                    fields
+                        .get(i)
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                (field(11) + field(12)) / ticks
+            })
+            .sum()
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A TCP forwarder in front of the origin that counts the bytes the origin sends.
+struct Forwarder {
+    port: u16,
+    sent: Arc<AtomicU64>,
+}
+
+impl Forwarder {
+    fn start(origin: u16) -> Forwarder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sent);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", origin)) else {
+                    continue;
+                };
+                let counter = Arc::clone(&counter);
+                let (mut c_read, mut u_write) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut u_write);
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut u_read, mut c_write) = (upstream, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n) = u_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Forwarder { port, sent }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MirrorKind {
+    Regmirror,
+    Distribution,
+    Nginx,
+}
+
+impl MirrorKind {
+    const ALL: [MirrorKind; 3] = [
+        MirrorKind::Regmirror,
+        MirrorKind::Distribution,
+        MirrorKind::Nginx,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            MirrorKind::Regmirror => "regmirror",
+            MirrorKind::Distribution => "distribution",
+            MirrorKind::Nginx => "nginx",
+        }
+    }
+}
+
+struct Mirror {
+    kind: MirrorKind,
+    service: Service,
+}
+
+impl Mirror {
+    fn start(kind: MirrorKind, dir: &Path, origin: u16) -> Mirror {
+        std::fs::create_dir_all(dir).unwrap();
+        let service = match kind {
+            MirrorKind::Regmirror => {
+                let port = free_port();
+                let config = dir.join("regmirror.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[log]\nlevel = \"warn\"\n\
+                         [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"http://127.0.0.1:{origin}\"\n",
+                        dir.join("cache").display().to_string()
+                    ),
+                )
+                .unwrap();
+                let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/regmirror");
+                Service::spawn(Command::new(binary).args(["serve", "--config"]).arg(&config), port, &dir.join("log"))
+            }
+            MirrorKind::Distribution => Service::docker_registry(dir, Some(origin)),
+            MirrorKind::Nginx => Service::nginx(
+                dir,
+                &format!(
+                    "  location / {{\n   proxy_pass http://127.0.0.1:{origin};\n   proxy_http_version 1.1;\n   proxy_cache reg;\n\
+                     proxy_cache_lock on;\n   proxy_cache_lock_timeout 10m;\n   proxy_cache_lock_age 10m;\n   proxy_cache_valid 200 1d;\n\
+                     proxy_buffering on;\n  }}\n }}\n proxy_cache_path {}/cache levels=1:2 keys_zone=reg:10m max_size=50g inactive=1d use_temp_path=off;\n server {{\n  listen 127.0.0.1:{};\n  return 404;",
+                    dir.display(),
+                    free_port()
+                ),
+            ),
+        };
+        Mirror { kind, service }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.service.port)
+    }
+}
+
+/// A seeded blob: digest and size.
+#[derive(Clone)]
+struct Blob {
+    digest: Digest,
+    size: u64,
+}
+
+fn blob_path(blob: &Blob) -> String {
+    format!("/v2/{REPO}/blobs/{}", blob.digest)
+}
+
+/// Writes `size` incompressible bytes to a file, hashing on the way, and pushes them.
+fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
+    let file = dir.join(format!("blob-{size}-{salt}"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+    let mut hasher = Hasher::default();
+    let mut x: u64 = (size ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+    let mut chunk = vec![0u8; MIB as usize];
+    for _ in 0..size / MIB {
+        for word in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        hasher.update(&chunk);
+        out.write_all(&chunk).unwrap();
+    }
+    out.flush().unwrap();
+    drop(out);
+    let digest = hasher.finish();
+    let location = curl(&[
+        "-s",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:{}/v2/{REPO}/blobs/uploads/", origin.port),
+    ]);
+    let location = location
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .expect("upload location")
+        .trim()
+        .to_string();
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let code = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-T",
+        file.to_str().unwrap(),
+        &format!("{location}{sep}digest={digest}"),
+    ]);
+    assert_eq!(code.trim(), "201", "pushing the {size}-byte blob");
+    std::fs::remove_file(&file).unwrap();
+    Blob { digest, size }
+}
+
+/// Pushes a small image manifest (its config is the 1 MiB blob); returns its digest.
+fn seed_manifest(origin: &Service, config: &Blob) -> Digest {
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{}"}},"layers":[]}}"#,
+        config.size, config.digest
+    );
+    let code = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &manifest,
+        &format!(
+            "http://127.0.0.1:{}/v2/{REPO}/manifests/latest",
+            origin.port
+        ),
+    ]);
+    assert_eq!(code.trim(), "201", "pushing the manifest");
+    Digest::of(manifest.as_bytes())
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl").args(args).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One download: (time to first byte s, total s, bytes).
+fn fetch(url: &str) -> (f64, f64, u64) {
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-H",
+        &format!("Accept: {ACCEPT}"),
+        "-w",
+        "%{time_starttransfer} %{time_total} %{size_download}",
+        url,
+    ]);
+    let mut parts = out
+        .split_whitespace()
+        .map(|p| p.parse::<f64>().unwrap_or(0.0));
+    let (ttfb, total, bytes) = (
+        parts.next().unwrap_or(0.0),
+        parts.next().unwrap_or(0.0),
+        parts.next().unwrap_or(0.0),
+    );
+    (ttfb, total, bytes as u64)
+}
+
+/// `n` concurrent downloads; returns (wall s, ttfbs, all complete).
+fn fetch_concurrently(url: &str, n: usize, size: u64) -> (f64, Vec<f64>, bool) {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_string();
+            std::thread::spawn(move || fetch(&url))
+        })
+        .collect();
+    let results: Vec<(f64, f64, u64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let complete = results.iter().all(|r| r.2 == size);
+    (
+        started.elapsed().as_secs_f64(),
+        results.iter().map(|r| r.0).collect(),
+        complete,
+    )
+}
+
+fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / MIB as f64 / seconds.max(1e-9)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_workloads(
+    mirror: &Mirror,
+    forwarder: &Forwarder,
+    blobs: &[Blob],
+    shared: &Blob,
+    small: &Blob,
+    manifest: &Digest,
+    results: &mut Results,
+) {
+    let name = mirror.kind.name();
+    let cpu_before = mirror.service.cpu_seconds();
+    let mut delivered = 0u64;
+    // (3) 16 concurrent cold clients on one blob: wall time, first bytes, what the origin sent.
+    let before = forwarder.bytes();
+    let (wall, ttfbs, complete) =
+        fetch_concurrently(&mirror.url(&blob_path(shared)), 16, shared.size);
+    assert!(
+        complete,
+        "{name}: a concurrent cold download was incomplete"
+    );
+    let mib = shared.size / MIB;
+    results.record(name, &format!("16 cold x {mib} MiB wall s"), wall);
+    results.record(
+        name,
+        &format!("16 cold x {mib} MiB ttfb p50 ms"),
+        percentile(&ttfbs, 0.5) * 1000.0,
+    );
+    results.record(
+        name,
+        &format!("16 cold x {mib} MiB origin sent x"),
+        (forwarder.bytes() - before) as f64 / shared.size as f64,
+    );
+    delivered += 16 * shared.size;
+    // (1) cold miss, one client; (2) warm hits at 1, 8 and 32 clients.
+    for blob in blobs {
+        let mib = blob.size / MIB;
+        let (ttfb, total, bytes) = fetch(&mirror.url(&blob_path(blob)));
+        assert_eq!(
+            bytes, blob.size,
+            "{name}: cold download of {mib} MiB incomplete"
+        );
+        results.record(
+            name,
+            &format!("cold {mib} MiB MiB/s"),
+            mib_per_s(bytes, total),
+        );
+        results.record(name, &format!("cold {mib} MiB ttfb ms"), ttfb * 1000.0);
+        delivered += blob.size;
+        for clients in [1usize, 8, 32] {
+            let (wall, _, complete) =
+                fetch_concurrently(&mirror.url(&blob_path(blob)), clients, blob.size);
+            assert!(complete, "{name}: warm downloads incomplete");
+            results.record(
+                name,
+                &format!("warm {mib} MiB x{clients} MiB/s"),
+                mib_per_s(blob.size * clients as u64, wall),
+            );
+            delivered += blob.size * clients as u64;
+        }
+    }
+    let gib = delivered as f64 / (1u64 << 30) as f64;
+    let cpu = mirror.service.cpu_seconds() - cpu_before;
+    results.record(name, "CPU s per GiB served (bulk)", cpu / gib);
+    // (4) small objects at 64 connections.
+    let manifest_by_digest = mirror.url(&format!("/v2/{REPO}/manifests/{manifest}"));
+    let manifest_by_tag = mirror.url(&format!("/v2/{REPO}/manifests/latest"));
+    let small_blob = mirror.url(&blob_path(small));
+    // (wrk cannot drive HEAD: its parser waits for the body a HEAD answer announces.)
+    for (label, url, method) in [
+        ("manifest by digest GET", &manifest_by_digest, "GET"),
+        ("manifest by tag GET", &manifest_by_tag, "GET"),
+        ("1 MiB blob GET", &small_blob, "GET"),
+    ] {
+        let _ = fetch(url); // warm it
+        if let Some((rps, p50, p99)) = wrk(url, method) {
+            results.record(name, &format!("{label} req/s"), rps);
+            results.record(name, &format!("{label} p50 ms"), p50);
+            results.record(name, &format!("{label} p99 ms"), p99);
+        }
+    }
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// wrk at 64 connections for a few seconds: (requests/s, p50 ms, p99 ms).
+fn wrk(url: &str, method: &str) -> Option<(f64, f64, f64)> {
+    let script = std::env::temp_dir().join(format!("regmirror-bench-{method}.lua"));
+    std::fs::write(
+        &script,
+        format!("wrk.method = \"{method}\"\nwrk.headers[\"Accept\"] = \"{ACCEPT}\"\n"),
+    )
+    .ok()?;
+    let seconds: u64 = env("WRK_SECONDS", 5);
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let latency = |pct: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(pct))
+            .map(|v| to_ms(v.trim()))
+    };
+    Some((rps, latency("50%")?, latency("99%")?))
+}
+
+fn to_ms(value: &str) -> f64 {
+    let split = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: f64 = number.parse().unwrap_or(0.0);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => n,
+    }
+}
+
+/// The direct path: clients straight to the origin.
+fn direct(origin: &Service, blobs: &[Blob], results: &mut Results) {
+    for blob in blobs {
+        let (ttfb, total, bytes) = fetch(&format!(
+            "http://127.0.0.1:{}{}",
+            origin.port,
+            blob_path(blob)
+        ));
+        let mib = blob.size / MIB;
+        results.record(
+            "direct",
+            &format!("cold {mib} MiB MiB/s"),
+            mib_per_s(bytes, total),
+        );
+        results.record("direct", &format!("cold {mib} MiB ttfb ms"), ttfb * 1000.0);
+    }
+}
+
+/// The machine's limits: sha256 in memory, nginx sendfile of a file from the page cache.
+fn limits(dir: &Path, blob: &Blob, results: &mut Results) {
+    let data = vec![0x5au8; 256 * MIB as usize];
+    let started = Instant::now();
+    let mut hasher = Hasher::default();
+    hasher.update(&data);
+    let _ = hasher.finish();
+    results.record(
+        "limit",
+        "sha256 MiB/s",
+        mib_per_s(data.len() as u64, started.elapsed().as_secs_f64()),
+    );
+    results.record(
+        "limit",
+        "sha256 check",
+        f64::from(Digest::of(&data[..1]) == Digest::of(&[0x5a])),
+    );
+    let root = dir.join("static");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("file"),
+        &data[..(blob.size.min(256 * MIB)) as usize],
+    )
+    .unwrap();
+    let nginx = Service::nginx(
+        &dir.join("nginx-static"),
+        &format!("  root {};", root.display()),
+    );
+    let url = format!("http://127.0.0.1:{}/file", nginx.port);
+    let _ = fetch(&url);
+    for clients in [1usize, 8, 32] {
+        let (wall, _, _) = fetch_concurrently(&url, clients, blob.size.min(256 * MIB));
+        results.record(
+            "limit",
+            &format!("static x{clients} MiB/s"),
+            mib_per_s(blob.size.min(256 * MIB) * clients as u64, wall),
+        );
+    }
+}
+
+/// Medians per (subject, measure) over rounds.
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<(String, String), Vec<f64>>,
+}
+
+impl Results {
+    fn record(&mut self, subject: &str, measure: &str, value: f64) {
+        self.samples
+            .entry((measure.to_string(), subject.to_string()))
+            .or_default()
+            .push(value);
+    }
+
+    fn median(&self, measure: &str, subject: &str) -> Option<f64> {
+        let mut v = self
+            .samples
+            .get(&(measure.to_string(), subject.to_string()))?
+            .clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Some(v[v.len() / 2])
+    }
+
+    fn print(&self) {
+        let measures: Vec<String> = {
+            let mut m: Vec<String> = self.samples.keys().map(|(m, _)| m.clone()).collect();
+            m.dedup();
+            m
+        };
+        println!(
+            "\n{:<28} {:>11} {:>13} {:>11} {:>11} {:>11}  ratios regmirror/…",
+            "measure (median)", "regmirror", "distribution", "nginx", "direct", "limit"
+        );
+        for measure in measures {
+            let cell = |s: &str| {
+                self.median(&measure, s)
+                    .map_or("-".to_string(), |v| format!("{v:.1}"))
+            };
+            let ours = self.median(&measure, "regmirror");
+            let ratio = |s: &str| match (ours, self.median(&measure, s)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{s} {:.2}", a / b),
+                _ => String::new(),
+            };
+            println!(
+                "{:<28} {:>11} {:>13} {:>11} {:>11} {:>11}  {} {} {}",
+                measure,
+                cell("regmirror"),
+                cell("distribution"),
+                cell("nginx"),
+                cell("direct"),
+                cell("limit"),
+                ratio("distribution"),
+                ratio("nginx"),
+                ratio("direct")
+            );
+        }
+    }
+}
