@@ -23,16 +23,38 @@ async fn shutdown_lets_bodies_in_flight_finish() {
         k.chunk_delay = Some(Duration::from_millis(30));
     });
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    // Every client has its response headers (so its request was accepted) before shutdown.
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(8);
     let mut in_flight = Vec::new();
-    for _ in 0..4 {
-        let url = url.clone();
-        in_flight.push(tokio::spawn(async move { get(&url).await }));
+    for target in [
+        url.clone(),
+        url.clone(),
+        url.clone(),
+        url.clone(),
+        cached_url.clone(),
+    ] {
+        let started = started_tx.clone();
+        in_flight.push(tokio::spawn(async move {
+            let request = http::Request::get(&target)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let response = client()
+                .request(request)
+                .await
+                .expect("accepted before shutdown");
+            started.send(()).await.unwrap();
+            use http_body_util::BodyExt;
+            response
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| e.to_string())
+        }));
     }
-    let cached_client = tokio::spawn(async move { get(&cached_url).await });
-    eventually("the download is under way", || {
-        mirror.app.cache().fills_in_flight() == 1
-    })
-    .await;
+    for _ in 0..5 {
+        started_rx.recv().await.unwrap();
+    }
     let addr = mirror.addr;
     let stopping = tokio::spawn(mirror.stop());
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -42,16 +64,16 @@ async fn shutdown_lets_bodies_in_flight_finish() {
         refused.is_err(),
         "a new connection was accepted during shutdown"
     );
-    for client in in_flight {
-        let got = client.await.unwrap();
+    let expected = [&blob, &blob, &blob, &blob, &cached];
+    for (client, want) in in_flight.into_iter().zip(expected) {
+        let body = client.await.unwrap();
         assert!(
-            got.body.is_ok(),
+            body.is_ok(),
             "a body in flight was cut short: {:?}",
-            got.body.err()
+            body.err()
         );
-        assert!(got.bytes()[..] == blob[..]);
+        assert!(body.unwrap()[..] == want[..]);
     }
-    assert!(cached_client.await.unwrap().bytes()[..] == cached[..]);
     tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("shutdown finished")
