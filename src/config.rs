@@ -573,6 +573,18 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     Ok((value * multiplier as f64) as u64)
 }
 
+/// A size for people: `1.5 KiB`, `293.0 MiB`.
+pub fn format_byte_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Optional sizes as text (`"200GiB"`) or a number of bytes.
 mod byte_size_opt {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -85,7 +85,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("blob {digest} not found upstream"),
         ));
     }
-    let total = content_length(answer.headers());
+    let total = answer.content_length();
     permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
 
@@ -338,11 +338,4 @@ fn hash(mut queue: mpsc::Receiver<Bytes>) -> Hasher {
         hasher.update(&chunk);
     }
     hasher
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }

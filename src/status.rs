@@ -5,6 +5,7 @@
 //! Reads the same state `/metrics` exposes; no JavaScript.
 
 use crate::app::App;
+use crate::config::format_byte_size;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
@@ -45,17 +46,6 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 /// Renders the page.
 pub fn render(app: &App) -> String {
     let _ = app.render_metrics(); // brings the gauges up to date
@@ -76,7 +66,7 @@ pub fn render(app: &App) -> String {
     let _ = write!(
         html,
         "<tr><th>blobs</th><td id=\"blob-bytes\" class=\"num\">{}</td><td>{} objects</td></tr>",
-        human(usage.blob_bytes),
+        format_byte_size(usage.blob_bytes),
         usage.blobs
     );
     match budget.max {
@@ -85,7 +75,7 @@ pub fn render(app: &App) -> String {
             let _ = write!(
                 html,
                 "<tr><th>budget</th><td id=\"budget\" class=\"num\">{}</td><td><div class=\"bar\"><div class=\"fill\" style=\"width:{:.1}%\"></div></div> {:.1}% used</td></tr>",
-                human(max),
+                format_byte_size(max),
                 (share * 100.0).min(100.0),
                 share * 100.0
             );
@@ -106,11 +96,11 @@ pub fn render(app: &App) -> String {
     };
     html.push_str("<h2>Savings</h2><table>");
     let _ = write!(html, "<tr><th>hit ratio</th><td id=\"hit-ratio\" class=\"num\">{ratio:.1}%</td><td>{} hits, {} joined, {} stale, {} misses</td></tr>", stats.hits, stats.joins, stats.stale, stats.misses);
-    let _ = write!(html, "<tr><th>bytes saved</th><td id=\"bytes-saved\" class=\"num\">{}</td><td>served from the cache</td></tr>", human(stats.bytes_from_cache));
+    let _ = write!(html, "<tr><th>bytes saved</th><td id=\"bytes-saved\" class=\"num\">{}</td><td>served from the cache</td></tr>", format_byte_size(stats.bytes_from_cache));
     let _ = write!(
         html,
         "<tr><th>bytes fetched</th><td class=\"num\">{}</td><td>from upstream</td></tr>",
-        human(stats.bytes_from_upstream)
+        format_byte_size(stats.bytes_from_upstream)
     );
     let _ = write!(html, "<tr><th>downloads in flight</th><td id=\"fills\" class=\"num\">{}</td><td></td></tr></table>", app.cache().fills_in_flight());
     // Upstreams.
@@ -192,6 +182,7 @@ mod tests {
             escape("<a href=\"x\">&"),
             "&lt;a href=&quot;x&quot;&gt;&amp;"
         );
-        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(format_byte_size(1536), "1.5 KiB");
+        assert_eq!(format_byte_size(0), "0.0 B");
     }
 }

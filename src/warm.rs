@@ -1,6 +1,7 @@
 //! `warm`: pre-pulls images through a mirror's normal fill path, as a client would: the manifest
 //! by tag, the platform manifests chosen (or all), then their configs and layers.
 
+use crate::config::format_byte_size;
 use crate::oci::{self, CANONICAL_MANIFEST_TYPES};
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
@@ -79,13 +80,13 @@ pub async fn warm(
         eprintln!(
             "warmed {image}: {} manifests, {blobs} blobs, {}",
             summary.manifests - before.manifests,
-            human(bytes)
+            format_byte_size(bytes)
         );
         if progress {
             eprintln!(
                 "  total so far: {} images, {}",
                 summary.images,
-                human(summary.bytes)
+                format_byte_size(summary.bytes)
             );
         }
     }
@@ -183,17 +184,6 @@ async fn get(http: &HttpClient, url: &str, manifest: bool) -> Result<Bytes, Stri
         ));
     }
     Ok(body)
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]

@@ -67,11 +67,14 @@ async fn corrupt_blob_aborts_every_client_and_stores_nothing() {
     let clients: Vec<_> = (0..8)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
+            tokio::spawn(async move { try_get(&url).await })
         })
         .collect();
     for client in clients {
-        let got = client.await.unwrap();
+        // No answer at all (the verdict came before the headers went out) is safe too.
+        let Some(got) = client.await.unwrap() else {
+            continue;
+        };
         // Headers may already be out; the body must never arrive complete.
         if let Ok(body) = &got.body {
             assert!(
@@ -148,14 +151,15 @@ async fn a_wrong_last_byte_never_reaches_the_client() {
     origin.knobs(|k| k.corrupt_last_byte = true);
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
-    let response = client()
-        .request(
-            http::Request::get(&url)
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
+    let request = http::Request::get(&url)
+        .body(http_body_util::Empty::new())
         .unwrap();
+    // When the verdict comes before the first byte goes out, the connection is dropped before
+    // even the headers: the client gets nothing at all, which is just as safe.
+    let Ok(response) = client().request(request).await else {
+        assert!(!mirror.has_blob(&digest));
+        return;
+    };
     use http_body_util::BodyExt;
     let mut body = response.into_body();
     let mut received = 0usize;
@@ -318,8 +322,12 @@ async fn chunked_upstream_bodies_are_verified_too() {
     let other = random_bytes(300_000, 9);
     let other_digest = origin.add_blob(other);
     origin.knobs(|k| k.corrupt_blobs = true);
-    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{other_digest}"))).await;
-    assert!(got.body.is_err(), "a chunked corrupt body ended cleanly");
+    let got = try_get(&mirror.url(&format!("/v2/library/app/blobs/{other_digest}"))).await;
+    // No answer at all, or an answer whose body breaks: never a clean end.
+    assert!(
+        got.is_none_or(|g| g.body.is_err()),
+        "a chunked corrupt body ended cleanly"
+    );
     assert!(!mirror.has_blob(&other_digest));
 }
 

@@ -199,7 +199,11 @@ async fn mismatches_and_stale_answers_are_counted() {
         k.corrupt_blobs = true;
         k.fail_status = None;
     });
-    let _ = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+    let _ = try_get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+    eventually("the failed download is over", || {
+        mirror.app.cache().fills_in_flight() == 0
+    })
+    .await;
     origin.knobs(|k| k.fail_status = Some(503));
     tokio::time::sleep(std::time::Duration::from_millis(80)).await;
     let stale = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;

@@ -80,16 +80,11 @@ async fn serve_head(
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(blob_unknown(digest));
     }
-    let size = answer
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            Error::BadContent(format!(
-                "upstream HEAD of blob {digest} has no Content-Length"
-            ))
-        })?;
+    let size = answer.content_length().ok_or_else(|| {
+        Error::BadContent(format!(
+            "upstream HEAD of blob {digest} has no Content-Length"
+        ))
+    })?;
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
 }
 
@@ -116,11 +111,7 @@ async fn pass_through(
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(blob_unknown(digest));
     }
-    let total = answer
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let total = answer.content_length();
     tracing::warn!(%digest, "disk full: passing the blob through without caching");
     let mut builder = blob_headers(digest, StatusCode::OK);
     if let Some(total) = total {

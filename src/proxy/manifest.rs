@@ -360,12 +360,7 @@ async fn read_manifest(answer: Answer, what: &str) -> Result<Manifest, Error> {
 fn described(headers: &HeaderMap) -> Option<(Digest, String, u64)> {
     let digest = header_digest(headers)?;
     let media_type = media_type_of(headers)?;
-    let size = headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
+    let size = crate::upstream::content_length(headers)?;
     Some((digest, media_type, size))
 }
 

@@ -199,6 +199,11 @@ impl Answer {
         self.response.headers()
     }
 
+    /// The declared `Content-Length`, if any.
+    pub fn content_length(&self) -> Option<u64> {
+        content_length(self.headers())
+    }
+
     /// Reads the whole body, refusing more than `limit` bytes.
     pub async fn bytes(self, limit: usize) -> Result<Bytes, UpstreamError> {
         let endpoint = self.endpoint;
@@ -647,6 +652,16 @@ impl Endpoint {
             message,
         })
     }
+}
+
+/// A `Content-Length` header's value.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn challenge_of(response: &Response<Incoming>) -> Option<Challenge> {
