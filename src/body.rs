@@ -14,6 +14,7 @@ use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -64,6 +65,24 @@ pub struct Continuation {
     >,
 }
 
+/// Something that yields a body chunk by chunk; an error ends the body (the response is aborted).
+trait Chunks: Send + 'static {
+    fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+/// A response body over a chunk source.
+fn body_of(source: impl Chunks) -> ResponseBody {
+    let stream = futures_util::stream::unfold(Some(source), |state| async move {
+        let mut source = state?;
+        match source.next_chunk().await {
+            Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), Some(source))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
 /// An upstream body passed through to a client, hashed on the way; the last chunk is held
 /// back until size and digest are verified, and a mismatch ends it with an error.
 struct Verifying {
@@ -76,8 +95,8 @@ struct Verifying {
     stall: Duration,
 }
 
-impl Verifying {
-    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+impl Chunks for Verifying {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             let next = tokio::time::timeout(self.stall, self.upstream.frame())
                 .await
@@ -129,15 +148,7 @@ pub fn verified(
         total,
         stall,
     };
-    let stream = futures_util::stream::unfold(Some(state), |state| async move {
-        let mut s = state?;
-        match s.next().await {
-            Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), Some(s))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
+    body_of(state)
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
@@ -159,15 +170,7 @@ pub fn follow(
         continuation: continuation.filter(|_| start == 0),
         upstream: None,
     };
-    let stream = futures_util::stream::unfold(Some(reader), |state| async move {
-        let mut reader = state?;
-        match reader.next_chunk().await {
-            Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), Some(reader))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
+    body_of(reader)
 }
 
 struct Follower {
@@ -190,10 +193,10 @@ enum Limit {
     Failed(FillError),
 }
 
-impl Follower {
+impl Chunks for Follower {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         if let Some(upstream) = &mut self.upstream {
-            return upstream.next().await;
+            return upstream.next_chunk().await;
         }
         loop {
             let (upto, last) = match self.limit() {
@@ -216,7 +219,9 @@ impl Follower {
             self.wait_for_progress().await?;
         }
     }
+}
 
+impl Follower {
     /// The download failed to be stored, not to be fetched: hash what this client already got
     /// (still readable through the open file) and fetch the rest for it alone.
     async fn carry_on_from_upstream(&mut self) -> io::Result<Option<Bytes>> {
@@ -235,7 +240,7 @@ impl Follower {
             total: continuation.total,
             stall,
         });
-        self.upstream.as_mut().expect("just set").next().await
+        self.upstream.as_mut().expect("just set").next_chunk().await
     }
 
     fn limit(&self) -> Limit {

@@ -400,8 +400,10 @@ impl Config {
             ));
         }
         for (i, pin) in self.cache.pin.iter().enumerate() {
-            let registry = pin.split('/').next().unwrap_or("");
-            if !self.registry.iter().any(|r| r.name == registry) || !pin.contains('/') {
+            let parsed = crate::oci::ImageRef::parse(pin, None);
+            let configured =
+                parsed.is_some_and(|p| self.registry.iter().any(|r| r.name == p.registry));
+            if !configured {
                 return Err(invalid(
                     format!("cache.pin[{i}]"),
                     format!("{pin:?} must start with a configured registry, e.g. docker.io/library/alpine:3.20"),

@@ -142,6 +142,47 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Whether the first component of an image name names a registry host (`ghcr.io`,
+/// `localhost:5000`) rather than a Docker Hub namespace.
+pub fn names_registry_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
+}
+
+/// An image reference: `[registry/]repository[:tag|@digest]` (tag `latest` when absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: String,
+    pub repo: RepoName,
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    /// Parses a reference; one that names no registry is for `default_registry`, or invalid
+    /// without one. Docker Hub single names get `library/`.
+    pub fn parse(text: &str, default_registry: Option<&str>) -> Option<ImageRef> {
+        let (registry, rest) = match text.split_once('/') {
+            Some((first, rest)) if names_registry_host(first) => (first, rest),
+            _ => (default_registry?, text),
+        };
+        let (name, reference) = match rest.split_once('@') {
+            Some((name, digest)) => (name, Reference::Digest(digest.parse().ok()?)),
+            None => match rest.rsplit_once(':') {
+                Some((name, tag)) if !tag.contains('/') => (name, Reference::Tag(Tag::parse(tag)?)),
+                _ => (rest, Reference::Tag(Tag::parse("latest")?)),
+            },
+        };
+        let mut repo = RepoName::parse(name)?;
+        if registry == "docker.io" {
+            repo = repo.with_library_prefix();
+        }
+        Some(ImageRef {
+            registry: registry.to_string(),
+            repo,
+            reference,
+        })
+    }
+}
+
 /// The media types a client said it accepts, parameters stripped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcceptSet {
@@ -313,6 +354,24 @@ mod tests {
         let mut w = http::HeaderMap::new();
         w.append("accept", "*/*".parse().unwrap());
         assert!(AcceptSet::from_headers(&w).is_canonical());
+    }
+
+    #[test]
+    fn image_references() {
+        let d = Digest::of(b"x");
+        let r = ImageRef::parse("alpine:3.20", Some("docker.io")).unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repo.as_str()),
+            ("docker.io", "library/alpine")
+        );
+        assert_eq!(r.reference, Reference::Tag(Tag::parse("3.20").unwrap()));
+        let r = ImageRef::parse(&format!("localhost:5000/app@{d}"), Some("docker.io")).unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.reference),
+            ("localhost:5000", Reference::Digest(d))
+        );
+        assert!(ImageRef::parse("alpine", None).is_none());
+        assert!(ImageRef::parse("ghcr.io/Org/app", None).is_none());
     }
 
     #[test]

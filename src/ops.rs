@@ -4,7 +4,7 @@
 //! content on its next request for it and fetches it again.
 
 use crate::cache::index::Budget;
-use crate::cache::lifecycle::{Lifecycle, Pin};
+use crate::cache::lifecycle::{parse_pin, Lifecycle};
 use crate::cache::store::Store;
 use crate::digest::{Digest, Hasher};
 use crate::oci::{RepoName, Tag};
@@ -85,7 +85,7 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
 /// Evicts least recently used blobs (pins respected) until blobs use at most `target` bytes.
 /// Returns (blobs, bytes) evicted.
 pub fn gc(dir: &Path, target: u64, pins: &[String]) -> io::Result<(usize, u64)> {
-    let pins = pins.iter().filter_map(|p| Pin::parse(p)).collect();
+    let pins = pins.iter().filter_map(|p| parse_pin(p)).collect();
     let store = Arc::new(Store::open_shared(dir)?);
     let lifecycle = Lifecycle::open(store, Budget::unlimited(), pins)?;
     Ok(lifecycle.evict_to(target, "gc"))

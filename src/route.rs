@@ -214,8 +214,7 @@ fn pick_registry<'a>(
     // Docker Hub names never start with a host name (`ghcr.io/...`, `localhost:5000/...`):
     // such a prefix names another registry, one this mirror does not serve.
     if let Some((first, _)) = name.split_once('/') {
-        let names_a_host = first.contains('.') || first.contains(':') || first == "localhost";
-        if names_a_host && registries[index].library_prefix {
+        if crate::oci::names_registry_host(first) && registries[index].library_prefix {
             return Err(RouteError::UnknownRegistry(first.to_string()));
         }
     }

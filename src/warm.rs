@@ -32,31 +32,17 @@ pub struct Summary {
 /// The mirror path of an image reference (`alpine:3.20`, `docker.io/library/alpine:3.20`,
 /// `ghcr.io/org/app@sha256:...`): (`/v2/<prefix><repo>`, reference).
 pub fn image_path(image: &str, default_registry: &str) -> Result<(String, String), String> {
-    let (first, rest) = image.split_once('/').unwrap_or(("", image));
-    let names_host = first.contains('.') || first.contains(':') || first == "localhost";
-    let (registry, name_ref) = if names_host {
-        (first, rest)
-    } else {
-        (default_registry, image)
-    };
-    let (name, reference) = match name_ref.split_once('@') {
-        Some((n, d)) => (n, d.to_string()),
-        None => match name_ref.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
-            _ => (name_ref, "latest".to_string()),
-        },
-    };
-    let mut repo =
-        oci::RepoName::parse(name).ok_or_else(|| format!("{image:?}: invalid repository name"))?;
-    if registry == "docker.io" {
-        repo = repo.with_library_prefix();
-    }
-    let prefix = if registry == default_registry {
+    let image_ref = oci::ImageRef::parse(image, Some(default_registry))
+        .ok_or_else(|| format!("{image:?} is not an image reference"))?;
+    let prefix = if image_ref.registry == default_registry {
         String::new()
     } else {
-        format!("{registry}/")
+        format!("{}/", image_ref.registry)
     };
-    Ok((format!("/v2/{prefix}{repo}"), reference))
+    Ok((
+        format!("/v2/{prefix}{}", image_ref.repo),
+        image_ref.reference.to_string(),
+    ))
 }
 
 /// Pulls every image through the mirror at `base` (`http://host:port`).
@@ -205,9 +191,10 @@ mod tests {
             p("ghcr.io/org/app:1"),
             ("/v2/ghcr.io/org/app".into(), "1".into())
         );
+        let d = crate::digest::Digest::of(b"x");
         assert_eq!(
-            p("localhost:5000/app@sha256:ab"),
-            ("/v2/localhost:5000/app".into(), "sha256:ab".into())
+            p(&format!("localhost:5000/app@{d}")),
+            ("/v2/localhost:5000/app".into(), d.to_string())
         );
         assert!(image_path("Bad/Name", "docker.io").is_err());
     }

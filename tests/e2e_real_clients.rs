@@ -250,19 +250,13 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
             .args(args);
         c
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !ctr(&["version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        assert!(
-            std::time::Instant::now() < deadline && !containerd.exited(),
-            "containerd did not start:\n{}",
-            containerd.output()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_for_daemon(&mut containerd, 30, || {
+        ctr(&["version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+    .await;
     let hosts_dir = hosts.display().to_string();
     for (image, top) in [
         (format!("docker.io/{REPO}:oci"), &hub_image.oci_index),
@@ -334,19 +328,13 @@ async fn dockerd_pulls_through_registry_mirrors() {
         c.args(["-H", &socket]).args(args);
         c
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !docker(&["version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        assert!(
-            std::time::Instant::now() < deadline && !dockerd.exited(),
-            "dockerd did not start:\n{}",
-            dockerd.output()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    wait_for_daemon(&mut dockerd, 60, || {
+        docker(&["version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+    .await;
     for (tag, top, (_, config)) in [
         ("docker", &seeded.docker_list, &seeded.docker_amd64),
         ("oci", &seeded.oci_index, &seeded.oci_amd64),
@@ -376,28 +364,6 @@ async fn dockerd_pulls_through_registry_mirrors() {
     }
 }
 
-/// Debian's docker-registry in proxy mode (`proxy.remoteurl`), as a public mirror would be.
-async fn start_proxy_registry(dir: &Path, remote: &str) -> (Process, u16) {
-    std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    let config = dir.join("proxy.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {remote}\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let process = Process::spawn(
-        "docker-registry (proxy)",
-        Command::new("docker-registry").arg("serve").arg(&config),
-        dir.join("proxy.log"),
-    );
-    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
-    (process, port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry: run tests/run.sh"]
 async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
@@ -406,9 +372,8 @@ async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
     let origin = Origin::start(&dir.path().join("origin")).await;
     let blob = common::random_bytes(256 * 1024 * 1024, 99);
     let digest = push_blob(&origin, REPO, &blob).await;
-    let (mut proxy, proxy_port) =
-        start_proxy_registry(&dir.path().join("proxy"), &origin.url()).await;
-    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    let mut proxy = Origin::start_proxy(&dir.path().join("proxy"), &origin.url()).await;
+    let proxy_url = proxy.url();
     let mirror = Mirror::start_with(
         dir.path(),
         &[(
@@ -444,7 +409,7 @@ async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    proxy.kill();
+    proxy.process.kill();
     let got = pull.await.unwrap();
     assert!(
         got.body.is_ok(),

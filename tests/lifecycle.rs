@@ -146,17 +146,7 @@ async fn a_full_disk_evicts_then_passes_through_without_partial_files() {
     );
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(dir.path().join("cache"), 8);
-    let config = {
-        let mut c = regmirror::config::Config::default();
-        c.cache.dir = disk.path.clone();
-        c.registry = vec![regmirror::config::RegistryConfig::new(
-            "docker.io",
-            true,
-            vec![test_upstream(&origin.url())],
-        )];
-        c
-    };
-    let mirror = TestMirror::start_with(config, dir).await;
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.dir = disk.path.clone()).await;
     let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
 
     assert!(get(&blob(&a_digest)).await.bytes()[..] == a[..]);
@@ -196,17 +186,7 @@ async fn a_corrupt_blob_passed_through_is_aborted() {
     let digest = origin.add_blob(huge.clone());
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(dir.path().join("cache"), 4);
-    let config = {
-        let mut c = regmirror::config::Config::default();
-        c.cache.dir = disk.path.clone();
-        c.registry = vec![regmirror::config::RegistryConfig::new(
-            "docker.io",
-            true,
-            vec![test_upstream(&origin.url())],
-        )];
-        c
-    };
-    let mirror = TestMirror::start_with(config, dir).await;
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.dir = disk.path.clone()).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     origin.knobs(|k| k.corrupt_last_byte = true);
     // The download outgrows the disk and the client carries on from upstream: still verified.

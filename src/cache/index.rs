@@ -133,32 +133,46 @@ impl Index {
         self.lock().entries.contains_key(digest)
     }
 
-    /// Marks a use now; returns true when the new recency should be written to disk.
-    pub fn touch(&self, digest: &Digest, now: u64) -> bool {
-        let mut inner = self.lock();
-        inner.clock += 1;
-        let tick = inner.clock;
-        let Some(entry) = inner.entries.get_mut(digest) else {
-            return false;
+    /// A hit, under one lock: records the use (indexing the blob if another process stored it)
+    /// and marks it in use until the guard is dropped. The flag says whether the new recency
+    /// should be written to disk.
+    pub fn hit(self: &Arc<Self>, digest: &Digest, size: u64, now: u64) -> (ReadGuard, bool) {
+        let persist = {
+            let mut inner = self.lock();
+            inner.clock += 1;
+            let tick = inner.clock;
+            let persist = match inner.entries.get_mut(digest) {
+                Some(entry) => {
+                    entry.tick = tick;
+                    entry.last_used = entry.last_used.max(now);
+                    entry.readers += 1;
+                    let due = now >= entry.persisted + PERSIST_RECENCY_EVERY;
+                    if due {
+                        entry.persisted = now;
+                    }
+                    due
+                }
+                None => {
+                    let entry = Entry {
+                        size,
+                        kind: Kind::Blob,
+                        tick,
+                        last_used: now,
+                        persisted: now,
+                        readers: 1,
+                    };
+                    inner.entries.insert(digest.clone(), entry);
+                    add(&mut inner.usage, size, Kind::Blob);
+                    false
+                }
+            };
+            persist
         };
-        entry.tick = tick;
-        entry.last_used = entry.last_used.max(now);
-        if now >= entry.persisted + PERSIST_RECENCY_EVERY {
-            entry.persisted = now;
-            return true;
-        }
-        false
-    }
-
-    /// Marks a blob in use until the guard is dropped.
-    pub fn acquire(self: &Arc<Self>, digest: &Digest) -> ReadGuard {
-        if let Some(entry) = self.lock().entries.get_mut(digest) {
-            entry.readers += 1;
-        }
-        ReadGuard {
+        let guard = ReadGuard {
             index: Arc::clone(self),
             digest: digest.clone(),
-        }
+        };
+        (guard, persist)
     }
 
     pub fn remove(&self, digest: &Digest) {
@@ -264,8 +278,8 @@ mod tests {
         index.insert(d(99), 1000, Kind::Manifest, 0);
         assert_eq!(index.usage().blob_bytes, 100);
         assert!(index.over_high_watermark());
-        index.touch(&d(0), 500); // 0 becomes the most recent
-        let _reading = index.acquire(&d(1));
+        drop(index.hit(&d(0), 20, 500)); // 0 becomes the most recent
+        let _reading = index.hit(&d(1), 20, 500); // 1 is being read
         let pinned: HashSet<Digest> = [d(2)].into();
         let evicted: Vec<Digest> = index
             .evict_to(50, &pinned)
@@ -282,11 +296,14 @@ mod tests {
 
     #[test]
     fn recency_is_persisted_at_most_hourly() {
-        let index = Index::new(Budget::unlimited());
+        let index = Arc::new(Index::new(Budget::unlimited()));
         index.insert(d(1), 1, Kind::Blob, 1000);
-        assert!(!index.touch(&d(1), 1000 + 10));
-        assert!(index.touch(&d(1), 1000 + PERSIST_RECENCY_EVERY));
-        assert!(!index.touch(&d(1), 1000 + PERSIST_RECENCY_EVERY + 5));
+        assert!(!index.hit(&d(1), 1, 1000 + 10).1);
+        assert!(index.hit(&d(1), 1, 1000 + PERSIST_RECENCY_EVERY).1);
+        assert!(!index.hit(&d(1), 1, 1000 + PERSIST_RECENCY_EVERY + 5).1);
+        // A blob another process stored is counted on its first hit.
+        drop(index.hit(&d(2), 7, 2000));
+        assert_eq!(index.usage().blob_bytes, 8);
     }
 
     #[test]

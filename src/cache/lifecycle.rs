@@ -7,7 +7,7 @@
 use super::index::{Budget, Index, Kind, ReadGuard, Usage};
 use super::store::{Store, TempBlob};
 use crate::digest::Digest;
-use crate::oci::{self, Reference, RepoName, Tag};
+use crate::oci::{self, ImageRef, Reference};
 use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,37 +19,12 @@ const DISK_FULL_BACKOFF: Duration = Duration::from_secs(30);
 /// The least an emergency eviction tries to free.
 const MIN_ROOM: u64 = 64 * 1024 * 1024;
 
-/// An image that is never evicted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pin {
-    pub registry: String,
-    pub repo: RepoName,
-    pub reference: Reference,
-}
+/// An image that is never evicted (`registry/repository:tag` or `...@sha256:...`).
+pub type Pin = ImageRef;
 
-impl Pin {
-    /// Parses `registry/repository:tag` or `registry/repository@sha256:...`.
-    pub fn parse(text: &str) -> Option<Pin> {
-        let (registry, rest) = text.split_once('/')?;
-        let (name, reference) = if let Some((name, digest)) = rest.split_once('@') {
-            (name, Reference::Digest(digest.parse().ok()?))
-        } else {
-            let (name, tag) = match rest.rsplit_once(':') {
-                Some((n, t)) if !t.contains('/') => (n, t),
-                _ => (rest, "latest"),
-            };
-            (name, Reference::Tag(Tag::parse(tag)?))
-        };
-        let mut repo = RepoName::parse(name)?;
-        if registry == "docker.io" {
-            repo = repo.with_library_prefix();
-        }
-        Some(Pin {
-            registry: registry.to_string(),
-            repo,
-            reference,
-        })
-    }
+/// Parses a pin: the registry must be named.
+pub fn parse_pin(text: &str) -> Option<Pin> {
+    ImageRef::parse(text, None)
 }
 
 /// Owner of the index and of eviction.
@@ -127,15 +102,13 @@ impl Lifecycle {
     /// until the returned guard is dropped.
     pub fn hit(&self, digest: &Digest, size: u64) -> ReadGuard {
         let now = now();
-        if !self.index.contains(digest) {
-            // Stored by another process (a `warm` beside the server): count it now.
-            self.index.insert(digest.clone(), size, Kind::Blob, now);
-        } else if self.index.touch(digest, now) {
+        let (guard, persist) = self.index.hit(digest, size, now);
+        if persist {
             if let Err(e) = self.store.touch(digest, now) {
                 tracing::debug!(%digest, error = %e, "cannot record recency");
             }
         }
-        self.index.acquire(digest)
+        guard
     }
 
     /// Evicts down to the low watermark when usage passed the high one. One run at a time.
@@ -235,11 +208,6 @@ impl Lifecycle {
         }
     }
 
-    /// Marks a blob in use (for readers that found it without a hit, such as HEAD).
-    pub fn acquire(&self, digest: &Digest) -> ReadGuard {
-        self.index.acquire(digest)
-    }
-
     /// Every indexed entry, for `ls`.
     pub fn entries(&self) -> Vec<(Digest, u64, Kind, u64)> {
         self.index.entries()
@@ -260,19 +228,20 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Tag;
 
     #[test]
     fn pins_parse() {
-        let p = Pin::parse("docker.io/alpine:3.20").unwrap();
+        let p = parse_pin("docker.io/alpine:3.20").unwrap();
         assert_eq!(p.repo.as_str(), "library/alpine");
         assert_eq!(p.reference, Reference::Tag(Tag::parse("3.20").unwrap()));
-        let p = Pin::parse("registry.example:5000/org/app").unwrap();
+        let p = parse_pin("registry.example:5000/org/app").unwrap();
         assert_eq!(p.registry, "registry.example:5000");
         assert_eq!(p.reference, Reference::Tag(Tag::parse("latest").unwrap()));
         let d = Digest::of(b"x");
-        let p = Pin::parse(&format!("ghcr.io/org/app@{d}")).unwrap();
+        let p = parse_pin(&format!("ghcr.io/org/app@{d}")).unwrap();
         assert_eq!(p.reference, Reference::Digest(d));
-        assert!(Pin::parse("alpine").is_none());
-        assert!(Pin::parse("ghcr.io/Org/app:1").is_none());
+        assert!(parse_pin("alpine").is_none());
+        assert!(parse_pin("ghcr.io/Org/app:1").is_none());
     }
 }

@@ -17,7 +17,7 @@ use crate::oci::{RepoName, Tag};
 use bytes::Bytes;
 use index::{Budget, ReadGuard};
 use inflight::{Inflight, Role};
-use lifecycle::{Lifecycle, Pin};
+use lifecycle::{parse_pin, Lifecycle, Pin};
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -313,7 +313,7 @@ impl Cache {
 fn parse_pins(pins: &[String]) -> io::Result<Vec<Pin>> {
     pins.iter()
         .map(|p| {
-            Pin::parse(p).ok_or_else(|| {
+            parse_pin(p).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("cache.pin: {p:?} is not an image reference"),

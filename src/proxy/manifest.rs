@@ -332,7 +332,7 @@ async fn read_manifest(answer: Answer, what: &str) -> Result<Manifest, Error> {
         .bytes(oci::MAX_MANIFEST_BYTES)
         .await
         .map_err(|e| match e {
-            UpstreamError::Body(m) if m.contains("length limit") => {
+            UpstreamError::TooLarge(_) => {
                 Error::BadContent(format!("manifest {what} is larger than 4 MiB"))
             }
             other => other.into(),

@@ -135,12 +135,23 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start(dir: &Path) -> Origin {
+        Origin::start_registry(dir, None).await
+    }
+
+    /// Debian's registry in proxy mode (`proxy.remoteurl`), as a public mirror would be.
+    pub async fn start_proxy(dir: &Path, remote: &str) -> Origin {
+        Origin::start_registry(dir, Some(remote)).await
+    }
+
+    async fn start_registry(dir: &Path, proxy_of: Option<&str>) -> Origin {
+        std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("registry.yml");
+        let proxy = proxy_of.map_or(String::new(), |r| format!("proxy:\n  remoteurl: {r}\n"));
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
                 dir.join("registry-data").display()
             ),
         )
@@ -467,6 +478,20 @@ pub fn run(what: &str, command: &mut Command) -> String {
         output.status
     );
     stdout
+}
+
+/// Waits (up to `seconds`) until `probe` succeeds, failing early if the daemon exits.
+pub async fn wait_for_daemon(daemon: &mut Process, seconds: u64, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !probe() {
+        assert!(
+            Instant::now() < deadline && !daemon.exited(),
+            "{} did not start:\n{}",
+            daemon.name,
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether a program is on PATH (or at this path).

@@ -663,8 +663,9 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-/// One request with a fresh connection pool.
-pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Got {
+/// One request with a fresh connection pool; `None` when it fails before any response (the
+/// server died, or dropped the connection before the headers).
+pub async fn try_request(method: Method, url: &str, headers: &[(&str, &str)]) -> Option<Got> {
     let mut builder = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         builder = builder.header(*k, *v);
@@ -672,24 +673,7 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Got
     let response = client()
         .request(builder.body(Empty::new()).unwrap())
         .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
-/// A GET that may fail before any response (the server died): `None` then.
-pub async fn try_get(url: &str) -> Option<Got> {
-    let request = Request::get(url).body(Empty::new()).unwrap();
-    let response = client().request(request).await.ok()?;
+        .ok()?;
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
@@ -701,6 +685,18 @@ pub async fn try_get(url: &str) -> Option<Got> {
         headers: parts.headers,
         body,
     })
+}
+
+/// One request that must get a response.
+pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Got {
+    try_request(method.clone(), url, headers)
+        .await
+        .unwrap_or_else(|| panic!("{method} {url}: no response"))
+}
+
+/// A GET that may fail before any response: `None` then.
+pub async fn try_get(url: &str) -> Option<Got> {
+    try_request(Method::GET, url, &[]).await
 }
 
 pub async fn get(url: &str) -> Got {
