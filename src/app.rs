@@ -2,13 +2,13 @@
 //! registry, the cache and the counters. A reload builds a new generation around the same cache
 //! and counters ([`Live`]); requests in flight finish on the generation they started with.
 
+use crate::access::Access;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
 use crate::route::RegistryName;
 use crate::status::Popularity;
 use crate::upstream::RegistryUpstream;
-use std::io;
 use std::sync::{Arc, RwLock};
 
 pub struct App {
@@ -21,19 +21,24 @@ pub struct App {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     popularity: Arc<Popularity>,
+    /// Client authentication and access rules, when `[auth]` is configured.
+    access: Option<Access>,
 }
 
 impl App {
     /// Opens the cache directory (purging leftovers of an earlier run) and builds the clients.
-    pub fn new(config: Config) -> io::Result<Arc<App>> {
+    pub fn new(config: Config) -> Result<Arc<App>, String> {
         let metrics = Arc::new(Metrics::new(&endpoint_labels(&config)));
-        let cache = Arc::new(Cache::open(&config.cache)?);
+        let cache = Arc::new(
+            Cache::open(&config.cache)
+                .map_err(|e| format!("cannot open the cache directory: {e}"))?,
+        );
         Ok(Arc::new(App::assemble(
             config,
             cache,
             metrics,
             Arc::default(),
-        )))
+        )?))
     }
 
     fn assemble(
@@ -41,7 +46,7 @@ impl App {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         popularity: Arc<Popularity>,
-    ) -> App {
+    ) -> Result<App, String> {
         let routes = config
             .registry
             .iter()
@@ -54,16 +59,22 @@ impl App {
         let upstreams = config
             .registry
             .iter()
-            .map(|r| Arc::new(RegistryUpstream::new(r, Arc::clone(&metrics))))
-            .collect();
-        App {
+            .map(|r| RegistryUpstream::new(r, Arc::clone(&metrics)).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let access = config
+            .auth
+            .as_ref()
+            .map(|auth| Access::load(auth, &config.registry))
+            .transpose()?;
+        Ok(App {
             config,
             routes,
             upstreams,
             cache,
             metrics,
             popularity,
-        }
+            access,
+        })
     }
 
     /// The same mirror under a new configuration: registries, upstreams, credentials, TTLs,
@@ -79,16 +90,25 @@ impl App {
             tracing::warn!(old = %self.config.cache.dir.display(), new = %config.cache.dir.display(), "cache.dir changes only on restart");
             config.cache.dir = self.config.cache.dir.clone();
         }
-        self.cache
-            .reconfigure(&config.cache)
-            .map_err(|e| e.to_string())?;
-        self.metrics.add_endpoints(&endpoint_labels(&config));
-        Ok(App::assemble(
+        let cache_config = config.cache.clone();
+        let labels = endpoint_labels(&config);
+        // Everything that can fail (files, CAs) before anything shared changes.
+        let next = App::assemble(
             config,
             Arc::clone(&self.cache),
             Arc::clone(&self.metrics),
             Arc::clone(&self.popularity),
-        ))
+        )?;
+        self.cache
+            .reconfigure(&cache_config)
+            .map_err(|e| e.to_string())?;
+        self.metrics.add_endpoints(&labels);
+        Ok(next)
+    }
+
+    /// The access rules, when clients must authenticate.
+    pub fn access(&self) -> Option<&Access> {
+        self.access.as_ref()
     }
 
     pub fn config(&self) -> &Config {

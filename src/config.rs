@@ -23,6 +23,47 @@ pub struct Config {
     pub registry: Vec<RegistryConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    /// Client authentication and access rules; absent, every client may pull everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+}
+
+/// Who may pull what. Clients log in with Basic (an htpasswd user, or a token as the
+/// password) or send `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The realm named in the `WWW-Authenticate` challenge.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`), re-read on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<PathBuf>,
+    /// A file of static tokens, one `<user> <token>` per line, re-read on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// What clients without credentials may pull (patterns as in `rule.allow`); nothing if empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anonymous: Vec<String>,
+    /// What signed-in users may pull. Without rules, every signed-in user may pull everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule: Vec<AccessRule>,
+}
+
+/// One access rule: these users may pull repositories matching these patterns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// User names, or `"*"` for every signed-in user.
+    pub users: Vec<String>,
+    /// `registry/repository` patterns where `*` matches any characters, `/` included:
+    /// `docker.io/library/*`, `ghcr.io/myorg/*`, `*`. A pattern without a registry host
+    /// (`library/*`) means the default registry.
+    pub allow: Vec<String>,
+}
+
+fn default_realm() -> String {
+    "regmirror".to_string()
 }
 
 /// Logging.
@@ -74,6 +115,32 @@ pub struct ServerConfig {
     /// the next mirror or the origin) or 403. regmirror never proxies unconfigured registries.
     #[serde(default = "default_unknown_registry_status")]
     pub unknown_registry_status: u16,
+    /// Time a client gets to send a request's headers, and the longest an HTTP/1.1 connection
+    /// may wait between requests (a slow client cannot hold a connection).
+    #[serde(default = "default_header_timeout", with = "duration_text")]
+    pub header_timeout: Duration,
+    /// A connection with no request in progress for this long is closed (HTTP/2 included).
+    #[serde(default = "default_idle_timeout", with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// Connections served at once; further clients wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests one connection may carry before it is closed (gracefully: the client reconnects).
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: u64,
+    /// Serve HTTPS with these PEM files instead of plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The listener's certificate. The files are watched and reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Where and how content is kept.
@@ -167,6 +234,16 @@ pub struct UpstreamConfig {
     /// verified and may come from any endpoint; set `false` for public mirrors.
     #[serde(default = "default_true")]
     pub resolve_tags: bool,
+    /// An environment variable holding the password, so it stays out of files altogether.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Extra CA certificates (PEM) trusted for this endpoint besides the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Verify the endpoint's TLS certificate. `false` trusts any certificate (logged loudly at
+    /// every start and reload); meant for a lab registry, never for a public one.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
 }
 
 /// A secret string: never printed, never logged.
@@ -224,6 +301,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             registry: default_registries(),
             log: LogConfig::default(),
+            auth: None,
         }
     }
 }
@@ -234,6 +312,11 @@ impl Default for ServerConfig {
             listen: default_listen(),
             shutdown_grace: default_shutdown_grace(),
             unknown_registry_status: default_unknown_registry_status(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_requests_per_connection: default_max_requests_per_connection(),
+            tls: None,
         }
     }
 }
@@ -267,6 +350,9 @@ impl UpstreamConfig {
             response_timeout: default_response_timeout(),
             stall_timeout: default_stall_timeout(),
             resolve_tags: true,
+            password_env: None,
+            ca_file: None,
+            tls_verify: true,
         }
     }
 }
@@ -315,6 +401,21 @@ fn default_true() -> bool {
 }
 fn default_unknown_registry_status() -> u16 {
     404
+}
+/// Far above what one process can serve; a typo guard.
+const MAX_CONNECTIONS: usize = 1_000_000;
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_requests_per_connection() -> u64 {
+    10_000
 }
 fn default_registries() -> Vec<RegistryConfig> {
     vec![RegistryConfig::new(
@@ -385,6 +486,29 @@ impl Config {
                 "server.unknown_registry_status",
                 "must be 403 or 404",
             ));
+        }
+        for (name, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "must be greater than zero"));
+            }
+        }
+        if self.server.max_connections == 0 || self.server.max_connections > MAX_CONNECTIONS {
+            return Err(invalid(
+                "server.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if self.server.max_requests_per_connection == 0 {
+            return Err(invalid(
+                "server.max_requests_per_connection",
+                "must be at least 1",
+            ));
+        }
+        if let Some(auth) = &self.auth {
+            auth.validate(self)?;
         }
         let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
         if !(low > 0.0 && low < high && high <= 1.0) {
@@ -460,6 +584,15 @@ impl Config {
                     let line = text.lines().next().unwrap_or("").trim_end().to_string();
                     upstream.password = Some(Secret::new(line));
                 }
+                if let Some(variable) = &upstream.password_env {
+                    let value = std::env::var(variable).map_err(|e| {
+                        invalid(
+                            format!("registry[{i}].upstream[{j}].password_env"),
+                            format!("environment variable {variable}: {e}"),
+                        )
+                    })?;
+                    upstream.password = Some(Secret::new(value));
+                }
             }
         }
         Ok(self)
@@ -500,17 +633,28 @@ impl UpstreamConfig {
                 "must not carry a query or credentials (use username / password)",
             ));
         }
-        if self.password.is_some() && self.password_file.is_some() {
+        let sources = [
+            self.password.is_some(),
+            self.password_file.is_some(),
+            self.password_env.is_some(),
+        ];
+        let has_password = sources.contains(&true);
+        if sources.iter().filter(|set| **set).count() > 1 {
             return Err(invalid(
                 format!("{key}.password_file"),
-                "set either password or password_file, not both",
+                "set one of password, password_file and password_env",
             ));
         }
-        let has_password = self.password.is_some() || self.password_file.is_some();
         if self.username.is_some() != has_password {
             return Err(invalid(
                 format!("{key}.username"),
-                "username and password (or password_file) go together",
+                "username and password (or password_file / password_env) go together",
+            ));
+        }
+        if self.ca_file.is_some() && !self.tls_verify {
+            return Err(invalid(
+                format!("{key}.ca_file"),
+                "ca_file has no use with tls_verify = false",
             ));
         }
         for (name, value) in [
@@ -522,6 +666,50 @@ impl UpstreamConfig {
                 return Err(invalid(
                     format!("{key}.{name}"),
                     "must be greater than zero",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        if self.htpasswd.is_none() && self.tokens_file.is_none() {
+            return Err(invalid(
+                "auth",
+                "name an htpasswd file, a tokens_file, or both (remove [auth] to let everyone pull)",
+            ));
+        }
+        if self.realm.is_empty()
+            || self.realm.contains(['"', '\\'])
+            || self.realm.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                "auth.realm",
+                "must be non-empty text without quotes",
+            ));
+        }
+        let patterns = self
+            .anonymous
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("auth.anonymous[{i}]"), p))
+            .chain(self.rule.iter().enumerate().flat_map(|(i, rule)| {
+                rule.allow
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, p)| (format!("auth.rule[{i}].allow[{j}]"), p))
+            }));
+        for (key, pattern) in patterns {
+            crate::access::Pattern::parse(pattern, &config.registry)
+                .map_err(|e| invalid(key, e))?;
+        }
+        for (i, rule) in self.rule.iter().enumerate() {
+            if rule.users.is_empty() || rule.users.iter().any(|u| u.is_empty()) {
+                return Err(invalid(
+                    format!("auth.rule[{i}].users"),
+                    "list at least one user name (or \"*\")",
                 ));
             }
         }

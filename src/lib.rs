@@ -29,6 +29,7 @@
 //!    when upstream cannot be asked, the last known mapping is served with a `Warning`.
 //! 5. `proxy` turns errors into OCI error JSON, adds the common headers and logs one access line.
 
+pub mod access;
 pub mod app;
 pub mod body;
 pub mod cache;
@@ -46,5 +47,6 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod warm;

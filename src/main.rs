@@ -4,12 +4,17 @@
 use clap::{Parser, Subcommand};
 use regmirror::app::{App, Live};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
+use regmirror::tls::ServerTls;
 use regmirror::warm::{self, Platforms};
 use regmirror::{cache::store::Store, ops, server, shutdown, telemetry};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the TLS certificate files are checked for a replacement.
+const CERTIFICATE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(
@@ -100,9 +105,11 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CheckConfig { config } => {
-            load(config.as_ref()).map(|c| print!("{}", c.to_redacted_toml()))
-        }
+        Command::CheckConfig { config } => load(config.as_ref()).and_then(|c| {
+            preflight(&c)?;
+            print!("{}", c.to_redacted_toml());
+            Ok(())
+        }),
         Command::Serve { config, log_json } => load(config.as_ref()).and_then(|mut c| {
             if log_json {
                 c.log.format = LogFormat::Json;
@@ -212,13 +219,21 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let grace = config.server.shutdown_grace;
-    let app = App::new(config).map_err(|e| format!("cannot open the cache directory: {e}"))?;
+    let tls = match &config.server.tls {
+        Some(files) => Some(Arc::new(
+            ServerTls::load(files).map_err(|e| format!("server.tls: {e}"))?,
+        )),
+        None => None,
+    };
+    let app = App::new(config)?;
     let registries: Vec<&str> = app.routes().iter().map(|r| r.name.as_str()).collect();
     let usage = app.cache().lifecycle().usage();
     tracing::info!(
         listen = %local,
         cache = %app.config().cache.dir.display(),
         registries = ?registries,
+        tls = tls.is_some(),
+        auth = app.access().is_some(),
         blobs = usage.blobs,
         blob_bytes = usage.blob_bytes,
         "regmirror serving"
@@ -242,8 +257,11 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), String> {
         });
     }
     let live = Live::new(app);
-    tokio::spawn(reload_on_sighup(Arc::clone(&live), path));
-    server::run(listener, live, shutdown::signal(), grace).await;
+    if let Some(tls) = &tls {
+        tokio::spawn(Arc::clone(tls).watch(CERTIFICATE_CHECK_EVERY));
+    }
+    tokio::spawn(reload_on_sighup(Arc::clone(&live), tls.clone(), path));
+    server::run(listener, live, tls, shutdown::signal(), grace).await;
     Ok(())
 }
 
@@ -274,11 +292,12 @@ async fn warm_command(
         .await
         .map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = App::new(config).map_err(|e| format!("cannot open the cache directory: {e}"))?;
+    let app = App::new(config)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run(
         listener,
         Live::new(app),
+        None,
         async {
             let _ = stopped.await;
         },
@@ -290,8 +309,9 @@ async fn warm_command(
     result.map(|_| ())
 }
 
-/// SIGHUP re-reads the configuration file; an invalid one is refused and the running one stays.
-async fn reload_on_sighup(live: Arc<Live>, path: Option<PathBuf>) {
+/// SIGHUP re-reads the configuration file (and the certificate); an invalid one is refused and
+/// the running one stays.
+async fn reload_on_sighup(live: Arc<Live>, tls: Option<Arc<ServerTls>>, path: Option<PathBuf>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::error!("cannot listen for SIGHUP; live reload is off");
@@ -299,13 +319,44 @@ async fn reload_on_sighup(live: Arc<Live>, path: Option<PathBuf>) {
     };
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP received; reloading the configuration");
-        match load(path.as_ref()).and_then(|config| live.reload(config)) {
-            Ok(()) => {}
+        let config = match load(path.as_ref()) {
+            Ok(config) => config,
             Err(e) => {
-                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
+                continue;
             }
+        };
+        match (&tls, &config.server.tls) {
+            (Some(tls), Some(files)) => {
+                if let Err(e) = tls.refresh(files) {
+                    tracing::error!(error = %e, "new TLS certificate refused; the running one stays");
+                }
+            }
+            (None, None) => {}
+            _ => tracing::warn!("turning TLS on or off takes a restart"),
+        }
+        if let Err(e) = live.reload(config) {
+            tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
         }
     }
+}
+
+/// Checks what `serve` would load besides the file itself: the certificate, the auth files, the
+/// upstream CA files.
+fn preflight(config: &Config) -> Result<(), String> {
+    if let Some(files) = &config.server.tls {
+        ServerTls::load(files).map_err(|e| format!("server.tls: {e}"))?;
+    }
+    if let Some(auth) = &config.auth {
+        regmirror::access::Access::load(auth, &config.registry)?;
+    }
+    for registry in &config.registry {
+        for upstream in &registry.upstream {
+            regmirror::tls::client_config(upstream.ca_file.as_deref(), upstream.tls_verify)
+                .map_err(|e| format!("upstream {}: ca_file {e}", upstream.url))?;
+        }
+    }
+    Ok(())
 }
 
 async fn health(url: &str) -> Result<(), String> {

@@ -95,6 +95,8 @@ pub enum RouteError {
     UnknownRegistry(String),
     #[error("no route for {0}")]
     NotFound(String),
+    #[error("request URI longer than {0} bytes")]
+    TooLong(usize),
 }
 
 /// Routes one request.

@@ -1,39 +1,82 @@
-//! The accept loop: HTTP/1.1 and h2 (prior knowledge) on each connection through hyper-util's
-//! auto builder, one span per connection, graceful drain on shutdown.
+//! The accept loop and each connection's life: TLS (rustls, HTTP/2 by ALPN) or plain HTTP
+//! (HTTP/1.1, or h2 with prior knowledge) through hyper-util's auto builder, and the limits that
+//! keep hostile or careless clients from holding the server: a bounded number of connections,
+//! bounded headers, a deadline for a TLS handshake and for each request's headers, idle
+//! connections closed, a bounded number of requests per connection, graceful drain on shutdown.
 //!
 //! `run` takes an already-bound listener so tests can bind port 0.
 
 use crate::app::Live;
+use crate::body::WithGuard;
 use crate::proxy;
+use crate::tls::ServerTls;
+use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
-/// Time a client gets to send a request's headers (slow clients cannot hold a connection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request head (line and headers) one HTTP/1.1 request may send; more gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 pings keep a quiet connection's peer honest.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+/// Limits every connection runs under (from `[server]`; they change only on restart).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    max_requests: u64,
+}
+
+/// What every connection task shares.
+struct Shared {
+    live: Arc<Live>,
+    tls: Option<Arc<ServerTls>>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+}
 
 /// Serves until `shutdown` resolves, then lets responses in flight finish for up to `grace`.
 pub async fn run(
     listener: TcpListener,
     live: Arc<Live>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
+    let settings = live.get().config().server.clone();
+    let limits = Limits {
+        header_timeout: settings.header_timeout,
+        idle_timeout: settings.idle_timeout,
+        max_requests: settings.max_requests_per_connection,
+    };
+    let shared = Arc::new(Shared {
+        live,
+        tls,
+        builder: builder(&limits),
+        limits,
+    });
+    // One permit per open connection: the cap while serving, the drain count at shutdown.
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -46,29 +89,160 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let live = Arc::clone(&live);
-        let service = service_fn(move |request| {
-            // Each request runs on the configuration generation current when it arrived.
-            let app = live.get();
-            async move { Ok::<_, Infallible>(proxy::handle(app, request, client).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
         let span = tracing::debug_span!("connection", client.addr = %client);
+        let (shared, stopping) = (Arc::clone(&shared), stopping.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+                serve_connection(stream, client, &shared, stopping).await;
+                drop(slot);
             }
             .instrument(span),
         );
     }
     drop(listener);
+    let _ = stop.send(true);
+    let all = settings.max_connections as u32;
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = slots.acquire_many(all) => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    shared: &Shared,
+    stopping: watch::Receiver<bool>,
+) {
+    let Some(tls) = &shared.tls else {
+        return drive(TokioIo::new(stream), client, shared, stopping).await;
+    };
+    // A client that connects and never completes the handshake is dropped like a slow header.
+    match tokio::time::timeout(shared.limits.header_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => drive(TokioIo::new(stream), client, shared, stopping).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!("TLS handshake timed out"),
+    }
+}
+
+/// Serves one connection until it ends, closing it gracefully when the server stops, when it
+/// has been idle too long, or when it has carried its share of requests.
+async fn drive<I>(io: I, client: SocketAddr, shared: &Shared, mut stopping: watch::Receiver<bool>)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let (live, activity, max_requests) = (
+            Arc::clone(&shared.live),
+            Arc::clone(&activity),
+            shared.limits.max_requests,
+        );
+        service_fn(move |request: http::Request<Incoming>| {
+            // Each request runs on the configuration generation current when it arrived.
+            let app = live.get();
+            let busy = activity.begin(max_requests);
+            async move {
+                let response = proxy::handle(app, request, client).await;
+                Ok::<_, Infallible>(response.map(|body| body.with_guard(busy)))
+            }
+        })
+    };
+    let connection = shared.builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let idle_timeout = shared.limits.idle_timeout;
+    let mut checks = tokio::time::interval(
+        (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+    );
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopping.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = activity.exhausted.notified(), if !closing => {
+                tracing::debug!(max = shared.limits.max_requests, "connection carried its share of requests; closing it");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = checks.tick(), if !closing => {
+                if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(?idle_timeout, "closing an idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// What a connection is doing: requests in progress (until their bodies are sent or dropped),
+/// requests served, and when it last had none in progress.
+struct Activity {
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+    quiet_since: Mutex<Instant>,
+    exhausted: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            quiet_since: Mutex::new(Instant::now()),
+            exhausted: Notify::new(),
+        }
+    }
+
+    /// Marks a request in progress until the returned guard drops.
+    fn begin(self: &Arc<Self>, max_requests: u64) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.served.fetch_add(1, Ordering::AcqRel) + 1 == max_requests {
+            self.exhausted.notify_one();
+        }
+        Busy(Arc::clone(self))
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.quiet_since.lock().expect("activity lock").elapsed()
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut quiet_since = self.0.quiet_since.lock().expect("activity lock");
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *quiet_since = Instant::now();
+        }
     }
 }

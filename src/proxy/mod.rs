@@ -6,6 +6,7 @@ mod blob;
 mod manifest;
 mod misc;
 
+use crate::access::{Access, Denial, Principal};
 use crate::app::App;
 use crate::body::{self, ResponseBody};
 use crate::error::{Code, Error};
@@ -16,6 +17,9 @@ use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Longest request URI accepted: a maximal name, digest and `ns` query fit in far less.
+const MAX_URI_BYTES: usize = 4096;
 
 /// How a request was answered with respect to the cache; stable strings for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,22 +61,39 @@ pub async fn handle<B>(
     let started = Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let routed = route::route(&method, uri.path(), uri.query(), app.routes());
     let head = method == http::Method::HEAD;
+    let routed = if uri.to_string().len() > MAX_URI_BYTES {
+        Err(RouteError::TooLong(MAX_URI_BYTES))
+    } else {
+        route::route(&method, uri.path(), uri.query(), app.routes())
+    };
     let mut outcome = Outcome::None;
     let mut upstream_endpoint = None;
+    let mut user = Principal::Anonymous;
     let (mut response, kind, registry, failure) = match routed {
         Ok(route) => {
             let kind = route.kind();
             let registry = route.registry.map(|i| app.routes()[i].name.clone());
-            let (result, answered_by) = crate::upstream::noting_endpoint(dispatch(
-                &app,
-                &route,
-                request.headers(),
-                &mut outcome,
-            ))
-            .await;
-            upstream_endpoint = answered_by;
+            let allowed = match app.access() {
+                Some(access) => authorize(access, &route, registry.as_deref(), request.headers())
+                    .await
+                    .map(|who| user = who),
+                None => Ok(()),
+            };
+            let result = match allowed {
+                Ok(()) => {
+                    let (result, answered_by) = crate::upstream::noting_endpoint(dispatch(
+                        &app,
+                        &route,
+                        request.headers(),
+                        &mut outcome,
+                    ))
+                    .await;
+                    upstream_endpoint = answered_by;
+                    result
+                }
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(response) => (response, kind, registry, None),
                 Err(e) => {
@@ -93,14 +114,19 @@ pub async fn handle<B>(
             (error.into_response(head), "invalid", None, Some(text))
         }
     };
+    let status = response.status();
+    let challenge = app.access().map(|access| access.challenge());
     let headers = response.headers_mut();
     headers.insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    if let (StatusCode::UNAUTHORIZED, Some(challenge)) = (status, challenge) {
+        headers.insert(header::WWW_AUTHENTICATE, challenge);
+    }
     if let Some(ns) = uri.query().and_then(namespace_of) {
         if let Ok(value) = HeaderValue::from_str(&ns) {
             headers.insert("oci-namespace", value);
         }
     }
-    let status = response.status().as_u16();
+    let status = status.as_u16();
     let bytes = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -110,6 +136,7 @@ pub async fn handle<B>(
     tracing::info!(
         target: "regmirror::access",
         client = %client,
+        user = user.name(),
         method = %method,
         path = %uri.path(),
         route = kind,
@@ -122,6 +149,35 @@ pub async fn handle<B>(
         error = failure.as_deref().unwrap_or(""),
     );
     record(&app, kind, &method, status, outcome, started, response)
+}
+
+/// Checks the client may make this request: pulls by the access rules, the API base and the
+/// status page need a signed-in user; health and metrics are open (probes and scrapers).
+async fn authorize(
+    access: &Access,
+    route: &Route,
+    registry: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<Principal, Error> {
+    let repository = match &route.target {
+        Target::Manifest { repo, .. }
+        | Target::Blob { repo, .. }
+        | Target::TagsList { repo, .. }
+        | Target::Referrers { repo, .. } => Some(repo),
+        Target::ApiBase | Target::Catalog | Target::Status => None,
+        Target::Healthz | Target::Readyz | Target::Metrics => return Ok(Principal::Anonymous),
+    };
+    let repository = match (registry, repository) {
+        (Some(registry), Some(repo)) => Some((registry, repo.as_str())),
+        _ => None,
+    };
+    access
+        .authorize(headers, repository)
+        .await
+        .map_err(|denial| match denial {
+            Denial::Unauthenticated(why) => Error::coded(Code::Unauthorized, why),
+            Denial::Forbidden(why) => Error::coded(Code::Denied, why),
+        })
 }
 
 /// Counts the request, its cache outcome and (as they are sent) its body bytes.

@@ -237,17 +237,18 @@ pub struct RegistryUpstream {
 }
 
 impl RegistryUpstream {
-    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> RegistryUpstream {
-        RegistryUpstream {
+    /// Builds the clients; fails on an unusable `ca_file`.
+    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> Result<RegistryUpstream, String> {
+        Ok(RegistryUpstream {
             metrics,
             name: config.name.clone(),
             endpoints: config
                 .upstream
                 .iter()
                 .map(|u| Endpoint::new(u, config.failover_cooldown))
-                .collect(),
+                .collect::<Result<_, _>>()?,
             allow_untrusted_tags: config.allow_untrusted_tags,
-        }
+        })
     }
 
     /// Sends `request` to the first endpoint that may answer it: in configured order, trusted
@@ -447,7 +448,7 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(config: &UpstreamConfig, cooldown: Duration) -> Endpoint {
+    fn new(config: &UpstreamConfig, cooldown: Duration) -> Result<Endpoint, String> {
         let base = config.url.trim_end_matches('/').to_string();
         let authority = base
             .parse::<Uri>()
@@ -461,16 +462,24 @@ impl Endpoint {
             }),
             _ => None,
         };
-        Endpoint {
+        if !config.tls_verify {
+            tracing::warn!(
+                upstream = %base,
+                "TLS CERTIFICATE VERIFICATION IS OFF for this upstream (tls_verify = false): anyone on the path can impersonate it; tags it resolves cannot be trusted"
+            );
+        }
+        let tls = crate::tls::client_config(config.ca_file.as_deref(), config.tls_verify)
+            .map_err(|e| format!("upstream {base}: ca_file {e}"))?;
+        Ok(Endpoint {
             base,
             authority,
-            http: http_client(config.connect_timeout),
+            http: http_client(config.connect_timeout, tls),
             auth: AuthState::new(credentials),
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             resolve_tags: config.resolve_tags,
             health: Health::new(cooldown),
-        }
+        })
     }
 
     async fn fetch(
@@ -706,24 +715,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn http_client(connect_timeout: Duration) -> HttpClient {
+fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_native_roots() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no system CA certificates found; HTTPS upstreams will fail verification");
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        }
-    };
-    let https = builder
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()

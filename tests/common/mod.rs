@@ -545,6 +545,8 @@ pub struct TestMirror {
     pub app: Arc<App>,
     /// For reloads.
     pub live: Arc<regmirror::app::Live>,
+    /// The listener's certificate, when the configuration has `[server.tls]`.
+    pub tls: Option<Arc<regmirror::tls::ServerTls>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -570,12 +572,18 @@ impl TestMirror {
     pub async fn start_with(config: Config, dir: tempfile::TempDir) -> TestMirror {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(|files| Arc::new(regmirror::tls::ServerTls::load(files).unwrap()));
         let app = App::new(config).unwrap();
         let live = regmirror::app::Live::new(Arc::clone(&app));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(regmirror::server::run(
             listener,
             Arc::clone(&live),
+            tls.clone(),
             async move {
                 let _ = stopped.await;
             },
@@ -586,6 +594,7 @@ impl TestMirror {
             dir,
             app,
             live,
+            tls,
             stop: Some(stop),
             task: Some(task),
         }

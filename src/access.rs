@@ -1,0 +1,520 @@
+//! Client authentication and access rules (`[auth]`): who a request comes from and whether they
+//! may pull a repository. Off unless configured: a LAN appliance serves everyone.
+//!
+//! Credentials: htpasswd users (bcrypt) over Basic, and static tokens from a file, sent either as
+//! `Authorization: Bearer <token>` or as the password of a Basic login by the token's user (what
+//! `docker login`, `podman login` and `skopeo --creds` send). A request without credentials is
+//! anonymous; wrong credentials are refused even where anonymous clients may pull, so a typo in a
+//! password never silently turns into anonymous access.
+//!
+//! bcrypt is deliberately slow, and clients send Basic on every request: a verified login is
+//! remembered for a few minutes under the SHA-256 of the credentials (never the credentials
+//! themselves), and verifications run on the blocking pool, a few at a time, so a password-guessing
+//! client cannot starve the server. Tokens are compared as SHA-256 digests, which keeps the
+//! comparison time independent of how much of a guess was right.
+
+use crate::config::{AuthConfig, RegistryConfig};
+use crate::oci::names_registry_host;
+use base64::Engine;
+use http::{header, HeaderMap, HeaderValue};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// How long a verified Basic login is remembered.
+const LOGIN_MEMORY: Duration = Duration::from_secs(300);
+/// bcrypt verifications running at once (each takes a core for tens of milliseconds).
+const CONCURRENT_VERIFICATIONS: usize = 2;
+/// Shortest static token accepted in the tokens file.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Who sent a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Anonymous,
+    User(String),
+}
+
+impl Principal {
+    /// The name for the access log (`-` when anonymous).
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Anonymous => "-",
+            Principal::User(name) => name,
+        }
+    }
+}
+
+/// Why a request is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// No (valid) credentials: 401 with a challenge, so the client logs in.
+    Unauthenticated(String),
+    /// Signed in (or anonymous) but not allowed this repository: 403.
+    Forbidden(String),
+}
+
+/// A `registry/repository` pattern: `*` matches any run of characters, `/` included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// Parses a pattern; one without a registry host means the default registry. A named
+    /// registry must be configured (a typo would otherwise silently match nothing).
+    pub fn parse(text: &str, registries: &[RegistryConfig]) -> Result<Pattern, String> {
+        let text = text.trim();
+        if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{text:?} is not a pattern"));
+        }
+        if text == "*" {
+            return Ok(Pattern(text.to_string()));
+        }
+        let first = text.split('/').next().unwrap_or(text);
+        if first.contains('*') {
+            return Ok(Pattern(text.to_string()));
+        }
+        if names_registry_host(first) {
+            if !registries.iter().any(|r| r.name == first) {
+                return Err(format!(
+                    "{text:?} names registry {first:?}, which is not configured"
+                ));
+            }
+            return Ok(Pattern(text.to_string()));
+        }
+        match registries.iter().find(|r| r.default) {
+            Some(default) => Ok(Pattern(format!("{}/{text}", default.name))),
+            None => Err(format!(
+                "{text:?} names no registry and none is the default; write e.g. docker.io/{text}"
+            )),
+        }
+    }
+
+    pub fn matches(&self, registry: &str, repo: &str) -> bool {
+        glob_match(self.0.as_bytes(), format!("{registry}/{repo}").as_bytes())
+    }
+}
+
+/// Wildcard match where `*` matches any run of bytes (the classic greedy scan with backtracking
+/// to the last star: linear in practice, never exponential).
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((star_p, star_t)) = star {
+            p = star_p + 1;
+            t = star_t + 1;
+            star = Some((star_p, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+struct Rule {
+    /// Empty: every signed-in user.
+    users: Vec<String>,
+    every_user: bool,
+    allow: Vec<Pattern>,
+}
+
+/// The loaded `[auth]` section: users, tokens and rules.
+pub struct Access {
+    challenge: HeaderValue,
+    /// User name to bcrypt hash.
+    passwords: HashMap<String, String>,
+    /// SHA-256 of a token to its user.
+    tokens: HashMap<[u8; 32], String>,
+    anonymous: Vec<Pattern>,
+    rules: Vec<Rule>,
+    /// SHA-256 of verified `user:password` pairs to the user.
+    verified: moka::sync::Cache<[u8; 32], String>,
+    verifications: Arc<Semaphore>,
+}
+
+impl Access {
+    /// Reads the htpasswd and tokens files named by `config`.
+    pub fn load(config: &AuthConfig, registries: &[RegistryConfig]) -> Result<Access, String> {
+        let passwords = match &config.htpasswd {
+            Some(path) => parse_htpasswd(&read(path, "auth.htpasswd")?)
+                .map_err(|e| format!("auth.htpasswd {}: {e}", path.display()))?,
+            None => HashMap::new(),
+        };
+        let tokens = match &config.tokens_file {
+            Some(path) => parse_tokens(&read(path, "auth.tokens_file")?)
+                .map_err(|e| format!("auth.tokens_file {}: {e}", path.display()))?,
+            None => HashMap::new(),
+        };
+        let patterns = |list: &[String]| -> Result<Vec<Pattern>, String> {
+            list.iter().map(|p| Pattern::parse(p, registries)).collect()
+        };
+        let rules = config
+            .rule
+            .iter()
+            .map(|rule| {
+                Ok(Rule {
+                    every_user: rule.users.iter().any(|u| u == "*"),
+                    users: rule.users.clone(),
+                    allow: patterns(&rule.allow)?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
+            .map_err(|e| format!("auth.realm: {e}"))?;
+        Ok(Access {
+            challenge,
+            passwords,
+            tokens,
+            anonymous: patterns(&config.anonymous)?,
+            rules,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(LOGIN_MEMORY)
+                .build(),
+            verifications: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
+        })
+    }
+
+    /// The `WWW-Authenticate` value sent with every 401.
+    pub fn challenge(&self) -> HeaderValue {
+        self.challenge.clone()
+    }
+
+    /// Who sent these headers; wrong or malformed credentials are an error, none is anonymous.
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Ok(Principal::Anonymous);
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| Denial::Unauthenticated("malformed Authorization header".into()))?;
+        let (scheme, credentials) = value.trim().split_once(' ').unwrap_or((value, ""));
+        let credentials = credentials.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return self
+                .tokens
+                .get(&sha256(credentials.as_bytes()))
+                .map(|user| Principal::User(user.clone()))
+                .ok_or_else(|| Denial::Unauthenticated("unknown token".into()));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(Denial::Unauthenticated(format!(
+                "unsupported authorization scheme {scheme:?}"
+            )));
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credentials)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(|| Denial::Unauthenticated("malformed Basic credentials".into()))?;
+        let (user, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| Denial::Unauthenticated("malformed Basic credentials".into()))?;
+        self.login(user, password).await
+    }
+
+    async fn login(&self, user: &str, password: &str) -> Result<Principal, Denial> {
+        let refused =
+            || Denial::Unauthenticated(format!("wrong user name or password for {user:?}"));
+        if let Some(token_user) = self.tokens.get(&sha256(password.as_bytes())) {
+            return if token_user == user {
+                Ok(Principal::User(user.to_string()))
+            } else {
+                Err(refused())
+            };
+        }
+        let Some(hash) = self.passwords.get(user) else {
+            return Err(refused());
+        };
+        let key = sha256(format!("{user}\0{password}").as_bytes());
+        if let Some(known) = self.verified.get(&key) {
+            return Ok(Principal::User(known));
+        }
+        let permit = Arc::clone(&self.verifications)
+            .acquire_owned()
+            .await
+            .map_err(|_| refused())?;
+        let (hash, attempt) = (hash.clone(), password.to_string());
+        let matched = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(attempt, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !matched {
+            return Err(refused());
+        }
+        self.verified.insert(key, user.to_string());
+        Ok(Principal::User(user.to_string()))
+    }
+
+    /// Whether `who` may pull `registry/repo`.
+    pub fn may_pull(&self, who: &Principal, registry: &str, repo: &str) -> bool {
+        let matching = |patterns: &[Pattern]| patterns.iter().any(|p| p.matches(registry, repo));
+        match who {
+            Principal::Anonymous => matching(&self.anonymous),
+            Principal::User(name) => {
+                self.rules.is_empty()
+                    || matching(&self.anonymous)
+                    || self
+                        .rules
+                        .iter()
+                        .filter(|r| r.every_user || r.users.iter().any(|u| u == name))
+                        .any(|r| matching(&r.allow))
+            }
+        }
+    }
+
+    /// Checks a request for `registry/repo` (or, with `None`, one that needs a signed-in user:
+    /// the API base, the status page).
+    pub async fn authorize(
+        &self,
+        headers: &HeaderMap,
+        repository: Option<(&str, &str)>,
+    ) -> Result<Principal, Denial> {
+        let who = self.identify(headers).await?;
+        match (repository, &who) {
+            (None, Principal::Anonymous) => {
+                Err(Denial::Unauthenticated("authentication required".into()))
+            }
+            (None, Principal::User(_)) => Ok(who),
+            (Some((registry, repo)), _) if self.may_pull(&who, registry, repo) => Ok(who),
+            (Some(_), Principal::Anonymous) => {
+                Err(Denial::Unauthenticated("authentication required".into()))
+            }
+            (Some((registry, repo)), Principal::User(name)) => Err(Denial::Forbidden(format!(
+                "{name:?} may not pull {registry}/{repo}"
+            ))),
+        }
+    }
+}
+
+fn read(path: &Path, key: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// `user:hash` lines; only bcrypt hashes (`htpasswd -B`), the others are weak or unsalted.
+fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut users = HashMap::new();
+    for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {number}: expected user:hash"))?;
+        if user.is_empty() {
+            return Err(format!("line {number}: empty user name"));
+        }
+        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            return Err(format!(
+                "line {number} ({user}): only bcrypt entries are accepted (create them with htpasswd -B)"
+            ));
+        }
+        if users.insert(user.to_string(), hash.to_string()).is_some() {
+            return Err(format!("line {number}: user {user:?} appears twice"));
+        }
+    }
+    Ok(users)
+}
+
+/// `user token` lines.
+fn parse_tokens(text: &str) -> Result<HashMap<[u8; 32], String>, String> {
+    let mut tokens = HashMap::new();
+    for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(user), Some(token), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(format!("line {number}: expected `<user> <token>`"));
+        };
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "line {number} ({user}): tokens must be at least {MIN_TOKEN_LEN} characters"
+            ));
+        }
+        if tokens
+            .insert(sha256(token.as_bytes()), user.to_string())
+            .is_some()
+        {
+            return Err(format!("line {number}: a token appears twice"));
+        }
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AccessRule, UpstreamConfig};
+
+    fn registries() -> Vec<RegistryConfig> {
+        vec![
+            RegistryConfig::new("docker.io", true, vec![UpstreamConfig::new("https://a")]),
+            RegistryConfig::new("ghcr.io", false, vec![UpstreamConfig::new("https://b")]),
+        ]
+    }
+
+    #[test]
+    fn globs_match_any_run_of_characters() {
+        assert!(glob_match(
+            b"docker.io/library/*",
+            b"docker.io/library/alpine"
+        ));
+        assert!(glob_match(b"docker.io/library/*", b"docker.io/library/a/b"));
+        assert!(!glob_match(
+            b"docker.io/library/*",
+            b"docker.io/libraryx/alpine"
+        ));
+        assert!(glob_match(b"*/myorg/*", b"ghcr.io/myorg/tool"));
+        assert!(glob_match(b"*", b"anything/at/all"));
+        assert!(glob_match(b"a*b*c", b"aXXbYYc"));
+        assert!(!glob_match(b"a*b*c", b"aXXbYY"));
+        assert!(glob_match(b"exact/name", b"exact/name"));
+        assert!(!glob_match(b"exact/name", b"exact/name2"));
+    }
+
+    #[test]
+    fn patterns_default_to_the_default_registry_and_refuse_unknown_ones() {
+        let r = registries();
+        let p = Pattern::parse("library/*", &r).unwrap();
+        assert!(p.matches("docker.io", "library/alpine"));
+        assert!(!p.matches("ghcr.io", "library/alpine"));
+        assert!(Pattern::parse("ghcr.io/myorg/*", &r)
+            .unwrap()
+            .matches("ghcr.io", "myorg/x"));
+        assert!(Pattern::parse("quay.io/x/*", &r).is_err());
+        assert!(Pattern::parse("", &r).is_err());
+        assert!(Pattern::parse("a b", &r).is_err());
+    }
+
+    #[test]
+    fn htpasswd_accepts_only_bcrypt() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = parse_htpasswd(&format!("# c\n\nalice:{hash}\n")).unwrap();
+        assert_eq!(users.len(), 1);
+        assert!(parse_htpasswd("bob:$apr1$xyz$abc")
+            .unwrap_err()
+            .contains("bcrypt"));
+        assert!(parse_htpasswd("bob").is_err());
+        assert!(parse_htpasswd(&format!("a:{hash}\na:{hash}")).is_err());
+    }
+
+    #[test]
+    fn tokens_need_a_user_and_length() {
+        assert_eq!(parse_tokens("ci 0123456789abcdef\n").unwrap().len(), 1);
+        assert!(parse_tokens("ci short").is_err());
+        assert!(parse_tokens("ci").is_err());
+        assert!(parse_tokens("ci a b").is_err());
+    }
+
+    fn access(dir: &Path) -> Access {
+        let hash = bcrypt::hash("secret-pw", 4).unwrap();
+        std::fs::write(dir.join("htpasswd"), format!("alice:{hash}\nbob:{hash}\n")).unwrap();
+        std::fs::write(dir.join("tokens"), "ci ci-token-0123456789\n").unwrap();
+        let config = AuthConfig {
+            realm: "regmirror".into(),
+            htpasswd: Some(dir.join("htpasswd")),
+            tokens_file: Some(dir.join("tokens")),
+            anonymous: vec!["library/*".into()],
+            rule: vec![
+                AccessRule {
+                    users: vec!["alice".into()],
+                    allow: vec!["ghcr.io/myorg/*".into()],
+                },
+                AccessRule {
+                    users: vec!["ci".into()],
+                    allow: vec!["*".into()],
+                },
+            ],
+        };
+        Access::load(&config, &registries()).unwrap()
+    }
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Basic {encoded}").parse().unwrap(),
+        );
+        headers
+    }
+
+    #[tokio::test]
+    async fn users_tokens_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = access(dir.path());
+        let alice = Principal::User("alice".into());
+        assert_eq!(
+            access.identify(&basic("alice", "secret-pw")).await,
+            Ok(alice.clone())
+        );
+        // Remembered: the second login does not run bcrypt again (same answer either way).
+        assert_eq!(
+            access.identify(&basic("alice", "secret-pw")).await,
+            Ok(alice.clone())
+        );
+        assert!(access.identify(&basic("alice", "wrong")).await.is_err());
+        assert!(access
+            .identify(&basic("nobody", "secret-pw"))
+            .await
+            .is_err());
+        let ci = Principal::User("ci".into());
+        assert_eq!(
+            access.identify(&basic("ci", "ci-token-0123456789")).await,
+            Ok(ci.clone())
+        );
+        assert!(access
+            .identify(&basic("alice", "ci-token-0123456789"))
+            .await
+            .is_err());
+        let mut bearer = HeaderMap::new();
+        bearer.insert(
+            header::AUTHORIZATION,
+            "Bearer ci-token-0123456789".parse().unwrap(),
+        );
+        assert_eq!(access.identify(&bearer).await, Ok(ci.clone()));
+        bearer.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert!(access.identify(&bearer).await.is_err());
+        assert_eq!(
+            access.identify(&HeaderMap::new()).await,
+            Ok(Principal::Anonymous)
+        );
+
+        assert!(access.may_pull(&Principal::Anonymous, "docker.io", "library/alpine"));
+        assert!(!access.may_pull(&Principal::Anonymous, "docker.io", "someone/else"));
+        assert!(access.may_pull(&alice, "ghcr.io", "myorg/tool"));
+        assert!(access.may_pull(&alice, "docker.io", "library/alpine"));
+        assert!(!access.may_pull(&alice, "ghcr.io", "other/tool"));
+        let bob = Principal::User("bob".into());
+        assert!(!access.may_pull(&bob, "ghcr.io", "myorg/tool"));
+        assert!(access.may_pull(&ci, "ghcr.io", "other/tool"));
+
+        let denied = access
+            .authorize(&basic("bob", "secret-pw"), Some(("ghcr.io", "myorg/tool")))
+            .await;
+        assert!(matches!(denied, Err(Denial::Forbidden(_))));
+        let anonymous = access
+            .authorize(&HeaderMap::new(), Some(("ghcr.io", "myorg/tool")))
+            .await;
+        assert!(matches!(anonymous, Err(Denial::Unauthenticated(_))));
+        let base = access.authorize(&HeaderMap::new(), None).await;
+        assert!(matches!(base, Err(Denial::Unauthenticated(_))));
+    }
+}
