@@ -539,7 +539,7 @@ impl Config {
         }
         for (i, registry) in self.registry.iter().enumerate() {
             let key = format!("registry[{i}]");
-            if !is_host_name(&registry.name) {
+            if !crate::oci::is_host_name(&registry.name) {
                 return Err(invalid(
                     format!("{key}.name"),
                     format!("{:?} is not a registry host name", registry.name),
@@ -715,23 +715,6 @@ impl AuthConfig {
         }
         Ok(())
     }
-}
-
-fn is_host_name(name: &str) -> bool {
-    let (host, port) = match name.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (name, None),
-    };
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-        });
-    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
 /// Parses a size such as `"200GiB"`, `"500 MB"` or `"1048576"` into bytes.

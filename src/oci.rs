@@ -148,6 +148,24 @@ pub fn names_registry_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
+/// `host[.domain][:port]` as a registry is named.
+pub fn is_host_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (name, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+        });
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
 /// An image reference: `[registry/]repository[:tag|@digest]` (tag `latest` when absent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRef {

@@ -216,7 +216,8 @@ fn pick_registry<'a>(
     // Docker Hub names never start with a host name (`ghcr.io/...`, `localhost:5000/...`):
     // such a prefix names another registry, one this mirror does not serve.
     if let Some((first, _)) = name.split_once('/') {
-        if crate::oci::names_registry_host(first) && registries[index].library_prefix {
+        let host = crate::oci::names_registry_host(first) && crate::oci::is_host_name(first);
+        if host && registries[index].library_prefix {
             return Err(RouteError::UnknownRegistry(first.to_string()));
         }
     }

@@ -10,6 +10,7 @@ use crate::app::Live;
 use crate::body::WithGuard;
 use crate::proxy;
 use crate::tls::ServerTls;
+use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
@@ -158,9 +159,15 @@ where
         service_fn(move |request: http::Request<Incoming>| {
             // Each request runs on the configuration generation current when it arrived.
             let app = live.get();
-            let busy = activity.begin(max_requests);
+            let (busy, last) = activity.begin(max_requests);
+            let http1 = request.version() < http::Version::HTTP_2;
             async move {
-                let response = proxy::handle(app, request, client).await;
+                let mut response = proxy::handle(app, request, client).await;
+                if last && http1 {
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 Ok::<_, Infallible>(response.map(|body| body.with_guard(busy)))
             }
         })
@@ -219,13 +226,16 @@ impl Activity {
         }
     }
 
-    /// Marks a request in progress until the returned guard drops.
-    fn begin(self: &Arc<Self>, max_requests: u64) -> Busy {
+    /// Marks a request in progress until the returned guard drops; says whether it is the last
+    /// one this connection may carry (HTTP/1.1 answers it with `Connection: close`, HTTP/2
+    /// connections are sent a GOAWAY).
+    fn begin(self: &Arc<Self>, max_requests: u64) -> (Busy, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if self.served.fetch_add(1, Ordering::AcqRel) + 1 == max_requests {
+        let last = self.served.fetch_add(1, Ordering::AcqRel) + 1 == max_requests;
+        if last {
             self.exhausted.notify_one();
         }
-        Busy(Arc::clone(self))
+        (Busy(Arc::clone(self)), last)
     }
 
     fn idle_for(&self) -> Duration {

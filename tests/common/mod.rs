@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod e2e;
+pub mod pki;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
@@ -62,6 +63,8 @@ pub struct Knobs {
     pub gate: Option<Arc<Semaphore>>,
     /// Omit `Content-Length` on blob bodies (chunked transfer).
     pub no_content_length: bool,
+    /// Answer blob GETs with a 302 to exactly this `Location` (a loop, another scheme).
+    pub blob_location: Option<String>,
 }
 
 #[derive(Default)]
@@ -334,6 +337,9 @@ async fn serve(
                 &[],
             );
         };
+        if let (Some(location), true) = (&knobs.blob_location, method == Method::GET) {
+            return respond(302, "text/plain", Bytes::new(), &[("location", location)]);
+        }
         if let (Some(cdn), true) = (&knobs.redirect_blobs_to, method == Method::GET) {
             let location = format!("{cdn}/cdn/{digest}");
             return respond(307, "text/plain", Bytes::new(), &[("location", &location)]);

@@ -1,0 +1,504 @@
+//! Security: TLS on the listener (HTTP/2 by ALPN, certificate swaps without restart), client
+//! authentication and access rules, credential hygiene towards upstreams, and hostile input from
+//! clients and upstreams answered with exact statuses while the server keeps serving.
+
+mod common;
+
+use base64::Engine;
+use common::pki::{https_request, issue};
+use common::*;
+use http::{Method, StatusCode, Version};
+use regmirror::config::{AccessRule, AuthConfig, TlsConfig};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An origin with one small image at `library/alpine:3` and `myorg/tool:1`; returns the blob.
+fn seed(origin: &FakeRegistry) -> (Vec<u8>, regmirror::digest::Digest) {
+    let blob = random_bytes(300_000, 7);
+    let digest = origin.add_blob(blob.clone());
+    let manifest = schema2_manifest(&digest, blob.len(), &[]);
+    origin.add_manifest("library/alpine", Some("3"), MANIFEST, manifest.clone());
+    origin.add_manifest("myorg/tool", Some("1"), MANIFEST, manifest);
+    (blob, digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_speaks_h2_and_http1_and_swaps_certificates_without_restart() {
+    let origin = FakeRegistry::start().await;
+    let (blob, digest) = seed(&origin);
+    let pki = tempfile::tempdir().unwrap();
+    let first = issue(pki.path(), "first");
+    let files = TlsConfig {
+        cert: pki.path().join("cert.pem"),
+        key: pki.path().join("key.pem"),
+    };
+    std::fs::copy(&first.cert, &files.cert).unwrap();
+    std::fs::copy(&first.key, &files.key).unwrap();
+    let tls_files = files.clone();
+    let mirror = TestMirror::start(&origin.url(), move |c| c.server.tls = Some(tls_files)).await;
+    let base = format!("https://localhost:{}", mirror.addr.port());
+    let blob_url = format!("{base}/v2/library/alpine/blobs/{digest}");
+
+    let (version, got) = https_request(&blob_url, &first.ca_pem, true, &[])
+        .await
+        .unwrap();
+    assert_eq!((version, got.status), (Version::HTTP_2, StatusCode::OK));
+    assert_eq!(got.bytes().as_ref(), blob.as_slice(), "byte-exact over h2");
+    let (version, got) = https_request(&blob_url, &first.ca_pem, false, &[])
+        .await
+        .unwrap();
+    assert_eq!((version, got.status), (Version::HTTP_11, StatusCode::OK));
+    assert_eq!(
+        got.bytes().as_ref(),
+        blob.as_slice(),
+        "byte-exact over HTTP/1.1"
+    );
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    assert!(try_get(&mirror.url("/v2/")).await.is_none());
+
+    // A half-written replacement (key only) is refused; the running certificate stays.
+    let tls = mirror.tls.clone().expect("server tls");
+    tokio::spawn(std::sync::Arc::clone(&tls).watch(Duration::from_millis(100)));
+    let second = issue(pki.path(), "second");
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let still = https_request(&format!("{base}/v2/"), &first.ca_pem, true, &[]).await;
+    assert_eq!(
+        still.unwrap().1.status,
+        StatusCode::OK,
+        "old certificate kept"
+    );
+
+    // The complete new pair is picked up by the watcher, no restart.
+    std::fs::copy(&second.cert, &files.cert).unwrap();
+    std::fs::copy(&second.key, &files.key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let new = https_request(&format!("{base}/v2/"), &second.ca_pem, false, &[]).await;
+        if new.is_ok_and(|(_, got)| got.status == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new certificate not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = https_request(&format!("{base}/v2/"), &first.ca_pem, false, &[]).await;
+    assert!(
+        old.is_err(),
+        "clients trusting only the old CA are now refused"
+    );
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/alpine/blobs/{digest}")),
+        1
+    );
+}
+
+fn basic(user: &str, password: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_log_in_and_access_rules_hold() {
+    let origin = FakeRegistry::start().await;
+    let (_, digest) = seed(&origin);
+    let files = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("alice-password", 4).unwrap();
+    std::fs::write(
+        files.path().join("htpasswd"),
+        format!("alice:{hash}\nbob:{hash}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        files.path().join("tokens"),
+        "ci ci-token-0123456789abcdef\n",
+    )
+    .unwrap();
+    let auth = AuthConfig {
+        realm: "regmirror".into(),
+        htpasswd: Some(files.path().join("htpasswd")),
+        tokens_file: Some(files.path().join("tokens")),
+        anonymous: vec!["library/*".into()],
+        rule: vec![
+            AccessRule {
+                users: vec!["alice".into(), "ci".into()],
+                allow: vec!["myorg/*".into()],
+            },
+            AccessRule {
+                users: vec!["bob".into()],
+                allow: vec!["library/*".into()],
+            },
+        ],
+    };
+    let mirror = TestMirror::start(&origin.url(), move |c| c.auth = Some(auth)).await;
+    let alice = basic("alice", "alice-password");
+    let bob = basic("bob", "alice-password");
+    let wrong = basic("alice", "guess");
+    let token_login = basic("ci", "ci-token-0123456789abcdef");
+    let bearer = "Bearer ci-token-0123456789abcdef";
+    let tool = "/v2/myorg/tool/manifests/1";
+    let alpine = "/v2/library/alpine/manifests/3";
+    let cases: &[(&str, Option<&str>, StatusCode, &str)] = &[
+        ("/v2/", None, StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        ("/v2/", Some(&alice), StatusCode::OK, ""),
+        (
+            "/v2/",
+            Some(&wrong),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+        ),
+        (
+            "/v2/",
+            Some("Bearer not-a-token"),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+        ),
+        (
+            "/v2/",
+            Some("Digest x"),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+        ),
+        (alpine, None, StatusCode::OK, ""),
+        (
+            alpine,
+            Some(&wrong),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+        ),
+        (tool, None, StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        (tool, Some(&alice), StatusCode::OK, ""),
+        (tool, Some(&token_login), StatusCode::OK, ""),
+        (tool, Some(bearer), StatusCode::OK, ""),
+        (tool, Some(&bob), StatusCode::FORBIDDEN, "DENIED"),
+        ("/", None, StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        ("/healthz", None, StatusCode::OK, ""),
+        ("/metrics", None, StatusCode::OK, ""),
+    ];
+    for (path, authorization, status, code) in cases {
+        let mut headers = vec![("accept", MANIFEST)];
+        if let Some(value) = authorization {
+            headers.push(("authorization", value));
+        }
+        let got = request(Method::GET, &mirror.url(path), &headers).await;
+        assert_eq!(got.status, *status, "{path} with {authorization:?}");
+        if *status == StatusCode::UNAUTHORIZED {
+            assert_eq!(
+                got.header("www-authenticate"),
+                Some("Basic realm=\"regmirror\""),
+                "{path}: a challenge clients answer by logging in"
+            );
+        }
+        if !code.is_empty() {
+            assert_eq!(got.json()["errors"][0]["code"], *code, "{path}");
+        }
+    }
+    // A denied or unauthenticated client learns nothing and costs nothing upstream.
+    let blob = format!("/v2/myorg/tool/blobs/{digest}");
+    let got = request(Method::GET, &mirror.url(&blob), &[("authorization", &bob)]).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    assert_eq!(origin.hits("GET", &blob), 0);
+    // The client's own credentials never travel upstream.
+    assert!(
+        origin.authorizations().iter().all(|(_, a)| a.is_none()),
+        "{:?}",
+        origin.authorizations()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_are_not_forwarded_upstream_without_auth_either() {
+    let origin = FakeRegistry::start().await;
+    let (_, digest) = seed(&origin);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let secret = basic("someone", "their-docker-hub-password");
+    for path in [
+        "/v2/library/alpine/manifests/3".to_string(),
+        format!("/v2/library/alpine/blobs/{digest}"),
+        "/v2/library/alpine/tags/list".to_string(),
+    ] {
+        request(
+            Method::GET,
+            &mirror.url(&path),
+            &[("authorization", &secret), ("accept", MANIFEST)],
+        )
+        .await;
+    }
+    let seen = origin.authorizations();
+    assert!(seen.len() >= 3);
+    assert!(seen.iter().all(|(_, a)| a.is_none()), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_exact_statuses_and_the_server_keeps_serving() {
+    let origin = FakeRegistry::start().await;
+    let (blob, digest) = seed(&origin);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let long_name = "a/".repeat(3000) + "b";
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        (
+            "/v2/../../etc/passwd/manifests/latest".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/library/../../../etc/manifests/latest".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/library%2F..%2F..%2Fetc/manifests/latest".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/library/alpine/manifests/..%2F..%2Fx".into(),
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+        ),
+        (
+            "/v2/library/alpine/blobs/sha256:%2e%2e%2f%2e%2e".into(),
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            format!("/v2/library/alpine/blobs/sha256:{}", "0".repeat(63)),
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            format!("/v2/library/alpine/blobs/sha256:{}", "A".repeat(64)),
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/library/alpine%00/manifests/3".into(),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            format!("/v2/{long_name}/manifests/3"),
+            StatusCode::URI_TOO_LONG,
+            "NAME_INVALID",
+        ),
+        (
+            format!("/v2/{}/manifests/3", "a".repeat(256)),
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            format!("/v2/library/alpine/manifests/{}", "t".repeat(129)),
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+        ),
+    ];
+    for (path, status, code) in &cases {
+        let got = get(&mirror.url(path)).await;
+        assert_eq!(got.status, *status, "{path}");
+        assert_eq!(got.json()["errors"][0]["code"], *code, "{path}");
+    }
+    // A header block larger than the limit: 431 from the HTTP layer.
+    let huge = "x".repeat(100 * 1024);
+    let got = request(Method::GET, &mirror.url("/v2/"), &[("x-filler", &huge)]).await;
+    assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Nothing reached upstream or the disk, and good requests are still served.
+    assert_eq!(
+        origin.authorizations().len(),
+        0,
+        "no hostile request went upstream"
+    );
+    let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
+    assert_eq!(got.bytes().as_ref(), blob.as_slice());
+    let entries: Vec<_> = walk(&mirror.cache_dir());
+    assert!(
+        entries.iter().all(|p| p.starts_with(mirror.cache_dir())),
+        "{entries:?}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_upstreams_are_refused_and_nothing_is_cached() {
+    let origin = FakeRegistry::start().await;
+    let (blob, digest) = seed(&origin);
+    // A manifest over 4 MiB.
+    let huge = format!(
+        "{{\"schemaVersion\":2,\"pad\":\"{}\"}}",
+        "x".repeat(5 << 20)
+    );
+    origin.add_manifest("evil/huge", Some("1"), MANIFEST, huge);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let got = request(
+        Method::GET,
+        &mirror.url("/v2/evil/huge/manifests/1"),
+        &[("accept", MANIFEST)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "oversized manifest");
+    assert_eq!(got.json()["errors"][0]["code"], "MANIFEST_INVALID");
+
+    let blob_path = format!("/v2/library/alpine/blobs/{digest}");
+    for (location, what) in [
+        (format!("{}{blob_path}", origin.url()), "a redirect loop"),
+        ("file:///etc/passwd".to_string(), "a redirect to file://"),
+        (
+            "ftp://example.invalid/blob".to_string(),
+            "a redirect to ftp://",
+        ),
+    ] {
+        origin.knobs(|k| k.blob_location = Some(location.clone()));
+        let got = get(&mirror.url(&blob_path)).await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert_eq!(got.json()["errors"][0]["code"], "UNAVAILABLE", "{what}");
+        assert!(!mirror.has_blob(&digest), "{what}");
+    }
+    // Corrupt bytes never reach a client whole, and the upstream recovering is served at once.
+    origin.knobs(|k| {
+        k.blob_location = None;
+        k.corrupt_blobs = true;
+    });
+    let got = try_get(&mirror.url(&blob_path)).await;
+    assert!(got.is_none_or(|g| g.body.is_err() || g.status != StatusCode::OK));
+    assert!(!mirror.has_blob(&digest));
+    origin.knobs(|k| k.corrupt_blobs = false);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = get(&mirror.url(&blob_path)).await;
+    assert_eq!(got.bytes().as_ref(), blob.as_slice());
+    assert_eq!(mirror.temp_files(), 0);
+}
+
+/// Reads until the server closes the connection; the time it took.
+async fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("connection still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
+    let origin = FakeRegistry::start().await;
+    seed(&origin);
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.server.header_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(1);
+        c.server.max_connections = 4;
+        c.server.max_requests_per_connection = 3;
+    })
+    .await;
+    // Slowloris: a header line trickled out one byte every 200 ms never completes.
+    let mut slow = TcpStream::connect(mirror.addr).await.unwrap();
+    slow.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for byte in b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .iter()
+            .cycle()
+        {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return slow;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        unreachable!()
+    });
+    let mut slow = tokio::time::timeout(Duration::from_secs(5), trickle)
+        .await
+        .expect("slow client cut off within the header timeout")
+        .unwrap();
+    let _ = time_until_closed(&mut slow, Duration::from_secs(2)).await;
+
+    // Idle HTTP/2 connection (prior knowledge): closed with GOAWAY once quiet for idle_timeout.
+    let tcp = TcpStream::connect(mirror.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(mirror.url("/v2/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        sender.send_request(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("idle h2 connection closed")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // An HTTP/1.1 connection carries at most max_requests_per_connection requests.
+    let tcp = TcpStream::connect(mirror.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut answered = 0;
+    for _ in 0..5 {
+        let request = http::Request::get("/v2/")
+            .header("host", "mirror")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        match sender.send_request(request).await {
+            Ok(response) if response.status() == StatusCode::OK => answered += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(answered, 3);
+    tokio::time::timeout(Duration::from_secs(2), connection)
+        .await
+        .expect("connection closed after its share")
+        .unwrap()
+        .unwrap();
+
+    // At most 4 connections: a fifth waits until one of the four goes away.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut tcp = TcpStream::connect(mirror.addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        tcp.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        holders.push(tcp);
+    }
+    let waiting = tokio::spawn(get(mirror.url("/healthz").leak()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fifth connection was served beside four"
+    );
+    drop(holders.pop());
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+}
