@@ -197,29 +197,14 @@ impl Access {
         let value = value
             .to_str()
             .map_err(|_| Denial::Unauthenticated("malformed Authorization header".into()))?;
-        let (scheme, credentials) = value.trim().split_once(' ').unwrap_or((value, ""));
-        let credentials = credentials.trim();
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return self
+        match parse_authorization(value)? {
+            Credentials::Bearer(token) => self
                 .tokens
-                .get(&sha256(credentials.as_bytes()))
+                .get(&sha256(token.as_bytes()))
                 .map(|user| Principal::User(user.clone()))
-                .ok_or_else(|| Denial::Unauthenticated("unknown token".into()));
+                .ok_or_else(|| Denial::Unauthenticated("unknown token".into())),
+            Credentials::Basic { user, password } => self.login(&user, &password).await,
         }
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(Denial::Unauthenticated(format!(
-                "unsupported authorization scheme {scheme:?}"
-            )));
-        }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials)
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(|| Denial::Unauthenticated("malformed Basic credentials".into()))?;
-        let (user, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| Denial::Unauthenticated("malformed Basic credentials".into()))?;
-        self.login(user, password).await
     }
 
     async fn login(&self, user: &str, password: &str) -> Result<Principal, Denial> {
@@ -295,6 +280,70 @@ impl Access {
                 "{name:?} may not pull {registry}/{repo}"
             ))),
         }
+    }
+}
+
+/// What an `Authorization` header carries.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    Bearer(String),
+    Basic { user: String, password: String },
+}
+
+fn parse_authorization(value: &str) -> Result<Credentials, Denial> {
+    let malformed = |what: &str| Denial::Unauthenticated(format!("malformed {what}"));
+    let value = value.trim();
+    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        if credentials.is_empty() {
+            return Err(malformed("Bearer token"));
+        }
+        return Ok(Credentials::Bearer(credentials.to_string()));
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(Denial::Unauthenticated(format!(
+            "unsupported authorization scheme {scheme:?}"
+        )));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| malformed("Basic credentials"))?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| malformed("Basic credentials"))?;
+    Ok(Credentials::Basic {
+        user: user.to_string(),
+        password: password.to_string(),
+    })
+}
+
+/// Entry points for the fuzz targets (`fuzz/`): every parser here that sees outside input.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Feeds `data` to the `Authorization` parser, the htpasswd and tokens parsers and the
+    /// pattern matcher, checking what they promise.
+    pub fn check(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok(Credentials::Basic { user, .. }) = parse_authorization(text) {
+            assert!(!user.contains(':'));
+        }
+        if let Ok(users) = parse_htpasswd(text) {
+            assert!(users.values().all(|h| h.starts_with("$2")));
+        }
+        let _ = parse_tokens(text);
+        let (pattern, name) = text.split_once('\n').unwrap_or((text, text));
+        let matched = glob_match(pattern.as_bytes(), name.as_bytes());
+        if !pattern.contains('*') {
+            assert_eq!(matched, pattern == name);
+        }
+        assert!(glob_match(b"*", name.as_bytes()));
     }
 }
 

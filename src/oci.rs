@@ -42,12 +42,13 @@ impl RepoName {
             .then(|| RepoName(s.to_string()))
     }
 
-    /// Docker Hub stores single-name official images under `library/`.
-    pub fn with_library_prefix(self) -> RepoName {
+    /// Docker Hub stores single-name official images under `library/`; `None` when the
+    /// prefixed name would be longer than a name may be.
+    pub fn with_library_prefix(self) -> Option<RepoName> {
         if self.0.contains('/') {
-            self
+            Some(self)
         } else {
-            RepoName(format!("library/{}", self.0))
+            RepoName::parse(&format!("library/{}", self.0))
         }
     }
 
@@ -191,7 +192,7 @@ impl ImageRef {
         };
         let mut repo = RepoName::parse(name)?;
         if registry == "docker.io" {
-            repo = repo.with_library_prefix();
+            repo = repo.with_library_prefix()?;
         }
         Some(ImageRef {
             registry: registry.to_string(),
@@ -338,9 +339,15 @@ mod tests {
 
     #[test]
     fn single_names_map_to_library() {
-        let name = RepoName::parse("alpine").unwrap().with_library_prefix();
+        let name = RepoName::parse("alpine")
+            .unwrap()
+            .with_library_prefix()
+            .unwrap();
         assert_eq!(name.as_str(), "library/alpine");
-        let name = RepoName::parse("org/app").unwrap().with_library_prefix();
+        let name = RepoName::parse("org/app")
+            .unwrap()
+            .with_library_prefix()
+            .unwrap();
         assert_eq!(name.as_str(), "org/app");
     }
 

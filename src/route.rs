@@ -140,7 +140,9 @@ pub fn route(
     let (registry, name) = pick_registry(namespace.as_deref(), raw_name, registries)?;
     let mut repo = RepoName::parse(name).ok_or_else(|| RouteError::NameInvalid(name.into()))?;
     if registries[registry].library_prefix {
-        repo = repo.with_library_prefix();
+        repo = repo
+            .with_library_prefix()
+            .ok_or_else(|| RouteError::NameInvalid(name.into()))?;
     }
     let target = match target {
         RawTarget::Manifest(r) => Target::Manifest {

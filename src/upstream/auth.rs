@@ -39,7 +39,7 @@ pub fn parse_challenge(value: &str) -> Option<Challenge> {
     };
     match scheme.to_ascii_lowercase().as_str() {
         "bearer" => Some(Challenge::Bearer {
-            realm: get("realm")?,
+            realm: get("realm").filter(|realm| !realm.is_empty())?,
             service: get("service"),
             scope: get("scope"),
         }),
