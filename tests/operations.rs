@@ -2,6 +2,7 @@
 
 mod common;
 
+use base64::Engine;
 use common::e2e::{free_port, wait_until_up, Process};
 use common::*;
 use std::process::Command;
@@ -91,18 +92,53 @@ async fn credentials_and_tokens_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let password = "pa55-w0rd-never-logged";
+    // Clients authenticate to the mirror too: an htpasswd user and a static token.
+    let client_password = "client-pa55-never-logged";
+    let client_token = "client-token-never-logged-0123";
+    let hash = bcrypt::hash(client_password, 4).unwrap();
+    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    std::fs::write(dir.path().join("tokens"), format!("ci {client_token}\n")).unwrap();
+    let client_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("alice:{client_password}"))
+    );
+    let client_bearer = format!("Bearer {client_token}");
     for format in ["text", "json"] {
         let config = dir.path().join("c.toml");
+        // The text run takes the upstream password from the file, the JSON run from the
+        // environment.
+        let password_line = if format == "text" {
+            format!("password = \"{password}\"")
+        } else {
+            "password_env = \"REGMIRROR_TEST_UPSTREAM_PASSWORD\"".to_string()
+        };
         std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[log]\nlevel = \"trace\"\n\
-             [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{}\"\nusername = \"mirror\"\npassword = \"{password}\"\n",
+             [auth]\nhtpasswd = {:?}\ntokens_file = {:?}\n\
+             [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{}\"\nusername = \"mirror\"\n{password_line}\n",
             dir.path().join(format!("cache-{format}")).display().to_string(),
+            dir.path().join("htpasswd").display().to_string(),
+            dir.path().join("tokens").display().to_string(),
             origin.url()
         ),
     )
     .unwrap();
+        let shown = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env("REGMIRROR_TEST_UPSTREAM_PASSWORD", password)
+            .output()
+            .unwrap();
+        assert!(shown.status.success(), "{shown:?}");
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        for secret in [password, client_token, hash.as_str()] {
+            assert!(
+                !shown.contains(secret),
+                "check-config shows {secret:?}:\n{shown}"
+            );
+        }
         let log = dir.path().join(format!("{format}.log"));
         let mut mirror = Process::spawn(
             "regmirror",
@@ -114,19 +150,36 @@ async fn credentials_and_tokens_never_reach_the_logs() {
                 } else {
                     vec![]
                 })
-                .env_remove("RUST_LOG"),
+                .env_remove("RUST_LOG")
+                .env("REGMIRROR_TEST_UPSTREAM_PASSWORD", password),
             log.clone(),
         );
-        wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+        wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &mirror).await;
         let base = format!("http://127.0.0.1:{port}/v2/library/app");
-        assert_eq!(
-            get_manifest(&format!("{base}/manifests/1.0")).await.status,
-            http::StatusCode::OK
-        );
-        assert_eq!(
-            get(&format!("{base}/blobs/{layer}")).await.status,
-            http::StatusCode::OK
-        );
+        let manifest = request(
+            http::Method::GET,
+            &format!("{base}/manifests/1.0"),
+            &[
+                ("accept", DOCKER_MANIFEST),
+                ("authorization", &client_basic),
+            ],
+        )
+        .await;
+        assert_eq!(manifest.status, http::StatusCode::OK);
+        let blob = request(
+            http::Method::GET,
+            &format!("{base}/blobs/{layer}"),
+            &[("authorization", &client_bearer)],
+        )
+        .await;
+        assert_eq!(blob.status, http::StatusCode::OK);
+        let wrong = request(
+            http::Method::GET,
+            &format!("{base}/blobs/{layer}"),
+            &[("authorization", "Bearer wrong-token-never-logged")],
+        )
+        .await;
+        assert_eq!(wrong.status, http::StatusCode::UNAUTHORIZED);
         mirror.terminate(Duration::from_secs(10));
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
@@ -144,7 +197,17 @@ async fn credentials_and_tokens_never_reach_the_logs() {
             );
         }
         let basic = "bWlycm9yOnBhNTUtdzByZC1uZXZlci1sb2dnZWQ"; // base64 of mirror:<password>, unpadded prefix
-        for secret in [password, "tok-default", basic] {
+        let client_basic_value = client_basic.trim_start_matches("Basic ");
+        for secret in [
+            password,
+            "tok-default",
+            basic,
+            client_password,
+            client_token,
+            client_basic_value,
+            "wrong-token-never-logged",
+            hash.as_str(),
+        ] {
             assert!(
                 !text.contains(secret),
                 "{secret:?} appears in the {format} log"

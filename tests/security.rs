@@ -502,3 +502,53 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
         .unwrap();
     assert_eq!(got.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_trusts_system_roots_plus_a_ca_file_or_nothing_when_told() {
+    let origin = FakeRegistry::start().await;
+    let (blob, digest) = seed(&origin);
+    let pki = tempfile::tempdir().unwrap();
+    let issued = issue(pki.path(), "upstream");
+    let files = TlsConfig {
+        cert: issued.cert.clone(),
+        key: issued.key.clone(),
+    };
+    // An HTTPS upstream: a regmirror with TLS in front of the fake origin.
+    let https_upstream =
+        TestMirror::start(&origin.url(), move |c| c.server.tls = Some(files)).await;
+    let upstream_url = format!("https://localhost:{}", https_upstream.addr.port());
+    let blob_path = format!("/v2/library/alpine/blobs/{digest}");
+
+    // System roots only: the private CA is not trusted, the pull fails cleanly.
+    let url = upstream_url.clone();
+    let untrusting = TestMirror::start(&url, |_| {}).await;
+    let got = get(&untrusting.url(&blob_path)).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!untrusting.has_blob(&digest));
+
+    // With the CA as the endpoint's ca_file: verified and served.
+    let (url, ca) = (upstream_url.clone(), issued.ca.clone());
+    let trusting = TestMirror::start(&url, move |c| {
+        c.registry[0].upstream[0].ca_file = Some(ca);
+    })
+    .await;
+    let got = get(&trusting.url(&blob_path)).await;
+    assert_eq!(got.bytes().as_ref(), blob.as_slice());
+
+    // tls_verify = false: accepted without a CA (the operator's explicit choice).
+    let url = upstream_url.clone();
+    let blind = TestMirror::start(&url, |c| {
+        c.registry[0].upstream[0].tls_verify = false;
+    })
+    .await;
+    let got = get(&blind.url(&blob_path)).await;
+    assert_eq!(got.bytes().as_ref(), blob.as_slice());
+
+    // A CA file that holds no certificate is refused when the configuration is built.
+    std::fs::write(pki.path().join("empty.pem"), "nothing here").unwrap();
+    let mut config = regmirror::config::Config::default();
+    config.cache.dir = pki.path().join("cache");
+    config.registry[0].upstream[0].ca_file = Some(pki.path().join("empty.pem"));
+    let refused = regmirror::app::App::new(config).err().expect("refused");
+    assert!(refused.contains("empty.pem"), "{refused}");
+}
