@@ -53,8 +53,8 @@ impl Principal {
 pub enum Denial {
     /// No (valid) credentials: 401 with a challenge, so the client logs in.
     Unauthenticated(String),
-    /// Signed in (or anonymous) but not allowed this repository: 403.
-    Forbidden(String),
+    /// Signed in but not allowed this repository: 403.
+    Forbidden { user: String, why: String },
 }
 
 /// A `registry/repository` pattern: `*` matches any run of characters, `/` included.
@@ -276,9 +276,10 @@ impl Access {
             (Some(_), Principal::Anonymous) => {
                 Err(Denial::Unauthenticated("authentication required".into()))
             }
-            (Some((registry, repo)), Principal::User(name)) => Err(Denial::Forbidden(format!(
-                "{name:?} may not pull {registry}/{repo}"
-            ))),
+            (Some((registry, repo)), Principal::User(name)) => Err(Denial::Forbidden {
+                user: name.clone(),
+                why: format!("{name:?} may not pull {registry}/{repo}"),
+            }),
         }
     }
 }
@@ -558,7 +559,7 @@ mod tests {
         let denied = access
             .authorize(&basic("bob", "secret-pw"), Some(("ghcr.io", "myorg/tool")))
             .await;
-        assert!(matches!(denied, Err(Denial::Forbidden(_))));
+        assert!(matches!(denied, Err(Denial::Forbidden { .. })));
         let anonymous = access
             .authorize(&HeaderMap::new(), Some(("ghcr.io", "myorg/tool")))
             .await;

@@ -149,21 +149,8 @@ async fn podman_pulls_two_registries_through_path_prefix_mirrors() {
     let conf = dir.path().join("registries.conf");
     install_example("podman/registries.conf", &conf, &mirror.host());
     let podman = |args: &[&str]| {
-        let mut c = Command::new("podman");
-        c.env("CONTAINERS_REGISTRIES_CONF", &conf)
-            .arg("--root")
-            .arg(dir.path().join("podman-root"))
-            .arg("--runroot")
-            .arg(dir.path().join("podman-run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ])
-            .args(args);
+        let mut c = podman(dir.path());
+        c.env("CONTAINERS_REGISTRIES_CONF", &conf).args(args);
         c
     };
     for (image, top, (_, config)) in [
@@ -210,30 +197,6 @@ async fn podman_pulls_two_registries_through_path_prefix_mirrors() {
         );
         assert!(mirror.has(top), "{image} did not go through the mirror");
     }
-}
-
-/// A containerd daemon of the test's own, on its own socket and directories.
-fn start_containerd(dir: &Path) -> (Process, String) {
-    let socket = dir.join("containerd.sock").display().to_string();
-    let config = dir.join("containerd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = {socket:?}\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n",
-            dir.join("containerd-root").display().to_string(),
-            dir.join("containerd-state").display().to_string(),
-            dir.join("containerd-opt").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let process = Process::spawn(
-        "containerd",
-        Command::new("containerd").arg("--config").arg(&config),
-        dir.join("containerd.log"),
-    );
-    (process, socket)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

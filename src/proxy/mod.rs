@@ -75,9 +75,12 @@ pub async fn handle<B>(
             let kind = route.kind();
             let registry = route.registry.map(|i| app.routes()[i].name.clone());
             let allowed = match app.access() {
-                Some(access) => authorize(access, &route, registry.as_deref(), request.headers())
-                    .await
-                    .map(|who| user = who),
+                Some(access) => {
+                    let (who, allowed) =
+                        authorize(access, &route, registry.as_deref(), request.headers()).await;
+                    user = who;
+                    allowed
+                }
                 None => Ok(()),
             };
             let result = match allowed {
@@ -153,31 +156,37 @@ pub async fn handle<B>(
 
 /// Checks the client may make this request: pulls by the access rules, the API base and the
 /// status page need a signed-in user; health and metrics are open (probes and scrapers).
+/// Returns who the client is (for the access log) whatever the answer.
 async fn authorize(
     access: &Access,
     route: &Route,
     registry: Option<&str>,
     headers: &http::HeaderMap,
-) -> Result<Principal, Error> {
+) -> (Principal, Result<(), Error>) {
     let repository = match &route.target {
         Target::Manifest { repo, .. }
         | Target::Blob { repo, .. }
         | Target::TagsList { repo, .. }
         | Target::Referrers { repo, .. } => Some(repo),
         Target::ApiBase | Target::Catalog | Target::Status => None,
-        Target::Healthz | Target::Readyz | Target::Metrics => return Ok(Principal::Anonymous),
+        Target::Healthz | Target::Readyz | Target::Metrics => {
+            return (Principal::Anonymous, Ok(()))
+        }
     };
     let repository = match (registry, repository) {
         (Some(registry), Some(repo)) => Some((registry, repo.as_str())),
         _ => None,
     };
-    access
-        .authorize(headers, repository)
-        .await
-        .map_err(|denial| match denial {
-            Denial::Unauthenticated(why) => Error::coded(Code::Unauthorized, why),
-            Denial::Forbidden(why) => Error::coded(Code::Denied, why),
-        })
+    match access.authorize(headers, repository).await {
+        Ok(who) => (who, Ok(())),
+        Err(Denial::Unauthenticated(why)) => (
+            Principal::Anonymous,
+            Err(Error::coded(Code::Unauthorized, why)),
+        ),
+        Err(Denial::Forbidden { user, why }) => {
+            (Principal::User(user), Err(Error::coded(Code::Denied, why)))
+        }
+    }
 }
 
 /// Counts the request, its cache outcome and (as they are sent) its body bytes.

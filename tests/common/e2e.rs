@@ -503,3 +503,45 @@ pub fn have(program: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// A containerd daemon of the test's own, on its own socket and directories.
+pub fn start_containerd(dir: &Path) -> (Process, String) {
+    let socket = dir.join("containerd.sock").display().to_string();
+    let config = dir.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = {socket:?}\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n",
+            dir.join("containerd-root").display().to_string(),
+            dir.join("containerd-state").display().to_string(),
+            dir.join("containerd-opt").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let process = Process::spawn(
+        "containerd",
+        Command::new("containerd").arg("--config").arg(&config),
+        dir.join("containerd.log"),
+    );
+    (process, socket)
+}
+
+/// `podman` with storage, state and events of the test's own (vfs, no systemd).
+pub fn podman(dir: &Path) -> Command {
+    let mut c = Command::new("podman");
+    c.arg("--root")
+        .arg(dir.join("podman-root"))
+        .arg("--runroot")
+        .arg(dir.join("podman-run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ]);
+    c
+}

@@ -1,0 +1,379 @@
+//! End to end, secured: the `regmirror` binary serving HTTPS with a test CA to skopeo and curl
+//! (and swapping its certificate on SIGHUP without a restart), and requiring logins that skopeo,
+//! podman, containerd's ctr and curl make the way their users do. Debian's `docker-registry` is
+//! the origin. Ignored by a plain `cargo test`; `tests/run.sh` installs the tools and runs them.
+
+mod common;
+
+use common::e2e::*;
+use common::pki::{https_request, issue};
+use regmirror::digest::Digest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Starts the binary with a Docker Hub registry whose upstream is `origin` and `extra` TOML
+/// appended; waits until `/healthz` answers (over TLS when `ca_pem` is given).
+async fn start_mirror(
+    dir: &Path,
+    origin: &str,
+    extra: &str,
+    ca_pem: Option<&str>,
+) -> (Process, u16) {
+    let port = free_port();
+    let config = dir.join("regmirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
+             [[registry]]\nname = \"docker.io\"\ndefault = true\n\
+             [[registry.upstream]]\nurl = \"{origin}\"\n{extra}",
+            dir.join("mirror-cache").display().to_string()
+        ),
+    )
+    .unwrap();
+    let process = Process::spawn(
+        "regmirror",
+        Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info"),
+        dir.join("regmirror.log"),
+    );
+    match ca_pem {
+        None => wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &process).await,
+        Some(ca) => {
+            let url = format!("https://localhost:{port}/healthz");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !https_request(&url, ca, false, &[])
+                .await
+                .is_ok_and(|(_, got)| got.status == http::StatusCode::OK)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "no TLS answer:\n{}",
+                    process.output()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    (process, port)
+}
+
+/// A directory holding `ca.crt`, as skopeo's and podman's `--cert-dir` expect.
+fn cert_dir(dir: &Path, name: &str, ca: &Path) -> PathBuf {
+    let certs = dir.join(name);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(ca, certs.join("ca.crt")).unwrap();
+    certs
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry, skopeo and curl: run tests/run.sh"]
+async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(dir.path()).await;
+    let seeded = seed(&origin).await;
+    let first = issue(dir.path(), "first");
+    let (cert, key) = (
+        dir.path().join("tls-cert.pem"),
+        dir.path().join("tls-key.pem"),
+    );
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let (mirror, port) = start_mirror(dir.path(), &origin.url(), &tls, Some(&first.ca_pem)).await;
+    let host = format!("localhost:{port}");
+    let first_certs = cert_dir(dir.path(), "certs-first", &first.ca);
+
+    let raw = run(
+        "skopeo inspect --raw over TLS",
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--cert-dir"])
+            .arg(&first_certs)
+            .arg(format!("docker://{host}/{REPO}:oci")),
+    );
+    assert_eq!(Digest::of(raw.as_bytes()), seeded.oci_index);
+    let layout = dir.path().join("layout");
+    run(
+        "skopeo copy --all over TLS",
+        Command::new("skopeo")
+            .args(["copy", "--all", "--preserve-digests", "--src-cert-dir"])
+            .arg(&first_certs)
+            .arg(format!("docker://{host}/{REPO}:oci"))
+            .arg(format!("oci:{}:oci", layout.display())),
+    );
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!("sha256:{}", path.file_name().unwrap().to_str().unwrap());
+        assert_eq!(Digest::of(&std::fs::read(&path).unwrap()).to_string(), name);
+        stored.push(name);
+    }
+    assert!(stored.contains(&seeded.oci_index.to_string()));
+    assert!(stored.len() > 3, "{stored:?}");
+    // curl with the CA, over HTTP/2.
+    let out = dir.path().join("blob.bin");
+    let fetched = curl(&[
+        "--http2",
+        "--cacert",
+        first.ca.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-w",
+        "%{http_version} %{http_code}",
+        &format!("https://{host}/v2/{REPO}/blobs/{}", seeded.blobs[0]),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&fetched.stdout),
+        "2 200",
+        "{fetched:?}"
+    );
+    assert_eq!(Digest::of(&std::fs::read(&out).unwrap()), seeded.blobs[0]);
+
+    // A new certificate from another CA, picked up on SIGHUP: same process, new identity.
+    let second = issue(dir.path(), "second");
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    let pid = mirror.pid().to_string();
+    run("kill -HUP", Command::new("kill").args(["-HUP", &pid]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = curl(&[
+            "--cacert",
+            second.ca.to_str().unwrap(),
+            &format!("https://{host}/healthz"),
+        ]);
+        if probe.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new certificate not served: {probe:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = curl(&[
+        "--cacert",
+        first.ca.to_str().unwrap(),
+        &format!("https://{host}/healthz"),
+    ]);
+    assert!(
+        !old.status.success(),
+        "the old CA still verifies the server"
+    );
+    let second_certs = cert_dir(dir.path(), "certs-second", &second.ca);
+    let raw = run(
+        "skopeo inspect --raw with the new CA",
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--cert-dir"])
+            .arg(&second_certs)
+            .arg(format!("docker://{host}/{REPO}:docker")),
+    );
+    assert_eq!(Digest::of(raw.as_bytes()), seeded.docker_list);
+    assert_eq!(mirror.pid().to_string(), pid, "no restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry, skopeo, podman, containerd and curl: run tests/run.sh"]
+async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(dir.path()).await;
+    let seeded = seed(&origin).await;
+    seed_repo(&origin, "private/thing").await;
+    let hash = bcrypt::hash("alice-pw", 5).unwrap();
+    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    let token = "ci-token-0123456789abcdef";
+    std::fs::write(dir.path().join("tokens"), format!("ci {token}\n")).unwrap();
+    let auth = format!(
+        "[auth]\nhtpasswd = {:?}\ntokens_file = {:?}\n\
+         [[auth.rule]]\nusers = [\"alice\", \"ci\"]\nallow = [\"library/*\"]\n",
+        dir.path().join("htpasswd").display().to_string(),
+        dir.path().join("tokens").display().to_string(),
+    );
+    let (mirror, port) = start_mirror(dir.path(), &origin.url(), &auth, None).await;
+    let host = format!("127.0.0.1:{port}");
+    let image = format!("docker://{host}/{REPO}:oci");
+
+    // skopeo: --creds, a token as the password, a wrong password, a denied repository.
+    let skopeo = |creds: &str, image: &str| {
+        Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--creds",
+                creds,
+                image,
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = skopeo("alice:alice-pw", &image);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(Digest::of(&ok.stdout), seeded.oci_index);
+    let ok = skopeo(&format!("ci:{token}"), &image);
+    assert_eq!(Digest::of(&ok.stdout), seeded.oci_index, "{ok:?}");
+    let wrong = skopeo("alice:guess", &image);
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
+    assert!(
+        said.contains("unauthorized") || said.contains("authentication required"),
+        "{said}"
+    );
+    let denied = skopeo(
+        "alice:alice-pw",
+        &format!("docker://{host}/private/thing:oci"),
+    );
+    assert!(!denied.status.success());
+    let said = String::from_utf8_lossy(&denied.stderr).to_lowercase();
+    assert!(said.contains("denied"), "{said}");
+    let anonymous = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", &image])
+        .output()
+        .unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "anonymous clients may pull nothing here"
+    );
+
+    // podman: `podman login`, then a pull with the stored credentials.
+    let authfile = dir.path().join("auth.json");
+    let podman = |args: &[&str]| {
+        let mut c = podman(dir.path());
+        c.args(args);
+        c
+    };
+    run(
+        "podman login",
+        podman(&["login", "--tls-verify=false", "--authfile"])
+            .arg(&authfile)
+            .args(["-u", "alice", "-p", "alice-pw", &host]),
+    );
+    let refused = podman(&["login", "--tls-verify=false", "--authfile"])
+        .arg(dir.path().join("other-auth.json"))
+        .args(["-u", "alice", "-p", "guess", &host])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "podman login with a wrong password succeeded"
+    );
+    let reference = format!("{host}/{REPO}:oci");
+    run(
+        "podman pull after login",
+        podman(&[
+            "pull",
+            "--tls-verify=false",
+            "--arch",
+            "amd64",
+            "--authfile",
+        ])
+        .arg(&authfile)
+        .arg(&reference),
+    );
+    let inspected = run(
+        "podman image inspect",
+        &mut podman(&["image", "inspect", "--format", "{{.Id}}", &reference]),
+    );
+    assert_eq!(inspected.trim(), seeded.oci_amd64.1.hex());
+
+    // containerd: ctr --user.
+    let (mut containerd, socket) = start_containerd(dir.path());
+    let ctr = |args: &[&str]| {
+        let mut c = Command::new("ctr");
+        c.args(["--address", &socket, "--namespace", "e2e"])
+            .args(args);
+        c
+    };
+    wait_for_daemon(&mut containerd, 30, || {
+        ctr(&["version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+    .await;
+    let pull = |user: &str, reference: &str| {
+        ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--user",
+            user,
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            reference,
+        ])
+        .output()
+        .unwrap()
+    };
+    let ctr_reference = format!("{host}/{REPO}:docker");
+    let pulled = pull("alice:alice-pw", &ctr_reference);
+    assert!(pulled.status.success(), "{pulled:?}");
+    let listed = run("ctr images ls", &mut ctr(&["images", "ls"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&ctr_reference) && l.contains(&seeded.docker_list.to_string())),
+        "{listed}"
+    );
+    let wrong = pull("alice:guess", &ctr_reference);
+    assert!(!wrong.status.success(), "ctr pulled with a wrong password");
+    let denied = pull("alice:alice-pw", &format!("{host}/private/thing:oci"));
+    assert!(!denied.status.success(), "ctr pulled a denied repository");
+
+    // curl: a static bearer token, as a containerd hosts.toml [header] or a script sends it.
+    let out = dir.path().join("manifest.json");
+    let fetched = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "Accept: application/vnd.oci.image.index.v1+json",
+        "-o",
+        out.to_str().unwrap(),
+        "-w",
+        "%{http_code}",
+        &format!("http://{host}/v2/{REPO}/manifests/oci"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&fetched.stdout), "200");
+    assert_eq!(Digest::of(&std::fs::read(&out).unwrap()), seeded.oci_index);
+    let challenged = curl(&["-i", &format!("http://{host}/v2/")]);
+    let text = String::from_utf8_lossy(&challenged.stdout).to_lowercase();
+    assert!(text.starts_with("http/1.1 401"), "{text}");
+    assert!(
+        text.contains("www-authenticate: basic realm=\"regmirror\""),
+        "{text}"
+    );
+    // Every request for the private repository was refused (401 or 403), none answered.
+    let log = mirror.output();
+    let private_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("regmirror::access") && l.contains("/v2/private/thing/"))
+        .collect();
+    assert!(!private_lines.is_empty(), "{log}");
+    for line in private_lines {
+        assert!(
+            line.contains("status=401") || line.contains("status=403"),
+            "{line}"
+        );
+        assert!(
+            line.contains("upstream=\"-\""),
+            "asked upstream for a refused request: {line}"
+        );
+    }
+}
