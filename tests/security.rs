@@ -552,3 +552,39 @@ async fn upstream_tls_trusts_system_roots_plus_a_ca_file_or_nothing_when_told() 
     let refused = regmirror::app::App::new(config).err().expect("refused");
     assert!(refused.contains("empty.pem"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
+    let origin = FakeRegistry::start().await;
+    let (_, digest) = seed(&origin);
+    // The origin's challenge names a plain-http token service on another host.
+    let elsewhere = FakeRegistry::start().await;
+    let realm = elsewhere.url();
+    origin.knobs(|k| {
+        k.require_token = true;
+        k.token_realm = Some(realm);
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        let upstream = &mut c.registry[0].upstream[0];
+        upstream.username = Some("mirror".into());
+        upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
+    })
+    .await;
+    let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
+    assert_eq!(got.status, StatusCode::OK, "an anonymous token still works");
+    let asked = elsewhere.authorizations();
+    assert!(
+        asked.iter().any(|(path, _)| path.starts_with("/token")),
+        "{asked:?}"
+    );
+    assert!(
+        asked.iter().all(|(_, a)| a.is_none()),
+        "password sent in the clear: {asked:?}"
+    );
+    // The origin itself (where the password belongs) never got it as Basic either: it asked
+    // for a token, and got the token.
+    assert!(origin
+        .authorizations()
+        .iter()
+        .all(|(_, a)| a.as_deref().is_none_or(|a| a.starts_with("Bearer tok-"))));
+}

@@ -559,9 +559,20 @@ impl Endpoint {
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(format!("token realm {:?} is not http(s)", key.realm));
         }
+        // Credentials travel to the realm only over TLS, or in the clear to the endpoint's own
+        // host (a LAN registry the operator chose to reach over http).
+        let same_host = uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str());
+        let protected = uri.scheme_str() == Some("https") || same_host;
         let mut request = Request::get(uri).header(header::USER_AGENT, USER_AGENT);
-        if let Some(credentials) = &self.auth.credentials {
-            request = request.header(header::AUTHORIZATION, credentials.basic());
+        match &self.auth.credentials {
+            Some(credentials) if protected => {
+                request = request.header(header::AUTHORIZATION, credentials.basic());
+            }
+            Some(_) => tracing::warn!(
+                realm = %key.realm,
+                "token realm is plain http on another host; asking for an anonymous token instead of sending the password"
+            ),
+            None => {}
         }
         let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
         tracing::debug!(realm = %key.realm, scope = %key.scope, "fetching upstream token");

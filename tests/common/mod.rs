@@ -65,6 +65,8 @@ pub struct Knobs {
     pub no_content_length: bool,
     /// Answer blob GETs with a 302 to exactly this `Location` (a loop, another scheme).
     pub blob_location: Option<String>,
+    /// Name this base URL (another server's) as the token realm instead of this server.
+    pub token_realm: Option<String>,
 }
 
 #[derive(Default)]
@@ -251,9 +253,12 @@ async fn serve(
             .as_deref()
             .is_some_and(|a| a.starts_with("Bearer tok-"))
     {
-        let challenge = format!(
-            r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:x:pull""#
-        );
+        let realm = knobs
+            .token_realm
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let challenge =
+            format!(r#"Bearer realm="{realm}/token",service="fake",scope="repository:x:pull""#);
         return respond(
             401,
             "application/json",
