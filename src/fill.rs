@@ -32,6 +32,8 @@ pub struct FillJob {
     /// Where a verified blob is committed (and what makes room when the disk is full).
     pub lifecycle: Arc<Lifecycle>,
     pub timeout: Duration,
+    /// The size a manifest declared for this blob: a body longer than that is refused.
+    pub declared_size: Option<u64>,
 }
 
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
@@ -85,7 +87,19 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("blob {digest} not found upstream"),
         ));
     }
-    let total = answer.content_length();
+    let total = match (answer.content_length(), job.declared_size) {
+        (Some(length), Some(declared)) if length != declared => {
+            return Err(failure(
+                Code::Unavailable,
+                format!(
+                    "{} declares {length} bytes for {digest}, its manifest {declared}",
+                    answer.endpoint
+                ),
+            ));
+        }
+        // Without a Content-Length the manifest's size bounds the body.
+        (length, declared) => length.or(declared),
+    };
     permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
 

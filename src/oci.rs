@@ -289,9 +289,19 @@ pub fn sniff_manifest_type(body: &[u8]) -> Option<String> {
 
 /// The digests a manifest refers to: child manifests of an index, or config and layers.
 pub fn references(body: &[u8]) -> Vec<Digest> {
+    descriptors(body)
+        .into_iter()
+        .map(|(digest, _)| digest)
+        .collect()
+}
+
+/// The descriptors of a manifest (child manifests of an index, or config and layers): each
+/// digest with the size the manifest declares for it, when it declares one.
+pub fn descriptors(body: &[u8]) -> Vec<(Digest, Option<u64>)> {
     #[derive(serde::Deserialize)]
     struct Descriptor {
         digest: String,
+        size: Option<u64>,
     }
     #[derive(serde::Deserialize)]
     struct Document {
@@ -308,7 +318,7 @@ pub fn references(body: &[u8]) -> Vec<Digest> {
         .iter()
         .chain(doc.config.iter())
         .chain(doc.layers.iter())
-        .filter_map(|d| d.digest.parse().ok())
+        .filter_map(|d| Some((d.digest.parse().ok()?, d.size)))
         .collect()
 }
 

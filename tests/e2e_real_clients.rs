@@ -257,7 +257,7 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry and docker.io (dockerd): run tests/run.sh"]
-async fn dockerd_pulls_through_registry_mirrors() {
+async fn dockerd_pulls_through_registry_mirrors_anonymously_when_logins_are_on() {
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin::start(dir.path()).await;
     let seeded = seed(&origin).await;
@@ -325,6 +325,51 @@ async fn dockerd_pulls_through_registry_mirrors() {
         );
         assert!(mirror.has(top), "{tag} did not go through the mirror");
     }
+
+    // Logins switched on (SIGHUP): dockerd cannot log in to a mirror, so it pulls what the
+    // anonymous rule allows, and nothing else.
+    seed_repo(&origin, "library/other").await;
+    seed_repo(&origin, "someone/private").await;
+    std::fs::write(d.join("tokens"), "ci ci-token-0123456789abcdef\n").unwrap();
+    let config = d.join("regmirror.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[auth]\ntokens_file = {:?}\nanonymous = [\"library/*\"]\n",
+            d.join("tokens").display().to_string()
+        ),
+    )
+    .unwrap();
+    let pid = mirror.process.pid().to_string();
+    run("kill -HUP", Command::new("kill").args(["-HUP", &pid]));
+    let base = format!("http://{}/v2/", mirror.host());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::get(&base).await.status != http::StatusCode::UNAUTHORIZED {
+        assert!(std::time::Instant::now() < deadline, "auth not switched on");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    run(
+        "docker pull (anonymous rule)",
+        &mut docker(&["pull", "other:oci"]),
+    );
+    let denied = docker(&["pull", "someone/private:oci"]).output().unwrap();
+    assert!(
+        !denied.status.success(),
+        "dockerd pulled a repository anonymous clients may not"
+    );
+    // The same content as e2e:oci, so the access log tells what the mirror answered for it.
+    let log = mirror.process.output();
+    let answered = |repo: &str, status: &str| {
+        log.lines().any(|l| {
+            l.contains("regmirror::access")
+                && l.contains(&format!("path=/v2/{repo}/manifests/"))
+                && l.contains(&format!("status={status}"))
+        })
+    };
+    assert!(answered("library/other", "200"), "{log}");
+    assert!(answered("someone/private", "401"), "{log}");
+    assert!(!answered("someone/private", "200"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

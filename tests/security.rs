@@ -596,3 +596,43 @@ async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
         .iter()
         .all(|(_, a)| a.as_deref().is_none_or(|a| a.starts_with("Bearer tok-"))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_longer_than_its_descriptor_is_cut_off_at_the_first_byte_too_many() {
+    let origin = FakeRegistry::start().await;
+    let layer = random_bytes(200_000, 9);
+    let layer_digest = origin.add_blob(layer.clone());
+    let config = origin.add_blob(b"{}".to_vec());
+    let manifest = schema2_manifest(&config, 2, &[(layer_digest.clone(), layer.len())]);
+    origin.add_manifest("library/alpine", Some("3"), DOCKER_MANIFEST, manifest);
+    // No Content-Length, and after the blob's bytes an endless stream of zeros.
+    origin.knobs(|k| {
+        k.no_content_length = true;
+        k.endless_tail = true;
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.fill_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // A client reads the manifest first, as every client does.
+    let got = request(
+        Method::GET,
+        &mirror.url("/v2/library/alpine/manifests/3"),
+        &[("accept", ACCEPT_ALL)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let started = Instant::now();
+    let got = try_get(&mirror.url(&format!("/v2/library/alpine/blobs/{layer_digest}"))).await;
+    assert!(
+        got.is_none_or(|g| g.body.is_err()),
+        "an over-long body reached the client whole"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the download was not cut off at its declared size ({:?})",
+        started.elapsed()
+    );
+    assert!(!mirror.has_blob(&layer_digest));
+    eventually("the temp file goes", || mirror.temp_files() == 0).await;
+}

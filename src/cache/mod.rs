@@ -82,7 +82,13 @@ pub struct Cache {
     listings: moka::future::Cache<String, Listing>,
     /// The tag TTL in milliseconds (changeable by a reload; applies to answers loaded after it).
     tag_ttl_ms: Arc<AtomicU64>,
+    /// Sizes that manifests served declare for their blobs and child manifests: a download
+    /// longer than its descriptor is cut off at the first byte too many.
+    declared_sizes: moka::sync::Cache<(String, String, Digest), u64>,
 }
+
+/// Descriptor sizes remembered (a few MiB of memory at most).
+const DECLARED_SIZES: u64 = 200_000;
 
 /// Expiry by the current tag TTL.
 struct TagTtl(Arc<AtomicU64>);
@@ -136,6 +142,7 @@ impl Cache {
             manifests,
             tags,
             listings,
+            declared_sizes: moka::sync::Cache::new(DECLARED_SIZES),
         })
     }
 
@@ -256,6 +263,28 @@ impl Cache {
             .insert(manifest.digest.clone(), Arc::new(manifest.clone()))
             .await;
         Ok(())
+    }
+
+    /// Remembers the sizes a manifest fetched for `registry/repo` declares for what it
+    /// references. Kept per repository: a manifest in one repository cannot bound (or break)
+    /// downloads for another.
+    pub fn note_declared_sizes(&self, registry: &str, repo: &RepoName, manifest: &[u8]) {
+        for (digest, size) in crate::oci::descriptors(manifest) {
+            if let Some(size) = size {
+                let key = (registry.to_string(), repo.as_str().to_string(), digest);
+                self.declared_sizes.insert(key, size);
+            }
+        }
+    }
+
+    /// The size a manifest of `registry/repo` declared for `digest`, if one was fetched lately.
+    pub fn declared_size(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Option<u64> {
+        let key = (
+            registry.to_string(),
+            repo.as_str().to_string(),
+            digest.clone(),
+        );
+        self.declared_sizes.get(&key)
     }
 
     /// The tag's answer if one is fresh in memory; never loads.

@@ -53,6 +53,11 @@ pub async fn serve(
                 repo: repo.clone(),
                 lifecycle: Arc::clone(app.cache().lifecycle()),
                 timeout: app.config().cache.fill_timeout,
+                declared_size: app.cache().declared_size(
+                    &app.routes()[registry].name,
+                    repo,
+                    digest,
+                ),
             };
             fill::spawn(job, permit, temp);
             follow_fill(app, registry, repo, digest, fill, range).await

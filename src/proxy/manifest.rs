@@ -138,7 +138,9 @@ async fn by_digest(
         let reference = Reference::Digest(digest.clone());
         let request = UpstreamRequest::manifest(Method::GET, repo, &reference, &accept);
         let answer = app.upstream(registry).fetch(&request).await?;
-        let manifest = read_manifest(answer, &format!("{repo}@{digest}")).await?;
+        let manifest =
+            read_upstream_manifest(app, registry, repo, answer, &format!("{repo}@{digest}"))
+                .await?;
         if &manifest.digest != digest {
             app.upstream(registry).mismatch();
             return Err(Error::BadContent(format!(
@@ -150,6 +152,8 @@ async fn by_digest(
     };
     let manifest = app.cache().manifest(digest, load).await?;
     *outcome = if went_upstream.load(Ordering::Relaxed) {
+        let name = &app.routes()[registry].name;
+        app.cache().note_declared_sizes(name, repo, &manifest.bytes);
         Outcome::Miss
     } else {
         Outcome::Hit
@@ -262,7 +266,8 @@ async fn fetch_tag(app: &App, key: &TagKey) -> Result<TagAnswer, Error> {
     if answer.status() == StatusCode::NOT_FOUND {
         return Err(manifest_unknown(&key.repo, &key.tag));
     }
-    let manifest = read_manifest(answer, &format!("{}:{}", key.repo, key.tag)).await?;
+    let what = format!("{}:{}", key.repo, key.tag);
+    let manifest = read_upstream_manifest(app, key.registry, &key.repo, answer, &what).await?;
     app.cache().put_manifest(&manifest).await?;
     let record = TagRecord {
         digest: manifest.digest.to_string(),
@@ -306,7 +311,8 @@ async fn pass_through(
         })?;
         return Ok(respond_head(&digest, &media_type, size as usize, false));
     }
-    let manifest = read_manifest(answer, &format!("{repo}:{tag}")).await?;
+    let what = format!("{repo}:{tag}");
+    let manifest = read_upstream_manifest(app, registry, repo, answer, &what).await?;
     app.cache().put_manifest(&manifest).await?;
     Ok(respond(
         &manifest.digest,
@@ -315,6 +321,21 @@ async fn pass_through(
         false,
         false,
     ))
+}
+
+/// A manifest from upstream for `repo`, checked, with the sizes it declares for its blobs
+/// remembered (they bound those downloads).
+async fn read_upstream_manifest(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    answer: Answer,
+    what: &str,
+) -> Result<Manifest, Error> {
+    let manifest = read_manifest(answer, what).await?;
+    let name = &app.routes()[registry].name;
+    app.cache().note_declared_sizes(name, repo, &manifest.bytes);
+    Ok(manifest)
 }
 
 /// Reads and checks a manifest answer: at most 4 MiB, and the digest upstream claims (if any)

@@ -18,7 +18,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Longest request URI accepted: a maximal name, digest and `ns` query fit in far less.
+/// Longest request target (path and query) accepted: a maximal name, digest and `ns` query fit
+/// in far less.
 const MAX_URI_BYTES: usize = 4096;
 
 /// How a request was answered with respect to the cache; stable strings for logs and metrics.
@@ -62,7 +63,8 @@ pub async fn handle<B>(
     let method = request.method().clone();
     let uri = request.uri().clone();
     let head = method == http::Method::HEAD;
-    let routed = if uri.to_string().len() > MAX_URI_BYTES {
+    let target_length = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let routed = if target_length > MAX_URI_BYTES {
         Err(RouteError::TooLong(MAX_URI_BYTES))
     } else {
         route::route(&method, uri.path(), uri.query(), app.routes())

@@ -67,6 +67,8 @@ pub struct Knobs {
     pub blob_location: Option<String>,
     /// Name this base URL (another server's) as the token realm instead of this server.
     pub token_realm: Option<String>,
+    /// After a blob's bytes, send zeros for ever (use with `no_content_length`).
+    pub endless_tail: bool,
 }
 
 #[derive(Default)]
@@ -472,6 +474,10 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
             if let Some(delay) = knobs.chunk_delay {
                 tokio::time::sleep(delay).await;
             }
+        }
+        if knobs.endless_tail {
+            let garbage = Bytes::from(vec![0u8; 64 * 1024]);
+            while tx.send(Ok(Frame::data(garbage.clone()))).await.is_ok() {}
         }
     });
     let stream =
