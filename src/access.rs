@@ -1,11 +1,15 @@
 //! Client authentication and access rules (`[auth]`): who a request comes from and whether they
 //! may pull a repository. Off unless configured: a LAN appliance serves everyone.
 //!
-//! Credentials: htpasswd users (bcrypt) over Basic, and static tokens from a file, sent either as
-//! `Authorization: Bearer <token>` or as the password of a Basic login by the token's user (what
-//! `docker login`, `podman login` and `skopeo --creds` send). A request without credentials is
-//! anonymous; wrong credentials are refused even where anonymous clients may pull, so a typo in a
-//! password never silently turns into anonymous access.
+//! Credentials: htpasswd users (bcrypt) and static tokens from a file. Registry clients are
+//! challenged the way Docker Hub challenges them (`Bearer realm=".../token"`): they fetch a
+//! token from the mirror's own token service, with their login as Basic credentials or
+//! anonymously, and send it on every request. That one flow serves `docker login`, `podman
+//! login`, `skopeo --creds`, `ctr --user` and dockerd, which cannot be given credentials for a
+//! mirror but fetches anonymous tokens. A static token may also be sent directly as
+//! `Authorization: Bearer <token>`, or as the password of its user; Basic credentials are accepted
+//! on any request too. Wrong credentials are refused even where anonymous clients may pull, so a
+//! typo in a password never silently turns into anonymous access.
 //!
 //! bcrypt is deliberately slow, and clients send Basic on every request: a verified login is
 //! remembered for a few minutes under the SHA-256 of the credentials (never the credentials
@@ -30,6 +34,10 @@ const LOGIN_MEMORY: Duration = Duration::from_secs(300);
 const CONCURRENT_VERIFICATIONS: usize = 2;
 /// Shortest static token accepted in the tokens file.
 const MIN_TOKEN_LEN: usize = 16;
+/// Lifetime of a token issued by the token service.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+/// Issued tokens remembered at once (each a few dozen bytes).
+const MAX_ISSUED_TOKENS: u64 = 100_000;
 
 /// Who sent a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +54,18 @@ impl Principal {
             Principal::User(name) => name,
         }
     }
+}
+
+/// What a request needs.
+#[derive(Clone, Copy, Debug)]
+pub enum Need<'a> {
+    /// Pulling from `registry/repository`: by the access rules.
+    Pull { registry: &'a str, repo: &'a str },
+    /// The API base and catalog: valid credentials of any kind (an anonymous token too), so
+    /// that a client without any is challenged and fetches a token.
+    Credentials,
+    /// The status page: a signed-in user.
+    SignedIn,
 }
 
 /// Why a request is refused.
@@ -139,6 +159,10 @@ pub struct Access {
     /// SHA-256 of verified `user:password` pairs to the user.
     verified: moka::sync::Cache<[u8; 32], String>,
     verifications: Arc<Semaphore>,
+    /// SHA-256 of tokens issued by the token service to whom they were issued.
+    issued: moka::sync::Cache<[u8; 32], Principal>,
+    /// The `service` named in challenges and expected in token requests.
+    service: String,
 }
 
 impl Access {
@@ -170,6 +194,10 @@ impl Access {
             .collect::<Result<_, String>>()?;
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
             .map_err(|e| format!("auth.realm: {e}"))?;
+        let issued = moka::sync::Cache::builder()
+            .max_capacity(MAX_ISSUED_TOKENS)
+            .time_to_live(TOKEN_LIFETIME)
+            .build();
         Ok(Access {
             challenge,
             passwords,
@@ -181,12 +209,33 @@ impl Access {
                 .time_to_live(LOGIN_MEMORY)
                 .build(),
             verifications: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
+            issued,
+            service: config.realm.clone(),
         })
     }
 
-    /// The `WWW-Authenticate` value sent with every 401.
-    pub fn challenge(&self) -> HeaderValue {
+    /// The Basic challenge (the status page in a browser, the token service itself).
+    pub fn basic_challenge(&self) -> HeaderValue {
         self.challenge.clone()
+    }
+
+    /// The registry challenge: fetch a token from `base/token`, for `repo` when given.
+    pub fn bearer_challenge(&self, base: &str, repo: Option<&str>) -> HeaderValue {
+        let mut value = format!("Bearer realm=\"{base}/token\",service=\"{}\"", self.service);
+        if let Some(repo) = repo {
+            value.push_str(&format!(",scope=\"repository:{repo}:pull\""));
+        }
+        HeaderValue::from_str(&value).unwrap_or_else(|_| self.challenge.clone())
+    }
+
+    /// The token service: a new token for whoever these headers identify (anonymous clients
+    /// get an anonymous token; wrong credentials get nothing).
+    pub async fn issue_token(&self, headers: &HeaderMap) -> Result<String, Denial> {
+        let who = self.identify(headers).await?;
+        let token =
+            new_token().map_err(|_| Denial::Unauthenticated("no randomness for a token".into()))?;
+        self.issued.insert(sha256(token.as_bytes()), who);
+        Ok(token)
     }
 
     /// Who sent these headers; wrong or malformed credentials are an error, none is anonymous.
@@ -198,11 +247,15 @@ impl Access {
             .to_str()
             .map_err(|_| Denial::Unauthenticated("malformed Authorization header".into()))?;
         match parse_authorization(value)? {
-            Credentials::Bearer(token) => self
-                .tokens
-                .get(&sha256(token.as_bytes()))
-                .map(|user| Principal::User(user.clone()))
-                .ok_or_else(|| Denial::Unauthenticated("unknown token".into())),
+            Credentials::Bearer(token) => {
+                let key = sha256(token.as_bytes());
+                if let Some(user) = self.tokens.get(&key) {
+                    return Ok(Principal::User(user.clone()));
+                }
+                self.issued
+                    .get(&key)
+                    .ok_or_else(|| Denial::Unauthenticated("unknown or expired token".into()))
+            }
             Credentials::Basic { user, password } => self.login(&user, &password).await,
         }
     }
@@ -259,29 +312,36 @@ impl Access {
         }
     }
 
-    /// Checks a request for `registry/repo` (or, with `None`, one that needs a signed-in user:
-    /// the API base, the status page).
+    /// Checks a request's credentials against what it needs; returns who sent it.
     pub async fn authorize(
         &self,
         headers: &HeaderMap,
-        repository: Option<(&str, &str)>,
+        need: Need<'_>,
     ) -> Result<Principal, Denial> {
+        let presented = headers.contains_key(header::AUTHORIZATION);
         let who = self.identify(headers).await?;
-        match (repository, &who) {
-            (None, Principal::Anonymous) => {
-                Err(Denial::Unauthenticated("authentication required".into()))
-            }
-            (None, Principal::User(_)) => Ok(who),
-            (Some((registry, repo)), _) if self.may_pull(&who, registry, repo) => Ok(who),
-            (Some(_), Principal::Anonymous) => {
-                Err(Denial::Unauthenticated("authentication required".into()))
-            }
-            (Some((registry, repo)), Principal::User(name)) => Err(Denial::Forbidden {
+        let required = || Denial::Unauthenticated("authentication required".into());
+        match (need, &who) {
+            (Need::Credentials, _) if presented => Ok(who),
+            (Need::Credentials, _) => Err(required()),
+            (Need::SignedIn, Principal::User(_)) => Ok(who),
+            (Need::SignedIn, Principal::Anonymous) => Err(required()),
+            (Need::Pull { registry, repo }, _) if self.may_pull(&who, registry, repo) => Ok(who),
+            (Need::Pull { .. }, Principal::Anonymous) => Err(required()),
+            (Need::Pull { registry, repo }, Principal::User(name)) => Err(Denial::Forbidden {
                 user: name.clone(),
                 why: format!("{name:?} may not pull {registry}/{repo}"),
             }),
         }
     }
+}
+
+/// 32 random bytes as hex.
+fn new_token() -> Result<String, ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What an `Authorization` header carries.
@@ -556,15 +616,36 @@ mod tests {
         assert!(!access.may_pull(&bob, "ghcr.io", "myorg/tool"));
         assert!(access.may_pull(&ci, "ghcr.io", "other/tool"));
 
-        let denied = access
-            .authorize(&basic("bob", "secret-pw"), Some(("ghcr.io", "myorg/tool")))
-            .await;
+        let tool = Need::Pull {
+            registry: "ghcr.io",
+            repo: "myorg/tool",
+        };
+        let denied = access.authorize(&basic("bob", "secret-pw"), tool).await;
         assert!(matches!(denied, Err(Denial::Forbidden { .. })));
-        let anonymous = access
-            .authorize(&HeaderMap::new(), Some(("ghcr.io", "myorg/tool")))
-            .await;
+        let anonymous = access.authorize(&HeaderMap::new(), tool).await;
         assert!(matches!(anonymous, Err(Denial::Unauthenticated(_))));
-        let base = access.authorize(&HeaderMap::new(), None).await;
+        let base = access.authorize(&HeaderMap::new(), Need::Credentials).await;
         assert!(matches!(base, Err(Denial::Unauthenticated(_))));
+
+        // Issued tokens stand for whoever asked for them.
+        let token = access
+            .issue_token(&basic("alice", "secret-pw"))
+            .await
+            .unwrap();
+        let mut with_token = HeaderMap::new();
+        let bearer = |t: &str| HeaderValue::from_str(&format!("Bearer {t}")).unwrap();
+        with_token.insert(header::AUTHORIZATION, bearer(&token));
+        assert_eq!(access.identify(&with_token).await, Ok(alice.clone()));
+        assert!(access.authorize(&with_token, tool).await.is_ok());
+        let anonymous_token = access.issue_token(&HeaderMap::new()).await.unwrap();
+        with_token.insert(header::AUTHORIZATION, bearer(&anonymous_token));
+        assert_eq!(access.identify(&with_token).await, Ok(Principal::Anonymous));
+        assert!(access
+            .authorize(&with_token, Need::Credentials)
+            .await
+            .is_ok());
+        assert!(access.authorize(&with_token, Need::SignedIn).await.is_err());
+        assert!(access.authorize(&with_token, tool).await.is_err());
+        assert!(access.issue_token(&basic("alice", "wrong")).await.is_err());
     }
 }

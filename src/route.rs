@@ -48,6 +48,8 @@ pub enum Target {
     Metrics,
     /// The status page at `/`.
     Status,
+    /// `GET /token`: the token service clients are sent to by the `Bearer` challenge.
+    Token,
 }
 
 /// A routed request.
@@ -73,6 +75,7 @@ impl Route {
             Target::Referrers { .. } => "referrers",
             Target::Catalog => "catalog",
             Target::Healthz => "healthz",
+            Target::Token => "token",
             Target::Readyz => "readyz",
             Target::Metrics => "metrics",
             Target::Status => "status",
@@ -120,6 +123,9 @@ pub fn route(
         "/readyz" => return plain(Target::Readyz),
         "/metrics" => return plain(Target::Metrics),
         "/" if method == Method::GET || method == Method::HEAD => return plain(Target::Status),
+        "/token" if method == Method::GET || method == Method::HEAD => return plain(Target::Token),
+        // containerd tries an OAuth2 POST first and falls back to GET on 405.
+        "/token" => return Err(RouteError::Unsupported(method.clone())),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2") else {

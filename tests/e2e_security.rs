@@ -356,7 +356,9 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     let text = String::from_utf8_lossy(&challenged.stdout).to_lowercase();
     assert!(text.starts_with("http/1.1 401"), "{text}");
     assert!(
-        text.contains("www-authenticate: basic realm=\"regmirror\""),
+        text.contains(&format!(
+            "www-authenticate: bearer realm=\"http://{host}/token\",service=\"regmirror\""
+        )),
         "{text}"
     );
     // Every request for the private repository was refused (401 or 403), none answered.

@@ -103,6 +103,7 @@ async fn credentials_and_tokens_never_reach_the_logs() {
         base64::engine::general_purpose::STANDARD.encode(format!("alice:{client_password}"))
     );
     let client_bearer = format!("Bearer {client_token}");
+    let mut issued_tokens: Vec<String> = Vec::new();
     for format in ["text", "json"] {
         let config = dir.path().join("c.toml");
         // The text run takes the upstream password from the file, the JSON run from the
@@ -173,6 +174,22 @@ async fn credentials_and_tokens_never_reach_the_logs() {
         )
         .await;
         assert_eq!(blob.status, http::StatusCode::OK);
+        // The token service's answer is a secret too.
+        let issued = request(
+            http::Method::GET,
+            &format!("http://127.0.0.1:{port}/token?service=regmirror"),
+            &[("authorization", &client_basic)],
+        )
+        .await;
+        let issued = issued.json()["token"].as_str().unwrap().to_string();
+        let with_issued = request(
+            http::Method::GET,
+            &format!("{base}/blobs/{layer}"),
+            &[("authorization", &format!("Bearer {issued}"))],
+        )
+        .await;
+        assert_eq!(with_issued.status, http::StatusCode::OK);
+        issued_tokens.push(issued);
         let wrong = request(
             http::Method::GET,
             &format!("{base}/blobs/{layer}"),
@@ -207,6 +224,7 @@ async fn credentials_and_tokens_never_reach_the_logs() {
             client_basic_value,
             "wrong-token-never-logged",
             hash.as_str(),
+            issued_tokens.last().unwrap().as_str(),
         ] {
             assert!(
                 !text.contains(secret),

@@ -185,15 +185,79 @@ async fn clients_log_in_and_access_rules_hold() {
         let got = request(Method::GET, &mirror.url(path), &headers).await;
         assert_eq!(got.status, *status, "{path} with {authorization:?}");
         if *status == StatusCode::UNAUTHORIZED {
+            let expected = match *path {
+                "/" => "Basic realm=\"regmirror\"".to_string(),
+                "/v2/" => format!(
+                    "Bearer realm=\"{}\",service=\"regmirror\"",
+                    mirror.url("/token")
+                ),
+                _ => {
+                    let repo = path
+                        .trim_start_matches("/v2/")
+                        .split("/manifests/")
+                        .next()
+                        .unwrap();
+                    format!(
+                        "Bearer realm=\"{}\",service=\"regmirror\",scope=\"repository:{repo}:pull\"",
+                        mirror.url("/token")
+                    )
+                }
+            };
             assert_eq!(
                 got.header("www-authenticate"),
-                Some("Basic realm=\"regmirror\""),
+                Some(expected.as_str()),
                 "{path}: a challenge clients answer by logging in"
             );
         }
         if !code.is_empty() {
             assert_eq!(got.json()["errors"][0]["code"], *code, "{path}");
         }
+    }
+    // The token service: a login's token works like the login, an anonymous token like no
+    // login at all (but satisfies the API base check), wrong credentials get no token.
+    let token_of = |got: Got| got.json()["token"].as_str().unwrap().to_string();
+    let alice_token = token_of(
+        request(
+            Method::GET,
+            &mirror.url("/token?service=regmirror&scope=repository:myorg/tool:pull"),
+            &[("authorization", &alice)],
+        )
+        .await,
+    );
+    let anonymous_token = token_of(get(&mirror.url("/token?service=regmirror")).await);
+    let refused = request(
+        Method::GET,
+        &mirror.url("/token"),
+        &[("authorization", &wrong)],
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.header("www-authenticate"),
+        Some("Basic realm=\"regmirror\"")
+    );
+    let post = request(Method::POST, &mirror.url("/token"), &[]).await;
+    assert_eq!(
+        post.status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "containerd falls back to GET on 405"
+    );
+    for (path, token, status) in [
+        (tool, &alice_token, StatusCode::OK),
+        ("/v2/", &alice_token, StatusCode::OK),
+        (tool, &anonymous_token, StatusCode::UNAUTHORIZED),
+        (alpine, &anonymous_token, StatusCode::OK),
+        ("/v2/", &anonymous_token, StatusCode::OK),
+        ("/", &anonymous_token, StatusCode::UNAUTHORIZED),
+    ] {
+        let bearer = format!("Bearer {token}");
+        let got = request(
+            Method::GET,
+            &mirror.url(path),
+            &[("accept", MANIFEST), ("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(got.status, status, "{path} with an issued token");
     }
     // A denied or unauthenticated client learns nothing and costs nothing upstream.
     let blob = format!("/v2/myorg/tool/blobs/{digest}");

@@ -6,7 +6,7 @@ mod blob;
 mod manifest;
 mod misc;
 
-use crate::access::{Access, Denial, Principal};
+use crate::access::{Access, Denial, Need, Principal};
 use crate::app::App;
 use crate::body::{self, ResponseBody};
 use crate::error::{Code, Error};
@@ -99,13 +99,20 @@ pub async fn handle<B>(
                 }
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(response) => (response, kind, registry, None),
+            let (mut response, failure) = match result {
+                Ok(response) => (response, None),
                 Err(e) => {
                     let text = e.to_string();
-                    (e.into_response(head), kind, registry, Some(text))
+                    (e.into_response(head), Some(text))
                 }
+            };
+            if let (StatusCode::UNAUTHORIZED, Some(access)) = (response.status(), app.access()) {
+                let value = challenge(&app, access, Some(&route.target), request.headers(), &uri);
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
             }
+            (response, kind, registry, failure)
         }
         Err(e) => {
             let text = e.to_string();
@@ -120,12 +127,8 @@ pub async fn handle<B>(
         }
     };
     let status = response.status();
-    let challenge = app.access().map(|access| access.challenge());
     let headers = response.headers_mut();
     headers.insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
-    if let (StatusCode::UNAUTHORIZED, Some(challenge)) = (status, challenge) {
-        headers.insert(header::WWW_AUTHENTICATE, challenge);
-    }
     if let Some(ns) = uri.query().and_then(namespace_of) {
         if let Ok(value) = HeaderValue::from_str(&ns) {
             headers.insert("oci-namespace", value);
@@ -156,8 +159,9 @@ pub async fn handle<B>(
     record(&app, kind, &method, status, outcome, started, response)
 }
 
-/// Checks the client may make this request: pulls by the access rules, the API base and the
-/// status page need a signed-in user; health and metrics are open (probes and scrapers).
+/// Checks the client may make this request: pulls by the access rules, the API base with any
+/// valid credentials, the status page with a signed-in user; the token service, health and
+/// metrics are open (the token service checks logins itself; probes and scrapers).
 /// Returns who the client is (for the access log) whatever the answer.
 async fn authorize(
     access: &Access,
@@ -165,21 +169,24 @@ async fn authorize(
     registry: Option<&str>,
     headers: &http::HeaderMap,
 ) -> (Principal, Result<(), Error>) {
-    let repository = match &route.target {
-        Target::Manifest { repo, .. }
-        | Target::Blob { repo, .. }
-        | Target::TagsList { repo, .. }
-        | Target::Referrers { repo, .. } => Some(repo),
-        Target::ApiBase | Target::Catalog | Target::Status => None,
-        Target::Healthz | Target::Readyz | Target::Metrics => {
+    let need = match (&route.target, registry) {
+        (
+            Target::Manifest { repo, .. }
+            | Target::Blob { repo, .. }
+            | Target::TagsList { repo, .. }
+            | Target::Referrers { repo, .. },
+            Some(registry),
+        ) => Need::Pull {
+            registry,
+            repo: repo.as_str(),
+        },
+        (Target::Status, _) => Need::SignedIn,
+        (Target::Healthz | Target::Readyz | Target::Metrics | Target::Token, _) => {
             return (Principal::Anonymous, Ok(()))
         }
+        _ => Need::Credentials,
     };
-    let repository = match (registry, repository) {
-        (Some(registry), Some(repo)) => Some((registry, repo.as_str())),
-        _ => None,
-    };
-    match access.authorize(headers, repository).await {
+    match access.authorize(headers, need).await {
         Ok(who) => (who, Ok(())),
         Err(Denial::Unauthenticated(why)) => (
             Principal::Anonymous,
@@ -189,6 +196,68 @@ async fn authorize(
             (Principal::User(user), Err(Error::coded(Code::Denied, why)))
         }
     }
+}
+
+/// The challenge a 401 carries: Basic for a browser on the status page and for the token
+/// service itself, else where to fetch a token, as Docker Hub says it.
+fn challenge(
+    app: &App,
+    access: &Access,
+    target: Option<&Target>,
+    headers: &http::HeaderMap,
+    uri: &http::Uri,
+) -> HeaderValue {
+    let repo = match target {
+        None | Some(Target::Status | Target::Token) => return access.basic_challenge(),
+        Some(
+            Target::Manifest { repo, .. }
+            | Target::Blob { repo, .. }
+            | Target::TagsList { repo, .. }
+            | Target::Referrers { repo, .. },
+        ) => Some(repo.as_str()),
+        Some(_) => None,
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .filter(|h| crate::oci::is_host_name(h) || h.parse::<std::net::SocketAddr>().is_ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| app.config().server.listen.to_string());
+    let scheme = if app.config().server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    access.bearer_challenge(&format!("{scheme}://{host}"), repo)
+}
+
+/// `GET /token`: a token for the client's login (or an anonymous one).
+async fn issue_token(
+    app: &App,
+    headers: &http::HeaderMap,
+    head: bool,
+) -> Result<Response<ResponseBody>, Error> {
+    let Some(access) = app.access() else {
+        return Err(Error::coded(
+            Code::NameUnknown,
+            "this mirror has no [auth]: it issues no tokens",
+        ));
+    };
+    let token = access
+        .issue_token(headers)
+        .await
+        .map_err(|denial| match denial {
+            Denial::Unauthenticated(why) => Error::coded(Code::Unauthorized, why),
+            Denial::Forbidden { why, .. } => Error::coded(Code::Denied, why),
+        })?;
+    let lifetime = crate::access::TOKEN_LIFETIME.as_secs();
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": lifetime,
+    });
+    Ok(misc::json(StatusCode::OK, body.to_string(), head))
 }
 
 /// Counts the request, its cache outcome and (as they are sent) its body bytes.
@@ -232,6 +301,7 @@ async fn dispatch(
         Target::Readyz => Ok(misc::readiness(app)),
         Target::Metrics => Ok(misc::metrics(app)),
         Target::Status => Ok(misc::status_page(app, head)),
+        Target::Token => issue_token(app, headers, head).await,
         Target::Catalog => misc::catalog(app, head).await,
         Target::Manifest { repo, reference } => {
             let registry = route.registry.expect("manifests route to a registry");
