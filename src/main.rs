@@ -92,6 +92,13 @@ enum Command {
     Health {
         #[arg(long, default_value = "http://127.0.0.1:5000/healthz")]
         url: String,
+        /// For an https:// URL: trust this CA (PEM) besides the system roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// For an https:// URL: do not verify the certificate (a liveness probe on loopback,
+        /// where the certificate names the public host).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -195,7 +202,11 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Health { url } => runtime().block_on(health(&url)),
+        Command::Health {
+            url,
+            ca_file,
+            insecure,
+        } => runtime().block_on(health(&url, ca_file.as_deref(), insecure)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -359,13 +370,23 @@ fn preflight(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn health(url: &str) -> Result<(), String> {
+async fn health(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<(), String> {
     use http_body_util::Empty;
-    use hyper_util::client::legacy::{connect::HttpConnector, Client};
-    let client: Client<HttpConnector, Empty<bytes::Bytes>> =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build(HttpConnector::new());
+    use hyper_util::client::legacy::Client;
+    let tls = regmirror::tls::client_config(ca_file, !insecure).map_err(|e| e.to_string())?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<bytes::Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
     let uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
-    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
         .await
         .map_err(|_| format!("{url}: no answer within 5 s"))?
         .map_err(|e| format!("{url}: {e}"))?;

@@ -125,6 +125,28 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
     }
     assert!(stored.contains(&seeded.oci_index.to_string()));
     assert!(stored.len() > 3, "{stored:?}");
+    // The health check (container HEALTHCHECK, probes) over TLS.
+    let health = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .arg("health")
+            .args(args)
+            .status()
+            .unwrap()
+            .success()
+    };
+    let url = format!("https://{host}/healthz");
+    assert!(health(&[
+        "--url",
+        &url,
+        "--ca-file",
+        first.ca.to_str().unwrap()
+    ]));
+    assert!(
+        !health(&["--url", &url]),
+        "verified against the system roots only"
+    );
+    let loopback = format!("https://127.0.0.1:{port}/healthz");
+    assert!(health(&["--url", &loopback, "--insecure"]));
     // curl with the CA, over HTTP/2.
     let out = dir.path().join("blob.bin");
     let fetched = curl(&[
