@@ -259,6 +259,12 @@ impl Follower {
             }
             FillState::Complete { size } => Limit::Final(self.end.map_or(size, |e| e.min(size))),
             FillState::Failed(e) => Limit::Failed(e),
+            // Readers follow only downloads that started; this cannot be seen here.
+            FillState::Abandoned => Limit::Failed(crate::cache::inflight::FillError {
+                code: crate::error::Code::Unavailable,
+                message: "the download was abandoned".into(),
+                resumable: false,
+            }),
         }
     }
 

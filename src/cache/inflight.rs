@@ -23,6 +23,9 @@ pub enum FillState {
     Complete { size: u64 },
     /// Abandoned; readers must abort their responses.
     Failed(FillError),
+    /// The leader went away before the download started (its client disconnected): nothing
+    /// was fetched, and followers start over (one of them leads).
+    Abandoned,
 }
 
 /// Why a fill failed, in the form a client is told.
@@ -87,12 +90,18 @@ impl FillPermit {
 impl Drop for FillPermit {
     fn drop(&mut self) {
         if !self.finished {
-            self.progress.send_replace(FillState::Failed(FillError {
-                code: Code::Unavailable,
-                message: "the download was abandoned".into(),
-                resumable: false,
-            }));
+            // Out of the table first, so that followers starting over find no stale entry.
             self.table.remove(&self.digest);
+            let started = !matches!(*self.progress.borrow(), FillState::Starting);
+            self.progress.send_replace(if started {
+                FillState::Failed(FillError {
+                    code: Code::Unavailable,
+                    message: "the download was abandoned".into(),
+                    resumable: false,
+                })
+            } else {
+                FillState::Abandoned
+            });
         }
     }
 }
@@ -197,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn dropped_permit_fails_the_fill() {
+    fn dropped_permit_abandons_or_fails_the_fill() {
         let table = Arc::new(Inflight::default());
         let d = Digest::of(b"b");
         let Ok(Role::Leader(permit, fill, ())) =
@@ -206,7 +215,19 @@ mod tests {
             panic!()
         };
         drop(permit);
-        assert!(matches!(*fill.progress.borrow(), FillState::Failed(_)));
+        assert_eq!(*fill.progress.borrow(), FillState::Abandoned);
         assert!(table.is_empty());
+        // Once under way, a dropped permit is a failure readers must abort on.
+        let Ok(Role::Leader(permit, fill, ())) =
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+        else {
+            panic!()
+        };
+        permit.publish(FillState::Streaming {
+            written: 0,
+            total: None,
+        });
+        drop(permit);
+        assert!(matches!(*fill.progress.borrow(), FillState::Failed(_)));
     }
 }

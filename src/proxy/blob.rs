@@ -37,33 +37,47 @@ pub async fn serve(
         *outcome = Outcome::Bypass;
         return pass_through(app, registry, repo, digest).await;
     }
-    match app.cache().blob(digest).await? {
-        Role::Hit(hit) => {
-            *outcome = Outcome::Hit;
-            Ok(respond_hit(digest, hit, range))
+    // A download whose leader went away before it started is started over; a few times at most.
+    for _ in 0..RESTARTS {
+        let followed = match app.cache().blob(digest).await? {
+            Role::Hit(hit) => {
+                *outcome = Outcome::Hit;
+                return Ok(respond_hit(digest, hit, range));
+            }
+            Role::Follower(fill) => {
+                *outcome = Outcome::Join;
+                follow_fill(app, registry, repo, digest, fill, range).await?
+            }
+            Role::Leader(permit, fill, temp) => {
+                *outcome = Outcome::Miss;
+                let job = FillJob {
+                    upstream: Arc::clone(app.upstream(registry)),
+                    repo: repo.clone(),
+                    lifecycle: Arc::clone(app.cache().lifecycle()),
+                    timeout: app.config().cache.fill_timeout,
+                    declared_size: app.cache().declared_size(
+                        &app.routes()[registry].name,
+                        repo,
+                        digest,
+                    ),
+                };
+                fill::spawn(job, permit, temp);
+                follow_fill(app, registry, repo, digest, fill, range).await?
+            }
+        };
+        if let Some(response) = followed {
+            return Ok(response);
         }
-        Role::Follower(fill) => {
-            *outcome = Outcome::Join;
-            follow_fill(app, registry, repo, digest, fill, range).await
-        }
-        Role::Leader(permit, fill, temp) => {
-            *outcome = Outcome::Miss;
-            let job = FillJob {
-                upstream: Arc::clone(app.upstream(registry)),
-                repo: repo.clone(),
-                lifecycle: Arc::clone(app.cache().lifecycle()),
-                timeout: app.config().cache.fill_timeout,
-                declared_size: app.cache().declared_size(
-                    &app.routes()[registry].name,
-                    repo,
-                    digest,
-                ),
-            };
-            fill::spawn(job, permit, temp);
-            follow_fill(app, registry, repo, digest, fill, range).await
-        }
+        tracing::debug!(%digest, "a download was abandoned before it started; starting over");
     }
+    Err(Error::coded(
+        Code::Unavailable,
+        format!("the download of {digest} was abandoned {RESTARTS} times"),
+    ))
 }
+
+/// How often a request starts over after a download's leader went away before it started.
+const RESTARTS: usize = 3;
 
 async fn serve_head(
     app: &App,
@@ -127,7 +141,8 @@ async fn pass_through(
     Ok(builder.body(body).expect("blob headers are valid"))
 }
 
-/// Answers from a download in progress, once upstream has answered it.
+/// Answers from a download in progress, once upstream has answered it; `None` when the download
+/// was abandoned before it started.
 async fn follow_fill(
     app: &App,
     registry: usize,
@@ -135,7 +150,7 @@ async fn follow_fill(
     digest: &Digest,
     fill: Fill,
     range: Option<&str>,
-) -> Result<Response<ResponseBody>, Error> {
+) -> Result<Option<Response<ResponseBody>>, Error> {
     let mut progress = fill.progress.clone();
     let state = progress
         .wait_for(|s| !matches!(s, FillState::Starting))
@@ -149,6 +164,7 @@ async fn follow_fill(
         })?;
     let size = match state {
         FillState::Failed(e) => return Err(Error::coded(e.code, e.message)),
+        FillState::Abandoned => return Ok(None),
         FillState::Complete { size } => Some(size),
         FillState::Streaming { total, .. } => total,
         FillState::Starting => unreachable!("waited for a later state"),
@@ -160,17 +176,19 @@ async fn follow_fill(
     let continuation = continuation(app, registry, repo, digest, size);
     let Some(size) = size else {
         // Upstream sent no length: the whole blob, chunked; its end is held back until verified.
-        return Ok(blob_headers(digest, StatusCode::OK)
-            .body(body::follow(
-                file,
-                Some(progress),
-                0,
-                None,
-                Some(continuation),
-            ))
-            .expect("blob headers are valid"));
+        return Ok(Some(
+            blob_headers(digest, StatusCode::OK)
+                .body(body::follow(
+                    file,
+                    Some(progress),
+                    0,
+                    None,
+                    Some(continuation),
+                ))
+                .expect("blob headers are valid"),
+        ));
     };
-    Ok(respond_sized(digest, size, range, |start, end| {
+    Ok(Some(respond_sized(digest, size, range, |start, end| {
         let whole = start == 0 && end == size;
         body::follow(
             file,
@@ -179,7 +197,7 @@ async fn follow_fill(
             Some(end),
             whole.then_some(continuation),
         )
-    }))
+    })))
 }
 
 /// How a client following a download fetches the rest itself if the download cannot be stored.
