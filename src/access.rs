@@ -22,8 +22,9 @@ use crate::oci::names_registry_host;
 use base64::Engine;
 use http::{header, HeaderMap, HeaderValue};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -38,6 +39,8 @@ const MIN_TOKEN_LEN: usize = 16;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 /// Issued tokens remembered at once (each a few dozen bytes).
 const MAX_ISSUED_TOKENS: u64 = 100_000;
+/// Logins that may wait for a bcrypt slot; more are told to come back (429).
+const MAX_WAITING_LOGINS: usize = 64;
 
 /// Who sent a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +78,17 @@ pub enum Denial {
     Unauthenticated(String),
     /// Signed in but not allowed this repository: 403.
     Forbidden { user: String, why: String },
+    /// Too many logins are being checked: 429, try again shortly.
+    Busy,
+}
+
+/// Decrements a counter when dropped.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A `registry/repository` pattern: `*` matches any run of characters, `/` included.
@@ -156,18 +170,64 @@ pub struct Access {
     tokens: HashMap<[u8; 32], String>,
     anonymous: Vec<Pattern>,
     rules: Vec<Rule>,
-    /// SHA-256 of verified `user:password` pairs to the user.
-    verified: moka::sync::Cache<[u8; 32], String>,
-    verifications: Arc<Semaphore>,
-    /// SHA-256 of tokens issued by the token service to whom they were issued.
-    issued: moka::sync::Cache<[u8; 32], Principal>,
-    /// The `service` named in challenges and expected in token requests.
+    /// Every user name known (htpasswd and tokens file): issued tokens of others are void.
+    users: HashSet<String>,
+    /// What a login for a user who does not exist is checked against, so that a refusal takes
+    /// as long for an unknown user as for a wrong password.
+    decoy_hash: String,
+    /// Logins, tokens and bcrypt slots, kept across reloads.
+    state: Arc<Sessions>,
+    /// The `service` named in challenges.
     service: String,
 }
 
+/// What outlives a reload of `[auth]`: verified logins, issued tokens, the bcrypt slots and the
+/// anonymous token. Entries are rechecked against the current users when used.
+pub struct Sessions {
+    /// SHA-256 of verified `user\0password` pairs to the user and the hash they matched.
+    verified: moka::sync::Cache<[u8; 32], (String, String)>,
+    /// SHA-256 of tokens issued to signed-in users, to the user.
+    issued: moka::sync::Cache<[u8; 32], String>,
+    verifications: Arc<Semaphore>,
+    /// Logins waiting for a bcrypt slot.
+    waiting: AtomicUsize,
+    /// One token for every anonymous client, random per process: stateless, so fetching
+    /// anonymous tokens costs no memory.
+    anonymous_token: String,
+}
+
+impl Sessions {
+    pub fn new() -> Sessions {
+        Sessions {
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(LOGIN_MEMORY)
+                .build(),
+            issued: moka::sync::Cache::builder()
+                .max_capacity(MAX_ISSUED_TOKENS)
+                .time_to_live(TOKEN_LIFETIME)
+                .build(),
+            verifications: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
+            waiting: AtomicUsize::new(0),
+            anonymous_token: new_token().unwrap_or_default(),
+        }
+    }
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions::new()
+    }
+}
+
 impl Access {
-    /// Reads the htpasswd and tokens files named by `config`.
-    pub fn load(config: &AuthConfig, registries: &[RegistryConfig]) -> Result<Access, String> {
+    /// Reads the htpasswd and tokens files named by `config`; `state` carries logins and tokens
+    /// over from the generation before a reload.
+    pub fn load(
+        config: &AuthConfig,
+        registries: &[RegistryConfig],
+        state: Arc<Sessions>,
+    ) -> Result<Access, String> {
         let passwords = match &config.htpasswd {
             Some(path) => parse_htpasswd(&read(path, "auth.htpasswd")?)
                 .map_err(|e| format!("auth.htpasswd {}: {e}", path.display()))?,
@@ -194,22 +254,24 @@ impl Access {
             .collect::<Result<_, String>>()?;
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
             .map_err(|e| format!("auth.realm: {e}"))?;
-        let issued = moka::sync::Cache::builder()
-            .max_capacity(MAX_ISSUED_TOKENS)
-            .time_to_live(TOKEN_LIFETIME)
-            .build();
+        let users = passwords.keys().chain(tokens.values()).cloned().collect();
+        // As costly as the dearest real hash (bcrypt's cost is the two digits after `$2y$`).
+        let cost = passwords
+            .values()
+            .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        let decoy_hash = bcrypt::hash("regmirror decoy password", cost.clamp(4, 31))
+            .map_err(|e| format!("auth.htpasswd: {e}"))?;
         Ok(Access {
             challenge,
             passwords,
             tokens,
             anonymous: patterns(&config.anonymous)?,
             rules,
-            verified: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(LOGIN_MEMORY)
-                .build(),
-            verifications: Arc::new(Semaphore::new(CONCURRENT_VERIFICATIONS)),
-            issued,
+            users,
+            decoy_hash,
+            state,
             service: config.realm.clone(),
         })
     }
@@ -231,15 +293,29 @@ impl Access {
     /// The token service: a new token for whoever these headers identify (anonymous clients
     /// get an anonymous token; wrong credentials get nothing).
     pub async fn issue_token(&self, headers: &HeaderMap) -> Result<String, Denial> {
-        let who = self.identify(headers).await?;
+        // A token is exchanged for a login, never for another token: one cannot be renewed
+        // for ever.
+        let user = match self.identify_login(headers).await? {
+            Principal::Anonymous => return Ok(self.state.anonymous_token.clone()),
+            Principal::User(user) => user,
+        };
         let token =
             new_token().map_err(|_| Denial::Unauthenticated("no randomness for a token".into()))?;
-        self.issued.insert(sha256(token.as_bytes()), who);
+        self.state.issued.insert(sha256(token.as_bytes()), user);
         Ok(token)
     }
 
     /// Who sent these headers; wrong or malformed credentials are an error, none is anonymous.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
+        self.identify_with(headers, true).await
+    }
+
+    /// Like `identify`, but tokens issued by the token service do not count.
+    async fn identify_login(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
+        self.identify_with(headers, false).await
+    }
+
+    async fn identify_with(&self, headers: &HeaderMap, issued: bool) -> Result<Principal, Denial> {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Ok(Principal::Anonymous);
         };
@@ -252,17 +328,26 @@ impl Access {
                 if let Some(user) = self.tokens.get(&key) {
                     return Ok(Principal::User(user.clone()));
                 }
-                self.issued
-                    .get(&key)
-                    .ok_or_else(|| Denial::Unauthenticated("unknown or expired token".into()))
+                let unknown = || Denial::Unauthenticated("unknown or expired token".into());
+                if !issued {
+                    return Err(unknown());
+                }
+                if key == sha256(self.state.anonymous_token.as_bytes()) {
+                    return Ok(Principal::Anonymous);
+                }
+                match self.state.issued.get(&key) {
+                    // A user removed since the token was issued is no longer anyone.
+                    Some(user) if self.users.contains(&user) => Ok(Principal::User(user)),
+                    _ => Err(unknown()),
+                }
             }
             Credentials::Basic { user, password } => self.login(&user, &password).await,
         }
     }
 
     async fn login(&self, user: &str, password: &str) -> Result<Principal, Denial> {
-        let refused =
-            || Denial::Unauthenticated(format!("wrong user name or password for {user:?}"));
+        // The message names no user: one who typed the password as the name would log it.
+        let refused = || Denial::Unauthenticated("wrong user name or password".into());
         if let Some(token_user) = self.tokens.get(&sha256(password.as_bytes())) {
             return if token_user == user {
                 Ok(Principal::User(user.to_string()))
@@ -270,29 +355,46 @@ impl Access {
                 Err(refused())
             };
         }
-        let Some(hash) = self.passwords.get(user) else {
-            return Err(refused());
+        let (hash, known_user) = match self.passwords.get(user) {
+            Some(hash) => (hash, true),
+            None => (&self.decoy_hash, false),
         };
         let key = sha256(format!("{user}\0{password}").as_bytes());
-        if let Some(known) = self.verified.get(&key) {
-            return Ok(Principal::User(known));
+        // Remembered only while the user's hash is the one it matched (a reload may change it).
+        if let Some((_, matched)) = self.state.verified.get(&key) {
+            if known_user && &matched == hash {
+                return Ok(Principal::User(user.to_string()));
+            }
         }
-        let permit = Arc::clone(&self.verifications)
+        let matched = self.verify_bcrypt(password, hash).await?;
+        if !(matched && known_user) {
+            return Err(refused());
+        }
+        self.state
+            .verified
+            .insert(key, (user.to_string(), hash.clone()));
+        Ok(Principal::User(user.to_string()))
+    }
+
+    /// Runs bcrypt on the blocking pool, a few at a time; refuses at once when too many logins
+    /// already wait (a password guesser must not keep real users waiting for minutes).
+    async fn verify_bcrypt(&self, password: &str, hash: &str) -> Result<bool, Denial> {
+        let waiting = self.state.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Decrement(&self.state.waiting);
+        if waiting >= MAX_WAITING_LOGINS {
+            return Err(Denial::Busy);
+        }
+        let permit = Arc::clone(&self.state.verifications)
             .acquire_owned()
             .await
-            .map_err(|_| refused())?;
-        let (hash, attempt) = (hash.clone(), password.to_string());
-        let matched = tokio::task::spawn_blocking(move || {
+            .map_err(|_| Denial::Busy)?;
+        let (hash, attempt) = (hash.to_string(), password.to_string());
+        Ok(tokio::task::spawn_blocking(move || {
             let _permit = permit;
             bcrypt::verify(attempt, &hash).unwrap_or(false)
         })
         .await
-        .unwrap_or(false);
-        if !matched {
-            return Err(refused());
-        }
-        self.verified.insert(key, user.to_string());
-        Ok(Principal::User(user.to_string()))
+        .unwrap_or(false))
     }
 
     /// Whether `who` may pull `registry/repo`.
@@ -354,7 +456,9 @@ enum Credentials {
 fn parse_authorization(value: &str) -> Result<Credentials, Denial> {
     let malformed = |what: &str| Denial::Unauthenticated(format!("malformed {what}"));
     let value = value.trim();
-    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    let (scheme, credentials) = value
+        .split_once(|c: char| c.is_ascii_whitespace())
+        .unwrap_or((value, ""));
     let credentials = credentials.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
         if credentials.is_empty() {
@@ -363,9 +467,10 @@ fn parse_authorization(value: &str) -> Result<Credentials, Denial> {
         return Ok(Credentials::Bearer(credentials.to_string()));
     }
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(Denial::Unauthenticated(format!(
-            "unsupported authorization scheme {scheme:?}"
-        )));
+        // Not echoed: a raw token sent without a scheme would land in the log.
+        return Err(Denial::Unauthenticated(
+            "unsupported authorization scheme (Basic or Bearer)".into(),
+        ));
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(credentials)
@@ -552,7 +657,7 @@ mod tests {
                 },
             ],
         };
-        Access::load(&config, &registries()).unwrap()
+        Access::load(&config, &registries(), Arc::default()).unwrap()
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {

@@ -2,7 +2,7 @@
 //! registry, the cache and the counters. A reload builds a new generation around the same cache
 //! and counters ([`Live`]); requests in flight finish on the generation they started with.
 
-use crate::access::Access;
+use crate::access::{Access, Sessions};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
@@ -23,6 +23,8 @@ pub struct App {
     popularity: Arc<Popularity>,
     /// Client authentication and access rules, when `[auth]` is configured.
     access: Option<Access>,
+    /// Logins and tokens, kept across reloads.
+    sessions: Arc<Sessions>,
 }
 
 impl App {
@@ -38,6 +40,7 @@ impl App {
             cache,
             metrics,
             Arc::default(),
+            Arc::default(),
         )?))
     }
 
@@ -46,6 +49,7 @@ impl App {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         popularity: Arc<Popularity>,
+        sessions: Arc<Sessions>,
     ) -> Result<App, String> {
         let routes = config
             .registry
@@ -64,7 +68,7 @@ impl App {
         let access = config
             .auth
             .as_ref()
-            .map(|auth| Access::load(auth, &config.registry))
+            .map(|auth| Access::load(auth, &config.registry, Arc::clone(&sessions)))
             .transpose()?;
         Ok(App {
             config,
@@ -74,6 +78,7 @@ impl App {
             metrics,
             popularity,
             access,
+            sessions,
         })
     }
 
@@ -98,6 +103,7 @@ impl App {
             Arc::clone(&self.cache),
             Arc::clone(&self.metrics),
             Arc::clone(&self.popularity),
+            Arc::clone(&self.sessions),
         )?;
         self.cache
             .reconfigure(&cache_config)

@@ -32,7 +32,8 @@ pub struct FillJob {
     /// Where a verified blob is committed (and what makes room when the disk is full).
     pub lifecycle: Arc<Lifecycle>,
     pub timeout: Duration,
-    /// The size a manifest declared for this blob: a body longer than that is refused.
+    /// The largest size manifests declared for this blob: a body sent without a length is cut
+    /// off beyond it.
     pub declared_size: Option<u64>,
 }
 
@@ -87,19 +88,9 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("blob {digest} not found upstream"),
         ));
     }
-    let total = match (answer.content_length(), job.declared_size) {
-        (Some(length), Some(declared)) if length != declared => {
-            return Err(failure(
-                Code::Unavailable,
-                format!(
-                    "{} declares {length} bytes for {digest}, its manifest {declared}",
-                    answer.endpoint
-                ),
-            ));
-        }
-        // Without a Content-Length the manifest's size bounds the body.
-        (length, declared) => length.or(declared),
-    };
+    // Without a Content-Length the size manifests declared bounds the body; with one, hyper
+    // holds the body to it and the digest decides.
+    let total = answer.content_length().or(job.declared_size);
     permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
 
@@ -138,11 +129,16 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
         )
     })?;
     let lifecycle = Arc::clone(&job.lifecycle);
+    let (registry, repo) = (job.upstream.name.clone(), job.repo.clone());
     let committed = tokio::task::spawn_blocking(move || {
         let committed = lifecycle.commit(temp, &digest, size);
         if committed.as_ref().is_err_and(is_disk_full) {
             lifecycle.mark_disk_full();
             lifecycle.make_room(size);
+        }
+        // Upstream served it for this repository: pulls through it need not ask again.
+        if let Err(e) = lifecycle.store().link(&registry, &repo, &digest) {
+            tracing::warn!(%digest, error = %e, "cannot record the blob's repository");
         }
         lifecycle.enforce_budget();
         committed

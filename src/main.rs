@@ -359,7 +359,7 @@ fn preflight(config: &Config) -> Result<(), String> {
         ServerTls::load(files).map_err(|e| format!("server.tls: {e}"))?;
     }
     if let Some(auth) = &config.auth {
-        regmirror::access::Access::load(auth, &config.registry)?;
+        regmirror::access::Access::load(auth, &config.registry, Arc::default())?;
     }
     for registry in &config.registry {
         for upstream in &registry.upstream {

@@ -174,9 +174,11 @@ where
     };
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let idle_timeout = shared.limits.idle_timeout;
+    let (idle_timeout, header_timeout) = (shared.limits.idle_timeout, shared.limits.header_timeout);
+    let opened = Instant::now();
     let mut checks = tokio::time::interval(
-        (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+        (idle_timeout.min(header_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5)),
     );
     let mut closing = false;
     loop {
@@ -197,6 +199,12 @@ where
                 closing = true;
             }
             _ = checks.tick(), if !closing => {
+                // No first request within the header timeout (a client that sends nothing,
+                // or half an HTTP/2 preface, while the protocol is being detected): drop it.
+                if activity.served.load(Ordering::Acquire) == 0 && opened.elapsed() >= header_timeout {
+                    tracing::debug!(?header_timeout, "no request in time; closing the connection");
+                    return;
+                }
                 if activity.idle_for() >= idle_timeout {
                     tracing::debug!(?idle_timeout, "closing an idle connection");
                     connection.as_mut().graceful_shutdown();

@@ -197,6 +197,23 @@ async fn credentials_and_tokens_never_reach_the_logs() {
         )
         .await;
         assert_eq!(wrong.status, http::StatusCode::UNAUTHORIZED);
+        // A raw token without a scheme, and a password typed as the user name.
+        for value in [
+            "raw-token-never-logged".to_string(),
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode("swapped-secret-never-logged:alice")
+            ),
+        ] {
+            let refused = request(
+                http::Method::GET,
+                &format!("{base}/blobs/{layer}"),
+                &[("authorization", &value)],
+            )
+            .await;
+            assert_eq!(refused.status, http::StatusCode::UNAUTHORIZED);
+        }
         mirror.terminate(Duration::from_secs(10));
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
@@ -223,12 +240,15 @@ async fn credentials_and_tokens_never_reach_the_logs() {
             client_token,
             client_basic_value,
             "wrong-token-never-logged",
+            "raw-token-never-logged",
+            "swapped-secret-never-logged",
             hash.as_str(),
             issued_tokens.last().unwrap().as_str(),
         ] {
             assert!(
                 !text.contains(secret),
-                "{secret:?} appears in the {format} log"
+                "{secret:?} appears in the {format} log: {}",
+                text.lines().find(|l| l.contains(secret)).unwrap_or_default()
             );
         }
     }

@@ -236,6 +236,17 @@ async fn clients_log_in_and_access_rules_hold() {
         refused.header("www-authenticate"),
         Some("Basic realm=\"regmirror\"")
     );
+    let renewed = request(
+        Method::GET,
+        &mirror.url("/token"),
+        &[("authorization", &format!("Bearer {alice_token}"))],
+    )
+    .await;
+    assert_eq!(
+        renewed.status,
+        StatusCode::UNAUTHORIZED,
+        "a token cannot renew itself"
+    );
     let post = request(Method::POST, &mirror.url("/token"), &[]).await;
     assert_eq!(
         post.status,
@@ -259,6 +270,39 @@ async fn clients_log_in_and_access_rules_hold() {
         .await;
         assert_eq!(got.status, status, "{path} with an issued token");
     }
+    // The catalog: signed-in users only, each seeing what they may pull (of the repositories
+    // whose tags the mirror records: pulled with every manifest type accepted).
+    for path in [alpine, tool] {
+        let got = request(
+            Method::GET,
+            &mirror.url(path),
+            &[("accept", ACCEPT_ALL), ("authorization", &alice)],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    let catalog = |authorization: Option<String>| {
+        let url = mirror.url("/v2/_catalog");
+        async move {
+            let mut headers = Vec::new();
+            if let Some(value) = &authorization {
+                headers.push(("authorization", value.as_str()));
+            }
+            request(Method::GET, &url, &headers).await
+        }
+    };
+    let anonymous_catalog = catalog(Some(format!("Bearer {anonymous_token}"))).await;
+    assert_eq!(anonymous_catalog.status, StatusCode::UNAUTHORIZED);
+    let listed = catalog(Some(bob.clone())).await.json();
+    assert_eq!(
+        listed["repositories"],
+        serde_json::json!(["library/alpine"])
+    );
+    let listed = catalog(Some(alice.clone())).await.json();
+    assert_eq!(
+        listed["repositories"],
+        serde_json::json!(["library/alpine", "myorg/tool"])
+    );
     // A denied or unauthenticated client learns nothing and costs nothing upstream.
     let blob = format!("/v2/myorg/tool/blobs/{digest}");
     let got = request(Method::GET, &mirror.url(&blob), &[("authorization", &bob)]).await;
@@ -699,4 +743,105 @@ async fn a_blob_longer_than_its_descriptor_is_cut_off_at_the_first_byte_too_many
     );
     assert!(!mirror.has_blob(&layer_digest));
     eventually("the temp file goes", || mirror.temp_files() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_content_is_served_only_to_repositories_upstream_serves_it_for() {
+    let origin = FakeRegistry::start().await;
+    let private_layer = random_bytes(150_000, 21);
+    let private = origin.add_blob(private_layer.clone());
+    let config = origin.add_blob(b"{}".to_vec());
+    let manifest = schema2_manifest(&config, 2, &[(private.clone(), private_layer.len())]);
+    let manifest_digest = origin.add_manifest("myorg/tool", Some("1"), DOCKER_MANIFEST, manifest);
+    origin.knobs(|k| k.blobs_only_in = Some("myorg/tool".into()));
+    let files = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("alice-password", 4).unwrap();
+    std::fs::write(files.path().join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    let auth = AuthConfig {
+        realm: "regmirror".into(),
+        htpasswd: Some(files.path().join("htpasswd")),
+        tokens_file: None,
+        anonymous: vec!["library/*".into()],
+        rule: vec![AccessRule {
+            users: vec!["alice".into()],
+            allow: vec!["myorg/*".into()],
+        }],
+    };
+    let mirror = TestMirror::start(&origin.url(), move |c| c.auth = Some(auth)).await;
+    let alice = basic("alice", "alice-password");
+    // Alice pulls her private image: it is stored.
+    let got = request(
+        Method::GET,
+        &mirror.url(&format!("/v2/myorg/tool/blobs/{private}")),
+        &[("authorization", &alice)],
+    )
+    .await;
+    assert_eq!(got.bytes().as_ref(), private_layer.as_slice());
+    let got = request(
+        Method::GET,
+        &mirror.url(&format!("/v2/myorg/tool/manifests/{manifest_digest}")),
+        &[("authorization", &alice), ("accept", DOCKER_MANIFEST)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(mirror.has_blob(&private));
+    // An anonymous client names the digests under a repository it may pull: upstream does not
+    // have them there, so neither does the mirror, for this client.
+    for (method, path) in [
+        (Method::GET, format!("/v2/library/alpine/blobs/{private}")),
+        (Method::HEAD, format!("/v2/library/alpine/blobs/{private}")),
+        (
+            Method::GET,
+            format!("/v2/library/alpine/manifests/{manifest_digest}"),
+        ),
+        (
+            Method::HEAD,
+            format!("/v2/library/alpine/manifests/{manifest_digest}"),
+        ),
+    ] {
+        let got = request(
+            method.clone(),
+            &mirror.url(&path),
+            &[("accept", DOCKER_MANIFEST)],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{method} {path}");
+        if method == Method::GET {
+            assert_ne!(got.bytes().as_ref(), private_layer.as_slice());
+        }
+    }
+    // Content upstream does serve for another repository is confirmed once, then linked.
+    origin.knobs(|k| k.blobs_only_in = None);
+    let shared = format!("/v2/library/alpine/blobs/{private}");
+    for _ in 0..3 {
+        let got = get(&mirror.url(&shared)).await;
+        assert_eq!(got.bytes().as_ref(), private_layer.as_slice());
+    }
+    assert_eq!(
+        origin.hits("HEAD", &shared),
+        3,
+        "two HEADs answered 404 above (for a GET and a HEAD), one confirmed now"
+    );
+    assert_eq!(
+        origin.hits("GET", &shared),
+        0,
+        "served from the store, not fetched again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_no_request_is_dropped_after_the_header_timeout() {
+    let origin = FakeRegistry::start().await;
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.server.header_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Nothing at all, or half an HTTP/2 preface, while the protocol is still being detected.
+    for opening in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut silent = TcpStream::connect(mirror.addr).await.unwrap();
+        silent.write_all(opening).await.unwrap();
+        let took = time_until_closed(&mut silent, Duration::from_secs(5)).await;
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+    }
 }

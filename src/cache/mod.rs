@@ -82,13 +82,19 @@ pub struct Cache {
     listings: moka::future::Cache<String, Listing>,
     /// The tag TTL in milliseconds (changeable by a reload; applies to answers loaded after it).
     tag_ttl_ms: Arc<AtomicU64>,
-    /// Sizes that manifests served declare for their blobs and child manifests: a download
-    /// longer than its descriptor is cut off at the first byte too many.
-    declared_sizes: moka::sync::Cache<(String, String, Digest), u64>,
+    /// The largest size any manifest fetched lately declared for a digest: a download without a
+    /// `Content-Length` is cut off at the first byte beyond it. The largest, so that a manifest
+    /// declaring too little (anyone can push one) can only loosen the bound, never break
+    /// another repository's download of the same blob.
+    declared_sizes: moka::sync::Cache<Digest, u64>,
+    /// Links known to exist (`Store::link`), so that checking one costs no disk access.
+    links: moka::sync::Cache<(String, String, Digest), ()>,
 }
 
 /// Descriptor sizes remembered (a few MiB of memory at most).
 const DECLARED_SIZES: u64 = 200_000;
+/// Repository links remembered in memory.
+const LINKS_IN_MEMORY: u64 = 200_000;
 
 /// Expiry by the current tag TTL.
 struct TagTtl(Arc<AtomicU64>);
@@ -143,6 +149,7 @@ impl Cache {
             tags,
             listings,
             declared_sizes: moka::sync::Cache::new(DECLARED_SIZES),
+            links: moka::sync::Cache::new(LINKS_IN_MEMORY),
         })
     }
 
@@ -265,26 +272,59 @@ impl Cache {
         Ok(())
     }
 
-    /// Remembers the sizes a manifest fetched for `registry/repo` declares for what it
-    /// references. Kept per repository: a manifest in one repository cannot bound (or break)
-    /// downloads for another.
-    pub fn note_declared_sizes(&self, registry: &str, repo: &RepoName, manifest: &[u8]) {
-        for (digest, size) in crate::oci::descriptors(manifest) {
-            if let Some(size) = size {
-                let key = (registry.to_string(), repo.as_str().to_string(), digest);
-                self.declared_sizes.insert(key, size);
-            }
-        }
-    }
-
-    /// The size a manifest of `registry/repo` declared for `digest`, if one was fetched lately.
-    pub fn declared_size(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Option<u64> {
+    /// Records that upstream served `digest` for `registry/repo`.
+    pub async fn link(&self, registry: &str, repo: &RepoName, digest: &Digest) -> io::Result<()> {
         let key = (
             registry.to_string(),
             repo.as_str().to_string(),
             digest.clone(),
         );
-        self.declared_sizes.get(&key)
+        if self.links.contains_key(&key) {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.store);
+        let (r, n, d) = (registry.to_string(), repo.clone(), digest.clone());
+        blocking(move || store.link(&r, &n, &d)).await?;
+        self.links.insert(key, ());
+        Ok(())
+    }
+
+    /// Whether upstream served `digest` for `registry/repo` before.
+    pub async fn is_linked(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+        let key = (
+            registry.to_string(),
+            repo.as_str().to_string(),
+            digest.clone(),
+        );
+        if self.links.contains_key(&key) {
+            return true;
+        }
+        let store = Arc::clone(&self.store);
+        let (r, n, d) = (registry.to_string(), repo.clone(), digest.clone());
+        let linked = blocking(move || Ok(store.is_linked(&r, &n, &d)))
+            .await
+            .unwrap_or(false);
+        if linked {
+            self.links.insert(key, ());
+        }
+        linked
+    }
+
+    /// Remembers the sizes a manifest declares for what it references.
+    pub fn note_declared_sizes(&self, manifest: &[u8]) {
+        for (digest, size) in crate::oci::descriptors(manifest) {
+            let Some(size) = size else { continue };
+            let largest = self
+                .declared_sizes
+                .get(&digest)
+                .map_or(size, |known| known.max(size));
+            self.declared_sizes.insert(digest, largest);
+        }
+    }
+
+    /// The largest size a manifest fetched lately declared for `digest`, if any.
+    pub fn declared_size(&self, digest: &Digest) -> Option<u64> {
+        self.declared_sizes.get(digest)
     }
 
     /// The tag's answer if one is fresh in memory; never loads.

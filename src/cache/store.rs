@@ -4,6 +4,8 @@
 //! <dir>/blobs/sha256/<2 hex>/<64 hex>         immutable content (manifests too), name = digest
 //! <dir>/blobs/sha256/<2 hex>/<64 hex>.meta    manifests only: their media type (JSON)
 //! <dir>/tags/<registry>/<repository>/_tags/<tag>   tag record (JSON): digest, media type, size
+//! <dir>/tags/<registry>/<repository>/_links/<64 hex>   empty: upstream served this content for
+//!                                             this repository (what access rules rely on)
 //! <dir>/tmp/                                  downloads in progress; emptied at start-up
 //! ```
 //!
@@ -209,6 +211,32 @@ impl Store {
             .join(tag.as_str())
     }
 
+    fn link_path(&self, registry: &str, repo: &RepoName, digest: &Digest) -> PathBuf {
+        self.root
+            .join("tags")
+            .join(registry)
+            .join(repo.as_str())
+            .join("_links")
+            .join(digest.hex())
+    }
+
+    /// Records that upstream served `digest` for `registry/repo`.
+    pub fn link(&self, registry: &str, repo: &RepoName, digest: &Digest) -> io::Result<()> {
+        let path = self.link_path(registry, repo, digest);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether upstream served `digest` for `registry/repo` before.
+    pub fn is_linked(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+        self.link_path(registry, repo, digest).exists()
+    }
+
     /// Opens a stored blob: its file and size, or `None` when absent.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
         match File::open(self.blob_path(digest)) {
@@ -406,6 +434,9 @@ fn collect_repos(
     for name in read_dir_names(dir)? {
         if name == "_tags" {
             out.push((registry.to_string(), prefix.clone()));
+            continue;
+        }
+        if name == "_links" {
             continue;
         }
         let child = if prefix.is_empty() {

@@ -2,6 +2,7 @@
 //! the first request for an uncached blob starts. A HEAD of an uncached blob asks upstream with a
 //! HEAD and starts nothing.
 
+use super::provenance::{confirm, Content};
 use super::Outcome;
 use crate::app::App;
 use crate::body::{self, Continuation, ResponseBody, WithGuard};
@@ -32,6 +33,7 @@ pub async fn serve(
     if app.cache().lifecycle().disk_full() {
         if let Some(hit) = app.cache().stored_blob(digest).await? {
             *outcome = Outcome::Hit;
+            confirm(app, registry, repo, digest, Content::Blob).await?;
             return Ok(respond_hit(digest, hit, range));
         }
         *outcome = Outcome::Bypass;
@@ -42,10 +44,12 @@ pub async fn serve(
         let followed = match app.cache().blob(digest).await? {
             Role::Hit(hit) => {
                 *outcome = Outcome::Hit;
+                confirm(app, registry, repo, digest, Content::Blob).await?;
                 return Ok(respond_hit(digest, hit, range));
             }
             Role::Follower(fill) => {
                 *outcome = Outcome::Join;
+                confirm(app, registry, repo, digest, Content::Blob).await?;
                 follow_fill(app, registry, repo, digest, fill, range).await?
             }
             Role::Leader(permit, fill, temp) => {
@@ -55,11 +59,7 @@ pub async fn serve(
                     repo: repo.clone(),
                     lifecycle: Arc::clone(app.cache().lifecycle()),
                     timeout: app.config().cache.fill_timeout,
-                    declared_size: app.cache().declared_size(
-                        &app.routes()[registry].name,
-                        repo,
-                        digest,
-                    ),
+                    declared_size: app.cache().declared_size(digest),
                 };
                 fill::spawn(job, permit, temp);
                 follow_fill(app, registry, repo, digest, fill, range).await?
@@ -89,6 +89,7 @@ async fn serve_head(
 ) -> Result<Response<ResponseBody>, Error> {
     if let Some(hit) = app.cache().stored_blob(digest).await? {
         *outcome = Outcome::Hit;
+        confirm(app, registry, repo, digest, Content::Blob).await?;
         return Ok(respond_sized(digest, hit.size, range, |_, _| body::empty()));
     }
     *outcome = Outcome::Bypass;

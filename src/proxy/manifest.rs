@@ -5,6 +5,7 @@
 //! Tag answers are recorded only for clients that accept every modern manifest type, since only
 //! then is upstream's answer the same for all of them; other clients are passed through.
 
+use super::provenance::{confirm, Content};
 use super::{body_unless_head, Outcome};
 use crate::app::App;
 use crate::body::ResponseBody;
@@ -39,6 +40,9 @@ pub async fn serve(
         }
         Reference::Digest(digest) => {
             let manifest = by_digest(app, registry, repo, digest, outcome).await?;
+            if *outcome == Outcome::Hit {
+                confirm(app, registry, repo, digest, Content::Manifest).await?;
+            }
             Ok(respond(
                 &manifest.digest,
                 &manifest.media_type,
@@ -152,8 +156,6 @@ async fn by_digest(
     };
     let manifest = app.cache().manifest(digest, load).await?;
     *outcome = if went_upstream.load(Ordering::Relaxed) {
-        let name = &app.routes()[registry].name;
-        app.cache().note_declared_sizes(name, repo, &manifest.bytes);
         Outcome::Miss
     } else {
         Outcome::Hit
@@ -172,6 +174,7 @@ async fn head_by_digest(
 ) -> Result<Response<ResponseBody>, Error> {
     if let Some(m) = app.cache().cached_manifest(digest).await? {
         *outcome = Outcome::Hit;
+        confirm(app, registry, repo, digest, Content::Manifest).await?;
         return Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false));
     }
     *outcome = Outcome::Bypass;
@@ -323,8 +326,8 @@ async fn pass_through(
     ))
 }
 
-/// A manifest from upstream for `repo`, checked, with the sizes it declares for its blobs
-/// remembered (they bound those downloads).
+/// A manifest from upstream for `repo`, checked, linked to the repository, with the sizes it
+/// declares for its blobs remembered (they bound downloads sent without a length).
 async fn read_upstream_manifest(
     app: &App,
     registry: usize,
@@ -333,8 +336,10 @@ async fn read_upstream_manifest(
     what: &str,
 ) -> Result<Manifest, Error> {
     let manifest = read_manifest(answer, what).await?;
-    let name = &app.routes()[registry].name;
-    app.cache().note_declared_sizes(name, repo, &manifest.bytes);
+    app.cache().note_declared_sizes(&manifest.bytes);
+    app.cache()
+        .link(&app.routes()[registry].name, repo, &manifest.digest)
+        .await?;
     Ok(manifest)
 }
 
@@ -401,7 +406,7 @@ fn media_type_of(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The `Accept` values the mirror sends for its own manifest requests.
-fn canonical_accept() -> Vec<String> {
+pub(super) fn canonical_accept() -> Vec<String> {
     oci::CANONICAL_MANIFEST_TYPES
         .iter()
         .map(|t| t.to_string())

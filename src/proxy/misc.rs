@@ -70,9 +70,15 @@ pub fn readiness(app: &App) -> Response<ResponseBody> {
 }
 
 /// Repositories with a tag in the cache (bare for the default registry, else prefixed).
-pub async fn catalog(app: &App, head: bool) -> Result<Response<ResponseBody>, Error> {
+/// `/v2/_catalog`: the repositories the cache holds that `visible(registry, repo)` allows.
+pub async fn catalog(
+    app: &App,
+    head: bool,
+    visible: impl Fn(&str, &str) -> bool,
+) -> Result<Response<ResponseBody>, Error> {
     let store = Arc::clone(app.cache().store());
-    let found = blocking(move || store.repositories()).await?;
+    let mut found = blocking(move || store.repositories()).await?;
+    found.retain(|(registry, repo)| visible(registry, repo));
     let default = app
         .routes()
         .iter()

@@ -5,6 +5,7 @@
 mod blob;
 mod manifest;
 mod misc;
+mod provenance;
 
 use crate::access::{Access, Denial, Need, Principal};
 use crate::app::App;
@@ -91,6 +92,7 @@ pub async fn handle<B>(
                         &app,
                         &route,
                         request.headers(),
+                        &user,
                         &mut outcome,
                     ))
                     .await;
@@ -180,7 +182,7 @@ async fn authorize(
             registry,
             repo: repo.as_str(),
         },
-        (Target::Status, _) => Need::SignedIn,
+        (Target::Status | Target::Catalog, _) => Need::SignedIn,
         (Target::Healthz | Target::Readyz | Target::Metrics | Target::Token, _) => {
             return (Principal::Anonymous, Ok(()))
         }
@@ -188,13 +190,25 @@ async fn authorize(
     };
     match access.authorize(headers, need).await {
         Ok(who) => (who, Ok(())),
-        Err(Denial::Unauthenticated(why)) => (
-            Principal::Anonymous,
-            Err(Error::coded(Code::Unauthorized, why)),
-        ),
-        Err(Denial::Forbidden { user, why }) => {
-            (Principal::User(user), Err(Error::coded(Code::Denied, why)))
+        Err(denial) => {
+            let who = match &denial {
+                Denial::Forbidden { user, .. } => Principal::User(user.clone()),
+                _ => Principal::Anonymous,
+            };
+            (who, Err(refusal(denial)))
         }
+    }
+}
+
+/// The OCI error for a refusal.
+fn refusal(denial: Denial) -> Error {
+    match denial {
+        Denial::Unauthenticated(why) => Error::coded(Code::Unauthorized, why),
+        Denial::Forbidden { why, .. } => Error::coded(Code::Denied, why),
+        Denial::Busy => Error::coded(
+            Code::TooManyRequests,
+            "too many logins are being checked; try again shortly",
+        ),
     }
 }
 
@@ -244,13 +258,7 @@ async fn issue_token(
             "this mirror has no [auth]: it issues no tokens",
         ));
     };
-    let token = access
-        .issue_token(headers)
-        .await
-        .map_err(|denial| match denial {
-            Denial::Unauthenticated(why) => Error::coded(Code::Unauthorized, why),
-            Denial::Forbidden { why, .. } => Error::coded(Code::Denied, why),
-        })?;
+    let token = access.issue_token(headers).await.map_err(refusal)?;
     let lifetime = crate::access::TOKEN_LIFETIME.as_secs();
     let body = serde_json::json!({
         "token": token,
@@ -292,6 +300,7 @@ async fn dispatch(
     app: &App,
     route: &Route,
     headers: &http::HeaderMap,
+    user: &Principal,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
     let head = route.head;
@@ -302,7 +311,13 @@ async fn dispatch(
         Target::Metrics => Ok(misc::metrics(app)),
         Target::Status => Ok(misc::status_page(app, head)),
         Target::Token => issue_token(app, headers, head).await,
-        Target::Catalog => misc::catalog(app, head).await,
+        Target::Catalog => {
+            misc::catalog(app, head, |registry, repo| {
+                app.access()
+                    .is_none_or(|access| access.may_pull(user, registry, repo))
+            })
+            .await
+        }
         Target::Manifest { repo, reference } => {
             let registry = route.registry.expect("manifests route to a registry");
             let response =

@@ -529,6 +529,15 @@ impl Endpoint {
         self.classify(response)
     }
 
+    /// Whether `uri` is this endpoint's own origin (scheme and host): the only place its
+    /// `Authorization` goes (an https endpoint redirecting to plain http of the same host gets
+    /// none).
+    fn is_own(&self, uri: &Uri) -> bool {
+        let scheme = self.base.split("://").next().unwrap_or("");
+        uri.scheme_str() == Some(scheme)
+            && uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str())
+    }
+
     /// The `Authorization` value for `scope` under `challenge`, fetching a token if needed.
     async fn authorization(
         &self,
@@ -561,8 +570,7 @@ impl Endpoint {
         }
         // Credentials travel to the realm only over TLS, or in the clear to the endpoint's own
         // host (a LAN registry the operator chose to reach over http).
-        let same_host = uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str());
-        let protected = uri.scheme_str() == Some("https") || same_host;
+        let protected = uri.scheme_str() == Some("https") || self.is_own(&uri);
         let mut request = Request::get(uri).header(header::USER_AGENT, USER_AGENT);
         match &self.auth.credentials {
             Some(credentials) if protected => {
@@ -605,7 +613,7 @@ impl Endpoint {
             .parse()
             .map_err(|e| UpstreamError::Connect(format!("bad upstream URL {url:?}: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
-            let same_host = uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str());
+            let same_host = self.is_own(&uri);
             let mut request = Request::builder()
                 .method(method.clone())
                 .uri(uri.clone())

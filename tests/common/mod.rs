@@ -69,6 +69,8 @@ pub struct Knobs {
     pub token_realm: Option<String>,
     /// After a blob's bytes, send zeros for ever (use with `no_content_length`).
     pub endless_tail: bool,
+    /// Blobs exist only in this repository (404 elsewhere), as on a real registry.
+    pub blobs_only_in: Option<String>,
 }
 
 #[derive(Default)]
@@ -334,8 +336,15 @@ async fn serve(
             .insert(header::CONTENT_LENGTH, bytes.len().into());
         return r;
     }
-    if let Some((_repo, digest)) = rest.split_once("/blobs/") {
-        let blob = state.lock().unwrap().blobs.get(digest).cloned();
+    if let Some((repo, digest)) = rest.split_once("/blobs/") {
+        let elsewhere = knobs
+            .blobs_only_in
+            .as_deref()
+            .is_some_and(|only| only != repo);
+        let blob = match elsewhere {
+            true => None,
+            false => state.lock().unwrap().blobs.get(digest).cloned(),
+        };
         let Some(blob) = blob else {
             return respond(
                 404,
