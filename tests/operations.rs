@@ -248,7 +248,9 @@ async fn credentials_and_tokens_never_reach_the_logs() {
             assert!(
                 !text.contains(secret),
                 "{secret:?} appears in the {format} log: {}",
-                text.lines().find(|l| l.contains(secret)).unwrap_or_default()
+                text.lines()
+                    .find(|l| l.contains(secret))
+                    .unwrap_or_default()
             );
         }
     }
