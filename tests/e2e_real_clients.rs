@@ -206,20 +206,8 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
     let (_hub, hub_image, _ghcr, ghcr_image, mirror) = two_registries(dir.path()).await;
     let hosts = dir.path().join("certs.d");
     install_example("containerd/certs.d", &hosts, &mirror.host());
-    let (mut containerd, socket) = start_containerd(dir.path());
-    let ctr = |args: &[&str]| {
-        let mut c = Command::new("ctr");
-        c.args(["--address", &socket, "--namespace", "e2e"])
-            .args(args);
-        c
-    };
-    wait_for_daemon(&mut containerd, 30, || {
-        ctr(&["version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
-    .await;
+    let containerd = Containerd::start(dir.path()).await;
+    let ctr = |args: &[&str]| containerd.ctr(args);
     let hosts_dir = hosts.display().to_string();
     for (image, top) in [
         (format!("docker.io/{REPO}:oci"), &hub_image.oci_index),

@@ -6,60 +6,11 @@
 mod common;
 
 use common::e2e::*;
-use common::pki::{https_request, issue};
+use common::pki::issue;
 use regmirror::digest::Digest;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Starts the binary with a Docker Hub registry whose upstream is `origin` and `extra` TOML
-/// appended; waits until `/healthz` answers (over TLS when `ca_pem` is given).
-async fn start_mirror(
-    dir: &Path,
-    origin: &str,
-    extra: &str,
-    ca_pem: Option<&str>,
-) -> (Process, u16) {
-    let port = free_port();
-    let config = dir.join("regmirror.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
-             [[registry]]\nname = \"docker.io\"\ndefault = true\n\
-             [[registry.upstream]]\nurl = \"{origin}\"\n{extra}",
-            dir.join("mirror-cache").display().to_string()
-        ),
-    )
-    .unwrap();
-    let process = Process::spawn(
-        "regmirror",
-        Command::new(env!("CARGO_BIN_EXE_regmirror"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info"),
-        dir.join("regmirror.log"),
-    );
-    match ca_pem {
-        None => wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &process).await,
-        Some(ca) => {
-            let url = format!("https://localhost:{port}/healthz");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !https_request(&url, ca, false, &[])
-                .await
-                .is_ok_and(|(_, got)| got.status == http::StatusCode::OK)
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "no TLS answer:\n{}",
-                    process.output()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    (process, port)
-}
 
 /// A directory holding `ca.crt`, as skopeo's and podman's `--cert-dir` expect.
 fn cert_dir(dir: &Path, name: &str, ca: &Path) -> PathBuf {
@@ -95,7 +46,10 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
         cert.display().to_string(),
         key.display().to_string()
     );
-    let (mirror, port) = start_mirror(dir.path(), &origin.url(), &tls, Some(&first.ca_pem)).await;
+    let origin_url = origin.url();
+    let registries: &[(&str, &[(&str, bool)])] = &[("docker.io", &[(origin_url.as_str(), true)])];
+    let mirror = Mirror::start_configured(dir.path(), registries, &tls, Some(&first.ca_pem)).await;
+    let port = mirror.port;
     let host = format!("localhost:{port}");
     let first_certs = cert_dir(dir.path(), "certs-first", &first.ca);
 
@@ -170,7 +124,7 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
     let second = issue(dir.path(), "second");
     std::fs::copy(&second.cert, &cert).unwrap();
     std::fs::copy(&second.key, &key).unwrap();
-    let pid = mirror.pid().to_string();
+    let pid = mirror.process.pid().to_string();
     run("kill -HUP", Command::new("kill").args(["-HUP", &pid]));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -206,7 +160,7 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
             .arg(format!("docker://{host}/{REPO}:docker")),
     );
     assert_eq!(Digest::of(raw.as_bytes()), seeded.docker_list);
-    assert_eq!(mirror.pid().to_string(), pid, "no restart");
+    assert_eq!(mirror.process.pid().to_string(), pid, "no restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,7 +180,10 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         dir.path().join("htpasswd").display().to_string(),
         dir.path().join("tokens").display().to_string(),
     );
-    let (mirror, port) = start_mirror(dir.path(), &origin.url(), &auth, None).await;
+    let origin_url = origin.url();
+    let registries: &[(&str, &[(&str, bool)])] = &[("docker.io", &[(origin_url.as_str(), true)])];
+    let mirror = Mirror::start_configured(dir.path(), registries, &auth, None).await;
+    let port = mirror.port;
     let host = format!("127.0.0.1:{port}");
     let image = format!("docker://{host}/{REPO}:oci");
 
@@ -314,20 +271,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     assert_eq!(inspected.trim(), seeded.oci_amd64.1.hex());
 
     // containerd: ctr --user.
-    let (mut containerd, socket) = start_containerd(dir.path());
-    let ctr = |args: &[&str]| {
-        let mut c = Command::new("ctr");
-        c.args(["--address", &socket, "--namespace", "e2e"])
-            .args(args);
-        c
-    };
-    wait_for_daemon(&mut containerd, 30, || {
-        ctr(&["version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
-    .await;
+    let containerd = Containerd::start(dir.path()).await;
+    let ctr = |args: &[&str]| containerd.ctr(args);
     let pull = |user: &str, reference: &str| {
         ctr(&[
             "images",
@@ -384,7 +329,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         "{text}"
     );
     // Every request for the private repository was refused (401 or 403), none answered.
-    let log = mirror.output();
+    let log = mirror.process.output();
     let private_lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("regmirror::access") && l.contains("/v2/private/thing/"))

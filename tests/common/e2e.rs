@@ -186,6 +186,17 @@ impl Mirror {
     /// A mirror of these registries (the first is the default), each with its upstreams as
     /// (URL, resolve_tags), in order.
     pub async fn start_with(dir: &Path, registries: &[(&str, &[(&str, bool)])]) -> Mirror {
+        Self::start_configured(dir, registries, "", None).await
+    }
+
+    /// Like `start_with`, with `extra` TOML appended (`[auth]`, `[server.tls]`); with `tls_ca`,
+    /// the mirror serves HTTPS and is awaited through a client trusting that CA.
+    pub async fn start_configured(
+        dir: &Path,
+        registries: &[(&str, &[(&str, bool)])],
+        extra: &str,
+        tls_ca: Option<&str>,
+    ) -> Mirror {
         let port = free_port();
         let cache = dir.join("mirror-cache");
         let config = dir.join("regmirror.toml");
@@ -204,6 +215,7 @@ impl Mirror {
                 ));
             }
         }
+        text.push_str(extra);
         std::fs::write(&config, text).unwrap();
         let process = Process::spawn(
             "regmirror",
@@ -213,7 +225,24 @@ impl Mirror {
                 .env("RUST_LOG", "info"),
             dir.join("regmirror.log"),
         );
-        wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
+        match tls_ca {
+            None => wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &process).await,
+            Some(ca) => {
+                let url = format!("https://localhost:{port}/healthz");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !super::pki::https_request(&url, ca, false, &[])
+                    .await
+                    .is_ok_and(|(_, got)| got.status == StatusCode::OK)
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no TLS answer:\n{}",
+                        process.output()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         Mirror {
             port,
             cache,
@@ -505,27 +534,56 @@ pub fn have(program: &str) -> bool {
 }
 
 /// A containerd daemon of the test's own, on its own socket and directories.
-pub fn start_containerd(dir: &Path) -> (Process, String) {
-    let socket = dir.join("containerd.sock").display().to_string();
-    let config = dir.join("containerd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = {socket:?}\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n",
-            dir.join("containerd-root").display().to_string(),
-            dir.join("containerd-state").display().to_string(),
-            dir.join("containerd-opt").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let process = Process::spawn(
-        "containerd",
-        Command::new("containerd").arg("--config").arg(&config),
-        dir.join("containerd.log"),
-    );
-    (process, socket)
+pub struct Containerd {
+    pub process: Process,
+    socket: String,
+}
+
+impl Containerd {
+    /// Starts it and waits until `ctr` reaches it.
+    pub async fn start(dir: &Path) -> Containerd {
+        let socket = dir.join("containerd.sock").display().to_string();
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = {socket:?}\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n",
+                dir.join("containerd-root").display().to_string(),
+                dir.join("containerd-state").display().to_string(),
+                dir.join("containerd-opt").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let process = Process::spawn(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&config),
+            dir.join("containerd.log"),
+        );
+        let mut containerd = Containerd { process, socket };
+        let socket = containerd.socket.clone();
+        wait_for_daemon(&mut containerd.process, 30, || {
+            ctr_command(&socket, &["version"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .await;
+        containerd
+    }
+
+    /// `ctr` on this daemon, in the namespace `e2e`.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        ctr_command(&self.socket, args)
+    }
+}
+
+fn ctr_command(socket: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ctr");
+    c.args(["--address", socket, "--namespace", "e2e"])
+        .args(args);
+    c
 }
 
 /// `podman` with storage, state and events of the test's own (vfs, no systemd).
