@@ -173,7 +173,7 @@ pub struct Access {
     /// Every user name known (htpasswd and tokens file): issued tokens of others are void.
     users: HashSet<String>,
     /// What a login for a user who does not exist is checked against, so that a refusal takes
-    /// as long for an unknown user as for a wrong password.
+    /// as long for an unknown user as for a wrong password (empty when there are no passwords).
     decoy_hash: String,
     /// Logins, tokens and bcrypt slots, kept across reloads.
     state: Arc<Sessions>,
@@ -255,14 +255,17 @@ impl Access {
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
             .map_err(|e| format!("auth.realm: {e}"))?;
         let users = passwords.keys().chain(tokens.values()).cloned().collect();
-        // As costly as the dearest real hash (bcrypt's cost is the two digits after `$2y$`).
+        // As costly as the dearest real hash (bcrypt's cost is the two digits after `$2y$`);
+        // without passwords there is nothing to guess at and no decoy.
         let cost = passwords
             .values()
             .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
-            .max()
-            .unwrap_or(bcrypt::DEFAULT_COST);
-        let decoy_hash = bcrypt::hash("regmirror decoy password", cost.clamp(4, 31))
-            .map_err(|e| format!("auth.htpasswd: {e}"))?;
+            .max();
+        let decoy_hash = match cost {
+            Some(cost) => bcrypt::hash("regmirror decoy password", cost.clamp(4, 31))
+                .map_err(|e| format!("auth.htpasswd: {e}"))?,
+            None => String::new(),
+        };
         Ok(Access {
             challenge,
             passwords,
@@ -357,6 +360,7 @@ impl Access {
         }
         let (hash, known_user) = match self.passwords.get(user) {
             Some(hash) => (hash, true),
+            None if self.decoy_hash.is_empty() => return Err(refused()),
             None => (&self.decoy_hash, false),
         };
         let key = sha256(format!("{user}\0{password}").as_bytes());
