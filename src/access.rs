@@ -22,7 +22,7 @@ use crate::oci::names_registry_host;
 use base64::Engine;
 use http::{header, HeaderMap, HeaderValue};
 use sha2::{Digest as _, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -170,8 +170,6 @@ pub struct Access {
     tokens: HashMap<[u8; 32], String>,
     anonymous: Vec<Pattern>,
     rules: Vec<Rule>,
-    /// Every user name known (htpasswd and tokens file): issued tokens of others are void.
-    users: HashSet<String>,
     /// What a login for a user who does not exist is checked against, so that a refusal takes
     /// as long for an unknown user as for a wrong password (empty when there are no passwords).
     decoy_hash: String,
@@ -186,8 +184,9 @@ pub struct Access {
 pub struct Sessions {
     /// SHA-256 of verified `user\0password` pairs to the user and the hash they matched.
     verified: moka::sync::Cache<[u8; 32], (String, String)>,
-    /// SHA-256 of tokens issued to signed-in users, to the user.
-    issued: moka::sync::Cache<[u8; 32], String>,
+    /// SHA-256 of tokens issued to signed-in users, to the user and the credential they
+    /// logged in with (the token dies when that credential changes).
+    issued: moka::sync::Cache<[u8; 32], (String, Credential)>,
     verifications: Arc<Semaphore>,
     /// Logins waiting for a bcrypt slot.
     waiting: AtomicUsize,
@@ -254,7 +253,6 @@ impl Access {
             .collect::<Result<_, String>>()?;
         let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm))
             .map_err(|e| format!("auth.realm: {e}"))?;
-        let users = passwords.keys().chain(tokens.values()).cloned().collect();
         // As costly as the dearest real hash (bcrypt's cost is the two digits after `$2y$`);
         // without passwords there is nothing to guess at and no decoy.
         let cost = passwords
@@ -272,7 +270,6 @@ impl Access {
             tokens,
             anonymous: patterns(&config.anonymous)?,
             rules,
-            users,
             decoy_hash,
             state,
             service: config.realm.clone(),
@@ -298,29 +295,32 @@ impl Access {
     pub async fn issue_token(&self, headers: &HeaderMap) -> Result<String, Denial> {
         // A token is exchanged for a login, never for another token: one cannot be renewed
         // for ever.
-        let user = match self.identify_login(headers).await? {
-            Principal::Anonymous => return Ok(self.state.anonymous_token.clone()),
-            Principal::User(user) => user,
+        let (user, credential) = match self.identify_with(headers, false).await? {
+            (Principal::User(user), Some(credential)) => (user, credential),
+            _ => return Ok(self.state.anonymous_token.clone()),
         };
         let token =
             new_token().map_err(|_| Denial::Unauthenticated("no randomness for a token".into()))?;
-        self.state.issued.insert(sha256(token.as_bytes()), user);
+        self.state
+            .issued
+            .insert(sha256(token.as_bytes()), (user, credential));
         Ok(token)
     }
 
     /// Who sent these headers; wrong or malformed credentials are an error, none is anonymous.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
-        self.identify_with(headers, true).await
+        Ok(self.identify_with(headers, true).await?.0)
     }
 
-    /// Like `identify`, but tokens issued by the token service do not count.
-    async fn identify_login(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
-        self.identify_with(headers, false).await
-    }
-
-    async fn identify_with(&self, headers: &HeaderMap, issued: bool) -> Result<Principal, Denial> {
+    /// Who sent these headers, and with which credential (none for the anonymous and for
+    /// issued tokens).
+    async fn identify_with(
+        &self,
+        headers: &HeaderMap,
+        issued: bool,
+    ) -> Result<(Principal, Option<Credential>), Denial> {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Ok(Principal::Anonymous);
+            return Ok((Principal::Anonymous, None));
         };
         let value = value
             .to_str()
@@ -329,31 +329,45 @@ impl Access {
             Credentials::Bearer(token) => {
                 let key = sha256(token.as_bytes());
                 if let Some(user) = self.tokens.get(&key) {
-                    return Ok(Principal::User(user.clone()));
+                    return Ok((Principal::User(user.clone()), Some(Credential::Token(key))));
                 }
                 let unknown = || Denial::Unauthenticated("unknown or expired token".into());
                 if !issued {
                     return Err(unknown());
                 }
                 if key == sha256(self.state.anonymous_token.as_bytes()) {
-                    return Ok(Principal::Anonymous);
+                    return Ok((Principal::Anonymous, None));
                 }
                 match self.state.issued.get(&key) {
-                    // A user removed since the token was issued is no longer anyone.
-                    Some(user) if self.users.contains(&user) => Ok(Principal::User(user)),
+                    // Void once the login it was issued for is gone or changed.
+                    Some((user, credential)) if self.still_valid(&user, &credential) => {
+                        Ok((Principal::User(user), None))
+                    }
                     _ => Err(unknown()),
                 }
             }
-            Credentials::Basic { user, password } => self.login(&user, &password).await,
+            Credentials::Basic { user, password } => {
+                let (who, credential) = self.login(&user, &password).await?;
+                Ok((who, Some(credential)))
+            }
         }
     }
 
-    async fn login(&self, user: &str, password: &str) -> Result<Principal, Denial> {
+    /// Whether `credential` still signs `user` in (the hash or the token is unchanged).
+    fn still_valid(&self, user: &str, credential: &Credential) -> bool {
+        match credential {
+            Credential::Password(hash) => self.passwords.get(user) == Some(hash),
+            Credential::Token(key) => self.tokens.get(key).map(String::as_str) == Some(user),
+        }
+    }
+
+    async fn login(&self, user: &str, password: &str) -> Result<(Principal, Credential), Denial> {
         // The message names no user: one who typed the password as the name would log it.
         let refused = || Denial::Unauthenticated("wrong user name or password".into());
-        if let Some(token_user) = self.tokens.get(&sha256(password.as_bytes())) {
+        let token = sha256(password.as_bytes());
+        if let Some(token_user) = self.tokens.get(&token) {
             return if token_user == user {
-                Ok(Principal::User(user.to_string()))
+                Ok((Principal::User(user.to_string()), Credential::Token(token)))
             } else {
                 Err(refused())
             };
@@ -367,7 +381,10 @@ impl Access {
         // Remembered only while the user's hash is the one it matched (a reload may change it).
         if let Some((_, matched)) = self.state.verified.get(&key) {
             if known_user && &matched == hash {
-                return Ok(Principal::User(user.to_string()));
+                return Ok((
+                    Principal::User(user.to_string()),
+                    Credential::Password(hash.clone()),
+                ));
             }
         }
         let matched = self.verify_bcrypt(password, hash).await?;
@@ -377,7 +394,10 @@ impl Access {
         self.state
             .verified
             .insert(key, (user.to_string(), hash.clone()));
-        Ok(Principal::User(user.to_string()))
+        Ok((
+            Principal::User(user.to_string()),
+            Credential::Password(hash.clone()),
+        ))
     }
 
     /// Runs bcrypt on the blocking pool, a few at a time; refuses at once when too many logins
@@ -448,6 +468,13 @@ fn new_token() -> Result<String, ring::error::Unspecified> {
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What a user signed in with: their bcrypt hash at the time, or a static token's digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Credential {
+    Password(String),
+    Token([u8; 32]),
 }
 
 /// What an `Authorization` header carries.
@@ -756,5 +783,44 @@ mod tests {
         assert!(access.authorize(&with_token, Need::SignedIn).await.is_err());
         assert!(access.authorize(&with_token, tool).await.is_err());
         assert!(access.issue_token(&basic("alice", "wrong")).await.is_err());
+
+        // A reload keeps issued tokens, but one whose login changed is void.
+        let token = access
+            .issue_token(&basic("alice", "secret-pw"))
+            .await
+            .unwrap();
+        let bob_token = access
+            .issue_token(&basic("bob", "secret-pw"))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let reloaded = {
+            let config = AuthConfig {
+                realm: "regmirror".into(),
+                htpasswd: Some(dir.path().join("htpasswd")),
+                tokens_file: None,
+                anonymous: vec![],
+                rule: vec![],
+            };
+            let old_bob = access.passwords.get("bob").unwrap().clone();
+            let new_alice = bcrypt::hash("changed", 4).unwrap();
+            std::fs::write(
+                dir.path().join("htpasswd"),
+                format!("alice:{new_alice}\nbob:{old_bob}\n"),
+            )
+            .unwrap();
+            Access::load(&config, &registries(), Arc::clone(&access.state)).unwrap()
+        };
+        with_token.insert(header::AUTHORIZATION, bearer(&token));
+        assert!(
+            reloaded.identify(&with_token).await.is_err(),
+            "password changed"
+        );
+        with_token.insert(header::AUTHORIZATION, bearer(&bob_token));
+        assert_eq!(
+            reloaded.identify(&with_token).await,
+            Ok(Principal::User("bob".into())),
+            "unchanged login keeps its token"
+        );
     }
 }

@@ -35,7 +35,7 @@ pub struct FillJob {
     pub lifecycle: Arc<Lifecycle>,
     pub timeout: Duration,
     /// The largest size manifests declared for this blob: a body sent without a length is cut
-    /// off beyond it.
+    /// off beyond it (a bound only, never taken for the blob's length).
     pub declared_size: Option<u64>,
 }
 
@@ -90,9 +90,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("blob {digest} not found upstream"),
         ));
     }
-    // Without a Content-Length the size manifests declared bounds the body; with one, hyper
-    // holds the body to it and the digest decides.
-    let total = answer.content_length().or(job.declared_size);
+    let total = answer.content_length();
     permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
 
@@ -180,7 +178,16 @@ async fn pump_with_resume(
     let max_resumes = 2 * job.upstream.len().max(1);
     loop {
         let failed_endpoint = answer.endpoint_index;
-        let error = match pump(answer, &sinks, total, &mut received, skip).await {
+        let error = match pump(
+            answer,
+            &sinks,
+            total,
+            job.declared_size,
+            &mut received,
+            skip,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(Stop::SinkClosed) => return Ok(()),
             Err(Stop::TooLong(message)) => return Err(failure(Code::Unavailable, message)),
@@ -241,14 +248,18 @@ enum Stop {
 }
 
 /// Moves one upstream body into the sinks after skipping its first `skip` bytes, counting
-/// `received`, bounded by the declared total and the stall timeout.
+/// `received`, bounded by the stall timeout and by the body's length: its `Content-Length`, or,
+/// sent without one, the largest size manifests declared for the blob (`cap`: only a bound,
+/// never taken for the length, so a manifest declaring too much breaks nothing).
 async fn pump(
     answer: Answer,
     sinks: &[mpsc::Sender<Bytes>; 2],
     total: Option<u64>,
+    cap: Option<u64>,
     received: &mut u64,
     mut skip: u64,
 ) -> Result<(), Stop> {
+    let bound = total.or(cap);
     let stall = answer.stall_timeout;
     let endpoint = answer.endpoint.clone();
     let mut body = answer.response.into_body();
@@ -276,9 +287,9 @@ async fn pump(
             continue;
         }
         *received += data.len() as u64;
-        if total.is_some_and(|t| *received > t) {
+        if bound.is_some_and(|t| *received > t) {
             return Err(Stop::TooLong(format!(
-                "{endpoint}: body longer than its Content-Length"
+                "{endpoint}: body longer than its Content-Length or its manifest's size"
             )));
         }
         for sink in sinks {

@@ -46,8 +46,9 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Renders the page.
-pub fn render(app: &App) -> String {
+/// Renders the page; the most pulled images listed are those `visible(registry, repo)` allows
+/// (the viewer's access rules).
+pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
     let _ = app.render_metrics(); // brings the gauges up to date
     let stats = app.metrics().snapshot();
     let usage = app.cache().lifecycle().usage();
@@ -145,7 +146,17 @@ pub fn render(app: &App) -> String {
     html.push_str("</table>");
     // Popular images.
     html.push_str("<h2>Most pulled</h2><table id=\"popular\"><tr><th>image</th><th class=\"num\">pulls</th></tr>");
-    for (image, pulls) in app.popularity().top(15) {
+    let shown = app
+        .popularity()
+        .top(MAX_TRACKED_IMAGES)
+        .into_iter()
+        .filter(|(image, _)| {
+            let (registry, rest) = image.split_once('/').unwrap_or(("", image));
+            let repo = rest.rsplit_once(':').map_or(rest, |(repo, _)| repo);
+            visible(registry, repo)
+        })
+        .take(15);
+    for (image, pulls) in shown {
         let _ = write!(
             html,
             "<tr><td>{}</td><td class=\"num\">{pulls}</td></tr>",

@@ -303,6 +303,23 @@ async fn clients_log_in_and_access_rules_hold() {
         listed["repositories"],
         serde_json::json!(["library/alpine", "myorg/tool"])
     );
+    // The status page names only the images its viewer may pull.
+    let page = |who: &str| {
+        let url = mirror.url("/");
+        let who = who.to_string();
+        async move {
+            let got = request(Method::GET, &url, &[("authorization", &who)]).await;
+            assert_eq!(got.status, StatusCode::OK);
+            String::from_utf8(got.bytes().to_vec()).unwrap()
+        }
+    };
+    let for_bob = page(&bob).await;
+    assert!(for_bob.contains("docker.io/library/alpine:3"), "{for_bob}");
+    assert!(
+        !for_bob.contains("myorg/tool"),
+        "bob sees a repository he may not pull"
+    );
+    assert!(page(&alice).await.contains("docker.io/myorg/tool:1"));
     // A denied or unauthenticated client learns nothing and costs nothing upstream.
     let blob = format!("/v2/myorg/tool/blobs/{digest}");
     let got = request(Method::GET, &mirror.url(&blob), &[("authorization", &bob)]).await;

@@ -272,21 +272,33 @@ impl Cache {
         Ok(())
     }
 
-    /// Records that upstream served `digest` for `registry/repo`.
-    pub async fn link(&self, registry: &str, repo: &RepoName, digest: &Digest) -> io::Result<()> {
-        let key = (
-            registry.to_string(),
-            repo.as_str().to_string(),
-            digest.clone(),
-        );
-        if self.links.contains_key(&key) {
-            return Ok(());
+    /// Records that upstream served these digests for `registry/repo` (a manifest and what it
+    /// references, which a registry keeps in the same repository). A failure is logged, not
+    /// returned: without the link the content is only confirmed upstream once more.
+    pub async fn link(&self, registry: &str, repo: &RepoName, digests: Vec<Digest>) {
+        let key = |d: &Digest| (registry.to_string(), repo.as_str().to_string(), d.clone());
+        let new: Vec<Digest> = digests
+            .into_iter()
+            .filter(|d| !self.links.contains_key(&key(d)))
+            .collect();
+        if new.is_empty() {
+            return;
         }
         let store = Arc::clone(&self.store);
-        let (r, n, d) = (registry.to_string(), repo.clone(), digest.clone());
-        blocking(move || store.link(&r, &n, &d)).await?;
-        self.links.insert(key, ());
-        Ok(())
+        let (r, n, list) = (registry.to_string(), repo.clone(), new.clone());
+        let written = blocking(move || {
+            for digest in &list {
+                store.link(&r, &n, digest)?;
+            }
+            Ok(())
+        })
+        .await;
+        match written {
+            Ok(()) => new.iter().for_each(|d| self.links.insert(key(d), ())),
+            Err(e) => {
+                tracing::warn!(%registry, %repo, error = %e, "cannot record content's repository")
+            }
+        }
     }
 
     /// Whether upstream served `digest` for `registry/repo` before.

@@ -326,8 +326,9 @@ async fn pass_through(
     ))
 }
 
-/// A manifest from upstream for `repo`, checked, linked to the repository, with the sizes it
-/// declares for its blobs remembered (they bound downloads sent without a length).
+/// A manifest from upstream for `repo`, checked; it and what it references are linked to the
+/// repository (they are served there without asking upstream again), and the sizes it declares
+/// for its blobs are remembered (they bound downloads sent without a length).
 async fn read_upstream_manifest(
     app: &App,
     registry: usize,
@@ -337,9 +338,11 @@ async fn read_upstream_manifest(
 ) -> Result<Manifest, Error> {
     let manifest = read_manifest(answer, what).await?;
     app.cache().note_declared_sizes(&manifest.bytes);
+    let mut served = crate::oci::references(&manifest.bytes);
+    served.push(manifest.digest.clone());
     app.cache()
-        .link(&app.routes()[registry].name, repo, &manifest.digest)
-        .await?;
+        .link(&app.routes()[registry].name, repo, served)
+        .await;
     Ok(manifest)
 }
 

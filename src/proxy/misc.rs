@@ -32,9 +32,13 @@ pub fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
         .expect("static headers are valid")
 }
 
-/// The HTML status page.
-pub fn status_page(app: &App, head: bool) -> Response<ResponseBody> {
-    let html = crate::status::render(app);
+/// The HTML status page; the images it names are those `visible(registry, repo)` allows.
+pub fn status_page(
+    app: &App,
+    head: bool,
+    visible: impl Fn(&str, &str) -> bool,
+) -> Response<ResponseBody> {
+    let html = crate::status::render(app, visible);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/html; charset=utf-8")

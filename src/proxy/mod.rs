@@ -309,7 +309,10 @@ async fn dispatch(
         Target::Healthz => Ok(misc::text(StatusCode::OK, "ok\n")),
         Target::Readyz => Ok(misc::readiness(app)),
         Target::Metrics => Ok(misc::metrics(app)),
-        Target::Status => Ok(misc::status_page(app, head)),
+        Target::Status => Ok(misc::status_page(app, head, |registry, repo| {
+            app.access()
+                .is_none_or(|access| access.may_pull(user, registry, repo))
+        })),
         Target::Token => issue_token(app, headers, head).await,
         Target::Catalog => {
             misc::catalog(app, head, |registry, repo| {

@@ -51,6 +51,6 @@ pub async fn confirm(
             format!("{what} {digest} not found in {repo} upstream"),
         ));
     }
-    app.cache().link(name, repo, digest).await?;
+    app.cache().link(name, repo, vec![digest.clone()]).await;
     Ok(())
 }
