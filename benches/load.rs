@@ -395,12 +395,7 @@ fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
         .trim()
         .to_string();
     let sep = if location.contains('?') { '&' } else { '?' };
-    let code = curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
+    let code = curl_status(&[
         "-X",
         "PUT",
         "-T",
@@ -418,12 +413,7 @@ fn seed_manifest(origin: &Service, config: &Blob) -> Digest {
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{}"}},"layers":[]}}"#,
         config.size, config.digest
     );
-    let code = curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
+    let code = curl_status(&[
         "-X",
         "PUT",
         "-H",
@@ -437,6 +427,12 @@ fn seed_manifest(origin: &Service, config: &Blob) -> Digest {
     ]);
     assert_eq!(code.trim(), "201", "pushing the manifest");
     Digest::of(manifest.as_bytes())
+}
+
+/// The HTTP status of a curl request, its body discarded.
+fn curl_status(args: &[&str]) -> String {
+    let quiet = ["-s", "-o", "/dev/null", "-w", "%{http_code}"];
+    curl(&[&quiet[..], args].concat())
 }
 
 fn curl(args: &[&str]) -> String {

@@ -320,14 +320,9 @@ fn write(
     let mut written = 0u64;
     while let Some(first) = queue.blocking_recv() {
         // Write what is queued now, then tell readers once: fewer wake-ups per byte.
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(chunk) => batch.push(chunk),
-                Err(_) => break,
-            }
-        }
-        for chunk in batch {
+        written = write_chunk(&mut temp, &first, written, total, lifecycle)?;
+        for _ in 1..WRITE_BATCH {
+            let Ok(chunk) = queue.try_recv() else { break };
             written = write_chunk(&mut temp, &chunk, written, total, lifecycle)?;
         }
         progress.send_replace(FillState::Streaming { written, total });
@@ -343,27 +338,25 @@ fn write_chunk(
     total: Option<u64>,
     lifecycle: &Lifecycle,
 ) -> std::io::Result<u64> {
-    {
+    if let Err(e) = temp.file.write_all(chunk) {
+        if !is_disk_full(&e) {
+            return Err(e);
+        }
+        let needed = total.map_or(chunk.len() as u64, |t| t.saturating_sub(written));
+        let freed = lifecycle.make_room(needed);
+        tracing::warn!(
+            freed,
+            needed,
+            "disk full while caching a blob; evicted to make room"
+        );
+        // Undo the partial write, then try the chunk once more.
+        temp.file.set_len(written)?;
+        temp.file.seek(SeekFrom::Start(written))?;
         if let Err(e) = temp.file.write_all(chunk) {
-            if !is_disk_full(&e) {
-                return Err(e);
+            if is_disk_full(&e) {
+                lifecycle.mark_disk_full();
             }
-            let needed = total.map_or(chunk.len() as u64, |t| t.saturating_sub(written));
-            let freed = lifecycle.make_room(needed);
-            tracing::warn!(
-                freed,
-                needed,
-                "disk full while caching a blob; evicted to make room"
-            );
-            // Undo the partial write, then try the chunk once more.
-            temp.file.set_len(written)?;
-            temp.file.seek(SeekFrom::Start(written))?;
-            if let Err(e) = temp.file.write_all(chunk) {
-                if is_disk_full(&e) {
-                    lifecycle.mark_disk_full();
-                }
-                return Err(e);
-            }
+            return Err(e);
         }
     }
     Ok(written + chunk.len() as u64)

@@ -20,14 +20,8 @@ async fn concurrent_cold_clients_share_one_upstream_download() {
     });
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    for client in clients {
-        let got = client.await.unwrap();
+    for client in spawn_gets(&url, 32) {
+        let got = client.await.unwrap().expect("a response");
         assert_eq!(got.status, StatusCode::OK);
         assert_eq!(
             got.header("docker-content-digest"),
@@ -64,13 +58,7 @@ async fn corrupt_blob_aborts_every_client_and_stores_nothing() {
     });
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { try_get(&url).await })
-        })
-        .collect();
-    for client in clients {
+    for client in spawn_gets(&url, 8) {
         // No answer at all (the verdict came before the headers went out) is safe too.
         let Some(got) = client.await.unwrap() else {
             continue;
@@ -391,4 +379,14 @@ async fn a_stalled_upstream_body_fails_the_fill_within_the_stall_timeout() {
     })
     .await;
     eventually("the temp file is removed", || mirror.temp_files() == 0).await;
+}
+
+/// `n` clients asking for `url` at once.
+fn spawn_gets(url: &str, n: usize) -> Vec<tokio::task::JoinHandle<Option<Got>>> {
+    (0..n)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move { try_get(&url).await })
+        })
+        .collect()
 }

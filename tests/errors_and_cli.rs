@@ -116,13 +116,7 @@ async fn api_base_health_and_namespace_echo() {
     assert_eq!(get(&mirror.url("/healthz")).await.status, StatusCode::OK);
     assert_eq!(get(&mirror.url("/readyz")).await.status, StatusCode::OK);
     // containerd's ?ns= is understood and echoed.
-    let config = origin.add_blob(b"{}".to_vec());
-    origin.add_manifest(
-        "library/app",
-        Some("1"),
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 2, &[]),
-    );
+    origin.add_empty_image("library/app", "1");
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1?ns=docker.io")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.header("oci-namespace"), Some("docker.io"));

@@ -116,13 +116,7 @@ async fn a_content_only_endpoint_is_never_asked_about_tags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_tags_only_when_allowed() {
     let mirror_only = FakeRegistry::start().await;
-    let config = mirror_only.add_blob(b"{}".to_vec());
-    let digest = mirror_only.add_manifest(
-        "library/app",
-        Some("1.0"),
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 2, &[]),
-    );
+    let digest = mirror_only.add_empty_image("library/app", "1.0");
     let dead = DeadEndpoint::start().await;
     let strict = TestMirror::start_many(&[&mirror_only.url(), &dead.url()], |c| {
         c.registry[0].upstream[0].resolve_tags = false;
@@ -148,13 +142,8 @@ async fn untrusted_tags_only_when_allowed() {
 async fn rate_limited_upstream_gets_no_manifest_gets_until_retry_after() {
     let (origin, digest) = {
         let origin = FakeRegistry::start().await;
-        let config = origin.add_blob(b"{}".to_vec());
-        let d = origin.add_manifest(
-            "library/app",
-            Some("1.0"),
-            DOCKER_MANIFEST,
-            schema2_manifest(&config, 2, &[]),
-        );
+        let d = origin.add_empty_image("library/app", "1.0");
+        let config = regmirror::digest::Digest::of(b"{}");
         origin.add_manifest(
             "library/app",
             Some("2.0"),
@@ -284,13 +273,7 @@ async fn unconfigured_registries_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_list_is_cached_briefly() {
     let origin = FakeRegistry::start().await;
-    let config = origin.add_blob(b"{}".to_vec());
-    origin.add_manifest(
-        "library/app",
-        Some("1.0"),
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 2, &[]),
-    );
+    origin.add_empty_image("library/app", "1.0");
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     for _ in 0..3 {
         let got = request(

@@ -178,13 +178,7 @@ async fn counters_match_a_scripted_pull_sequence() {
 async fn mismatches_and_stale_answers_are_counted() {
     let origin = FakeRegistry::start().await;
     let digest = origin.add_blob(random_bytes(5000, 101));
-    let config = origin.add_blob(b"{}".to_vec());
-    origin.add_manifest(
-        "library/app",
-        Some("1.0"),
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 2, &[]),
-    );
+    origin.add_empty_image("library/app", "1.0");
     let mirror = TestMirror::start(&origin.url(), |c| {
         c.cache.tag_ttl = std::time::Duration::from_millis(50)
     })

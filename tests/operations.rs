@@ -268,13 +268,7 @@ async fn a_reload_changes_upstreams_for_new_requests_while_downloads_continue() 
         k.chunk = Some(128 * 1024);
         k.chunk_delay = Some(Duration::from_millis(25));
     });
-    let config = second.add_blob(b"{}".to_vec());
-    let tag_digest = second.add_manifest(
-        "library/app",
-        Some("1.0"),
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 2, &[]),
-    );
+    let tag_digest = second.add_empty_image("library/app", "1.0");
     let mirror = TestMirror::start(&first.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let download = tokio::spawn(async move { get(&url).await });

@@ -167,6 +167,14 @@ impl FakeRegistry {
         digest
     }
 
+    /// Adds the smallest image: an empty config and a Docker manifest without layers, under
+    /// `tag`; returns the manifest's digest.
+    pub fn add_empty_image(&self, repo: &str, tag: &str) -> Digest {
+        let config = self.add_blob(b"{}".to_vec());
+        let manifest = schema2_manifest(&config, 2, &[]);
+        self.add_manifest(repo, Some(tag), DOCKER_MANIFEST, manifest)
+    }
+
     /// Serves `bytes` under any reference, even a digest they do not have (a lying upstream).
     pub fn add_manifest_as(
         &self,
@@ -681,6 +689,21 @@ pub struct Got {
 }
 
 impl Got {
+    /// Reads a response whole (the body, or why it did not arrive whole).
+    pub async fn receive(response: Response<hyper::body::Incoming>) -> Got {
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| e.to_string());
+        Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
@@ -709,17 +732,7 @@ pub async fn try_request(method: Method, url: &str, headers: &[(&str, &str)]) ->
         .request(builder.body(Empty::new()).unwrap())
         .await
         .ok()?;
-    let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Some(Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    Some(Got::receive(response).await)
 }
 
 /// One request that must get a response.

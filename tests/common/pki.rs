@@ -3,7 +3,7 @@
 use super::Got;
 use bytes::Bytes;
 use http::{Method, Request, Version};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -82,19 +82,5 @@ pub async fn https_request(
         .request(request.body(Empty::<Bytes>::new()).unwrap())
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let version = response.version();
-    let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Ok((
-        version,
-        Got {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        },
-    ))
+    Ok((response.version(), Got::receive(response).await))
 }
