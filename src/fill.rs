@@ -1,5 +1,6 @@
 //! The leader of a blob download: upstream body -> temp file + sha256, progress published per
-//! chunk; at the end, size and digest are checked and only a verified blob is committed.
+//! chunk; at the end, size and digest are checked, readers may send the last byte, and only a
+//! verified blob is committed.
 //!
 //! Runs detached from any client (a client that disconnects does not cancel it) under its own
 //! timeout. Three parts run side by side: the async pump reads the upstream body; a blocking
@@ -55,6 +56,12 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         match outcome {
             Ok(size) => {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = started.elapsed().as_millis() as u64, "blob cached");
+                permit.finish(FillState::Complete { size });
+            }
+            // Verified before it failed (a timeout while committing): readers keep their bytes.
+            Err(e) if permit.verified_size().is_some() => {
+                tracing::error!(%digest, registry = %job.upstream.name, repo = %job.repo, error = %e.message, "blob served but not cached");
+                let size = permit.verified_size().expect("checked");
                 permit.finish(FillState::Complete { size });
             }
             Err(e) => {
@@ -128,6 +135,9 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("upstream sent a corrupt blob: {m}"),
         )
     })?;
+    // Verified: readers may send the last byte now, while the blob is made durable (an fsync of
+    // a large file takes a while, and a client need not wait for the cache's own safety).
+    permit.publish(FillState::Complete { size });
     let lifecycle = Arc::clone(&job.lifecycle);
     let (registry, repo) = (job.upstream.name.clone(), job.repo.clone());
     let committed = tokio::task::spawn_blocking(move || {
@@ -152,10 +162,7 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             tracing::warn!(digest = %permit.digest(), "disk full: blob served but not cached")
         }
         Err(e) => {
-            return Err(failure(
-                Code::Unknown,
-                format!("committing to the cache failed: {e}"),
-            ))
+            tracing::error!(digest = %permit.digest(), error = %e, "committing to the cache failed: blob served but not cached")
         }
     }
     Ok(size)

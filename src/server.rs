@@ -49,7 +49,8 @@ struct Shared {
     limits: Limits,
 }
 
-/// Serves until `shutdown` resolves, then lets responses in flight finish for up to `grace`.
+/// Serves until `shutdown` resolves, then lets responses and downloads in flight finish for up
+/// to `grace`.
 pub async fn run(
     listener: TcpListener,
     live: Arc<Live>,
@@ -102,10 +103,29 @@ pub async fn run(
     }
     drop(listener);
     let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
     let all = settings.max_connections as u32;
     tokio::select! {
         _ = slots.acquire_many(all) => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+        _ = tokio::time::sleep_until(deadline) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+    }
+    finish_downloads(&shared.live, deadline).await;
+}
+
+/// Lets downloads still running finish within the grace period: a blob whose clients already
+/// got every byte is then committed to the cache rather than lost with the process.
+async fn finish_downloads(live: &Live, deadline: tokio::time::Instant) {
+    let app = live.get();
+    while app.cache().fills_in_flight() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            let left = app.cache().fills_in_flight();
+            tracing::warn!(
+                downloads = left,
+                "grace period over; dropping downloads in flight"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -36,6 +36,7 @@ async fn concurrent_cold_clients_share_one_upstream_download() {
         origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
         1
     );
+    mirror.settle().await;
     assert!(mirror.has_blob(&digest));
     // Now a hit: upstream is not asked again.
     let again = get(&url).await;
@@ -305,6 +306,7 @@ async fn chunked_upstream_bodies_are_verified_too() {
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let got = get(&url).await;
     assert!(got.bytes()[..] == blob[..]);
+    mirror.settle().await;
     assert!(mirror.has_blob(&digest));
 
     let other = random_bytes(300_000, 9);

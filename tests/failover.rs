@@ -48,6 +48,7 @@ async fn dead_then_stalling_then_good_endpoint_completes_by_range() {
         vec![Some(format!("bytes={}-", 300 * 1024))],
         "resume was not by Range"
     );
+    mirror.settle().await;
     assert!(mirror.has_blob(&digest));
 
     // The next request skips both failed endpoints (they are cooling off).
@@ -78,6 +79,7 @@ async fn without_range_support_the_resume_skips_what_was_received() {
     let got = get(&blob_url(&mirror, &digest)).await;
     assert!(got.body.is_ok(), "the client's stream broke");
     assert!(got.bytes()[..] == blob[..]);
+    mirror.settle().await;
     assert!(mirror.has_blob(&digest));
 }
 

@@ -39,6 +39,7 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
     );
     for d in [&config, &layer, &big] {
         assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+        mirror.settle().await;
     }
     // A client reading the big blob slowly keeps it in use.
     let reading = client()
@@ -55,6 +56,7 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
             assert_eq!(get(&blob(&small[0])).await.status, StatusCode::OK);
         }
         assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+        mirror.settle().await;
     }
     // 1 + 32 + 7 x 4 = 61 MiB > 60: evicted down to <= 48 MiB, oldest first: b1..b4.
     for (i, d) in small.iter().enumerate() {
@@ -150,8 +152,10 @@ async fn a_full_disk_evicts_then_passes_through_without_partial_files() {
     let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
 
     assert!(get(&blob(&a_digest)).await.bytes()[..] == a[..]);
+    mirror.settle().await;
     // 3 + 6 MiB do not fit in 8: the older blob is evicted and the write retried.
     assert!(get(&blob(&c_digest)).await.bytes()[..] == c[..]);
+    mirror.settle().await;
     assert!(mirror.has_blob(&c_digest));
     assert!(!mirror.has_blob(&a_digest));
 

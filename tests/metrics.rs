@@ -81,6 +81,7 @@ async fn counters_match_a_scripted_pull_sequence() {
     assert_eq!(get_manifest(&tag).await.status, StatusCode::OK); // miss
     assert_eq!(get_manifest(&tag).await.status, StatusCode::OK); // hit
     assert!(get(&blob).await.bytes()[..] == layer[..]); // miss
+    mirror.settle().await;
     assert!(get(&blob).await.bytes()[..] == layer[..]); // hit
     assert_eq!(
         request(Method::HEAD, &blob, &[]).await.status,

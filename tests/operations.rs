@@ -82,6 +82,34 @@ async fn shutdown_lets_bodies_in_flight_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_a_download_its_client_left() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(1024 * 1024, 113);
+    let digest = origin.add_blob(blob.clone());
+    origin.knobs(|k| {
+        k.chunk = Some(128 * 1024);
+        k.chunk_delay = Some(Duration::from_millis(30));
+    });
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let response = client()
+        .request(
+            http::Request::get(mirror.url(&format!("/v2/library/app/blobs/{digest}")))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    drop(response); // the client goes away; the download carries on
+    let cache = mirror.cache_dir();
+    let _dir = tokio::time::timeout(Duration::from_secs(10), mirror.stop())
+        .await
+        .expect("shutdown finished");
+    let stored = std::fs::read(blob_path(&cache, &digest)).expect("the download was committed");
+    assert!(stored[..] == blob[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_and_tokens_never_reach_the_logs() {
     let origin = FakeRegistry::start().await;
     let config_blob = origin.add_blob(b"{}".to_vec());

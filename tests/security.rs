@@ -503,6 +503,7 @@ async fn hostile_upstreams_are_refused_and_nothing_is_cached() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let got = get(&mirror.url(&blob_path)).await;
     assert_eq!(got.bytes().as_ref(), blob.as_slice());
+    mirror.settle().await;
     assert_eq!(mirror.temp_files(), 0);
 }
 
@@ -801,6 +802,7 @@ async fn stored_content_is_served_only_to_repositories_upstream_serves_it_for() 
     )
     .await;
     assert_eq!(got.status, StatusCode::OK);
+    mirror.settle().await;
     assert!(mirror.has_blob(&private));
     // An anonymous client names the digests under a repository it may pull: upstream does not
     // have them there, so neither does the mirror, for this client.

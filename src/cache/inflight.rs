@@ -19,7 +19,8 @@ pub enum FillState {
     Starting,
     /// Bytes `0..written` are in the file; `total` is upstream's `Content-Length`, if sent.
     Streaming { written: u64, total: Option<u64> },
-    /// Verified and committed; the file holds exactly `size` bytes.
+    /// Verified: the file holds exactly `size` bytes, all of which may be sent. Published before
+    /// the blob is committed (made durable), which the fill then does before leaving the table.
     Complete { size: u64 },
     /// Abandoned; readers must abort their responses.
     Failed(FillError),
@@ -78,6 +79,14 @@ impl FillPermit {
         self.progress.clone()
     }
 
+    /// The blob's size once it is verified (its bytes may be sent in full, committed or not).
+    pub fn verified_size(&self) -> Option<u64> {
+        match *self.progress.borrow() {
+            FillState::Complete { size } => Some(size),
+            _ => None,
+        }
+    }
+
     /// Ends the fill with its final state and leaves the table. Call only after the blob
     /// is committed (or for a failure), so that a newcomer finds it in the store.
     pub fn finish(mut self, state: FillState) {
@@ -92,6 +101,9 @@ impl Drop for FillPermit {
         if !self.finished {
             // Out of the table first, so that followers starting over find no stale entry.
             self.table.remove(&self.digest);
+            if matches!(*self.progress.borrow(), FillState::Complete { .. }) {
+                return; // verified bytes stay sendable
+            }
             let started = !matches!(*self.progress.borrow(), FillState::Starting);
             self.progress.send_replace(if started {
                 FillState::Failed(FillError {

@@ -647,6 +647,16 @@ impl TestMirror {
         blob_path(&self.cache_dir(), digest).exists()
     }
 
+    /// Waits until no download is in flight: clients get a blob's last byte once it is verified,
+    /// and it is committed to the store just after.
+    pub async fn settle(&self) {
+        let app = Arc::clone(&self.app);
+        eventually("downloads in flight are committed", move || {
+            app.cache().fills_in_flight() == 0
+        })
+        .await;
+    }
+
     /// Files left under `tmp/`.
     pub fn temp_files(&self) -> usize {
         std::fs::read_dir(self.cache_dir().join("tmp"))
