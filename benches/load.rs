@@ -2,13 +2,16 @@
 //! of it — regmirror, distribution in proxy mode and nginx as a caching proxy — plus the direct
 //! path and the machine's limits, measured in one run, alternating, over several rounds.
 //!
-//! Run with: `benches/load.sh` (installs docker-registry, nginx-light, wrk and curl, builds
-//! release, then runs this). Environment: `ROUNDS` (default 3), `SIZES_MIB` (default
-//! `512,2048`), `KEEP=1` to keep the work directory.
+//! Run with: `benches/load.sh` (installs docker-registry, nginx-light, wrk, curl and skopeo,
+//! builds release, then runs this). Environment: `ROUNDS` (default 3), `SIZES_MIB` (default
+//! `512,2048`), `LAYERS` x `LAYER_MIB` for the image pulled by skopeo (default 10 x 32),
+//! `WRK_SECONDS` (default 5), `KEEP=1` to keep the work directory.
 //!
 //! Each mirror reaches the origin through its own byte-counting TCP forwarder, so "bytes the
-//! origin sent" is measured, not inferred. Clients are curl (bulk transfers) and wrk (small
-//! objects at 64 connections). Peak RSS and CPU seconds come from /proc.
+//! origin sent" is measured, not inferred. Clients are curl (bulk transfers), wrk (GETs of small
+//! objects at 64 connections), a HEAD driver of its own (64 keep-alive connections; wrk cannot
+//! drive HEAD: its parser waits for the body a HEAD answer announces) and skopeo (a whole image).
+//! Peak RSS and CPU seconds come from /proc.
 
 use regmirror::digest::{Digest, Hasher};
 use std::collections::BTreeMap;
@@ -22,6 +25,8 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 const REPO: &str = "bench/blob";
+/// The repository of the image skopeo pulls.
+const IMAGE_REPO: &str = "bench/image";
 /// What docker, containerd and podman send for manifests.
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -42,19 +47,29 @@ fn main() {
     let origin = Service::docker_registry(&dir.join("origin"), None);
     let mut blobs = Vec::new();
     for &size in &sizes {
-        blobs.push(seed_blob(&dir, &origin, size * MIB, 1));
+        blobs.push(seed_blob(&dir, &origin, REPO, size * MIB, 1));
     }
     // A second blob of the first size, for the concurrent cold clients.
-    let shared = seed_blob(&dir, &origin, sizes[0] * MIB, 2);
-    let small = seed_blob(&dir, &origin, MIB, 3);
-    let manifest = seed_manifest(&origin, &small);
+    let shared = seed_blob(&dir, &origin, REPO, sizes[0] * MIB, 2);
+    let small = seed_blob(&dir, &origin, REPO, MIB, 3);
+    let manifest = push_manifest(&origin, REPO, &small, &[]);
+    let (layer_count, layer_mib): (u64, u64) = (env("LAYERS", 10), env("LAYER_MIB", 32));
+    let layers: Vec<Blob> = (0..layer_count)
+        .map(|i| seed_blob(&dir, &origin, IMAGE_REPO, layer_mib * MIB, 100 + i))
+        .collect();
+    push_manifest(
+        &origin,
+        IMAGE_REPO,
+        &small_config(&dir, &origin, &layers),
+        &layers,
+    );
     println!(
-        "origin seeded: {:?} MiB blobs, a 1 MiB blob and a manifest",
-        sizes
+        "origin seeded: {sizes:?} MiB blobs, a 1 MiB blob, a manifest, and a {layer_count} x {layer_mib} MiB image"
     );
 
     let mut results = Results::default();
     limits(&dir, &blobs[0], &mut results);
+    let image_mib = (layer_count * layer_mib) as f64;
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
         for kind in MirrorKind::ALL {
@@ -73,11 +88,19 @@ fn main() {
                 &manifest,
                 &mut results,
             );
+            // (5) a whole image, cold, pulled by a real client.
+            let seconds = skopeo_pull(&dir, mirror.service.port, kind.name());
+            results.record(kind.name(), "skopeo image pull ms", seconds * 1000.0);
+            results.record(kind.name(), "skopeo image pull MiB/s", image_mib / seconds);
             results.record(kind.name(), "peak RSS MiB", mirror.service.peak_rss_mib());
         }
         direct(&origin, &blobs, &mut results);
+        let seconds = skopeo_pull(&dir, origin.port, "direct");
+        results.record("direct", "skopeo image pull ms", seconds * 1000.0);
+        results.record("direct", "skopeo image pull MiB/s", image_mib / seconds);
     }
     results.print();
+    results.print_targets(&sizes);
     if std::env::var("KEEP").is_ok() {
         let kept = work.keep();
         println!("kept {}", kept.display());
@@ -355,8 +378,8 @@ fn blob_path(blob: &Blob) -> String {
     format!("/v2/{REPO}/blobs/{}", blob.digest)
 }
 
-/// Writes `size` incompressible bytes to a file, hashing on the way, and pushes them.
-fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
+/// Writes `size` incompressible bytes to a file, hashing on the way, and pushes them to `repo`.
+fn seed_blob(dir: &Path, origin: &Service, repo: &str, size: u64, salt: u64) -> Blob {
     let file = dir.join(format!("blob-{size}-{salt}"));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
     let mut hasher = Hasher::default();
@@ -375,6 +398,13 @@ fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
     out.flush().unwrap();
     drop(out);
     let digest = hasher.finish();
+    upload(origin, repo, &file, &digest);
+    std::fs::remove_file(&file).unwrap();
+    Blob { digest, size }
+}
+
+/// Pushes the file at `path` as blob `digest` of `repo`: the registry API's POST then PUT.
+fn upload(origin: &Service, repo: &str, path: &Path, digest: &Digest) {
     let location = curl(&[
         "-s",
         "-D",
@@ -383,7 +413,7 @@ fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
         "/dev/null",
         "-X",
         "POST",
-        &format!("http://127.0.0.1:{}/v2/{REPO}/blobs/uploads/", origin.port),
+        &format!("http://127.0.0.1:{}/v2/{repo}/blobs/uploads/", origin.port),
     ]);
     let location = location
         .lines()
@@ -399,19 +429,28 @@ fn seed_blob(dir: &Path, origin: &Service, size: u64, salt: u64) -> Blob {
         "-X",
         "PUT",
         "-T",
-        file.to_str().unwrap(),
+        path.to_str().unwrap(),
         &format!("{location}{sep}digest={digest}"),
     ]);
-    assert_eq!(code.trim(), "201", "pushing the {size}-byte blob");
-    std::fs::remove_file(&file).unwrap();
-    Blob { digest, size }
+    assert_eq!(code.trim(), "201", "pushing blob {digest}");
 }
 
-/// Pushes a small image manifest (its config is the 1 MiB blob); returns its digest.
-fn seed_manifest(origin: &Service, config: &Blob) -> Digest {
+/// Pushes an image manifest as `repo:latest`; returns its digest.
+fn push_manifest(origin: &Service, repo: &str, config: &Blob, layers: &[Blob]) -> Digest {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","size":{},"digest":"{}"}}"#,
+                l.size, l.digest
+            )
+        })
+        .collect();
     let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{}"}},"layers":[]}}"#,
-        config.size, config.digest
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{}"}},"layers":[{}]}}"#,
+        config.size,
+        config.digest,
+        layers.join(",")
     );
     let code = curl_status(&[
         "-X",
@@ -421,12 +460,56 @@ fn seed_manifest(origin: &Service, config: &Blob) -> Digest {
         "--data-binary",
         &manifest,
         &format!(
-            "http://127.0.0.1:{}/v2/{REPO}/manifests/latest",
+            "http://127.0.0.1:{}/v2/{repo}/manifests/latest",
             origin.port
         ),
     ]);
     assert_eq!(code.trim(), "201", "pushing the manifest");
     Digest::of(manifest.as_bytes())
+}
+
+/// An image configuration naming `layers` (uncompressed: their digests are their diff IDs).
+fn small_config(dir: &Path, origin: &Service, layers: &[Blob]) -> Blob {
+    let diff_ids: Vec<String> = layers.iter().map(|l| format!("\"{}\"", l.digest)).collect();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    push_bytes(dir, origin, IMAGE_REPO, config.as_bytes())
+}
+
+/// Pushes `bytes` as one blob.
+fn push_bytes(dir: &Path, origin: &Service, repo: &str, bytes: &[u8]) -> Blob {
+    let file = dir.join("upload");
+    std::fs::write(&file, bytes).unwrap();
+    let digest = Digest::of(bytes);
+    upload(origin, repo, &file, &digest);
+    Blob {
+        digest,
+        size: bytes.len() as u64,
+    }
+}
+
+/// skopeo copies the image from the registry at `port` to a directory: wall seconds.
+fn skopeo_pull(dir: &Path, port: u16, who: &str) -> f64 {
+    let dest = dir.join(format!("pulled-{who}"));
+    let _ = std::fs::remove_dir_all(&dest);
+    let started = Instant::now();
+    let status = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--retry-times=0",
+        ])
+        .arg(format!("docker://127.0.0.1:{port}/{IMAGE_REPO}:latest"))
+        .arg(format!("dir:{}", dest.display()))
+        .status()
+        .expect("skopeo (run benches/load.sh)");
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(status.success(), "skopeo could not pull through {who}");
+    std::fs::remove_dir_all(&dest).unwrap();
+    seconds
 }
 
 /// The HTTP status of a curl request, its body discarded.
@@ -553,17 +636,112 @@ fn run_workloads(
     let manifest_by_digest = mirror.url(&format!("/v2/{REPO}/manifests/{manifest}"));
     let manifest_by_tag = mirror.url(&format!("/v2/{REPO}/manifests/latest"));
     let small_blob = mirror.url(&blob_path(small));
-    // (wrk cannot drive HEAD: its parser waits for the body a HEAD answer announces.)
-    for (label, url, method) in [
-        ("manifest by digest GET", &manifest_by_digest, "GET"),
-        ("manifest by tag GET", &manifest_by_tag, "GET"),
-        ("1 MiB blob GET", &small_blob, "GET"),
+    for (label, url) in [
+        ("manifest by digest GET", &manifest_by_digest),
+        ("manifest by tag GET", &manifest_by_tag),
+        ("1 MiB blob GET", &small_blob),
     ] {
         let _ = fetch(url); // warm it
-        if let Some((rps, p50, p99)) = wrk(url, method) {
-            results.record(name, &format!("{label} req/s"), rps);
-            results.record(name, &format!("{label} p50 ms"), p50);
-            results.record(name, &format!("{label} p99 ms"), p99);
+        if let Some(measured) = wrk(url) {
+            measured.record(results, name, label);
+        }
+    }
+    let seconds = env("WRK_SECONDS", 5);
+    for (label, path) in [
+        (
+            "manifest by digest HEAD",
+            format!("/v2/{REPO}/manifests/{manifest}"),
+        ),
+        ("1 MiB blob HEAD", blob_path(small)),
+    ] {
+        if let Some(measured) = head_load(mirror.service.port, &path, 64, seconds) {
+            measured.record(results, name, label);
+        }
+    }
+}
+
+/// Requests per second and latency percentiles of a small-object workload.
+struct Throughput {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Throughput {
+    fn record(&self, results: &mut Results, subject: &str, label: &str) {
+        results.record(subject, &format!("{label} req/s"), self.rps);
+        results.record(subject, &format!("{label} p50 ms"), self.p50_ms);
+        results.record(subject, &format!("{label} p99 ms"), self.p99_ms);
+    }
+}
+
+/// `connections` keep-alive connections, one thread each, sending HEAD requests back to back
+/// for `seconds` (reconnecting when the server closes); `None` if any answer is not 200.
+fn head_load(port: u16, path: &str, connections: usize, seconds: u64) -> Option<Throughput> {
+    let request =
+        format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: {ACCEPT}\r\n\r\n");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let request = request.clone();
+            std::thread::spawn(move || -> Option<Vec<f64>> {
+                let mut latencies = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut stream: Option<TcpStream> = None;
+                while Instant::now() < deadline {
+                    let connection = match &mut stream {
+                        Some(s) => s,
+                        None => {
+                            let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+                            s.set_nodelay(true).ok()?;
+                            stream.insert(s)
+                        }
+                    };
+                    let sent = Instant::now();
+                    match head_once(connection, request.as_bytes(), &mut buf) {
+                        Some(true) => latencies.push(sent.elapsed().as_secs_f64() * 1000.0),
+                        Some(false) => return None,
+                        None => stream = None, // closed by the server: reconnect
+                    }
+                }
+                Some(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        match worker.join().ok().flatten() {
+            Some(latencies) => all.extend(latencies),
+            None => {
+                println!("HEAD {path} on port {port}: an answer was not 200; not measured");
+                return None;
+            }
+        }
+    }
+    Some(Throughput {
+        rps: all.len() as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: percentile(&all, 0.5),
+        p99_ms: percentile(&all, 0.99),
+    })
+}
+
+/// One HEAD on a keep-alive connection: `Some(status is 200)`, or `None` when the connection
+/// closed (the answer to a HEAD ends with its headers).
+fn head_once(stream: &mut TcpStream, request: &[u8], buf: &mut [u8]) -> Option<bool> {
+    stream.write_all(request).ok()?;
+    let mut filled = 0;
+    loop {
+        let n = stream.read(&mut buf[filled..]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        filled += n;
+        if buf[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Some(buf.starts_with(b"HTTP/1.1 200"));
+        }
+        if filled == buf.len() {
+            return Some(false);
         }
     }
 }
@@ -576,14 +754,10 @@ fn percentile(values: &[f64], p: f64) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// wrk at 64 connections for a few seconds: (requests/s, p50 ms, p99 ms).
-fn wrk(url: &str, method: &str) -> Option<(f64, f64, f64)> {
-    let script = std::env::temp_dir().join(format!("regmirror-bench-{method}.lua"));
-    std::fs::write(
-        &script,
-        format!("wrk.method = \"{method}\"\nwrk.headers[\"Accept\"] = \"{ACCEPT}\"\n"),
-    )
-    .ok()?;
+/// wrk GETs at 64 connections for a few seconds.
+fn wrk(url: &str) -> Option<Throughput> {
+    let script = std::env::temp_dir().join("regmirror-bench-get.lua");
+    std::fs::write(&script, format!("wrk.headers[\"Accept\"] = \"{ACCEPT}\"\n")).ok()?;
     let seconds: u64 = env("WRK_SECONDS", 5);
     let out = Command::new("wrk")
         .args(["-t2", "-c64", &format!("-d{seconds}s"), "--latency", "-s"])
@@ -604,7 +778,11 @@ fn wrk(url: &str, method: &str) -> Option<(f64, f64, f64)> {
             .find_map(|l| l.strip_prefix(pct))
             .map(|v| to_ms(v.trim()))
     };
-    Some((rps, latency("50%")?, latency("99%")?))
+    Some(Throughput {
+        rps,
+        p50_ms: latency("50%")?,
+        p99_ms: latency("99%")?,
+    })
 }
 
 fn to_ms(value: &str) -> f64 {
@@ -639,7 +817,8 @@ fn direct(origin: &Service, blobs: &[Blob], results: &mut Results) {
     }
 }
 
-/// The machine's limits: sha256 in memory, nginx sendfile of a file from the page cache.
+/// The machine's limits: sha256 in memory, writing a new file (buffered, and with fdatasync),
+/// nginx sendfile of a file from the page cache.
 fn limits(dir: &Path, blob: &Blob, results: &mut Results) {
     let data = vec![0x5au8; 256 * MIB as usize];
     let started = Instant::now();
@@ -656,8 +835,27 @@ fn limits(dir: &Path, blob: &Blob, results: &mut Results) {
         "sha256 check",
         f64::from(Digest::of(&data[..1]) == Digest::of(&[0x5a])),
     );
+    for (label, sync) in [
+        ("file write MiB/s", false),
+        ("file write+fdatasync MiB/s", true),
+    ] {
+        let path = dir.join("write-limit");
+        let started = Instant::now();
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in data.chunks(MIB as usize) {
+            file.write_all(chunk).unwrap();
+        }
+        if sync {
+            file.sync_data().unwrap();
+        }
+        drop(file);
+        let seconds = started.elapsed().as_secs_f64();
+        results.record("limit", label, mib_per_s(data.len() as u64, seconds));
+        std::fs::remove_file(&path).unwrap();
+    }
     let root = dir.join("static");
     std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("small"), &data[..MIB as usize]).unwrap();
     std::fs::write(
         root.join("file"),
         &data[..(blob.size.min(256 * MIB)) as usize],
@@ -676,6 +874,14 @@ fn limits(dir: &Path, blob: &Blob, results: &mut Results) {
             &format!("static x{clients} MiB/s"),
             mib_per_s(blob.size.min(256 * MIB) * clients as u64, wall),
         );
+    }
+    let small = format!("http://127.0.0.1:{}/small", nginx.port);
+    if let Some(measured) = wrk(&small) {
+        measured.record(results, "limit", "1 MiB blob GET");
+    }
+    let seconds = env("WRK_SECONDS", 5);
+    if let Some(measured) = head_load(nginx.port, "/small", 64, seconds) {
+        measured.record(results, "limit", "1 MiB blob HEAD");
     }
 }
 
@@ -700,6 +906,37 @@ impl Results {
             .clone();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         Some(v[v.len() / 2])
+    }
+
+    /// The targets that compare regmirror with a limit rather than with a peer.
+    fn print_targets(&self, sizes: &[u64]) {
+        println!("\nregmirror against the limits (medians):");
+        let ours = |m: &str| self.median(m, "regmirror");
+        for mib in sizes {
+            let cold = format!("cold {mib} MiB MiB/s");
+            let limit = [
+                self.median(&cold, "direct"),
+                self.median("sha256 MiB/s", "limit"),
+                self.median("file write MiB/s", "limit"),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(f64::INFINITY, f64::min);
+            if let Some(v) = ours(&cold) {
+                println!(
+                    "  {cold}: {v:.0} = {:.2} x the fill limit {limit:.0} (min of direct, sha256, file write)",
+                    v / limit
+                );
+            }
+        }
+        for (measure, limit) in [
+            (format!("warm {} MiB x1 MiB/s", sizes[0]), "static x1 MiB/s"),
+            ("1 MiB blob GET req/s".to_string(), "1 MiB blob GET req/s"),
+        ] {
+            if let (Some(v), Some(l)) = (ours(&measure), self.median(limit, "limit")) {
+                println!("  {measure}: {v:.0} = {:.2} x static {l:.0}", v / l);
+            }
+        }
     }
 
     fn print(&self) {

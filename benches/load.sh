@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The side-by-side load bench: installs what it drives (Debian's docker-registry, nginx, wrk,
-# curl) when missing, builds regmirror in release mode, then runs benches/load.rs, which prints
-# a table of medians and ratios. ROUNDS, SIZES_MIB (default 512,2048) and WRK_SECONDS tune it.
+# curl, skopeo) when missing, builds regmirror in release mode, then runs benches/load.rs, which
+# prints a table of medians and ratios. ROUNDS, SIZES_MIB (default 512,2048), LAYERS, LAYER_MIB
+# and WRK_SECONDS tune it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for package in docker-registry nginx-light wrk curl; do
+for package in docker-registry nginx-light wrk curl skopeo; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 if ((${#missing[@]})); then

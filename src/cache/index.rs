@@ -129,6 +129,15 @@ impl Index {
         add(&mut inner.usage, size, kind);
     }
 
+    /// The size of a stored blob this process knows of.
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.lock()
+            .entries
+            .get(digest)
+            .filter(|e| e.kind == Kind::Blob)
+            .map(|e| e.size)
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         self.lock().entries.contains_key(digest)
     }

@@ -98,6 +98,11 @@ impl Lifecycle {
             .insert(digest.clone(), size, Kind::Manifest, now());
     }
 
+    /// The size of a stored blob, from memory: what a HEAD needs, without touching the disk.
+    pub fn indexed_blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.index.blob_size(digest)
+    }
+
     /// Records a hit: refreshes recency (on disk at most hourly) and marks the blob in use
     /// until the returned guard is dropped.
     pub fn hit(&self, digest: &Digest, size: u64) -> ReadGuard {

@@ -87,10 +87,15 @@ async fn serve_head(
     range: Option<&str>,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
-    if let Some(hit) = app.cache().stored_blob(digest).await? {
+    // From the index in memory; from the disk only for a blob another process stored.
+    let stored = match app.cache().lifecycle().indexed_blob_size(digest) {
+        Some(size) => Some(size),
+        None => app.cache().stored_blob(digest).await?.map(|hit| hit.size),
+    };
+    if let Some(size) = stored {
         *outcome = Outcome::Hit;
         confirm(app, registry, repo, digest, Content::Blob).await?;
-        return Ok(respond_sized(digest, hit.size, range, |_, _| body::empty()));
+        return Ok(respond_sized(digest, size, range, |_, _| body::empty()));
     }
     *outcome = Outcome::Bypass;
     let answer = app
