@@ -74,11 +74,8 @@ fn main() {
         println!("round {}/{rounds}", round + 1);
         for kind in MirrorKind::ALL {
             let forwarder = Forwarder::start(origin.port);
-            let mirror = Mirror::start(
-                kind,
-                &dir.join(format!("{}-{round}", kind.name())),
-                forwarder.port,
-            );
+            let mirror_dir = dir.join(format!("{}-{round}", kind.name()));
+            let mirror = Mirror::start(kind, &mirror_dir, forwarder.port);
             run_workloads(
                 &mirror,
                 &forwarder,
@@ -93,6 +90,11 @@ fn main() {
             results.record(kind.name(), "skopeo image pull ms", seconds * 1000.0);
             results.record(kind.name(), "skopeo image pull MiB/s", image_mib / seconds);
             results.record(kind.name(), "peak RSS MiB", mirror.service.peak_rss_mib());
+            drop(mirror);
+            // Each mirror holds a copy of every blob: keep the disk from filling up.
+            if std::env::var("KEEP").is_err() {
+                let _ = std::fs::remove_dir_all(&mirror_dir);
+            }
         }
         direct(&origin, &blobs, &mut results);
         let seconds = skopeo_pull(&dir, origin.port, "direct");
