@@ -151,6 +151,32 @@ pub fn verified(
     body_of(state)
 }
 
+/// A body over a complete, verified blob file from `start` to `end` (exclusive). `first`, the
+/// blob's first bytes (see [`read_first`]), saves a trip to the blocking pool when the response
+/// starts at the blob's start.
+pub fn stored(file: Arc<File>, start: u64, end: u64, first: Bytes) -> ResponseBody {
+    let ready = (start == 0).then(|| first.slice(..first.len().min(end as usize)));
+    let reader = Follower {
+        file,
+        progress: None,
+        pos: start,
+        end: Some(end),
+        ready,
+        continuation: None,
+        upstream: None,
+    };
+    body_of(reader)
+}
+
+/// The first bytes of a blob file (at most one read's worth), for [`stored`]. Blocks.
+pub fn read_first(file: &File, size: u64) -> io::Result<Bytes> {
+    let len = size.min(READ_CHUNK);
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    map_at(file, 0, len).or_else(|_| copy_at(file, 0, len))
+}
+
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
 /// size not yet known), following `progress` when the file is still being filled. With a
 /// `continuation`, a whole-blob response whose download could not be stored carries on from
@@ -167,6 +193,7 @@ pub fn follow(
         progress,
         pos: start,
         end,
+        ready: None,
         continuation: continuation.filter(|_| start == 0),
         upstream: None,
     };
@@ -179,6 +206,8 @@ struct Follower {
     progress: Option<watch::Receiver<FillState>>,
     pos: u64,
     end: Option<u64>,
+    /// Bytes from `pos` on, already read.
+    ready: Option<Bytes>,
     continuation: Option<Continuation>,
     /// Set once the body carries on from upstream.
     upstream: Option<Verifying>,
@@ -197,6 +226,10 @@ impl Chunks for Follower {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         if let Some(upstream) = &mut self.upstream {
             return upstream.next_chunk().await;
+        }
+        if let Some(bytes) = self.ready.take().filter(|b| !b.is_empty()) {
+            self.pos += bytes.len() as u64;
+            return Ok(Some(bytes));
         }
         loop {
             let (upto, last) = match self.limit() {

@@ -66,6 +66,9 @@ pub struct Listing {
 pub struct BlobHit {
     pub file: File,
     pub size: u64,
+    /// The blob's first bytes, read with the opening (one trip to the blocking pool for a
+    /// small blob, not two).
+    pub first: Bytes,
     pub guard: ReadGuard,
 }
 
@@ -406,14 +409,16 @@ fn parse_pins(pins: &[String]) -> io::Result<Vec<Pin>> {
 
 /// Opens a stored blob and records the hit.
 fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit>> {
-    Ok(lifecycle
-        .store()
-        .open_blob(digest)?
-        .map(|(file, size)| BlobHit {
-            guard: lifecycle.hit(digest, size),
-            file,
-            size,
-        }))
+    let Some((file, size)) = lifecycle.store().open_blob(digest)? else {
+        return Ok(None);
+    };
+    let first = crate::body::read_first(&file, size)?;
+    Ok(Some(BlobHit {
+        guard: lifecycle.hit(digest, size),
+        file,
+        size,
+        first,
+    }))
 }
 
 fn manifest_from_disk(digest: Digest, bytes: Vec<u8>, meta: Option<ManifestMeta>) -> Manifest {

@@ -115,9 +115,14 @@ async fn serve_head(
 
 /// Answers from the store; the blob stays in use (not evictable) until the body is done.
 fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<ResponseBody> {
-    let BlobHit { file, size, guard } = hit;
+    let BlobHit {
+        file,
+        size,
+        first,
+        guard,
+    } = hit;
     respond_sized(digest, size, range, |start, end| {
-        body::follow(Arc::new(file), None, start, Some(end), None).with_guard(guard)
+        body::stored(Arc::new(file), start, end, first).with_guard(guard)
     })
 }
 
