@@ -11,7 +11,7 @@
 //! origin sent" is measured, not inferred. Clients are curl (bulk transfers), wrk (GETs of small
 //! objects at 64 connections), a HEAD driver of its own (64 keep-alive connections; wrk cannot
 //! drive HEAD: its parser waits for the body a HEAD answer announces) and skopeo (a whole image).
-//! Peak RSS and CPU seconds come from /proc.
+//! Peak RSS (and, sampled, peak anonymous RSS) and CPU seconds come from /proc.
 
 use regmirror::digest::{Digest, Hasher};
 use std::collections::BTreeMap;
@@ -76,6 +76,7 @@ fn main() {
             let forwarder = Forwarder::start(origin.port);
             let mirror_dir = dir.join(format!("{}-{round}", kind.name()));
             let mirror = Mirror::start(kind, &mirror_dir, forwarder.port);
+            let anon = AnonPeak::start(mirror.service.pid());
             run_workloads(
                 &mirror,
                 &forwarder,
@@ -91,6 +92,7 @@ fn main() {
             results.record(kind.name(), "skopeo image pull ms", seconds * 1000.0);
             results.record(kind.name(), "skopeo image pull MiB/s", image_mib / seconds);
             results.record(kind.name(), "peak RSS MiB", mirror.service.peak_rss_mib());
+            results.record(kind.name(), "peak anonymous RSS MiB", anon.finish());
             drop(mirror);
             // Each mirror holds a copy of every blob: keep the disk from filling up.
             if std::env::var("KEEP").is_err() {
@@ -210,20 +212,7 @@ impl Service {
 
     /// Peak resident memory of the process (and its children, for nginx's workers).
     fn peak_rss_mib(&self) -> f64 {
-        let mut total = 0.0;
-        for pid in std::iter::once(self.pid()).chain(children(self.pid())) {
-            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
-                    let kib: f64 = line
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0.0);
-                    total += kib / 1024.0;
-                }
-            }
-        }
-        total
+        status_field_mib(self.pid(), "VmHWM:")
     }
 
     /// User + system CPU seconds of the process and its children.
@@ -248,6 +237,52 @@ impl Service {
                 (field(11) + field(12)) / ticks
             })
             .sum()
+    }
+}
+
+/// A `/proc/<pid>/status` field in MiB, summed over the process and its children.
+fn status_field_mib(pid: u32, field: &str) -> f64 {
+    let mut total = 0.0;
+    for pid in std::iter::once(pid).chain(children(pid)) {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
+                let kib: f64 = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                total += kib / 1024.0;
+            }
+        }
+    }
+    total
+}
+
+/// Samples a process's anonymous resident memory (its own heap and stacks, not the page-cache
+/// pages it maps) every 20 ms and keeps the peak: the kernel keeps no high-water mark for it.
+struct AnonPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<f64>,
+}
+
+impl AnonPeak {
+    fn start(pid: u32) -> AnonPeak {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while !stopping.load(Ordering::Relaxed) {
+                peak = peak.max(status_field_mib(pid, "RssAnon:"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        AnonPeak { stop, sampler }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.join().unwrap_or(0.0)
     }
 }
 
