@@ -156,16 +156,10 @@ pub fn verified(
 /// starts at the blob's start.
 pub fn stored(file: Arc<File>, start: u64, end: u64, first: Bytes) -> ResponseBody {
     let ready = (start == 0).then(|| first.slice(..first.len().min(end as usize)));
-    let reader = Follower {
-        file,
-        progress: None,
-        pos: start,
-        end: Some(end),
+    body_of(Follower {
         ready,
-        continuation: None,
-        upstream: None,
-    };
-    body_of(reader)
+        ..Follower::new(file, None, start, Some(end))
+    })
 }
 
 /// The first bytes of a blob file (at most one read's worth), for [`stored`]. Blocks.
@@ -174,7 +168,7 @@ pub fn read_first(file: &File, size: u64) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    map_at(file, 0, len).or_else(|_| copy_at(file, 0, len))
+    window(file, 0, len)
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
@@ -188,16 +182,10 @@ pub fn follow(
     end: Option<u64>,
     continuation: Option<Continuation>,
 ) -> ResponseBody {
-    let reader = Follower {
-        file,
-        progress,
-        pos: start,
-        end,
-        ready: None,
+    body_of(Follower {
         continuation: continuation.filter(|_| start == 0),
-        upstream: None,
-    };
-    body_of(reader)
+        ..Follower::new(file, progress, start, end)
+    })
 }
 
 struct Follower {
@@ -255,6 +243,23 @@ impl Chunks for Follower {
 }
 
 impl Follower {
+    fn new(
+        file: Arc<File>,
+        progress: Option<watch::Receiver<FillState>>,
+        start: u64,
+        end: Option<u64>,
+    ) -> Follower {
+        Follower {
+            file,
+            progress,
+            pos: start,
+            end,
+            ready: None,
+            continuation: None,
+            upstream: None,
+        }
+    }
+
     /// The download failed to be stored, not to be fetched: hash what this client already got
     /// (still readable through the open file) and fetch the rest for it alone.
     async fn carry_on_from_upstream(&mut self) -> io::Result<Option<Bytes>> {
@@ -349,10 +354,16 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
                 "blob file is shorter than expected",
             ));
         }
-        map_at(&file, pos, available).or_else(|_| copy_at(&file, pos, available))
+        window(&file, pos, available)
     })
     .await
     .map_err(|e| io::Error::other(format!("read task failed: {e}")))?
+}
+
+/// `len` bytes of `file` from `pos`, which must lie within the file: mapped, or read into a
+/// buffer where the file cannot be mapped. Blocks.
+fn window(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {
+    map_at(file, pos, len).or_else(|_| copy_at(file, pos, len))
 }
 
 fn map_at(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {

@@ -108,7 +108,8 @@ pub struct ServerConfig {
     /// Address and port to accept clients on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// On SIGTERM/SIGINT, how long responses in flight may take to finish before the process exits.
+    /// On SIGTERM/SIGINT, how long responses and downloads in flight may take to finish (one
+    /// deadline for both) before the process exits.
     #[serde(default = "default_shutdown_grace", with = "duration_text")]
     pub shutdown_grace: Duration,
     /// Status for requests naming a registry that is not configured: 404 (clients fall back to

@@ -58,13 +58,13 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = started.elapsed().as_millis() as u64, "blob cached");
                 permit.finish(FillState::Complete { size });
             }
-            // Verified before it failed (a timeout while committing): readers keep their bytes.
-            Err(e) if permit.verified_size().is_some() => {
-                tracing::error!(%digest, registry = %job.upstream.name, repo = %job.repo, error = %e.message, "blob served but not cached");
-                let size = permit.verified_size().expect("checked");
-                permit.finish(FillState::Complete { size });
-            }
             Err(e) => {
+                // Verified before it failed (a timeout while committing): readers keep their bytes.
+                if let Some(size) = permit.verified_size() {
+                    tracing::error!(%digest, registry = %job.upstream.name, repo = %job.repo, error = %e.message, "blob served but not cached");
+                    permit.finish(FillState::Complete { size });
+                    return;
+                }
                 if e.code == Code::BlobUnknown {
                     tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, "blob not found upstream");
                 } else {
