@@ -102,14 +102,7 @@ async fn bytes_stream_before_the_download_ends() {
     });
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
-    let response = client()
-        .request(
-            http::Request::get(&url)
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = start_get(&url).await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let mut received = 0usize;
@@ -194,14 +187,7 @@ async fn client_disconnect_does_not_cancel_the_fill() {
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     {
-        let response = client()
-            .request(
-                http::Request::get(&url)
-                    .body(http_body_util::Empty::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let response = start_get(&url).await;
         assert_eq!(response.status(), StatusCode::OK);
         // The client goes away with the download paused mid-body.
     }

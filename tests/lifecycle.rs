@@ -42,14 +42,7 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
         mirror.settle().await;
     }
     // A client reading the big blob slowly keeps it in use.
-    let reading = client()
-        .request(
-            http::Request::get(blob(&big))
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let reading = start_get(&blob(&big)).await;
     for (i, d) in small.iter().enumerate() {
         if i == 6 {
             // b0 is used again just before the last pull: it is now the most recent.

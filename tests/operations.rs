@@ -91,14 +91,7 @@ async fn shutdown_commits_a_download_its_client_left() {
         k.chunk_delay = Some(Duration::from_millis(30));
     });
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
-    let response = client()
-        .request(
-            http::Request::get(mirror.url(&format!("/v2/library/app/blobs/{digest}")))
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = start_get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
     assert_eq!(response.status(), http::StatusCode::OK);
     drop(response); // the client goes away; the download carries on
     let cache = mirror.cache_dir();

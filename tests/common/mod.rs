@@ -731,6 +731,14 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
+/// A GET whose answer's body is left unread (a client that stops, or reads slowly).
+pub async fn start_get(url: &str) -> Response<Incoming> {
+    client()
+        .request(Request::get(url).body(Empty::new()).unwrap())
+        .await
+        .unwrap()
+}
+
 /// One request with a fresh connection pool; `None` when it fails before any response (the
 /// server died, or dropped the connection before the headers).
 pub async fn try_request(method: Method, url: &str, headers: &[(&str, &str)]) -> Option<Got> {
