@@ -8,6 +8,7 @@
 
 use crate::cache::inflight::{FillError, FillState};
 use crate::digest::{Digest, Hasher};
+use crate::sendfile::Registration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::Frame;
@@ -163,7 +164,7 @@ pub fn stored(file: Arc<File>, start: u64, end: u64, first: Bytes) -> ResponseBo
 }
 
 /// The first bytes of a blob file (at most one read's worth), for [`stored`]. Blocks.
-pub fn read_first(file: &File, size: u64) -> io::Result<Bytes> {
+pub fn read_first(file: &Arc<File>, size: u64) -> io::Result<Bytes> {
     let len = size.min(READ_CHUNK);
     if len == 0 {
         return Ok(Bytes::new());
@@ -341,10 +342,11 @@ async fn hash_prefix(file: Arc<File>, len: u64) -> io::Result<Hasher> {
     .map_err(|e| io::Error::other(format!("hash task failed: {e}")))?
 }
 
-/// `len` bytes of `file` from `pos` (fewer at its end). The bytes are mapped, not copied: the
-/// socket write then copies straight from the page cache, one copy less per byte served. The
-/// pages are faulted in here, on the blocking pool, so a cold disk never stalls a runtime
-/// thread; where a file cannot be mapped, it is read into a buffer instead.
+/// `len` bytes of `file` from `pos` (fewer at its end). The bytes are mapped, not copied: a
+/// plain connection sends them with `sendfile` (see [`crate::sendfile`]), a TLS one encrypts
+/// straight from the page cache. The pages are read from disk here, on the blocking pool, so a
+/// cold disk never stalls a runtime thread; where a file cannot be mapped, it is read into a
+/// buffer instead.
 async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         let available = file.metadata()?.len().saturating_sub(pos).min(len);
@@ -362,23 +364,42 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
 
 /// `len` bytes of `file` from `pos`, which must lie within the file: mapped, or read into a
 /// buffer where the file cannot be mapped. Blocks.
-fn window(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {
+fn window(file: &Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
     map_at(file, pos, len).or_else(|_| copy_at(file, pos, len))
 }
 
-fn map_at(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {
+fn map_at(file: &Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
+    // The pages are read here (into the page cache, not into this process: a plain connection
+    // sends them with `sendfile` and never maps them in), or else faulted in with the mapping.
+    let loaded = crate::sendfile::load_into_page_cache(file, pos, len as usize);
+    let mut options = memmap2::MmapOptions::new();
+    options.offset(pos).len(len as usize);
+    if !loaded {
+        options.populate();
+    }
     // SAFETY: the mapped range lies within the file (checked by the caller just before), and
     // blob files never shrink below what readers were told exists: complete blobs are
     // immutable, removed or quarantined only by unlink or rename (which keep a mapping valid),
     // and a fill truncates only bytes it has not yet published.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(pos)
-            .len(len as usize)
-            .populate()
-            .map(file)?
-    };
-    Ok(Bytes::from_owner(map))
+    let map = unsafe { options.map(&**file)? };
+    let registration = Registration::new(&map, Arc::clone(file), pos);
+    Ok(Bytes::from_owner(MappedWindow {
+        _registration: registration,
+        map,
+    }))
+}
+
+/// A mapped window, registered for `sendfile` while it lives.
+struct MappedWindow {
+    // Dropped first: never registered without its mapping.
+    _registration: Registration,
+    map: memmap2::Mmap,
+}
+
+impl AsRef<[u8]> for MappedWindow {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
 }
 
 fn copy_at(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {

@@ -10,6 +10,7 @@
 //! - [`cache`]: store on disk, manifests in memory, tag records, single-flight table.
 //! - [`fill`]: the one download of an uncached blob: upstream -> temp file + sha256 -> commit.
 //! - [`body`]: response bodies, including one that follows a download in progress.
+//! - [`sendfile`]: plain connections send mapped blob windows with `sendfile(2)`.
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
 //! - [`error`]: errors by source and the OCI error table.
 //! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
@@ -22,8 +23,8 @@
 //!    repository name, tag or digest; bad input ends here with a 400.
 //! 3. A blob: `cache` answers from the store, or joins the download in progress, or makes this
 //!    request the leader, which starts a `fill`. Every client then reads the growing temp file;
-//!    the last byte of every response waits until the fill verified size and sha256 and committed
-//!    the file. A mismatch aborts every response and stores nothing.
+//!    the last byte of every response waits until the fill verified size and sha256 (the commit,
+//!    fsync and rename, follows). A mismatch aborts every response and stores nothing.
 //! 4. A manifest by digest: memory, disk, or one verified upstream GET for all waiters.
 //!    A manifest by tag: the tag answer lives for the TTL; after it, a HEAD upstream revalidates it;
 //!    when upstream cannot be asked, the last known mapping is served with a `Warning`.
@@ -43,6 +44,7 @@ pub mod ops;
 pub mod proxy;
 pub mod range;
 pub mod route;
+pub mod sendfile;
 pub mod server;
 pub mod shutdown;
 pub mod status;

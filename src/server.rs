@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use crate::sendfile::SendfileStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
@@ -153,6 +154,7 @@ async fn serve_connection(
     stopping: watch::Receiver<bool>,
 ) {
     let Some(tls) = &shared.tls else {
+        let stream = SendfileStream::new(stream);
         return drive(TokioIo::new(stream), client, shared, stopping).await;
     };
     // A client that connects and never completes the handshake is dropped like a slow header.

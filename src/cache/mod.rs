@@ -64,7 +64,7 @@ pub struct Listing {
 
 /// A stored blob, open, held in use while the guard lives.
 pub struct BlobHit {
-    pub file: File,
+    pub file: Arc<File>,
     pub size: u64,
     /// The blob's first bytes, read with the opening (one trip to the blocking pool for a
     /// small blob, not two).
@@ -412,6 +412,7 @@ fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit
     let Some((file, size)) = lifecycle.store().open_blob(digest)? else {
         return Ok(None);
     };
+    let file = Arc::new(file);
     let first = crate::body::read_first(&file, size)?;
     Ok(Some(BlobHit {
         guard: lifecycle.hit(digest, size),

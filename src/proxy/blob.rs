@@ -122,7 +122,7 @@ fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<R
         guard,
     } = hit;
     respond_sized(digest, size, range, |start, end| {
-        body::stored(Arc::new(file), start, end, first).with_guard(guard)
+        body::stored(file, start, end, first).with_guard(guard)
     })
 }
 

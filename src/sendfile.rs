@@ -1,0 +1,217 @@
+//! Zero-copy sends of blob bytes on plain TCP connections.
+//!
+//! A blob body hands hyper windows of the blob file mapped into memory (see [`crate::body`]).
+//! While such a mapping is alive it is registered here, with the file and offset it shows. The
+//! connection wrapper [`SendfileStream`] looks at the buffers hyper asks it to write: one that
+//! lies inside a registered window goes out with `sendfile(2)` from the file, so the kernel
+//! moves page-cache pages to the socket and the process never copies them. The bytes are the
+//! same either way (a blob file never changes under a live mapping), so anything not found
+//! here — TLS records, small buffers, windows that were copied instead of mapped — is written
+//! as usual, and any `sendfile` failure falls back to the plain write of the same buffer.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Buffers shorter than this are written as usual: a lookup and a syscall of their own would
+/// cost more than the copy (response heads, chunk-size lines, tiny blobs).
+const MIN_SENDFILE: usize = 16 * 1024;
+
+/// A window of `file` mapped at some address, from `offset` on.
+struct Window {
+    len: usize,
+    file: Arc<File>,
+    offset: u64,
+}
+
+/// Live windows by their start address. Mappings never overlap while alive, so an address
+/// belongs to at most one window.
+static WINDOWS: Mutex<BTreeMap<usize, Window>> = Mutex::new(BTreeMap::new());
+
+/// Keeps a window registered while the mapping it describes is alive; dropped just before it.
+pub struct Registration {
+    start: usize,
+}
+
+impl Registration {
+    /// Registers `bytes` (a live mapping) as showing `file` from `offset` on. The caller keeps
+    /// the mapping alive at least as long as the returned registration.
+    pub fn new(bytes: &[u8], file: Arc<File>, offset: u64) -> Registration {
+        let start = bytes.as_ptr() as usize;
+        let window = Window {
+            len: bytes.len(),
+            file,
+            offset,
+        };
+        windows().insert(start, window);
+        Registration { start }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        windows().remove(&self.start);
+    }
+}
+
+fn windows() -> std::sync::MutexGuard<'static, BTreeMap<usize, Window>> {
+    // A panic while holding the lock cannot leave the map half-updated (single insert/remove).
+    WINDOWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The file and offset behind `buf`, if it lies wholly inside a registered window.
+fn lookup(buf: &[u8]) -> Option<(Arc<File>, u64)> {
+    if buf.len() < MIN_SENDFILE {
+        return None;
+    }
+    let addr = buf.as_ptr() as usize;
+    let windows = windows();
+    let (&start, window) = windows.range(..=addr).next_back()?;
+    let skip = addr - start;
+    if skip + buf.len() > window.len {
+        return None;
+    }
+    Some((Arc::clone(&window.file), window.offset + skip as u64))
+}
+
+/// Reads `len` bytes of `file` from `offset` into the page cache, neither copying nor mapping
+/// them: a `sendfile` to `/dev/null`, which waits until the pages are read and then drops
+/// them. Blocks (call it on the blocking pool), so that sending those pages later never waits
+/// on the disk. False where it cannot (no `/dev/null`, or the file ended early).
+pub fn load_into_page_cache(file: &File, mut offset: u64, len: usize) -> bool {
+    static DEV_NULL: OnceLock<Option<File>> = OnceLock::new();
+    let Some(dev_null) = DEV_NULL.get_or_init(|| File::options().write(true).open("/dev/null").ok())
+    else {
+        return false;
+    };
+    let end = offset + len as u64;
+    while offset < end {
+        let left = (end - offset) as usize;
+        match rustix::fs::sendfile(dev_null, file, Some(&mut offset), left) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
+/// A plain TCP connection that sends registered blob windows with `sendfile(2)`.
+pub struct SendfileStream {
+    inner: TcpStream,
+}
+
+impl SendfileStream {
+    pub fn new(inner: TcpStream) -> SendfileStream {
+        SendfileStream { inner }
+    }
+
+    /// Sends `buf`, which shows `file` from `offset` on: by `sendfile` where it can, else by a
+    /// plain write of the mapped bytes.
+    fn poll_send_window(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        file: &File,
+        offset: u64,
+    ) -> Poll<io::Result<usize>> {
+        match ready!(self.poll_sendfile(cx, file, offset, buf.len())) {
+            Some(sent) => Poll::Ready(sent),
+            None => Pin::new(&mut self.inner).poll_write(cx, buf),
+        }
+    }
+
+    /// Sends up to `len` bytes of `file` from `offset`. `None`: not possible here (the file
+    /// system refuses, or the file ended early); the caller writes the mapped bytes instead.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        file: &File,
+        mut offset: u64,
+        len: usize,
+    ) -> Poll<Option<io::Result<usize>>> {
+        loop {
+            if let Err(e) = ready!(self.inner.poll_write_ready(cx)) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let sent = self.inner.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.inner, file, Some(&mut offset), len).map_err(Into::into)
+            });
+            return Poll::Ready(match sent {
+                Ok(0) => None,
+                Ok(n) => Some(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if is_connection_error(&e) => Some(Err(e)),
+                Err(_) => None,
+            });
+        }
+    }
+}
+
+/// Errors about the socket, which a plain write would meet too.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+    )
+}
+
+impl AsyncRead for SendfileStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendfileStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match lookup(buf) {
+            Some((file, offset)) => self.poll_send_window(cx, buf, &file, offset),
+            None => Pin::new(&mut self.inner).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // What precedes the first window (a response head) is written as usual; the window
+        // goes out on the next call, which starts with it.
+        let first_window = bufs
+            .iter()
+            .enumerate()
+            .find_map(|(i, buf)| lookup(buf).map(|window| (i, window)));
+        match first_window {
+            Some((0, (file, offset))) => self.poll_send_window(cx, &bufs[0], &file, offset),
+            Some((i, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
+            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
