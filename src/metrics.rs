@@ -52,6 +52,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     cache_requests: IntCounterVec,
     served_bytes: IntCounterVec,
+    sendfile_bytes: IntCounter,
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_bytes: IntCounterVec,
@@ -138,6 +139,12 @@ impl Metrics {
                 "regmirror_served_bytes_total",
                 "Body bytes sent to clients, by where they came from.",
                 &["source"],
+            ),
+            sendfile_bytes: counter(
+                &r,
+                "regmirror_served_bytes_sendfile_total",
+                "Body bytes sent with sendfile(2), straight from the page cache (plain-HTTP \
+                 connections); a part of regmirror_served_bytes_total.",
             ),
             upstream_requests: counter_vec(
                 &r,
@@ -290,6 +297,11 @@ impl Metrics {
     pub fn served_bytes_counter(&self, from_cache: bool) -> IntCounter {
         self.served_bytes
             .with_label_values(&[if from_cache { "cache" } else { "upstream" }])
+    }
+
+    /// Counts body bytes sent with `sendfile(2)`.
+    pub fn sendfile_bytes_counter(&self) -> IntCounter {
+        self.sendfile_bytes.clone()
     }
 
     /// One upstream request, with its status (or `error`) and time to headers.

@@ -9,6 +9,7 @@
 //! here — TLS records, small buffers, windows that were copied instead of mapped — is written
 //! as usual, and any `sendfile` failure falls back to the plain write of the same buffer.
 
+use prometheus::IntCounter;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -61,7 +62,9 @@ impl Drop for Registration {
 
 fn windows() -> std::sync::MutexGuard<'static, BTreeMap<usize, Window>> {
     // A panic while holding the lock cannot leave the map half-updated (single insert/remove).
-    WINDOWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    WINDOWS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The file and offset behind `buf`, if it lies wholly inside a registered window.
@@ -85,7 +88,8 @@ fn lookup(buf: &[u8]) -> Option<(Arc<File>, u64)> {
 /// on the disk. False where it cannot (no `/dev/null`, or the file ended early).
 pub fn load_into_page_cache(file: &File, mut offset: u64, len: usize) -> bool {
     static DEV_NULL: OnceLock<Option<File>> = OnceLock::new();
-    let Some(dev_null) = DEV_NULL.get_or_init(|| File::options().write(true).open("/dev/null").ok())
+    let Some(dev_null) =
+        DEV_NULL.get_or_init(|| File::options().write(true).open("/dev/null").ok())
     else {
         return false;
     };
@@ -103,11 +107,13 @@ pub fn load_into_page_cache(file: &File, mut offset: u64, len: usize) -> bool {
 /// A plain TCP connection that sends registered blob windows with `sendfile(2)`.
 pub struct SendfileStream {
     inner: TcpStream,
+    sent: IntCounter,
 }
 
 impl SendfileStream {
-    pub fn new(inner: TcpStream) -> SendfileStream {
-        SendfileStream { inner }
+    /// Wraps `inner`; `sent` counts the bytes that went out with `sendfile`.
+    pub fn new(inner: TcpStream, sent: IntCounter) -> SendfileStream {
+        SendfileStream { inner, sent }
     }
 
     /// Sends `buf`, which shows `file` from `offset` on: by `sendfile` where it can, else by a
@@ -120,7 +126,11 @@ impl SendfileStream {
         offset: u64,
     ) -> Poll<io::Result<usize>> {
         match ready!(self.poll_sendfile(cx, file, offset, buf.len())) {
-            Some(sent) => Poll::Ready(sent),
+            Some(Ok(n)) => {
+                self.sent.inc_by(n as u64);
+                Poll::Ready(Ok(n))
+            }
+            Some(Err(e)) => Poll::Ready(Err(e)),
             None => Pin::new(&mut self.inner).poll_write(cx, buf),
         }
     }
@@ -213,5 +223,40 @@ impl AsyncWrite for SendfileStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_is_found_only_inside_a_live_window() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let bytes = vec![7u8; 4 * MIN_SENDFILE];
+        let registration = Registration::new(&bytes, Arc::clone(&file), 1000);
+
+        let (_, offset) = lookup(&bytes).expect("the whole window");
+        assert_eq!(offset, 1000);
+        let (_, offset) = lookup(&bytes[MIN_SENDFILE..]).expect("a tail of it");
+        assert_eq!(offset, 1000 + MIN_SENDFILE as u64);
+        assert!(
+            lookup(&bytes[..MIN_SENDFILE - 1]).is_none(),
+            "too small to bother"
+        );
+
+        // A buffer that runs past the window's end is not the window's.
+        let larger = vec![0u8; 8 * MIN_SENDFILE];
+        let inner = Registration::new(&larger[..2 * MIN_SENDFILE], Arc::clone(&file), 0);
+        assert!(lookup(&larger[MIN_SENDFILE..3 * MIN_SENDFILE]).is_none());
+        assert!(lookup(&larger[..2 * MIN_SENDFILE]).is_some());
+        drop(inner);
+        assert!(
+            lookup(&larger[..2 * MIN_SENDFILE]).is_none(),
+            "gone with its registration"
+        );
+
+        drop(registration);
+        assert!(lookup(&bytes).is_none());
     }
 }

@@ -9,6 +9,7 @@
 use crate::app::Live;
 use crate::body::WithGuard;
 use crate::proxy;
+use crate::sendfile::SendfileStream;
 use crate::tls::ServerTls;
 use http::HeaderValue;
 use hyper::body::Incoming;
@@ -22,7 +23,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use crate::sendfile::SendfileStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
@@ -154,7 +154,8 @@ async fn serve_connection(
     stopping: watch::Receiver<bool>,
 ) {
     let Some(tls) = &shared.tls else {
-        let stream = SendfileStream::new(stream);
+        let sent = shared.live.get().metrics().sendfile_bytes_counter();
+        let stream = SendfileStream::new(stream, sent);
         return drive(TokioIo::new(stream), client, shared, stopping).await;
     };
     // A client that connects and never completes the handshake is dropped like a slow header.

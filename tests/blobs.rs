@@ -375,6 +375,94 @@ async fn a_stalled_upstream_body_fails_the_fill_within_the_stall_timeout() {
 }
 
 /// `n` clients asking for `url` at once.
+/// Bytes sent by `sendfile` so far, from `/metrics`.
+async fn sendfile_bytes(mirror: &TestMirror) -> f64 {
+    let text = get(&mirror.url("/metrics")).await;
+    let text = String::from_utf8(text.bytes().to_vec()).unwrap();
+    metric_value(&text, "regmirror_served_bytes_sendfile_total", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_sends_blob_windows_by_sendfile_byte_exact() {
+    const MIB: usize = 1024 * 1024;
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(3 * MIB + 4321, 9);
+    let digest = origin.add_blob(blob.clone());
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+
+    // The download's own client follows the temp file, window by window.
+    assert!(get(&url).await.bytes()[..] == blob[..], "miss byte-exact");
+    mirror.settle().await;
+    let before = sendfile_bytes(&mirror).await;
+    assert!(before > 0.0, "the miss went out by sendfile");
+
+    // A hit: every whole-MiB window by sendfile, the 4321-byte tail (too small) by a write.
+    assert!(get(&url).await.bytes()[..] == blob[..], "hit byte-exact");
+    let after = sendfile_bytes(&mirror).await;
+    assert_eq!(after - before, (3 * MIB) as f64);
+
+    // Ranges that start and end inside windows and cross their boundaries.
+    for (first, last) in [
+        (1, 2 * MIB + 17),
+        (MIB - 5, MIB + 5),
+        (2 * MIB + 100, blob.len() - 1),
+    ] {
+        let range = format!("bytes={first}-{last}");
+        let got = request(Method::GET, &url, &[("range", &range)]).await;
+        assert_eq!(got.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert!(got.bytes()[..] == blob[first..=last], "{range} byte-exact");
+    }
+
+    // A client with a small receive window that reads slowly: each window goes out in many
+    // partial sends, each resumed mid-window at the right offset.
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let before = sendfile_bytes(&mirror).await;
+    assert!(
+        slow_raw_get(mirror.addr, &path).await == blob,
+        "slow reader byte-exact"
+    );
+    assert_eq!(sendfile_bytes(&mirror).await - before, (3 * MIB) as f64);
+
+    // Many at once.
+    for client in spawn_gets(&url, 8) {
+        let got = client.await.unwrap().expect("a response");
+        assert!(got.bytes()[..] == blob[..], "concurrent hit byte-exact");
+    }
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
+        1
+    );
+}
+
+/// The body of a GET over a socket with a 4 KiB receive buffer, read 4 KiB at a time.
+async fn slow_raw_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: mirror\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&response[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    response.split_off(head_end)
+}
+
 fn spawn_gets(url: &str, n: usize) -> Vec<tokio::task::JoinHandle<Option<Got>>> {
     (0..n)
         .map(|_| {

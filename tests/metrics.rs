@@ -5,33 +5,9 @@ mod common;
 
 use common::*;
 use http::{Method, StatusCode};
-use std::collections::BTreeMap;
 
 /// A metric name, labels to match, and the value expected.
 type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
-
-/// The value of the series `name` whose labels include `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, number) = line.rsplit_once(' ').unwrap();
-        let (metric, label_text) = series
-            .split_once('{')
-            .map_or((series, ""), |(m, l)| (m, l.trim_end_matches('}')));
-        if metric != name {
-            continue;
-        }
-        let found: BTreeMap<&str, &str> = label_text
-            .split("\",")
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once("=\""))
-            .map(|(k, v)| (k, v.trim_end_matches('"')))
-            .collect();
-        if labels.iter().all(|(k, v)| found.get(k) == Some(v)) {
-            return number.parse().unwrap();
-        }
-    }
-    panic!("no series {name} {labels:?} in:\n{text}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_match_a_scripted_pull_sequence() {
@@ -54,6 +30,7 @@ async fn counters_match_a_scripted_pull_sequence() {
         "regmirror_build_info",
         "regmirror_cache_requests_total",
         "regmirror_served_bytes_total",
+        "regmirror_served_bytes_sendfile_total",
         "regmirror_upstream_up",
         "regmirror_upstream_ratelimit_remaining",
         "regmirror_fills_in_flight",
@@ -68,7 +45,7 @@ async fn counters_match_a_scripted_pull_sequence() {
         assert!(text.contains(family), "{family} missing at start-up");
     }
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "regmirror_cache_requests_total",
             &[("kind", "blob"), ("outcome", "miss")]
@@ -171,7 +148,11 @@ async fn counters_match_a_scripted_pull_sequence() {
         ),
     ];
     for (name, labels, expected) in cases {
-        assert_eq!(value(&text, name, labels), *expected, "{name} {labels:?}");
+        assert_eq!(
+            metric_value(&text, name, labels),
+            *expected,
+            "{name} {labels:?}"
+        );
     }
 }
 
@@ -204,10 +185,16 @@ async fn mismatches_and_stale_answers_are_counted() {
     let stale = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert!(stale.header("warning").is_some());
     let text = String::from_utf8(get(&mirror.url("/metrics")).await.bytes().to_vec()).unwrap();
-    assert_eq!(value(&text, "regmirror_digest_mismatches_total", &[]), 1.0);
-    assert_eq!(value(&text, "regmirror_stale_answers_total", &[]), 1.0);
     assert_eq!(
-        value(
+        metric_value(&text, "regmirror_digest_mismatches_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&text, "regmirror_stale_answers_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
             &text,
             "regmirror_upstream_up",
             &[("endpoint", &origin.url())]

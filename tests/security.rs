@@ -56,6 +56,15 @@ async fn tls_speaks_h2_and_http1_and_swaps_certificates_without_restart() {
         blob.as_slice(),
         "byte-exact over HTTP/1.1"
     );
+    // TLS encrypts from the mapped windows; nothing goes out by sendfile.
+    let (_, metrics) = https_request(&format!("{base}/metrics"), &first.ca_pem, false, &[])
+        .await
+        .unwrap();
+    let metrics = String::from_utf8(metrics.bytes().to_vec()).unwrap();
+    assert_eq!(
+        metric_value(&metrics, "regmirror_served_bytes_sendfile_total", &[]),
+        0.0
+    );
     // Plain HTTP to the TLS port gets no HTTP answer.
     assert!(try_get(&mirror.url("/v2/")).await.is_none());
 

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use regmirror::app::App;
 use regmirror::config::{Config, RegistryConfig, UpstreamConfig};
 use regmirror::digest::Digest;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -782,6 +782,29 @@ pub async fn get_manifest(url: &str) -> Got {
 
 pub async fn head_manifest(url: &str) -> Got {
     request(Method::HEAD, url, &[("accept", ACCEPT_ALL)]).await
+}
+
+/// The value of the series `name` whose labels include `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, number) = line.rsplit_once(' ').unwrap();
+        let (metric, label_text) = series
+            .split_once('{')
+            .map_or((series, ""), |(m, l)| (m, l.trim_end_matches('}')));
+        if metric != name {
+            continue;
+        }
+        let found: BTreeMap<&str, &str> = label_text
+            .split("\",")
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once("=\""))
+            .map(|(k, v)| (k, v.trim_end_matches('"')))
+            .collect();
+        if labels.iter().all(|(k, v)| found.get(k) == Some(v)) {
+            return number.parse().unwrap();
+        }
+    }
+    panic!("no series {name} {labels:?} in:\n{text}");
 }
 
 /// Incompressible test bytes.
