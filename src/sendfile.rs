@@ -19,9 +19,11 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Buffers shorter than this are written as usual: a lookup and a syscall of their own would
-/// cost more than the copy (response heads, chunk-size lines, tiny blobs).
-const MIN_SENDFILE: usize = 16 * 1024;
+/// Windows, and buffers inside one, shorter than this are written as usual: a syscall of their
+/// own would cost more than the copy (tiny blobs, and HTTP/2's 16 KiB DATA frames, which go out
+/// with their frame heads in one write). A buffer that ends where its window ends (the rest of
+/// a window after a partial send) still goes by `sendfile`.
+const MIN_SENDFILE: usize = 64 * 1024;
 
 /// A window of `file` mapped at some address, from `offset` on.
 struct Window {
@@ -36,13 +38,16 @@ static WINDOWS: Mutex<BTreeMap<usize, Window>> = Mutex::new(BTreeMap::new());
 
 /// Keeps a window registered while the mapping it describes is alive; dropped just before it.
 pub struct Registration {
-    start: usize,
+    start: Option<usize>,
 }
 
 impl Registration {
     /// Registers `bytes` (a live mapping) as showing `file` from `offset` on. The caller keeps
     /// the mapping alive at least as long as the returned registration.
     pub fn new(bytes: &[u8], file: Arc<File>, offset: u64) -> Registration {
+        if bytes.len() < MIN_SENDFILE {
+            return Registration { start: None };
+        }
         let start = bytes.as_ptr() as usize;
         let window = Window {
             len: bytes.len(),
@@ -50,13 +55,15 @@ impl Registration {
             offset,
         };
         windows().insert(start, window);
-        Registration { start }
+        Registration { start: Some(start) }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        windows().remove(&self.start);
+        if let Some(start) = self.start {
+            windows().remove(&start);
+        }
     }
 }
 
@@ -67,16 +74,18 @@ fn windows() -> std::sync::MutexGuard<'static, BTreeMap<usize, Window>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The file and offset behind `buf`, if it lies wholly inside a registered window.
+/// The file and offset behind `buf`, if it lies wholly inside a registered window and is worth
+/// a `sendfile` (long enough, or the window's rest).
 fn lookup(buf: &[u8]) -> Option<(Arc<File>, u64)> {
-    if buf.len() < MIN_SENDFILE {
+    if buf.is_empty() {
         return None;
     }
     let addr = buf.as_ptr() as usize;
     let windows = windows();
     let (&start, window) = windows.range(..=addr).next_back()?;
     let skip = addr - start;
-    if skip + buf.len() > window.len {
+    let end = skip + buf.len();
+    if end > window.len || (buf.len() < MIN_SENDFILE && end < window.len) {
         return None;
     }
     Some((Arc::clone(&window.file), window.offset + skip as u64))
@@ -232,29 +241,37 @@ mod tests {
 
     #[test]
     fn a_buffer_is_found_only_inside_a_live_window() {
+        const MIN: usize = MIN_SENDFILE;
         let file = Arc::new(tempfile::tempfile().unwrap());
-        let bytes = vec![7u8; 4 * MIN_SENDFILE];
+        let bytes = vec![7u8; 4 * MIN];
         let registration = Registration::new(&bytes, Arc::clone(&file), 1000);
 
         let (_, offset) = lookup(&bytes).expect("the whole window");
         assert_eq!(offset, 1000);
-        let (_, offset) = lookup(&bytes[MIN_SENDFILE..]).expect("a tail of it");
-        assert_eq!(offset, 1000 + MIN_SENDFILE as u64);
+        let (_, offset) = lookup(&bytes[MIN..2 * MIN]).expect("a long part of it");
+        assert_eq!(offset, 1000 + MIN as u64);
+        let (_, offset) = lookup(&bytes[4 * MIN - 10..]).expect("its rest, however short");
+        assert_eq!(offset, 1000 + 4 * MIN as u64 - 10);
         assert!(
-            lookup(&bytes[..MIN_SENDFILE - 1]).is_none(),
-            "too small to bother"
+            lookup(&bytes[..MIN - 1]).is_none(),
+            "short, with more after it"
         );
 
         // A buffer that runs past the window's end is not the window's.
-        let larger = vec![0u8; 8 * MIN_SENDFILE];
-        let inner = Registration::new(&larger[..2 * MIN_SENDFILE], Arc::clone(&file), 0);
-        assert!(lookup(&larger[MIN_SENDFILE..3 * MIN_SENDFILE]).is_none());
-        assert!(lookup(&larger[..2 * MIN_SENDFILE]).is_some());
+        let larger = vec![0u8; 8 * MIN];
+        let inner = Registration::new(&larger[..2 * MIN], Arc::clone(&file), 0);
+        assert!(lookup(&larger[MIN..3 * MIN]).is_none());
+        assert!(lookup(&larger[..2 * MIN]).is_some());
         drop(inner);
         assert!(
-            lookup(&larger[..2 * MIN_SENDFILE]).is_none(),
+            lookup(&larger[..2 * MIN]).is_none(),
             "gone with its registration"
         );
+
+        // Small windows are not registered at all.
+        let small = vec![0u8; MIN - 1];
+        let _unregistered = Registration::new(&small, Arc::clone(&file), 0);
+        assert!(lookup(&small).is_none());
 
         drop(registration);
         assert!(lookup(&bytes).is_none());
