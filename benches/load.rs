@@ -128,14 +128,27 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A process the bench started; killed on drop.
+/// A process the bench started; stopped on drop.
 struct Service {
     child: Child,
     port: u16,
 }
 
 impl Drop for Service {
+    /// SIGTERM first, so that nginx's master stops its workers (a SIGKILLed master leaves them
+    /// running, and serving, through the rounds that follow); SIGKILL after 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
