@@ -216,7 +216,10 @@ impl AsyncWrite for SendfileStream {
             .enumerate()
             .find_map(|(i, buf)| lookup(buf).map(|window| (i, window)));
         match first_window {
-            Some((0, (file, offset))) => self.poll_send_window(cx, &bufs[0], &file, offset),
+            // Only empty buffers before it (writing those would report 0 bytes: a dead socket).
+            Some((i, (file, offset))) if bufs[..i].iter().all(|buf| buf.is_empty()) => {
+                self.poll_send_window(cx, &bufs[i], &file, offset)
+            }
             Some((i, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
             None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
         }
@@ -275,5 +278,38 @@ mod tests {
 
         drop(registration);
         assert!(lookup(&bytes).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_window_goes_out_by_sendfile_even_after_empty_buffers() {
+        use std::io::Write;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut file = tempfile::tempfile().unwrap();
+        let content: Vec<u8> = (0..2 * MIN_SENDFILE).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let file = Arc::new(file);
+        // SAFETY: a private temp file, not changed while mapped.
+        let map = unsafe { memmap2::Mmap::map(&*file) }.unwrap();
+        let _registration = Registration::new(&map[MIN_SENDFILE..], Arc::clone(&file), 0);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let sent = IntCounter::new("sent", "sent").unwrap();
+        let mut stream = SendfileStream::new(server, sent.clone());
+        let window = &map[MIN_SENDFILE..];
+        let n = stream
+            .write_vectored(&[IoSlice::new(&[]), IoSlice::new(window)])
+            .await
+            .unwrap();
+        assert!(n > 0);
+        assert_eq!(sent.get(), n as u64, "went out by sendfile");
+        let mut received = vec![0u8; n];
+        client.read_exact(&mut received).await.unwrap();
+        // The registration says the window shows the file from offset 0: sendfile sent the
+        // file's first bytes, which differ from the mapped bytes at MIN_SENDFILE.
+        assert_eq!(received, content[..n]);
     }
 }
