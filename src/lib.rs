@@ -7,7 +7,8 @@
 //! - [`oci`]: names, tags, references, media types, `Accept` (pure).
 //! - [`digest`]: digests and the streaming verifier (pure).
 //! - [`range`]: `Range` requests on blobs (pure).
-//! - [`cache`]: store on disk, manifests in memory, tag records, single-flight table.
+//! - [`cache`]: store on disk, manifests and small blobs in memory, tag records, single-flight
+//!   table.
 //! - [`fill`]: the one download of an uncached blob: upstream -> temp file + sha256 -> commit.
 //! - [`body`]: response bodies, including one that follows a download in progress.
 //! - [`sendfile`]: plain connections send mapped blob windows with `sendfile(2)`.

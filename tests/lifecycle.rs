@@ -76,6 +76,79 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
     );
 }
 
+/// Files this process holds open that were removed from the disk (their space is not freed).
+fn open_removed_files(under: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| {
+            target.starts_with(&*under.to_string_lossy()) && target.ends_with(" (deleted)")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blobs_served_from_memory_follow_eviction_and_removal() {
+    let origin = FakeRegistry::start().await;
+    let contents: Vec<Vec<u8>> = (0..7).map(|i| random_bytes(MIB / 2, 60 + i)).collect();
+    let digests: Vec<Digest> = contents
+        .iter()
+        .map(|c| origin.add_blob(c.clone()))
+        .collect();
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.max_size = Some(4 * MIB as u64);
+        c.cache.high_watermark = 0.75; // 3 MiB
+        c.cache.low_watermark = 0.5; // 2 MiB
+    })
+    .await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+    let cache = mirror.cache_dir();
+    // Each is fetched, then hit twice (the second hit answered from memory).
+    for (d, content) in digests.iter().zip(&contents) {
+        for _ in 0..3 {
+            let got = get(&blob(d)).await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert!(got.bytes()[..] == content[..], "{d}");
+            mirror.settle().await;
+        }
+    }
+    // 7 x 0.5 MiB passed 3 MiB: the oldest three were evicted down to 2 MiB, and their files,
+    // removed, are not held open (the disk space is free at once).
+    assert_eq!(mirror.app.cache().lifecycle().evictions(), 3);
+    assert!((0..3).all(|i| !mirror.has_blob(&digests[i])));
+    assert_eq!(open_removed_files(&cache), Vec::<String>::new());
+    // An evicted blob is fetched again, not answered from memory.
+    let again = get(&blob(&digests[0])).await;
+    assert!(again.bytes()[..] == contents[0][..]);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{}", digests[0])),
+        2
+    );
+    mirror.settle().await;
+
+    let hot = mirror.app.cache().lifecycle().hot();
+    assert!(
+        hot.get(&digests[6]).is_some(),
+        "a small blob hit lately is kept in memory"
+    );
+
+    // A blob removed behind the server's back (`regmirror gc` run beside it) is fetched
+    // again too, byte-exact.
+    let kept = &digests[6];
+    std::fs::remove_file(blob_path(&cache, kept)).unwrap();
+    let again = get(&blob(kept)).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.bytes()[..] == contents[6][..]);
+    assert_eq!(
+        origin.hits("GET", &format!("/v2/library/app/blobs/{kept}")),
+        2
+    );
+    mirror.settle().await;
+    assert!(mirror.has_blob(kept));
+    assert_eq!(open_removed_files(&cache), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_shared_by_repositories_is_stored_and_counted_once() {
     let origin = FakeRegistry::start().await;

@@ -146,12 +146,33 @@ impl Index {
     /// and marks it in use until the guard is dropped. The flag says whether the new recency
     /// should be written to disk.
     pub fn hit(self: &Arc<Self>, digest: &Digest, size: u64, now: u64) -> (ReadGuard, bool) {
+        self.record_hit(digest, Some(size), now)
+            .expect("a hit with a size always records")
+    }
+
+    /// A hit on a blob the index holds, as [`Index::hit`]; `None` when it holds none (the blob
+    /// was evicted), and then nothing is recorded.
+    pub fn hit_if_indexed(
+        self: &Arc<Self>,
+        digest: &Digest,
+        now: u64,
+    ) -> Option<(ReadGuard, bool)> {
+        self.record_hit(digest, None, now)
+    }
+
+    /// A hit; a blob not indexed is indexed when its size is given, else not hit.
+    fn record_hit(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: Option<u64>,
+        now: u64,
+    ) -> Option<(ReadGuard, bool)> {
         let persist = {
             let mut inner = self.lock();
             inner.clock += 1;
             let tick = inner.clock;
-            let persist = match inner.entries.get_mut(digest) {
-                Some(entry) => {
+            match (inner.entries.get_mut(digest), size) {
+                (Some(entry), _) => {
                     entry.tick = tick;
                     entry.last_used = entry.last_used.max(now);
                     entry.readers += 1;
@@ -161,7 +182,7 @@ impl Index {
                     }
                     due
                 }
-                None => {
+                (None, Some(size)) => {
                     let entry = Entry {
                         size,
                         kind: Kind::Blob,
@@ -174,14 +195,14 @@ impl Index {
                     add(&mut inner.usage, size, Kind::Blob);
                     false
                 }
-            };
-            persist
+                (None, None) => return None,
+            }
         };
         let guard = ReadGuard {
             index: Arc::clone(self),
             digest: digest.clone(),
         };
-        (guard, persist)
+        Some((guard, persist))
     }
 
     pub fn remove(&self, digest: &Digest) {
@@ -313,6 +334,18 @@ mod tests {
         // A blob another process stored is counted on its first hit.
         drop(index.hit(&d(2), 7, 2000));
         assert_eq!(index.usage().blob_bytes, 8);
+        // Without a size, only what the index holds is hit.
+        assert!(index.hit_if_indexed(&d(3), 2000).is_none());
+        assert!(!index.contains(&d(3)));
+        let (guard, _) = index.hit_if_indexed(&d(2), 2001).unwrap();
+        assert!(
+            index
+                .evict_to(0, &HashSet::new())
+                .iter()
+                .all(|(evicted, _)| *evicted != d(2)),
+            "in use"
+        );
+        drop(guard);
     }
 
     #[test]

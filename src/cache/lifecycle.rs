@@ -1,9 +1,12 @@
 //! What stays on disk: the index rebuilt from the store at start-up, recency on every hit, the
 //! byte budget (evict least recently used blobs from the high to the low watermark), pinned
-//! images, and the disk-full state.
+//! images, the disk-full state, and the small blobs kept open for fast hits (which eviction
+//! lets go with the blob).
 //!
-//! Every call blocks (file system work); async callers use the blocking pool.
+//! Every call blocks (file system work) except [`Lifecycle::hit_in_memory`]; async callers use
+//! the blocking pool.
 
+use super::hot::HotBlobs;
 use super::index::{Budget, Index, Kind, ReadGuard, Usage};
 use super::store::{Store, TempBlob};
 use crate::digest::Digest;
@@ -37,6 +40,7 @@ pub struct Lifecycle {
     disk_full_until: Mutex<Option<Instant>>,
     /// Blobs evicted since start-up.
     evictions: AtomicU64,
+    hot: HotBlobs,
 }
 
 impl Lifecycle {
@@ -60,11 +64,17 @@ impl Lifecycle {
             evicting: AtomicBool::new(false),
             disk_full_until: Mutex::new(None),
             evictions: AtomicU64::new(0),
+            hot: HotBlobs::default(),
         })
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Small blobs kept open (see [`HotBlobs`]).
+    pub fn hot(&self) -> &HotBlobs {
+        &self.hot
     }
 
     pub fn usage(&self) -> Usage {
@@ -116,6 +126,23 @@ impl Lifecycle {
         guard
     }
 
+    /// A hit on a blob the index holds, recorded in memory (a recency due on disk is written
+    /// on the blocking pool); `None` when the blob is not indexed. For async callers that
+    /// already hold the blob's bytes.
+    pub fn hit_in_memory(&self, digest: &Digest) -> Option<ReadGuard> {
+        let now = now();
+        let (guard, persist) = self.index.hit_if_indexed(digest, now)?;
+        if persist {
+            let (store, digest) = (Arc::clone(&self.store), digest.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.touch(&digest, now) {
+                    tracing::debug!(%digest, error = %e, "cannot record recency");
+                }
+            });
+        }
+        Some(guard)
+    }
+
     /// Evicts down to the low watermark when usage passed the high one. One run at a time.
     pub fn enforce_budget(&self) {
         if !self.index.over_high_watermark() || self.evicting.swap(true, Ordering::AcqRel) {
@@ -133,6 +160,7 @@ impl Lifecycle {
         let evicted = self.index.evict_to(target, &pinned);
         let mut bytes = 0;
         for (digest, size) in &evicted {
+            self.hot.forget(digest);
             match self.store.remove_blob(digest) {
                 Ok(()) => bytes += size,
                 Err(e) => tracing::error!(%digest, error = %e, "cannot delete an evicted blob"),
@@ -220,6 +248,7 @@ impl Lifecycle {
 
     /// Forgets content removed behind the index's back (`verify`).
     pub fn forget(&self, digest: &Digest) {
+        self.hot.forget(digest);
         self.index.remove(digest);
     }
 }

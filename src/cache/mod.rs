@@ -1,10 +1,12 @@
-//! The cache facade: content by digest (blobs on disk, manifests on disk and in memory), tag
-//! records with a TTL, and the single-flight table for downloads in progress.
+//! The cache facade: content by digest (blobs on disk, the small ones served lately also in
+//! memory; manifests on disk and in memory), tag records with a TTL, and the single-flight table
+//! for downloads in progress.
 //!
 //! The cache knows nothing of HTTP or upstreams: loaders are handed in by the caller
 //! (`proxy`), and the cache makes sure each runs once however many requests wait for it.
 //! Blocking file calls run on tokio's blocking pool.
 
+pub mod hot;
 pub mod index;
 pub mod inflight;
 pub mod lifecycle;
@@ -185,6 +187,9 @@ impl Cache {
 
     /// A stored blob, without joining or starting a download.
     pub async fn stored_blob(&self, digest: &Digest) -> io::Result<Option<BlobHit>> {
+        if let Some(hit) = self.hot_hit(digest) {
+            return Ok(Some(hit));
+        }
         let lifecycle = Arc::clone(&self.lifecycle);
         let digest = digest.clone();
         blocking(move || open_hit(&lifecycle, &digest)).await
@@ -192,6 +197,9 @@ impl Cache {
 
     /// A stored blob, or the download in progress, or the duty to start one.
     pub async fn blob(&self, digest: &Digest) -> io::Result<Role<BlobHit, TempBlob>> {
+        if let Some(hit) = self.hot_hit(digest) {
+            return Ok(Role::Hit(hit));
+        }
         let store = Arc::clone(&self.store);
         let lifecycle = Arc::clone(&self.lifecycle);
         let inflight = Arc::clone(&self.inflight);
@@ -208,6 +216,22 @@ impl Cache {
             )
         })
         .await
+    }
+
+    /// A small blob served lately, answered from memory (see [`hot`]).
+    fn hot_hit(&self, digest: &Digest) -> Option<BlobHit> {
+        let blob = self.lifecycle.hot().get(digest)?;
+        let Some(guard) = self.lifecycle.hit_in_memory(digest) else {
+            // Evicted since: the disk decides (and the download starts over if it is gone).
+            self.lifecycle.hot().forget(digest);
+            return None;
+        };
+        Some(BlobHit {
+            size: blob.bytes.len() as u64,
+            file: blob.file,
+            first: blob.bytes,
+            guard,
+        })
     }
 
     /// The manifest with this digest if the cache holds it (memory or disk); never loads.
@@ -414,6 +438,7 @@ fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit
     };
     let file = Arc::new(file);
     let first = crate::body::read_first(&file, size)?;
+    lifecycle.hot().remember(digest, &file, size, &first);
     Ok(Some(BlobHit {
         guard: lifecycle.hit(digest, size),
         file,
