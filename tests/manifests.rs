@@ -372,3 +372,22 @@ async fn basic_auth_upstreams_get_the_configured_credentials() {
     assert_eq!(got.status, StatusCode::NOT_FOUND);
     assert_eq!(got.json()["errors"][0]["code"], "NAME_UNKNOWN");
 }
+
+/// Every request in flight holds its future: a hit's must stay small (it is also moved on every
+/// poll that hyper and tokio wrap). The upstream exchange and the loads it carries are boxed off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_future_stays_small() {
+    let (origin, digest, _) = origin_with_image().await;
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let client: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    for path in [
+        format!("/v2/library/app/manifests/{digest}"),
+        "/v2/library/app/manifests/1.0".to_string(),
+    ] {
+        let request = http::Request::get(path.as_str()).body(()).unwrap();
+        let future = regmirror::proxy::handle(mirror.app.clone(), request, client);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 8 * 1024, "{path}: {size} bytes");
+        assert_eq!(future.await.status(), StatusCode::OK, "{path}");
+    }
+}

@@ -246,11 +246,15 @@ impl Cache {
     }
 
     /// The manifest with this digest: from memory, disk, or `load` (run once for all waiters,
-    /// its result stored on disk).
-    pub async fn manifest<F>(&self, digest: &Digest, load: F) -> Result<Arc<Manifest>, Error>
+    /// its result stored on disk). A manifest in memory is answered without building `load`.
+    pub async fn manifest<F, L>(&self, digest: &Digest, load: L) -> Result<Arc<Manifest>, Error>
     where
+        L: FnOnce() -> F,
         F: Future<Output = Result<Manifest, Error>>,
     {
+        if let Some(manifest) = self.manifests.get(digest).await {
+            return Ok(manifest);
+        }
         let store = Arc::clone(&self.store);
         let key = digest.clone();
         let init = async move {
@@ -269,12 +273,12 @@ impl Cache {
                     bytes: Bytes::from(bytes),
                 }));
             }
-            let manifest = load.await?;
+            let manifest = load().await?;
             self.put_manifest(&manifest).await?;
             Ok(Arc::new(manifest))
         };
-        self.manifests
-            .try_get_with(digest.clone(), init)
+        // Boxed: a hit's future need not carry room for a load.
+        Box::pin(self.manifests.try_get_with(digest.clone(), init))
             .await
             .map_err(Error::Shared)
     }
@@ -371,15 +375,22 @@ impl Cache {
         self.tags.get(key).await
     }
 
-    /// The tag's answer: fresh from memory, or from `load` (run once for all waiters).
-    pub async fn tag<F>(&self, key: &TagKey, load: F) -> Result<TagAnswer, Error>
+    /// The tag's answer: fresh from memory (without building `load`), or from `load` (run
+    /// once for all waiters).
+    pub async fn tag<F, L>(&self, key: &TagKey, load: L) -> Result<TagAnswer, Error>
     where
+        L: FnOnce() -> F,
         F: Future<Output = Result<TagAnswer, Error>>,
     {
-        self.tags
-            .try_get_with(key.clone(), load)
-            .await
-            .map_err(Error::Shared)
+        if let Some(answer) = self.tags.get(key).await {
+            return Ok(answer);
+        }
+        Box::pin(
+            self.tags
+                .try_get_with(key.clone(), async move { load().await }),
+        )
+        .await
+        .map_err(Error::Shared)
     }
 
     /// A listing: fresh from memory, or from `load` (run once for all waiters).

@@ -60,10 +60,9 @@ pub async fn serve(
             let went_upstream = Arc::new(AtomicBool::new(false));
             let answer = app
                 .cache()
-                .tag(
-                    &key,
-                    revalidate(app, key.clone(), Arc::clone(&went_upstream)),
-                )
+                .tag(&key, || {
+                    revalidate(app, key.clone(), Arc::clone(&went_upstream))
+                })
                 .await?;
             *outcome = match (answer.stale, went_upstream.load(Ordering::Relaxed)) {
                 (true, _) => Outcome::Stale,
@@ -136,7 +135,7 @@ async fn by_digest(
 ) -> Result<Arc<Manifest>, Error> {
     let went_upstream = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&went_upstream);
-    let load = async move {
+    let load = || async move {
         flag.store(true, Ordering::Relaxed);
         let accept = canonical_accept();
         let reference = Reference::Digest(digest.clone());

@@ -88,14 +88,16 @@ pub async fn handle<B>(
             };
             let result = match allowed {
                 Ok(()) => {
-                    let (result, answered_by) = crate::upstream::noting_endpoint(dispatch(
+                    // Boxed: every await point in `dispatch` would otherwise be carried (and
+                    // moved, several times) by each request's future.
+                    let dispatched = Box::pin(dispatch(
                         &app,
                         &route,
                         request.headers(),
                         &user,
                         &mut outcome,
-                    ))
-                    .await;
+                    ));
+                    let (result, answered_by) = crate::upstream::noting_endpoint(dispatched).await;
                     upstream_endpoint = answered_by;
                     result
                 }

@@ -288,7 +288,8 @@ impl RegistryUpstream {
                     continue;
                 }
                 let started = std::time::Instant::now();
-                let result = endpoint.fetch(request, &scope).await;
+                // Boxed: an HTTP exchange's future is large, and callers need not carry it.
+                let result = Box::pin(endpoint.fetch(request, &scope)).await;
                 self.record(endpoint, &result, started);
                 match result {
                     // Another endpoint may have what this one lacks (a partial public mirror);
@@ -365,7 +366,7 @@ impl RegistryUpstream {
             .ok_or_else(|| UpstreamError::Connect(format!("no endpoint {index}")))?;
         let scope = format!("repository:{}:pull", request.repo.as_str());
         let started = std::time::Instant::now();
-        let result = endpoint.fetch(request, &scope).await;
+        let result = Box::pin(endpoint.fetch(request, &scope)).await;
         self.record(endpoint, &result, started);
         let mut answer = result?;
         endpoint.health.mark_up();
