@@ -121,7 +121,7 @@ fn main() -> ExitCode {
             if log_json {
                 c.log.format = LogFormat::Json;
             }
-            telemetry::init(c.log.format, &c.log.level);
+            let _log = telemetry::init(c.log.format, &c.log.level);
             runtime().block_on(serve(c, config.clone()))
         }),
         Command::Warm {
@@ -131,7 +131,7 @@ fn main() -> ExitCode {
             all_platforms,
             images,
         } => {
-            telemetry::init(LogFormat::Text, "warn");
+            let _log = telemetry::init(LogFormat::Text, "warn");
             let platforms = if all_platforms {
                 Platforms::All
             } else {
