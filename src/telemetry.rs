@@ -18,7 +18,9 @@ const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Keeps the writer thread running; dropping it writes out every line still queued.
 #[must_use = "logging stops (and queued lines may be lost) when the guard is dropped"]
-pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
+pub struct LogGuard {
+    _writer: WorkerGuard,
+}
 
 /// Installs the global subscriber; hold the guard until the process ends.
 pub fn init(format: LogFormat, level: &str) -> LogGuard {
@@ -40,5 +42,5 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    LogGuard(guard)
+    LogGuard { _writer: guard }
 }
