@@ -77,11 +77,23 @@ fn windows() -> std::sync::MutexGuard<'static, BTreeMap<usize, Window>> {
 /// The file and offset behind `buf`, if it lies wholly inside a registered window and is worth
 /// a `sendfile` (long enough, or the window's rest).
 fn lookup(buf: &[u8]) -> Option<(Arc<File>, u64)> {
+    window_of(&windows(), buf)
+}
+
+/// The first of `bufs` that [`lookup`] finds, with its index; the registry is locked once.
+fn first_window(bufs: &[IoSlice<'_>]) -> Option<(usize, Arc<File>, u64)> {
+    let windows = windows();
+    bufs.iter()
+        .enumerate()
+        .find_map(|(i, buf)| window_of(&windows, buf).map(|(file, offset)| (i, file, offset)))
+}
+
+/// [`lookup`] in an already locked registry.
+fn window_of(windows: &BTreeMap<usize, Window>, buf: &[u8]) -> Option<(Arc<File>, u64)> {
     if buf.is_empty() {
         return None;
     }
     let addr = buf.as_ptr() as usize;
-    let windows = windows();
     let (&start, window) = windows.range(..=addr).next_back()?;
     let skip = addr - start;
     let end = skip + buf.len();
@@ -211,16 +223,12 @@ impl AsyncWrite for SendfileStream {
     ) -> Poll<io::Result<usize>> {
         // What precedes the first window (a response head) is written as usual; the window
         // goes out on the next call, which starts with it.
-        let first_window = bufs
-            .iter()
-            .enumerate()
-            .find_map(|(i, buf)| lookup(buf).map(|window| (i, window)));
-        match first_window {
+        match first_window(bufs) {
             // Only empty buffers before it (writing those would report 0 bytes: a dead socket).
-            Some((i, (file, offset))) if bufs[..i].iter().all(|buf| buf.is_empty()) => {
+            Some((i, file, offset)) if bufs[..i].iter().all(|buf| buf.is_empty()) => {
                 self.poll_send_window(cx, &bufs[i], &file, offset)
             }
-            Some((i, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
+            Some((i, _, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
             None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
         }
     }
