@@ -137,7 +137,9 @@ impl Metrics {
             served_bytes: counter_vec(
                 &r,
                 "regmirror_served_bytes_total",
-                "Body bytes sent to clients, by where they came from.",
+                "Body bytes sent to clients: source=\"cache\" for answers the upstream did not \
+                 send again (hits, stale answers, and clients that joined a download in \
+                 progress), source=\"upstream\" for the download's own client and pass-through.",
                 &["source"],
             ),
             sendfile_bytes: counter(
@@ -293,10 +295,11 @@ impl Metrics {
         }
     }
 
-    /// Counts body bytes sent to a client.
-    pub fn served_bytes_counter(&self, from_cache: bool) -> IntCounter {
+    /// Counts body bytes sent to a client; `saved` when the upstream did not send them again
+    /// for this answer.
+    pub fn served_bytes_counter(&self, saved: bool) -> IntCounter {
         self.served_bytes
-            .with_label_values(&[if from_cache { "cache" } else { "upstream" }])
+            .with_label_values(&[if saved { "cache" } else { "upstream" }])
     }
 
     /// Counts body bytes sent with `sendfile(2)`.

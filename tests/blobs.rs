@@ -36,6 +36,17 @@ async fn concurrent_cold_clients_share_one_upstream_download() {
         origin.hits("GET", &format!("/v2/library/app/blobs/{digest}")),
         1
     );
+    // One client's bytes came from upstream; the 31 that joined count as saved.
+    let served = |source: &'static str| {
+        let mirror = &mirror;
+        async move {
+            let text = get(&mirror.url("/metrics")).await;
+            let text = String::from_utf8(text.bytes().to_vec()).unwrap();
+            metric_value(&text, "regmirror_served_bytes_total", &[("source", source)])
+        }
+    };
+    assert_eq!(served("upstream").await, blob.len() as f64);
+    assert_eq!(served("cache").await, 31.0 * blob.len() as f64);
     mirror.settle().await;
     assert!(mirror.has_blob(&digest));
     // Now a hit: upstream is not asked again.

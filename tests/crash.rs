@@ -135,6 +135,12 @@ async fn sigkill_at_random_moments_never_leaves_a_bad_entry() {
             "{digest} differs after the crashes"
         );
     }
+    // Clients get a blob's last byte once it is verified; it is committed just after.
+    let (last, _) = blobs.last().unwrap();
+    eventually("the last blob fetched is committed", || {
+        blob_path(&cache, last).exists()
+    })
+    .await;
     let stored = assert_store_consistent(&cache);
     assert!(stored >= 1);
     eprintln!("{iterations} SIGKILLs survived; {stored} verified entries at the end");

@@ -95,7 +95,7 @@ async fn skopeo_copies_every_platform_byte_exact() {
     assert!(layout_blobs(&layout).contains(&seeded.oci_index));
     for blob in &seeded.blobs {
         assert!(
-            mirror.has(blob),
+            mirror.stores(blob).await,
             "blob {blob} did not go through the mirror's cache"
         );
     }
@@ -195,7 +195,10 @@ async fn podman_pulls_two_registries_through_path_prefix_mirrors() {
             Some(top.to_string().as_str()),
             "podman recorded another digest ({image})"
         );
-        assert!(mirror.has(top), "{image} did not go through the mirror");
+        assert!(
+            mirror.stores(top).await,
+            "{image} did not go through the mirror"
+        );
     }
 }
 
@@ -237,10 +240,13 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
             line.contains(&top.to_string()),
             "containerd resolved {image} to another digest:\n{line}"
         );
-        assert!(mirror.has(top), "{image} did not go through the mirror");
+        assert!(
+            mirror.stores(top).await,
+            "{image} did not go through the mirror"
+        );
     }
     // The layers both registries share are stored once, under their digest.
-    assert!(mirror.has(&ghcr_image.oci_amd64.1));
+    assert!(mirror.stores(&ghcr_image.oci_amd64.1).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +317,10 @@ async fn dockerd_pulls_through_registry_mirrors_anonymously_when_logins_are_on()
             inspected.contains(&format!("e2e@{top}")),
             "dockerd recorded another digest ({tag}): {inspected}"
         );
-        assert!(mirror.has(top), "{tag} did not go through the mirror");
+        assert!(
+            mirror.stores(top).await,
+            "{tag} did not go through the mirror"
+        );
     }
 
     // Logins switched on (SIGHUP): dockerd cannot log in to a mirror, so it pulls what the
@@ -413,7 +422,7 @@ async fn a_public_mirror_killed_mid_pull_is_resumed_from_the_origin() {
         got.body.err()
     );
     assert_eq!(Digest::of(got.bytes()), digest);
-    assert!(mirror.has(&digest));
+    assert!(mirror.stores(&digest).await);
     let log = mirror.process.output();
     assert!(
         log.contains("resuming"),
@@ -435,7 +444,9 @@ async fn warmed_images_are_served_with_the_origin_gone() {
             .arg(format!("http://{}", mirror.host()))
             .args(["e2e:oci", "docker.io/library/e2e:docker"]),
     );
-    assert!(mirror.has(&seeded.oci_amd64.1) && mirror.has(&seeded.docker_amd64.1));
+    assert!(
+        mirror.stores(&seeded.oci_amd64.1).await && mirror.stores(&seeded.docker_amd64.1).await
+    );
     origin.process.kill();
     for (tag, top) in [("oci", &seeded.oci_index), ("docker", &seeded.docker_list)] {
         let layout = dir.path().join(format!("offline-{tag}"));

@@ -36,6 +36,8 @@ async fn busy_mirror(origin: &FakeRegistry) -> TestMirror {
             StatusCode::OK
         );
     }
+    // The layer is committed just after its last byte reached the client.
+    mirror.settle().await;
     mirror
 }
 
@@ -46,7 +48,9 @@ fn assert_shows(page: &str, origin: &FakeRegistry) {
         "50.0%",                     // hit ratio: 2 hits of 4 answers
         &origin.url(),               // the endpoint
         "42 of 100 left",            // Docker Hub's rate-limit headers
-        "293.0 KiB",                 // bytes saved (the layer once from cache, plus the manifest)
+        // The layer stored; bytes saved: the layer and the manifest once each from cache.
+        "id=\"blob-bytes\" class=\"num\">293.0 KiB<",
+        "id=\"bytes-saved\" class=\"num\">293.4 KiB<",
     ] {
         assert!(
             page.contains(expected),

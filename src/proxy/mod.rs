@@ -286,7 +286,9 @@ fn record(
         return response;
     }
     metrics.cache_outcome(kind, outcome.as_str());
-    let served = metrics.served_bytes_counter(outcome == Outcome::Hit);
+    // Bytes the upstream did not send again for this answer count as saved.
+    let saved = matches!(outcome, Outcome::Hit | Outcome::Join | Outcome::Stale);
+    let served = metrics.served_bytes_counter(saved);
     response.map(|body| {
         body.map_frame(move |frame| {
             if let Some(data) = frame.data_ref() {

@@ -254,9 +254,21 @@ impl Mirror {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Whether the mirror's store holds this content.
+    /// Whether the mirror's store holds this content now.
     pub fn has(&self, digest: &Digest) -> bool {
         super::blob_path(&self.cache, digest).exists()
+    }
+
+    /// Whether the mirror's store holds this content within 5 s: a client gets a blob's last
+    /// byte once it is verified, and the blob is committed just after.
+    pub async fn stores(&self, digest: &Digest) -> bool {
+        for _ in 0..500 {
+            if self.has(digest) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
     }
 }
 
