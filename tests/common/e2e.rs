@@ -92,6 +92,13 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(10));
+        if std::thread::panicking() {
+            // A failing test shows what each of its processes said last.
+            let output = self.output();
+            let lines: Vec<&str> = output.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            eprintln!("--- the last lines of {}'s log ---\n{tail}", self.name);
+        }
     }
 }
 
@@ -259,10 +266,11 @@ impl Mirror {
         super::blob_path(&self.cache, digest).exists()
     }
 
-    /// Whether the mirror's store holds this content within 5 s: a client gets a blob's last
-    /// byte once it is verified, and the blob is committed just after.
+    /// Whether the mirror's store holds this content within 30 s: a client gets a blob's last
+    /// byte once it is verified, and the blob is committed just after (made durable first,
+    /// which takes a while for a large blob on a busy disk).
     pub async fn stores(&self, digest: &Digest) -> bool {
-        for _ in 0..500 {
+        for _ in 0..3000 {
             if self.has(digest) {
                 return true;
             }
