@@ -25,8 +25,28 @@ use tokio::sync::watch;
 /// Every response body the server sends.
 pub type ResponseBody = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Largest single read from a blob file.
+/// Largest single read from a blob file into memory, and the window a blob's body starts with.
 const READ_CHUNK: u64 = 1024 * 1024;
+
+/// How much of a blob file one window of a response body shows: what each trip to the blocking
+/// pool loads and maps. A request carries it as an extension set by its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSize(pub u64);
+
+impl WindowSize {
+    /// Under TLS, rustls reads every byte of a window to encrypt it, so the whole window is
+    /// resident in the process while it is sent: kept small.
+    pub const TLS: WindowSize = WindowSize(READ_CHUNK);
+    /// On a plain connection windows go out by `sendfile` and the process never touches their
+    /// pages; larger windows mean fewer loads, mappings and wake-ups per byte served.
+    pub const PLAIN: WindowSize = WindowSize(4 * READ_CHUNK);
+}
+
+impl Default for WindowSize {
+    fn default() -> WindowSize {
+        WindowSize::TLS
+    }
+}
 
 pub fn empty() -> ResponseBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -152,14 +172,20 @@ pub fn verified(
     body_of(state)
 }
 
-/// A body over a complete, verified blob file from `start` to `end` (exclusive). `first`, the
-/// blob's first bytes (see [`read_first`]), saves a trip to the blocking pool when the response
-/// starts at the blob's start.
-pub fn stored(file: Arc<File>, start: u64, end: u64, first: Bytes) -> ResponseBody {
+/// A body over a complete, verified blob file from `start` to `end` (exclusive), in windows of
+/// `window`. `first`, the blob's first bytes (see [`read_first`]), saves a trip to the blocking
+/// pool when the response starts at the blob's start.
+pub fn stored(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+    first: Bytes,
+    window: WindowSize,
+) -> ResponseBody {
     let ready = (start == 0).then(|| first.slice(..first.len().min(end as usize)));
     body_of(Follower {
         ready,
-        ..Follower::new(file, None, start, Some(end))
+        ..Follower::new(file, None, start, Some(end), window)
     })
 }
 
@@ -173,19 +199,20 @@ pub fn read_first(file: &Arc<File>, size: u64) -> io::Result<Bytes> {
 }
 
 /// A body that reads `file` from `start` to `end` (exclusive; `None`: to the end of the blob,
-/// size not yet known), following `progress` when the file is still being filled. With a
-/// `continuation`, a whole-blob response whose download could not be stored carries on from
-/// upstream instead of failing.
+/// size not yet known) in windows of `window`, following `progress` when the file is still
+/// being filled. With a `continuation`, a whole-blob response whose download could not be
+/// stored carries on from upstream instead of failing.
 pub fn follow(
     file: Arc<File>,
     progress: Option<watch::Receiver<FillState>>,
     start: u64,
     end: Option<u64>,
+    window: WindowSize,
     continuation: Option<Continuation>,
 ) -> ResponseBody {
     body_of(Follower {
         continuation: continuation.filter(|_| start == 0),
-        ..Follower::new(file, progress, start, end)
+        ..Follower::new(file, progress, start, end, window)
     })
 }
 
@@ -195,6 +222,7 @@ struct Follower {
     progress: Option<watch::Receiver<FillState>>,
     pos: u64,
     end: Option<u64>,
+    window: WindowSize,
     /// Bytes from `pos` on, already read.
     ready: Option<Bytes>,
     continuation: Option<Continuation>,
@@ -230,7 +258,7 @@ impl Chunks for Follower {
                 Limit::Failed(e) => return Err(io::Error::other(e.message)),
             };
             if self.pos < upto {
-                let len = (upto - self.pos).min(READ_CHUNK);
+                let len = (upto - self.pos).min(self.window.0);
                 let bytes = read_at(Arc::clone(&self.file), self.pos, len).await?;
                 self.pos += bytes.len() as u64;
                 return Ok(Some(bytes));
@@ -249,12 +277,14 @@ impl Follower {
         progress: Option<watch::Receiver<FillState>>,
         start: u64,
         end: Option<u64>,
+        window: WindowSize,
     ) -> Follower {
         Follower {
             file,
             progress,
             pos: start,
             end,
+            window,
             ready: None,
             continuation: None,
             upstream: None,

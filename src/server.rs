@@ -7,7 +7,7 @@
 //! `run` takes an already-bound listener so tests can bind port 0.
 
 use crate::app::Live;
-use crate::body::WithGuard;
+use crate::body::{WindowSize, WithGuard};
 use crate::proxy;
 use crate::sendfile::SendfileStream;
 use crate::tls::ServerTls;
@@ -156,20 +156,30 @@ async fn serve_connection(
     let Some(tls) = &shared.tls else {
         let sent = shared.live.get().metrics().sendfile_bytes_counter();
         let stream = SendfileStream::new(stream, sent);
-        return drive(TokioIo::new(stream), client, shared, stopping).await;
+        let io = TokioIo::new(stream);
+        return drive(io, client, WindowSize::PLAIN, shared, stopping).await;
     };
     // A client that connects and never completes the handshake is dropped like a slow header.
     match tokio::time::timeout(shared.limits.header_timeout, tls.acceptor().accept(stream)).await {
-        Ok(Ok(stream)) => drive(TokioIo::new(stream), client, shared, stopping).await,
+        Ok(Ok(stream)) => {
+            let io = TokioIo::new(stream);
+            drive(io, client, WindowSize::TLS, shared, stopping).await
+        }
         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!("TLS handshake timed out"),
     }
 }
 
 /// Serves one connection until it ends, closing it gracefully when the server stops, when it
-/// has been idle too long, or when it has carried its share of requests.
-async fn drive<I>(io: I, client: SocketAddr, shared: &Shared, mut stopping: watch::Receiver<bool>)
-where
+/// has been idle too long, or when it has carried its share of requests. Its requests carry the
+/// blob body windows it takes.
+async fn drive<I>(
+    io: I,
+    client: SocketAddr,
+    window: WindowSize,
+    shared: &Shared,
+    mut stopping: watch::Receiver<bool>,
+) where
     I: Read + Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
@@ -179,7 +189,8 @@ where
             Arc::clone(&activity),
             shared.limits.max_requests,
         );
-        service_fn(move |request: http::Request<Incoming>| {
+        service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(window);
             // Each request runs on the configuration generation current when it arrived.
             let app = live.get();
             let (busy, last) = activity.begin(max_requests);

@@ -5,7 +5,7 @@
 use super::provenance::{confirm, Content};
 use super::Outcome;
 use crate::app::App;
-use crate::body::{self, Continuation, ResponseBody, WithGuard};
+use crate::body::{self, Continuation, ResponseBody, WindowSize, WithGuard};
 use crate::cache::inflight::{Fill, FillState, Role};
 use crate::cache::BlobHit;
 use crate::digest::Digest;
@@ -17,15 +17,30 @@ use crate::upstream::UpstreamRequest;
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
 
+/// What a blob request asks, as routed: the blob, how (HEAD; the request's headers) and the
+/// body windows its connection takes.
+pub struct BlobRequest<'a> {
+    pub registry: usize,
+    pub repo: &'a RepoName,
+    pub digest: &'a Digest,
+    pub headers: &'a HeaderMap,
+    pub head: bool,
+    pub window: WindowSize,
+}
+
 pub async fn serve(
     app: &App,
-    registry: usize,
-    repo: &RepoName,
-    digest: &Digest,
-    headers: &HeaderMap,
-    head: bool,
+    request: BlobRequest<'_>,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
+    let BlobRequest {
+        registry,
+        repo,
+        digest,
+        headers,
+        head,
+        window,
+    } = request;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     if head {
         return serve_head(app, registry, repo, digest, range, outcome).await;
@@ -34,7 +49,7 @@ pub async fn serve(
         if let Some(hit) = app.cache().stored_blob(digest).await? {
             *outcome = Outcome::Hit;
             confirm(app, registry, repo, digest, Content::Blob).await?;
-            return Ok(respond_hit(digest, hit, range));
+            return Ok(respond_hit(digest, hit, range, window));
         }
         *outcome = Outcome::Bypass;
         return pass_through(app, registry, repo, digest).await;
@@ -45,12 +60,12 @@ pub async fn serve(
             Role::Hit(hit) => {
                 *outcome = Outcome::Hit;
                 confirm(app, registry, repo, digest, Content::Blob).await?;
-                return Ok(respond_hit(digest, hit, range));
+                return Ok(respond_hit(digest, hit, range, window));
             }
             Role::Follower(fill) => {
                 *outcome = Outcome::Join;
                 confirm(app, registry, repo, digest, Content::Blob).await?;
-                follow_fill(app, registry, repo, digest, fill, range).await?
+                follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
@@ -62,7 +77,7 @@ pub async fn serve(
                     declared_size: app.cache().declared_size(digest),
                 };
                 fill::spawn(job, permit, temp);
-                follow_fill(app, registry, repo, digest, fill, range).await?
+                follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
         };
         if let Some(response) = followed {
@@ -114,7 +129,12 @@ async fn serve_head(
 }
 
 /// Answers from the store; the blob stays in use (not evictable) until the body is done.
-fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<ResponseBody> {
+fn respond_hit(
+    digest: &Digest,
+    hit: BlobHit,
+    range: Option<&str>,
+    window: WindowSize,
+) -> Response<ResponseBody> {
     let BlobHit {
         file,
         size,
@@ -122,7 +142,7 @@ fn respond_hit(digest: &Digest, hit: BlobHit, range: Option<&str>) -> Response<R
         guard,
     } = hit;
     respond_sized(digest, size, range, |start, end| {
-        body::stored(file, start, end, first).with_guard(guard)
+        body::stored(file, start, end, first, window).with_guard(guard)
     })
 }
 
@@ -161,6 +181,7 @@ async fn follow_fill(
     digest: &Digest,
     fill: Fill,
     range: Option<&str>,
+    window: WindowSize,
 ) -> Result<Option<Response<ResponseBody>>, Error> {
     let mut progress = fill.progress.clone();
     let state = progress
@@ -194,6 +215,7 @@ async fn follow_fill(
                     Some(progress),
                     0,
                     None,
+                    window,
                     Some(continuation),
                 ))
                 .expect("blob headers are valid"),
@@ -206,6 +228,7 @@ async fn follow_fill(
             Some(progress),
             start,
             Some(end),
+            window,
             whole.then_some(continuation),
         )
     })))

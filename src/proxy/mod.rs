@@ -9,7 +9,7 @@ mod provenance;
 
 use crate::access::{Access, Denial, Need, Principal};
 use crate::app::App;
-use crate::body::{self, ResponseBody};
+use crate::body::{self, ResponseBody, WindowSize};
 use crate::error::{Code, Error};
 use crate::oci::API_VERSION_HEADER;
 use crate::route::{self, Route, RouteError, Target};
@@ -90,10 +90,12 @@ pub async fn handle<B>(
                 Ok(()) => {
                     // Boxed: every await point in `dispatch` would otherwise be carried (and
                     // moved, several times) by each request's future.
+                    let window = request.extensions().get().copied().unwrap_or_default();
                     let dispatched = Box::pin(dispatch(
                         &app,
                         &route,
                         request.headers(),
+                        window,
                         &user,
                         &mut outcome,
                     ));
@@ -300,10 +302,12 @@ fn record(
     })
 }
 
+/// Answers a routed request from its headers and the body windows its connection takes.
 async fn dispatch(
     app: &App,
     route: &Route,
     headers: &http::HeaderMap,
+    window: WindowSize,
     user: &Principal,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
@@ -337,7 +341,15 @@ async fn dispatch(
         }
         Target::Blob { repo, digest } => {
             let registry = route.registry.expect("blobs route to a registry");
-            blob::serve(app, registry, repo, digest, headers, head, outcome).await
+            let request = blob::BlobRequest {
+                registry,
+                repo,
+                digest,
+                headers,
+                head,
+                window,
+            };
+            blob::serve(app, request, outcome).await
         }
         Target::TagsList { repo, query } => {
             let registry = route.registry.expect("tags route to a registry");
