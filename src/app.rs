@@ -6,6 +6,7 @@ use crate::access::{Access, Sessions};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
+use crate::proxy::Prefetcher;
 use crate::route::RegistryName;
 use crate::status::Popularity;
 use crate::upstream::RegistryUpstream;
@@ -25,6 +26,8 @@ pub struct App {
     access: Option<Access>,
     /// Logins and tokens, kept across reloads.
     sessions: Arc<Sessions>,
+    /// Downloads of an image's blobs started ahead of its client.
+    prefetcher: Prefetcher,
 }
 
 impl App {
@@ -71,6 +74,7 @@ impl App {
             .map(|auth| Access::load(auth, &config.registry, Arc::clone(&sessions)))
             .transpose()?;
         Ok(App {
+            prefetcher: Prefetcher::new(config.cache.prefetch_downloads),
             config,
             routes,
             upstreams,
@@ -129,8 +133,12 @@ impl App {
         &self.upstreams[registry]
     }
 
-    pub fn cache(&self) -> &Cache {
+    pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    pub fn prefetcher(&self) -> &Prefetcher {
+        &self.prefetcher
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

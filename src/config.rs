@@ -160,6 +160,10 @@ pub struct CacheConfig {
     /// Memory for recently served manifests, in MiB (they are small and asked for often).
     #[serde(default = "default_manifest_memory_mib")]
     pub manifest_memory_mib: u64,
+    /// When an image manifest arrives from upstream, its config and layers are downloaded
+    /// ahead of the client, this many at once across all images; 0 turns it off.
+    #[serde(default = "default_prefetch_downloads")]
+    pub prefetch_downloads: usize,
     /// Disk budget for blobs (`"200GiB"`); unlimited when absent. Manifests and tag records
     /// are small and not counted.
     #[serde(
@@ -329,6 +333,7 @@ impl Default for CacheConfig {
             tag_ttl: default_tag_ttl(),
             fill_timeout: default_fill_timeout(),
             manifest_memory_mib: default_manifest_memory_mib(),
+            prefetch_downloads: default_prefetch_downloads(),
             max_size: None,
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
@@ -375,6 +380,9 @@ fn default_fill_timeout() -> Duration {
 }
 fn default_manifest_memory_mib() -> u64 {
     64
+}
+fn default_prefetch_downloads() -> usize {
+    4
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)

@@ -58,6 +58,7 @@ pub struct Metrics {
     upstream_bytes: IntCounterVec,
     pub(crate) fills_in_flight: IntGauge,
     fill_joins: IntCounter,
+    prefetches: IntCounter,
     digest_mismatches: IntCounter,
     pub(crate) cache_size: IntGauge,
     pub(crate) cache_objects: IntGaugeVec,
@@ -175,6 +176,12 @@ impl Metrics {
                 &r,
                 "regmirror_fill_joins_total",
                 "Requests that joined a download already in progress.",
+            ),
+            prefetches: counter(
+                &r,
+                "regmirror_prefetches_total",
+                "Blob downloads started ahead of any client: an image's config and layers, when \
+                 its manifest arrived from upstream.",
             ),
             digest_mismatches: counter(
                 &r,
@@ -300,6 +307,11 @@ impl Metrics {
     pub fn served_bytes_counter(&self, saved: bool) -> IntCounter {
         self.served_bytes
             .with_label_values(&[if saved { "cache" } else { "upstream" }])
+    }
+
+    /// Counts blob downloads started ahead of any client.
+    pub fn prefetches_counter(&self) -> IntCounter {
+        self.prefetches.clone()
     }
 
     /// Counts body bytes sent with `sendfile(2)`.

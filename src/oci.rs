@@ -322,6 +322,41 @@ pub fn descriptors(body: &[u8]) -> Vec<(Digest, Option<u64>)> {
         .collect()
 }
 
+/// The blobs an image manifest references that its registry serves: the config, then the
+/// layers in order. Foreign and non-distributable layers (fetched from their own URLs) are left
+/// out; an index, or anything else, has none.
+pub fn image_blobs(media_type: &str, body: &[u8]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+        digest: String,
+        #[serde(default)]
+        urls: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Image {
+        config: Descriptor,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+    }
+    if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
+        return Vec::new();
+    }
+    let Ok(image) = serde_json::from_slice::<Image>(body) else {
+        return Vec::new();
+    };
+    let served = |d: &Descriptor| {
+        d.urls.is_empty()
+            && !d.media_type.contains("foreign")
+            && !d.media_type.contains("nondistributable")
+    };
+    std::iter::once(&image.config)
+        .chain(image.layers.iter().filter(|d| served(d)))
+        .filter_map(|d| d.digest.parse().ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,5 +477,29 @@ mod tests {
         assert!(is_media_type(OCI_INDEX));
         assert!(!is_media_type("text"));
         assert!(!is_media_type("a/b c"));
+    }
+
+    #[test]
+    fn image_blobs_are_the_config_then_the_served_layers() {
+        let [c, l1, foreign, l2] = [b"c", b"1", b"f", b"2"].map(|b| Digest::of(b));
+        let image = format!(
+            r#"{{"config":{{"digest":"{c}"}},"layers":[{{"digest":"{l1}"}},
+            {{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{foreign}","urls":["https://example.com/x"]}},
+            {{"digest":"{l2}"}}]}}"#
+        );
+        assert_eq!(
+            image_blobs(DOCKER_MANIFEST, image.as_bytes()),
+            vec![c.clone(), l1.clone(), l2.clone()]
+        );
+        assert_eq!(
+            image_blobs(OCI_MANIFEST, image.as_bytes()),
+            vec![c.clone(), l1, l2]
+        );
+        // An index references manifests, not blobs; a body of another type counts for nothing.
+        let index = format!(r#"{{"manifests":[{{"digest":"{c}"}}]}}"#);
+        assert!(image_blobs(OCI_INDEX, index.as_bytes()).is_empty());
+        assert!(image_blobs(OCI_MANIFEST, index.as_bytes()).is_empty());
+        assert!(image_blobs(OCI_INDEX, image.as_bytes()).is_empty());
+        assert!(image_blobs(OCI_MANIFEST, b"junk").is_empty());
     }
 }

@@ -21,7 +21,8 @@ async fn counters_match_a_scripted_pull_sequence() {
         DOCKER_MANIFEST,
         manifest.clone(),
     );
-    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    // No prefetch: every blob request below is answered as scripted, by itself.
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 0).await;
 
     let fresh = get(&mirror.url("/metrics")).await;
     assert_eq!(fresh.status, StatusCode::OK);
@@ -40,6 +41,7 @@ async fn counters_match_a_scripted_pull_sequence() {
         "regmirror_cache_evictions_total",
         "regmirror_stale_answers_total",
         "regmirror_fill_joins_total",
+        "regmirror_prefetches_total",
         "regmirror_http_request_duration_seconds_bucket",
     ] {
         assert!(text.contains(family), "{family} missing at start-up");

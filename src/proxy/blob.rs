@@ -69,14 +69,7 @@ pub async fn serve(
             }
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
-                let job = FillJob {
-                    upstream: Arc::clone(app.upstream(registry)),
-                    repo: repo.clone(),
-                    lifecycle: Arc::clone(app.cache().lifecycle()),
-                    timeout: app.config().cache.fill_timeout,
-                    declared_size: app.cache().declared_size(digest),
-                };
-                fill::spawn(job, permit, temp);
+                fill::spawn(fill_job(app, registry, repo, digest), permit, temp);
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
         };
@@ -89,6 +82,17 @@ pub async fn serve(
         Code::Unavailable,
         format!("the download of {digest} was abandoned {RESTARTS} times"),
     ))
+}
+
+/// What the download of `digest` for `repo` needs.
+pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Digest) -> FillJob {
+    FillJob {
+        upstream: Arc::clone(app.upstream(registry)),
+        repo: repo.clone(),
+        lifecycle: Arc::clone(app.cache().lifecycle()),
+        timeout: app.config().cache.fill_timeout,
+        declared_size: app.cache().declared_size(digest),
+    }
 }
 
 /// How often a request starts over after a download's leader went away before it started.

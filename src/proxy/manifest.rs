@@ -342,6 +342,8 @@ async fn read_upstream_manifest(
     app.cache()
         .link(&app.routes()[registry].name, repo, served)
         .await;
+    let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
+    app.prefetcher().start(app, registry, repo, blobs);
     Ok(manifest)
 }
 

@@ -5,7 +5,10 @@
 mod blob;
 mod manifest;
 mod misc;
+mod prefetch;
 mod provenance;
+
+pub use prefetch::Prefetcher;
 
 use crate::access::{Access, Denial, Need, Principal};
 use crate::app::App;
