@@ -160,8 +160,9 @@ pub struct CacheConfig {
     /// Memory for recently served manifests, in MiB (they are small and asked for often).
     #[serde(default = "default_manifest_memory_mib")]
     pub manifest_memory_mib: u64,
-    /// When an image manifest arrives from upstream, its config and layers are downloaded
-    /// ahead of the client, this many at once across all images; 0 turns it off.
+    /// When a client's request for a layer starts a download, the rest of its image (as its
+    /// manifest, fetched from upstream lately, lists it) is downloaded ahead of the client,
+    /// this many blobs at once across all images; 0 turns it off.
     #[serde(default = "default_prefetch_downloads")]
     pub prefetch_downloads: usize,
     /// Disk budget for blobs (`"200GiB"`); unlimited when absent. Manifests and tag records

@@ -180,8 +180,8 @@ impl Metrics {
             prefetches: counter(
                 &r,
                 "regmirror_prefetches_total",
-                "Blob downloads started ahead of any client: an image's config and layers, when \
-                 its manifest arrived from upstream.",
+                "Blob downloads started ahead of any client: the rest of an image, when a \
+                 client's request for one of its layers started a download.",
             ),
             digest_mismatches: counter(
                 &r,

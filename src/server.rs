@@ -104,6 +104,8 @@ pub async fn run(
     }
     drop(listener);
     let _ = stop.send(true);
+    // Downloads running go on; none is started ahead of a client any more.
+    shared.live.get().prefetcher().stop();
     let deadline = tokio::time::Instant::now() + grace;
     let all = settings.max_connections as u32;
     tokio::select! {

@@ -137,8 +137,7 @@ async fn credentials_and_tokens_never_reach_the_logs() {
         std::fs::write(
         &config,
         format!(
-            // No prefetch: the blob's own request is the miss whose access line is checked.
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\nprefetch_downloads = 0\n[log]\nlevel = \"trace\"\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[log]\nlevel = \"trace\"\n\
              [auth]\nhtpasswd = {:?}\ntokens_file = {:?}\n\
              [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{}\"\nusername = \"mirror\"\n{password_line}\n",
             dir.path().join(format!("cache-{format}")).display().to_string(),

@@ -42,76 +42,47 @@ async fn prefetches(mirror: &TestMirror) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_manifest_from_upstream_starts_its_blobs_downloading() {
+async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
     let origin = FakeRegistry::start().await;
-    let (config, layers) = image(&origin, "library/app", 3);
+    let (config, layers) = image(&origin, "library/app", 4);
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
 
+    // What an inspecting tool reads (the manifest, the config) starts nothing.
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert_eq!(got.status, StatusCode::OK);
-    // Nobody asked for a blob, yet every one is downloaded, verified and stored.
-    let wanted: Vec<&Digest> = std::iter::once(&config)
-        .chain(layers.iter().map(|(d, _)| d))
-        .collect();
-    eventually("the image's blobs are stored", || {
-        wanted.iter().all(|d| mirror.has_blob(d))
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{config}"))).await;
+    assert_eq!(got.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (digest, _) in &layers {
+        assert_eq!(blob_gets(&origin, "library/app", digest), 0, "{digest}");
+    }
+
+    // A pull's first layer starts the other layers: stored, verified, before anyone asks.
+    let (first, first_bytes) = &layers[0];
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{first}"))).await;
+    assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
+    eventually("the image's other layers are stored", || {
+        layers.iter().all(|(d, _)| mirror.has_blob(d))
     })
     .await;
     mirror.settle().await;
-    assert_eq!(prefetches(&mirror).await, 4.0);
-    // The client's own requests are hits: upstream sent each blob once.
+    assert_eq!(prefetches(&mirror).await, 3.0);
+    // The client's own requests for them are hits: upstream sent each blob once.
     for (digest, bytes) in &layers {
         let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
-        assert_eq!(got.status, StatusCode::OK);
         assert!(got.bytes()[..] == bytes[..], "layer byte-exact");
-    }
-    for digest in &wanted {
         assert_eq!(blob_gets(&origin, "library/app", digest), 1, "{digest}");
     }
-    // A manifest served from the cache starts nothing.
-    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(prefetches(&mirror).await, 4.0);
-}
+    assert_eq!(blob_gets(&origin, "library/app", &config), 1);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_index_starts_nothing_until_a_platform_manifest_is_asked_for() {
-    let origin = FakeRegistry::start().await;
-    let (config, layers) = image(&origin, "library/multi", 1);
-    let child = origin.add_manifest(
-        "library/multi",
-        None,
-        DOCKER_MANIFEST,
-        schema2_manifest(&config, 25, &[(layers[0].0.clone(), layers[0].1.len())]),
-    );
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": DOCKER_MANIFEST, "digest": child.to_string(), "size": 300,
-                       "platform": {"architecture": "amd64", "os": "linux"}}],
-    });
-    origin.add_manifest(
-        "library/multi",
-        Some("multi"),
-        "application/vnd.oci.image.index.v1+json",
-        index.to_string(),
-    );
-    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
-    let got = get_manifest(&mirror.url("/v2/library/multi/manifests/multi")).await;
-    assert_eq!(got.status, StatusCode::OK);
+    // Once is enough: with everything evicted, the first layer's new download starts nothing.
+    mirror.app.cache().lifecycle().evict_to(0, "test");
+    assert!(!mirror.has_blob(first));
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{first}"))).await;
+    assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(blob_gets(&origin, "library/multi", &config), 0);
-    assert_eq!(
-        origin.hits("GET", &format!("/v2/library/multi/manifests/{child}")),
-        0
-    );
-
-    let got = get_manifest(&mirror.url(&format!("/v2/library/multi/manifests/{child}"))).await;
-    assert_eq!(got.status, StatusCode::OK);
-    eventually("the platform's blobs are stored", || {
-        mirror.has_blob(&config) && mirror.has_blob(&layers[0].0)
-    })
-    .await;
+    assert_eq!(prefetches(&mirror).await, 3.0);
+    assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,21 +97,26 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
     let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 2).await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert_eq!(got.status, StatusCode::OK);
+    let (first, first_bytes) = layers[0].clone();
+    let first_client = tokio::spawn({
+        let url = mirror.url(&format!("/v2/library/app/blobs/{first}"));
+        async move { get(&url).await }
+    });
 
-    // Two downloads at once, and no more while they are held up.
-    eventually("two prefetches run", || {
-        mirror.app.cache().fills_in_flight() == 2
+    // The client's download and two prefetches at once, no more while they are held up.
+    eventually("two prefetches run beside the client's download", || {
+        mirror.app.cache().fills_in_flight() == 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(mirror.app.cache().fills_in_flight(), 2);
-    // The config (one chunk, never held) is done; two layers are held.
+    assert_eq!(mirror.app.cache().fills_in_flight(), 3);
+    // The config (one chunk, never held) is done; the client's layer and two others are held.
     assert_eq!(blob_gets(&origin, "library/app", &config), 1);
     let asked: usize = layers
         .iter()
         .map(|(d, _)| blob_gets(&origin, "library/app", d))
         .sum();
-    assert_eq!(asked, 2, "upstream was asked for more than the bound");
+    assert_eq!(asked, 3, "upstream was asked for more than the bound");
 
     // A client asking for the last layer starts its own download at once.
     let (last, last_bytes) = layers.last().unwrap().clone();
@@ -149,13 +125,15 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
         async move { get(&url).await }
     });
     eventually("the client's download runs beside the prefetches", || {
-        mirror.app.cache().fills_in_flight() == 3
+        mirror.app.cache().fills_in_flight() == 4
     })
     .await;
     gate.add_permits(1000);
     let got = client.await.unwrap();
     assert_eq!(got.status, StatusCode::OK);
     assert!(got.bytes()[..] == last_bytes[..], "layer byte-exact");
+    let got = first_client.await.unwrap();
+    assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
 
     // Everything arrives, each blob sent once.
     for (digest, bytes) in &layers {
@@ -176,9 +154,45 @@ async fn prefetch_downloads_0_turns_it_off() {
     let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 0).await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert_eq!(got.status, StatusCode::OK);
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{}", layers[0].0))).await;
+    assert_eq!(got.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for digest in std::iter::once(&config).chain(layers.iter().map(|(d, _)| d)) {
+    assert_eq!(blob_gets(&origin, "library/app", &config), 0);
+    assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 0);
+    assert_eq!(prefetches(&mirror).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_starts_no_more_prefetches() {
+    let origin = FakeRegistry::start().await;
+    let (_, layers) = image(&origin, "library/app", 4);
+    let gate = Arc::new(Semaphore::new(0));
+    origin.knobs(|k| {
+        k.gate = Some(Arc::clone(&gate));
+        k.chunk = Some(64 * 1024);
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let client = tokio::spawn({
+        let url = mirror.url(&format!("/v2/library/app/blobs/{}", layers[0].0));
+        async move { get(&url).await }
+    });
+    // The client's layer and one prefetch are held; two more prefetches wait for the slot.
+    eventually("one prefetch runs beside the client's download", || {
+        mirror.app.cache().fills_in_flight() == 2
+    })
+    .await;
+    let cache = mirror.cache_dir();
+    let stopped = tokio::spawn(mirror.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.add_permits(1000);
+    assert!(client.await.unwrap().bytes()[..] == layers[0].1[..]);
+    let _kept = stopped.await.unwrap();
+    // What ran was finished and kept; what waited never started.
+    assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 1);
+    assert!(blob_path(&cache, &layers[1].0).exists());
+    for (digest, _) in &layers[2..] {
         assert_eq!(blob_gets(&origin, "library/app", digest), 0, "{digest}");
     }
-    assert_eq!(prefetches(&mirror).await, 0.0);
 }

@@ -20,7 +20,7 @@ async fn busy_mirror(origin: &FakeRegistry) -> TestMirror {
     origin.knobs(|k| k.rate_limit_headers = true);
     let mirror = TestMirror::start(&origin.url(), |c| {
         c.cache.max_size = Some(100 * 1024 * 1024);
-        // The layer's first request is its miss, not a prefetch's.
+        // Only what the test asks for is fetched.
         c.cache.prefetch_downloads = 0;
     })
     .await;

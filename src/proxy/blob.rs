@@ -70,6 +70,7 @@ pub async fn serve(
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
                 fill::spawn(fill_job(app, registry, repo, digest), permit, temp);
+                app.prefetcher().layer_missed(app, digest);
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
         };

@@ -343,7 +343,7 @@ async fn read_upstream_manifest(
         .link(&app.routes()[registry].name, repo, served)
         .await;
     let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
-    app.prefetcher().start(app, registry, repo, blobs);
+    app.prefetcher().image_arrived(registry, repo, blobs);
     Ok(manifest)
 }
 
