@@ -213,9 +213,12 @@ impl Live {
 
     /// Switches to a new configuration, or keeps the running one and says why not.
     pub fn reload(&self, config: Config) -> Result<(), String> {
-        let next = self.get().reconfigured(config)?;
+        let previous = self.get();
+        let next = previous.reconfigured(config)?;
         let registries: Vec<String> = next.routes.iter().map(|r| r.name.clone()).collect();
         *self.current.write().expect("live lock poisoned") = Arc::new(next);
+        // Downloads it started go on; what it still meant to start, the new one decides.
+        previous.prefetcher().stop();
         tracing::info!(?registries, "configuration reloaded");
         Ok(())
     }

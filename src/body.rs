@@ -34,11 +34,11 @@ const READ_CHUNK: u64 = 1024 * 1024;
 pub struct WindowSize(pub u64);
 
 impl WindowSize {
-    /// Under TLS, rustls reads every byte of a window to encrypt it, so the whole window is
-    /// resident in the process while it is sent: kept small.
+    /// Under TLS (and HTTP/2, whose frames are copied), every byte of a window is read by the
+    /// process, so the whole window is resident while it is sent: kept small.
     pub const TLS: WindowSize = WindowSize(READ_CHUNK);
-    /// On a plain connection windows go out by `sendfile` and the process never touches their
-    /// pages; larger windows mean fewer loads, mappings and wake-ups per byte served.
+    /// On a plain HTTP/1 connection windows go out by `sendfile` and the process never touches
+    /// their pages; larger windows mean fewer loads, mappings and wake-ups per byte served.
     pub const PLAIN: WindowSize = WindowSize(4 * READ_CHUNK);
 }
 

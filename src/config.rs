@@ -414,6 +414,8 @@ fn default_unknown_registry_status() -> u16 {
 }
 /// Far above what one process can serve; a typo guard.
 const MAX_CONNECTIONS: usize = 1_000_000;
+/// More downloads ahead of clients than this would only compete with the clients' own.
+const MAX_PREFETCH_DOWNLOADS: usize = 64;
 
 fn default_header_timeout() -> Duration {
     Duration::from_secs(30)
@@ -509,6 +511,12 @@ impl Config {
             return Err(invalid(
                 "server.max_connections",
                 format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if self.cache.prefetch_downloads > MAX_PREFETCH_DOWNLOADS {
+            return Err(invalid(
+                "cache.prefetch_downloads",
+                format!("must be at most {MAX_PREFETCH_DOWNLOADS}"),
             ));
         }
         if self.server.max_requests_per_connection == 0 {
@@ -900,6 +908,10 @@ mod tests {
         assert!(e.to_string().contains("watermark"), "{e}");
         let e = Config::parse("[cache]\npin = [\"quay.io/x:1\"]\n").unwrap_err();
         assert!(e.to_string().contains("cache.pin[0]"), "{e}");
+        let e = Config::parse("[cache]\nprefetch_downloads = 100000\n").unwrap_err();
+        assert!(e.to_string().contains("cache.prefetch_downloads"), "{e}");
+        let c = Config::parse("[cache]\nprefetch_downloads = 0\n").unwrap();
+        assert_eq!(c.cache.prefetch_downloads, 0);
     }
 
     #[test]

@@ -322,9 +322,13 @@ pub fn descriptors(body: &[u8]) -> Vec<(Digest, Option<u64>)> {
         .collect()
 }
 
+/// Most layers an image may have for [`image_blobs`] to list them (Docker allows 127).
+const MAX_IMAGE_LAYERS: usize = 256;
+
 /// The blobs an image manifest references that its registry serves: the config, then the
-/// layers in order. Foreign and non-distributable layers (fetched from their own URLs) are left
-/// out; an index, or anything else, has none.
+/// layers in order, each once. Foreign and non-distributable layers (fetched from their own
+/// URLs) are left out; an index, a manifest whose config digest does not parse, one of more
+/// than [`MAX_IMAGE_LAYERS`] layers, or anything else, has none.
 pub fn image_blobs(media_type: &str, body: &[u8]) -> Vec<Digest> {
     #[derive(serde::Deserialize)]
     struct Descriptor {
@@ -351,10 +355,21 @@ pub fn image_blobs(media_type: &str, body: &[u8]) -> Vec<Digest> {
             && !d.media_type.contains("foreign")
             && !d.media_type.contains("nondistributable")
     };
-    std::iter::once(&image.config)
-        .chain(image.layers.iter().filter(|d| served(d)))
-        .filter_map(|d| d.digest.parse().ok())
-        .collect()
+    if image.layers.len() > MAX_IMAGE_LAYERS {
+        return Vec::new();
+    }
+    let Ok(config) = image.config.digest.parse::<Digest>() else {
+        return Vec::new();
+    };
+    let mut blobs = vec![config];
+    for layer in image.layers.iter().filter(|d| served(d)) {
+        if let Ok(digest) = layer.digest.parse::<Digest>() {
+            if !blobs.contains(&digest) {
+                blobs.push(digest);
+            }
+        }
+    }
+    blobs
 }
 
 #[cfg(test)]
@@ -493,7 +508,7 @@ mod tests {
         );
         assert_eq!(
             image_blobs(OCI_MANIFEST, image.as_bytes()),
-            vec![c.clone(), l1, l2]
+            vec![c.clone(), l1.clone(), l2]
         );
         // An index references manifests, not blobs; a body of another type counts for nothing.
         let index = format!(r#"{{"manifests":[{{"digest":"{c}"}}]}}"#);
@@ -501,5 +516,15 @@ mod tests {
         assert!(image_blobs(OCI_MANIFEST, index.as_bytes()).is_empty());
         assert!(image_blobs(OCI_INDEX, image.as_bytes()).is_empty());
         assert!(image_blobs(OCI_MANIFEST, b"junk").is_empty());
+        // Each blob once; a config that does not parse leaves nothing to go by.
+        let repeated = format!(
+            r#"{{"config":{{"digest":"{c}"}},"layers":[{{"digest":"{l1}"}},{{"digest":"{l1}"}}]}}"#
+        );
+        assert_eq!(
+            image_blobs(OCI_MANIFEST, repeated.as_bytes()),
+            vec![c, l1.clone()]
+        );
+        let bad_config = format!(r#"{{"config":{{"digest":"x"}},"layers":[{{"digest":"{l1}"}}]}}"#);
+        assert!(image_blobs(OCI_MANIFEST, bad_config.as_bytes()).is_empty());
     }
 }

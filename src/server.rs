@@ -192,6 +192,11 @@ async fn drive<I>(
             shared.limits.max_requests,
         );
         service_fn(move |mut request: http::Request<Incoming>| {
+            // HTTP/2 frames are copied, never sent by `sendfile`: its windows stay small.
+            let window = match request.version() < http::Version::HTTP_2 {
+                true => window,
+                false => WindowSize::TLS,
+            };
             request.extensions_mut().insert(window);
             // Each request runs on the configuration generation current when it arrived.
             let app = live.get();

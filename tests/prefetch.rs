@@ -74,6 +74,24 @@ async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
         assert_eq!(blob_gets(&origin, "library/app", digest), 1, "{digest}");
     }
     assert_eq!(blob_gets(&origin, "library/app", &config), 1);
+    // Each prefetched layer's first client counts as a miss (upstream sent those bytes for it),
+    // and only the first layer's second answer as saved.
+    let text = get(&mirror.url("/metrics")).await;
+    let text = String::from_utf8(text.bytes().to_vec()).unwrap();
+    let blob_outcome = |outcome| {
+        metric_value(
+            &text,
+            "regmirror_cache_requests_total",
+            &[("kind", "blob"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((blob_outcome("miss"), blob_outcome("hit")), (5.0, 1.0));
+    let saved = metric_value(
+        &text,
+        "regmirror_served_bytes_total",
+        &[("source", "cache")],
+    );
+    assert_eq!(saved, first_bytes.len() as f64);
 
     // Once is enough: with everything evicted, the first layer's new download starts nothing.
     mirror.app.cache().lifecycle().evict_to(0, "test");
@@ -148,6 +166,31 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_miss_where_the_manifest_came_from_starts_its_image() {
+    let origin = FakeRegistry::start().await;
+    let (config, layers) = image(&origin, "library/app", 3);
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    // The same layer pulled through another repository: that client's image is not this one.
+    let (first, first_bytes) = &layers[0];
+    let got = get(&mirror.url(&format!("/v2/library/other/blobs/{first}"))).await;
+    assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(blob_gets(&origin, "library/app", &config), 0);
+    assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 0);
+    assert_eq!(prefetches(&mirror).await, 0.0);
+    // A miss in the image's own repository starts it.
+    let (second, second_bytes) = &layers[1];
+    let got = get(&mirror.url(&format!("/v2/library/app/blobs/{second}"))).await;
+    assert!(got.bytes()[..] == second_bytes[..], "layer byte-exact");
+    eventually("the rest of the image is stored", || {
+        mirror.has_blob(&config) && mirror.has_blob(&layers[2].0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_downloads_0_turns_it_off() {
     let origin = FakeRegistry::start().await;
     let (config, layers) = image(&origin, "library/app", 2);
@@ -181,6 +224,10 @@ async fn a_stopping_server_starts_no_more_prefetches() {
     // The client's layer and one prefetch are held; two more prefetches wait for the slot.
     eventually("one prefetch runs beside the client's download", || {
         mirror.app.cache().fills_in_flight() == 2
+    })
+    .await;
+    eventually("the prefetch of the second layer has started", || {
+        blob_gets(&origin, "library/app", &layers[1].0) == 1
     })
     .await;
     let cache = mirror.cache_dir();

@@ -58,19 +58,19 @@ pub async fn serve(
     for _ in 0..RESTARTS {
         let followed = match app.cache().blob(digest).await? {
             Role::Hit(hit) => {
-                *outcome = Outcome::Hit;
+                *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Hit);
                 confirm(app, registry, repo, digest, Content::Blob).await?;
                 return Ok(respond_hit(digest, hit, range, window));
             }
             Role::Follower(fill) => {
-                *outcome = Outcome::Join;
+                *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Join);
                 confirm(app, registry, repo, digest, Content::Blob).await?;
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
                 fill::spawn(fill_job(app, registry, repo, digest), permit, temp);
-                app.prefetcher().layer_missed(app, digest);
+                app.prefetcher().layer_missed(app, registry, repo, digest);
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
         };
@@ -83,6 +83,12 @@ pub async fn serve(
         Code::Unavailable,
         format!("the download of {digest} was abandoned {RESTARTS} times"),
     ))
+}
+
+/// A miss for the first client of a blob downloaded ahead of it: upstream sent those bytes for
+/// it, so they were not saved.
+fn first_client_of_prefetch(app: &App, digest: &Digest) -> Option<Outcome> {
+    app.prefetcher().claim(digest).then_some(Outcome::Miss)
 }
 
 /// What the download of `digest` for `repo` needs.

@@ -5,7 +5,9 @@
 //! at a time as dockerd does, then joins downloads already running or hits the cache.
 //!
 //! A manifest alone starts nothing, nor does a config: tools that only inspect images (which
-//! read manifests and configs, never layers) cost no layer downloads.
+//! read manifests and configs, never layers) cost no layer downloads. Only a miss in the
+//! registry and repository the manifest came from starts its image. The first client to get a
+//! blob downloaded ahead of it is counted as a miss (its bytes were not saved), not a hit.
 
 use crate::app::App;
 use crate::cache::inflight::{FillState, Role};
@@ -15,8 +17,14 @@ use crate::oci::RepoName;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-/// Images remembered for prefetching: layers of the images whose manifests arrived lately.
-const REMEMBERED_LAYERS: u64 = 16 * 1024;
+/// Memory for images remembered for prefetching, in blob digests: each layer key weighs its
+/// whole image, so this bounds what they hold however they are made.
+const REMEMBERED_WEIGHT: u64 = 64 * 1024;
+/// Blobs downloaded ahead of clients and not yet served, remembered to count their first client.
+const UNCLAIMED: u64 = 4 * 1024;
+
+/// A layer of an image remembered, where its manifest came from.
+type LayerKey = (usize, RepoName, Digest);
 
 /// The downloads started ahead of clients, bounded across all images.
 pub struct Prefetcher {
@@ -24,7 +32,9 @@ pub struct Prefetcher {
     slots: Option<Arc<Semaphore>>,
     /// Each layer of an image whose manifest arrived from upstream lately, with that image's
     /// blobs; forgotten once one of them started the rest.
-    images: moka::sync::Cache<Digest, Arc<Image>>,
+    images: moka::sync::Cache<LayerKey, Arc<Image>>,
+    /// Blobs downloaded ahead of clients that no client has been served yet.
+    unclaimed: moka::sync::Cache<Digest, ()>,
 }
 
 /// The blobs of one image manifest, config first, and where they come from.
@@ -38,7 +48,11 @@ impl Prefetcher {
     pub fn new(downloads_at_once: usize) -> Prefetcher {
         Prefetcher {
             slots: (downloads_at_once > 0).then(|| Arc::new(Semaphore::new(downloads_at_once))),
-            images: moka::sync::Cache::new(REMEMBERED_LAYERS),
+            images: moka::sync::Cache::builder()
+                .max_capacity(REMEMBERED_WEIGHT)
+                .weigher(|_, image: &Arc<Image>| image.blobs.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            unclaimed: moka::sync::Cache::new(UNCLAIMED),
         }
     }
 
@@ -53,20 +67,30 @@ impl Prefetcher {
             blobs,
         });
         for layer in &image.blobs[1..] {
-            self.images.insert(layer.clone(), Arc::clone(&image));
+            let key = (registry, repo.clone(), layer.clone());
+            self.images.insert(key, Arc::clone(&image));
         }
     }
 
-    /// A client's request for `digest` started its download: when it is a layer of an image
-    /// remembered, the image's other blobs start downloading too. Returns at once.
-    pub fn layer_missed(&self, app: &App, digest: &Digest) {
-        let Some(image) = self.images.get(digest) else {
+    /// A client's request for `digest` in `repo` started its download: when it is a layer of
+    /// an image remembered from there, the image's other blobs start downloading too (once: the
+    /// image is forgotten). Returns at once.
+    pub fn layer_missed(&self, app: &App, registry: usize, repo: &RepoName, digest: &Digest) {
+        let key = (registry, repo.clone(), digest.clone());
+        let Some(image) = self.images.remove(&key) else {
             return;
         };
         for layer in &image.blobs[1..] {
-            self.images.invalidate(layer);
+            self.images
+                .invalidate(&(registry, repo.clone(), layer.clone()));
         }
         self.start(app, &image);
+    }
+
+    /// Whether `digest` was downloaded ahead of clients and this is its first client (who is
+    /// then counted as a miss: upstream sent those bytes for it).
+    pub fn claim(&self, digest: &Digest) -> bool {
+        self.unclaimed.contains_key(digest) && self.unclaimed.remove(digest).is_some()
     }
 
     /// Starts no more downloads (the server is stopping); those running go on.
@@ -96,6 +120,7 @@ impl Prefetcher {
             return;
         }
         let (slots, cache) = (Arc::clone(slots), Arc::clone(app.cache()));
+        let unclaimed = self.unclaimed.clone();
         let started = app.metrics().prefetches_counter();
         tokio::spawn(async move {
             for (digest, job) in wanted {
@@ -109,6 +134,7 @@ impl Prefetcher {
                 match cache.blob(&digest).await {
                     Ok(Role::Leader(permit, fill, temp)) => {
                         started.inc();
+                        unclaimed.insert(digest.clone(), ());
                         tracing::debug!(%digest, "prefetching");
                         fill::spawn(job, permit, temp);
                         let mut progress = fill.progress;
