@@ -5,15 +5,5 @@
 # and WRK_SECONDS tune it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-for package in docker-registry nginx-light wrk curl skopeo; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-cargo build --release --quiet
+benches/install.sh docker-registry nginx-light wrk curl skopeo
 exec cargo bench --quiet --bench load

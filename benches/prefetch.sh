@@ -8,17 +8,7 @@
 # missing; builds regmirror in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-for package in docker-registry nginx-light curl skopeo python3; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-cargo build --release --quiet
+benches/install.sh docker-registry nginx-light curl skopeo python3
 bin="$PWD/target/release/regmirror"
 rounds=${ROUNDS:-2} layers=${LAYERS:-10} layer_mib=${LAYER_MIB:-32} rate=${RATE:-10m}
 

@@ -350,16 +350,16 @@ pub fn image_blobs(media_type: &str, body: &[u8]) -> Vec<Digest> {
     let Ok(image) = serde_json::from_slice::<Image>(body) else {
         return Vec::new();
     };
-    let served = |d: &Descriptor| {
-        d.urls.is_empty()
-            && !d.media_type.contains("foreign")
-            && !d.media_type.contains("nondistributable")
-    };
     if image.layers.len() > MAX_IMAGE_LAYERS {
         return Vec::new();
     }
     let Ok(config) = image.config.digest.parse::<Digest>() else {
         return Vec::new();
+    };
+    let served = |d: &Descriptor| {
+        d.urls.is_empty()
+            && !d.media_type.contains("foreign")
+            && !d.media_type.contains("nondistributable")
     };
     let mut blobs = vec![config];
     for layer in image.layers.iter().filter(|d| served(d)) {

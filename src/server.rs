@@ -192,16 +192,14 @@ async fn drive<I>(
             shared.limits.max_requests,
         );
         service_fn(move |mut request: http::Request<Incoming>| {
+            let http1 = request.version() < http::Version::HTTP_2;
             // HTTP/2 frames are copied, never sent by `sendfile`: its windows stay small.
-            let window = match request.version() < http::Version::HTTP_2 {
-                true => window,
-                false => WindowSize::TLS,
-            };
-            request.extensions_mut().insert(window);
+            request
+                .extensions_mut()
+                .insert(if http1 { window } else { WindowSize::TLS });
             // Each request runs on the configuration generation current when it arrived.
             let app = live.get();
             let (busy, last) = activity.begin(max_requests);
-            let http1 = request.version() < http::Version::HTTP_2;
             async move {
                 let mut response = proxy::handle(app, request, client).await;
                 if last && http1 {

@@ -37,16 +37,13 @@ async fn concurrent_cold_clients_share_one_upstream_download() {
         1
     );
     // One client's bytes came from upstream; the 31 that joined count as saved.
-    let served = |source: &'static str| {
-        let mirror = &mirror;
-        async move {
-            let text = get(&mirror.url("/metrics")).await;
-            let text = String::from_utf8(text.bytes().to_vec()).unwrap();
-            metric_value(&text, "regmirror_served_bytes_total", &[("source", source)])
-        }
-    };
-    assert_eq!(served("upstream").await, blob.len() as f64);
-    assert_eq!(served("cache").await, 31.0 * blob.len() as f64);
+    let served = "regmirror_served_bytes_total";
+    let upstream = mirror.metric(served, &[("source", "upstream")]).await;
+    let saved = mirror.metric(served, &[("source", "cache")]).await;
+    assert_eq!(
+        (upstream, saved),
+        (blob.len() as f64, 31.0 * blob.len() as f64)
+    );
     mirror.settle().await;
     assert!(mirror.has_blob(&digest));
     // Now a hit: upstream is not asked again.
@@ -388,9 +385,9 @@ async fn a_stalled_upstream_body_fails_the_fill_within_the_stall_timeout() {
 /// `n` clients asking for `url` at once.
 /// Bytes sent by `sendfile` so far, from `/metrics`.
 async fn sendfile_bytes(mirror: &TestMirror) -> f64 {
-    let text = get(&mirror.url("/metrics")).await;
-    let text = String::from_utf8(text.bytes().to_vec()).unwrap();
-    metric_value(&text, "regmirror_served_bytes_sendfile_total", &[])
+    mirror
+        .metric("regmirror_served_bytes_sendfile_total", &[])
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

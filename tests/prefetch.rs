@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+/// Layers with their bytes.
+type Layers = Vec<(Digest, Vec<u8>)>;
+
 /// An image of `layers` random layers under `repo:1.0`: (config, layers with their bytes).
-fn image(origin: &FakeRegistry, repo: &str, layers: usize) -> (Digest, Vec<(Digest, Vec<u8>)>) {
+fn image(origin: &FakeRegistry, repo: &str, layers: usize) -> (Digest, Layers) {
     let config = origin.add_blob(b"{\"architecture\":\"amd64\"}".to_vec());
-    let layers: Vec<(Digest, Vec<u8>)> = (0..layers)
+    let layers: Layers = (0..layers)
         .map(|i| {
             let bytes = random_bytes(256 * 1024, 130 + i as u64);
             (origin.add_blob(bytes.clone()), bytes)
@@ -36,9 +39,24 @@ fn blob_gets(origin: &FakeRegistry, repo: &str, digest: &Digest) -> usize {
 }
 
 async fn prefetches(mirror: &TestMirror) -> f64 {
-    let text = get(&mirror.url("/metrics")).await;
-    let text = String::from_utf8(text.bytes().to_vec()).unwrap();
-    metric_value(&text, "regmirror_prefetches_total", &[])
+    mirror.metric("regmirror_prefetches_total", &[]).await
+}
+
+/// `image` with each blob body held after its first chunk until the returned gate opens.
+fn held_image(origin: &FakeRegistry, layers: usize) -> (Digest, Layers, Arc<Semaphore>) {
+    let (config, layers) = image(origin, "library/app", layers);
+    let gate = Arc::new(Semaphore::new(0));
+    origin.knobs(|k| {
+        k.gate = Some(Arc::clone(&gate));
+        k.chunk = Some(64 * 1024);
+    });
+    (config, layers, gate)
+}
+
+/// A client asking for a blob of `library/app`, in the background.
+fn spawn_blob_get(mirror: &TestMirror, digest: &Digest) -> tokio::task::JoinHandle<Got> {
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    tokio::spawn(async move { get(&url).await })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,20 +124,12 @@ async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetches_are_bounded_and_never_hold_a_client_back() {
     let origin = FakeRegistry::start().await;
-    let (config, layers) = image(&origin, "library/app", 6);
-    let gate = Arc::new(Semaphore::new(0));
-    origin.knobs(|k| {
-        k.gate = Some(Arc::clone(&gate));
-        k.chunk = Some(64 * 1024);
-    });
+    let (config, layers, gate) = held_image(&origin, 6);
     let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 2).await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert_eq!(got.status, StatusCode::OK);
     let (first, first_bytes) = layers[0].clone();
-    let first_client = tokio::spawn({
-        let url = mirror.url(&format!("/v2/library/app/blobs/{first}"));
-        async move { get(&url).await }
-    });
+    let first_client = spawn_blob_get(&mirror, &first);
 
     // The client's download and two prefetches at once, no more while they are held up.
     eventually("two prefetches run beside the client's download", || {
@@ -138,10 +148,7 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
 
     // A client asking for the last layer starts its own download at once.
     let (last, last_bytes) = layers.last().unwrap().clone();
-    let client = tokio::spawn({
-        let url = mirror.url(&format!("/v2/library/app/blobs/{last}"));
-        async move { get(&url).await }
-    });
+    let client = spawn_blob_get(&mirror, &last);
     eventually("the client's download runs beside the prefetches", || {
         mirror.app.cache().fills_in_flight() == 4
     })
@@ -208,19 +215,11 @@ async fn prefetch_downloads_0_turns_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_starts_no_more_prefetches() {
     let origin = FakeRegistry::start().await;
-    let (_, layers) = image(&origin, "library/app", 4);
-    let gate = Arc::new(Semaphore::new(0));
-    origin.knobs(|k| {
-        k.gate = Some(Arc::clone(&gate));
-        k.chunk = Some(64 * 1024);
-    });
+    let (_, layers, gate) = held_image(&origin, 4);
     let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert_eq!(got.status, StatusCode::OK);
-    let client = tokio::spawn({
-        let url = mirror.url(&format!("/v2/library/app/blobs/{}", layers[0].0));
-        async move { get(&url).await }
-    });
+    let client = spawn_blob_get(&mirror, &layers[0].0);
     // The client's layer and one prefetch are held; two more prefetches wait for the slot.
     eventually("one prefetch runs beside the client's download", || {
         mirror.app.cache().fills_in_flight() == 2

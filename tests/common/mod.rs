@@ -657,6 +657,12 @@ impl TestMirror {
         .await;
     }
 
+    /// The value of one series on `/metrics` now.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = get(&self.url("/metrics")).await;
+        metric_value(&String::from_utf8_lossy(text.bytes()), name, labels)
+    }
+
     /// Files left under `tmp/`.
     pub fn temp_files(&self) -> usize {
         std::fs::read_dir(self.cache_dir().join("tmp"))
