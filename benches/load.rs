@@ -7,8 +7,9 @@
 //! `512,2048`), `LAYERS` x `LAYER_MIB` for the image pulled by skopeo (default 10 x 32),
 //! `WRK_SECONDS` (default 5), `KEEP=1` to keep the work directory.
 //!
-//! Each mirror reaches the origin through its own byte-counting TCP forwarder, so "bytes the
-//! origin sent" is measured, not inferred. Clients are curl (bulk transfers), wrk (GETs of small
+//! Mirrors reach the origin directly, as the direct path does; "bytes the origin sent" is read
+//! from the origin's access log (the size of every response it logged), so it is measured, not
+//! inferred. Clients are curl (bulk transfers), wrk (GETs of small
 //! objects at 64 connections), a HEAD driver of its own (64 keep-alive connections; wrk cannot
 //! drive HEAD: its parser waits for the body a HEAD answer announces) and skopeo (a whole image).
 //! Peak RSS (and, sampled, peak anonymous RSS) and CPU seconds come from /proc.
@@ -17,9 +18,9 @@ use regmirror::digest::{Digest, Hasher};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,9 @@ fn main() {
     println!("work dir {}", dir.display());
 
     let origin = Service::docker_registry(&dir.join("origin"), None);
+    let origin_log = OriginLog {
+        path: dir.join("origin").join("log"),
+    };
     let mut blobs = Vec::new();
     for &size in &sizes {
         blobs.push(seed_blob(&dir, &origin, REPO, size * MIB, 1));
@@ -73,13 +77,12 @@ fn main() {
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
         for kind in MirrorKind::ALL {
-            let forwarder = Forwarder::start(origin.port);
             let mirror_dir = dir.join(format!("{}-{round}", kind.name()));
-            let mirror = Mirror::start(kind, &mirror_dir, forwarder.port);
+            let mirror = Mirror::start(kind, &mirror_dir, origin.port);
             let anon = AnonPeak::start(mirror.service.pid());
             run_workloads(
                 &mirror,
-                &forwarder,
+                &origin_log,
                 &blobs,
                 &shared,
                 &small,
@@ -174,17 +177,20 @@ impl Service {
         service
     }
 
+    /// The origin (`proxy_to: None`, access log on: see [`OriginLog`]), or distribution in
+    /// proxy mode in front of it (access log off, like the other mirrors').
     fn docker_registry(dir: &Path, proxy_to: Option<u16>) -> Service {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let proxy = proxy_to.map_or(String::new(), |p| {
             format!("proxy:\n  remoteurl: http://127.0.0.1:{p}\n")
         });
+        let access_log_disabled = proxy_to.is_some();
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: {access_log_disabled}\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
                 dir.join("data").display()
             ),
         )
@@ -307,48 +313,46 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A TCP forwarder in front of the origin that counts the bytes the origin sends.
-struct Forwarder {
-    port: u16,
-    sent: Arc<AtomicU64>,
+/// The origin's access log (combined format, one line per request, written when the request
+/// ends): what the origin sent is read from it, so mirrors reach the origin directly, on the same
+/// path as the direct measurements.
+struct OriginLog {
+    path: PathBuf,
 }
 
-impl Forwarder {
-    fn start(origin: u16) -> Forwarder {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let sent = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&sent);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(upstream) = TcpStream::connect(("127.0.0.1", origin)) else {
-                    continue;
-                };
-                let counter = Arc::clone(&counter);
-                let (mut c_read, mut u_write) =
-                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_read, &mut u_write);
-                    let _ = u_write.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut u_read, mut c_write) = (upstream, client);
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    while let Ok(n) = u_read.read(&mut buf) {
-                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        counter.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    let _ = c_write.shutdown(std::net::Shutdown::Write);
-                });
+impl OriginLog {
+    /// Bytes the origin has sent for requests of `request_path`, once its log stops growing (a
+    /// request is logged when it ends).
+    fn bytes_sent(&self, request_path: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = self.sum(request_path);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.sum(request_path);
+            if now == last || Instant::now() > deadline {
+                return now;
             }
-        });
-        Forwarder { port, sent }
+            last = now;
+        }
     }
 
-    fn bytes(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+    /// The size field of every logged request for `request_path`:
+    /// `host - - [time] "GET /path HTTP/1.1" 200 SIZE "referer" "agent"`.
+    fn sum(&self, request_path: &str) -> u64 {
+        let needle = format!(" {request_path} HTTP/");
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .filter_map(|line| {
+                line.split('"')
+                    .nth(2)?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
     }
 }
 
@@ -630,7 +634,7 @@ fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
 #[allow(clippy::too_many_arguments)]
 fn run_workloads(
     mirror: &Mirror,
-    forwarder: &Forwarder,
+    origin_log: &OriginLog,
     blobs: &[Blob],
     shared: &Blob,
     small: &Blob,
@@ -644,7 +648,7 @@ fn run_workloads(
     let (mut hit_cpu, mut hit_bytes) = (0.0, 0u64);
     // (3) 16 concurrent cold clients on one blob: wall time, first bytes, what the origin sent.
     quiesce();
-    let before = forwarder.bytes();
+    let before = origin_log.bytes_sent(&blob_path(shared));
     let (wall, ttfbs, complete) =
         fetch_concurrently(&mirror.url(&blob_path(shared)), 16, shared.size);
     assert!(
@@ -661,7 +665,7 @@ fn run_workloads(
     results.record(
         name,
         &format!("16 cold x {mib} MiB origin sent x"),
-        (forwarder.bytes() - before) as f64 / shared.size as f64,
+        (origin_log.bytes_sent(&blob_path(shared)) - before) as f64 / shared.size as f64,
     );
     delivered += 16 * shared.size;
     // (1) cold miss, one client; (2) warm hits at 1, 8 and 32 clients.

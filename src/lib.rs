@@ -16,7 +16,7 @@
 //! - [`error`]: errors by source and the OCI error table.
 //! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
 //! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`).
-//! - [`config`], [`app`], [`shutdown`], [`telemetry`]: set-up.
+//! - [`config`], [`app`], [`shutdown`], [`telemetry`], [`allocator`]: set-up.
 //!
 //! # Life of a request
 //! 1. `server` accepts the connection; hyper parses the request.
@@ -32,6 +32,7 @@
 //! 5. `proxy` turns errors into OCI error JSON, adds the common headers and logs one access line.
 
 pub mod access;
+pub mod allocator;
 pub mod app;
 pub mod body;
 pub mod cache;

@@ -121,6 +121,7 @@ fn main() -> ExitCode {
             if log_json {
                 c.log.format = LogFormat::Json;
             }
+            regmirror::allocator::keep_freed_buffers();
             let _log = telemetry::init(c.log.format, &c.log.level);
             runtime().block_on(serve(c, config.clone()))
         }),

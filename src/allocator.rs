@@ -1,0 +1,29 @@
+//! How the C allocator treats memory the process frees.
+//!
+//! A download's upstream chunks (a few hundred KB each) are allocated by the network half and
+//! freed by the disk writer or the hasher moments later. glibc's defaults hand the top of each
+//! heap back to the kernel as soon as more than about twice the chunk size is free there, so
+//! every new chunk was received into freshly faulted, zeroed pages: on a cold 512 MiB miss, page
+//! faults and `madvise` made up about 14 % of the process's CPU. Keeping up to 16 MiB free per
+//! heap removes that work; resident memory stays at what the busiest moment needed.
+
+/// Largest free block at the top of a heap that is kept rather than returned to the kernel.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 16 << 20;
+/// Allocations of this size and more get mappings of their own (fixed: no dynamic threshold).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 4 << 20;
+
+/// Tunes glibc's malloc for the server, unless the operator tunes malloc through
+/// `GLIBC_TUNABLES`. Call before any thread starts. Elsewhere (musl, other systems) it does
+/// nothing.
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+        // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
+    }
+}
