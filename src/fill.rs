@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// Chunks queued between the network half and each of the writer and the hasher. Upstream
-/// chunks run to a few hundred KB, so this bounds a download's buffered bytes at a few MiB;
-/// 64 held up to 15 MiB more at peak, for no more throughput.
-const WRITE_QUEUE: usize = 16;
+/// chunks run to a few hundred KB, so this bounds a download's buffered bytes at about 2 MiB
+/// (the socket's receive buffer absorbs bursts beyond it). 16 held 8 MiB more per download at
+/// peak, and 64 another 15 MiB, for no more throughput.
+const WRITE_QUEUE: usize = 6;
 /// Most chunks written before readers are told how far the file goes.
 const WRITE_BATCH: usize = 16;
 
