@@ -15,11 +15,15 @@ use tokio::sync::Semaphore;
 type Layers = Vec<(Digest, Vec<u8>)>;
 
 /// An image of `layers` random layers under `repo:1.0`: (config, layers with their bytes).
+/// Images of different repositories share no blob.
 fn image(origin: &FakeRegistry, repo: &str, layers: usize) -> (Digest, Layers) {
-    let config = origin.add_blob(b"{\"architecture\":\"amd64\"}".to_vec());
+    let config = format!("{{\"architecture\":\"amd64\",\"comment\":\"{repo}\"}}");
+    let config_size = config.len();
+    let config = origin.add_blob(config.into_bytes());
+    let seed = 130 + repo.bytes().map(u64::from).sum::<u64>() * 100;
     let layers: Layers = (0..layers)
         .map(|i| {
-            let bytes = random_bytes(256 * 1024, 130 + i as u64);
+            let bytes = random_bytes(256 * 1024, seed + i as u64);
             (origin.add_blob(bytes.clone()), bytes)
         })
         .collect();
@@ -29,7 +33,7 @@ fn image(origin: &FakeRegistry, repo: &str, layers: usize) -> (Digest, Layers) {
         repo,
         Some("1.0"),
         DOCKER_MANIFEST,
-        schema2_manifest(&config, 25, &described),
+        schema2_manifest(&config, config_size, &described),
     );
     (config, layers)
 }
@@ -240,5 +244,49 @@ async fn a_stopping_server_starts_no_more_prefetches() {
     assert!(blob_path(&cache, &layers[1].0).exists());
     for (digest, _) in &layers[2..] {
         assert_eq!(blob_gets(&origin, "library/app", digest), 0, "{digest}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stops_the_old_configurations_prefetches_and_the_new_one_prefetches() {
+    let origin = FakeRegistry::start().await;
+    let (_, layers, gate) = held_image(&origin, 4);
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let client = spawn_blob_get(&mirror, &layers[0].0);
+    // The client's layer and one prefetch are held; two more prefetches wait for the slot.
+    eventually("the prefetch of the second layer has started", || {
+        blob_gets(&origin, "library/app", &layers[1].0) == 1
+    })
+    .await;
+    let next = mirror.app.config().clone();
+    mirror
+        .live
+        .reload(next)
+        .expect("a valid configuration is applied");
+    gate.add_permits(1000);
+    assert!(client.await.unwrap().bytes()[..] == layers[0].1[..]);
+    mirror.settle().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What ran was finished and kept; what the old configuration still meant to start, it did not.
+    assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 1);
+    assert!(mirror.has_blob(&layers[1].0));
+    for (digest, _) in &layers[2..] {
+        assert_eq!(blob_gets(&origin, "library/app", digest), 0, "{digest}");
+    }
+
+    // The new configuration prefetches the next image pulled.
+    let (config, others) = image(&origin, "library/two", 3);
+    let got = get_manifest(&mirror.url("/v2/library/two/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let got = get(&mirror.url(&format!("/v2/library/two/blobs/{}", others[0].0))).await;
+    assert!(got.bytes()[..] == others[0].1[..], "layer byte-exact");
+    eventually("the rest of the new image is stored", || {
+        mirror.has_blob(&config) && others.iter().all(|(d, _)| mirror.has_blob(d))
+    })
+    .await;
+    for digest in std::iter::once(&config).chain(others.iter().map(|(d, _)| d)) {
+        assert_eq!(blob_gets(&origin, "library/two", digest), 1, "{digest}");
     }
 }
