@@ -63,6 +63,33 @@ fn spawn_blob_get(mirror: &TestMirror, digest: &Digest) -> tokio::task::JoinHand
     tokio::spawn(async move { get(&url).await })
 }
 
+/// A mirror with one prefetch slot, a client pulling the first layer of a 4-layer held image,
+/// and the prefetch of the second layer started: both held; the config is done (one chunk,
+/// never held), and the last two layers wait for the slot.
+async fn one_prefetch_held(
+    origin: &FakeRegistry,
+) -> (
+    TestMirror,
+    Layers,
+    Arc<Semaphore>,
+    tokio::task::JoinHandle<Got>,
+) {
+    let (_, layers, gate) = held_image(origin, 4);
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
+    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let client = spawn_blob_get(&mirror, &layers[0].0);
+    eventually("one prefetch runs beside the client's download", || {
+        mirror.app.cache().fills_in_flight() == 2
+    })
+    .await;
+    eventually("the prefetch of the second layer has started", || {
+        blob_gets(origin, "library/app", &layers[1].0) == 1
+    })
+    .await;
+    (mirror, layers, gate, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
     let origin = FakeRegistry::start().await;
@@ -219,20 +246,7 @@ async fn prefetch_downloads_0_turns_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_starts_no_more_prefetches() {
     let origin = FakeRegistry::start().await;
-    let (_, layers, gate) = held_image(&origin, 4);
-    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
-    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(got.status, StatusCode::OK);
-    let client = spawn_blob_get(&mirror, &layers[0].0);
-    // The client's layer and one prefetch are held; two more prefetches wait for the slot.
-    eventually("one prefetch runs beside the client's download", || {
-        mirror.app.cache().fills_in_flight() == 2
-    })
-    .await;
-    eventually("the prefetch of the second layer has started", || {
-        blob_gets(&origin, "library/app", &layers[1].0) == 1
-    })
-    .await;
+    let (mirror, layers, gate, client) = one_prefetch_held(&origin).await;
     let cache = mirror.cache_dir();
     let stopped = tokio::spawn(mirror.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -250,16 +264,7 @@ async fn a_stopping_server_starts_no_more_prefetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_stops_the_old_configurations_prefetches_and_the_new_one_prefetches() {
     let origin = FakeRegistry::start().await;
-    let (_, layers, gate) = held_image(&origin, 4);
-    let mirror = TestMirror::start(&origin.url(), |c| c.cache.prefetch_downloads = 1).await;
-    let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(got.status, StatusCode::OK);
-    let client = spawn_blob_get(&mirror, &layers[0].0);
-    // The client's layer and one prefetch are held; two more prefetches wait for the slot.
-    eventually("the prefetch of the second layer has started", || {
-        blob_gets(&origin, "library/app", &layers[1].0) == 1
-    })
-    .await;
+    let (mirror, layers, gate, client) = one_prefetch_held(&origin).await;
     let next = mirror.app.config().clone();
     mirror
         .live
