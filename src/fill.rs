@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-/// Chunks queued between the network half and each of the writer and the hasher. Upstream
-/// chunks run to a few hundred KB, so this bounds a download's buffered bytes at about 2 MiB
-/// (the socket's receive buffer absorbs bursts beyond it). 16 held 8 MiB more per download at
-/// peak, and 64 another 15 MiB, for no more throughput.
+/// Chunks queued between the network half and each of the writer and the hasher (the two
+/// queues hold the same chunks). Upstream chunks run to a few hundred KB, so a download buffers
+/// 2-4 MiB at most; the socket's receive buffer absorbs bursts beyond it. 16 held 8 MiB more per
+/// download at peak, and 64 another 15 MiB, for no more throughput.
 const WRITE_QUEUE: usize = 6;
 /// Most chunks written before readers are told how far the file goes.
 const WRITE_BATCH: usize = 16;
