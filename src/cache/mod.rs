@@ -234,15 +234,22 @@ impl Cache {
         })
     }
 
-    /// The manifest with this digest if the cache holds it (memory or disk); never loads.
+    /// The manifest with this digest if the cache holds it (memory or disk; one read from disk
+    /// is kept in memory, so HEADs alone do not read the disk each time); never loads.
     pub async fn cached_manifest(&self, digest: &Digest) -> io::Result<Option<Arc<Manifest>>> {
         if let Some(m) = self.manifests.get(digest).await {
             return Ok(Some(m));
         }
         let store = Arc::clone(&self.store);
         let key = digest.clone();
-        let found = blocking(move || store.get_manifest(&key)).await?;
-        Ok(found.map(|(bytes, meta)| Arc::new(manifest_from_disk(digest.clone(), bytes, meta))))
+        let Some((bytes, meta)) = blocking(move || store.get_manifest(&key)).await? else {
+            return Ok(None);
+        };
+        let manifest = Arc::new(manifest_from_disk(digest.clone(), bytes, meta));
+        self.manifests
+            .insert(digest.clone(), Arc::clone(&manifest))
+            .await;
+        Ok(Some(manifest))
     }
 
     /// The manifest with this digest: from memory, disk, or `load` (run once for all waiters,
@@ -263,15 +270,7 @@ impl Cache {
             if let Some((bytes, meta)) =
                 blocking(move || disk_store.get_manifest(&disk_key)).await?
             {
-                let media_type = meta
-                    .map(|m| m.media_type)
-                    .or_else(|| crate::oci::sniff_manifest_type(&bytes))
-                    .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_string());
-                return Ok(Arc::new(Manifest {
-                    digest: key,
-                    media_type,
-                    bytes: Bytes::from(bytes),
-                }));
+                return Ok(Arc::new(manifest_from_disk(key, bytes, meta)));
             }
             let manifest = load().await?;
             self.put_manifest(&manifest).await?;
