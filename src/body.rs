@@ -374,10 +374,13 @@ async fn hash_prefix(file: Arc<File>, len: u64) -> io::Result<Hasher> {
 
 /// `len` bytes of `file` from `pos` (fewer at its end). The bytes are mapped, not copied: a
 /// plain connection sends them with `sendfile` (see [`crate::sendfile`]), a TLS one encrypts
-/// straight from the page cache. The pages are read from disk here, on the blocking pool, so a
-/// cold disk never stalls a runtime thread; where a file cannot be mapped, it is read into a
-/// buffer instead.
+/// straight from the page cache. Pages not yet in the page cache are read from disk here, on the
+/// blocking pool, so a cold disk never stalls a runtime thread (a window already cached needs
+/// no trip there); where a file cannot be mapped, it is read into a buffer instead.
 async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
+    if let Some(bytes) = map_if_cached(&file, pos, len) {
+        return Ok(bytes);
+    }
     tokio::task::spawn_blocking(move || {
         let available = file.metadata()?.len().saturating_sub(pos).min(len);
         if available == 0 {
@@ -390,6 +393,34 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
     })
     .await
     .map_err(|e| io::Error::other(format!("read task failed: {e}")))?
+}
+
+/// `len` bytes of `file` from `pos` (fewer at its end), mapped here without blocking when every
+/// page is already in the page cache (warm hits; a download's followers, who read what was
+/// just written); `None` otherwise.
+fn map_if_cached(file: &Arc<File>, pos: u64, len: u64) -> Option<Bytes> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let available = meta.len().saturating_sub(pos).min(len);
+    if available == 0 {
+        return None;
+    }
+    // SAFETY: as in `map_at`: the range lies within the file, which never shrinks below it.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(pos)
+            .len(available as usize)
+            .map(&**file)
+            .ok()?
+    };
+    if !crate::sendfile::is_cached(&map, meta.uid()) {
+        return None;
+    }
+    let registration = Registration::new(&map, Arc::clone(file), pos);
+    Some(Bytes::from_owner(MappedWindow {
+        _registration: registration,
+        map,
+    }))
 }
 
 /// `len` bytes of `file` from `pos`, which must lie within the file: mapped, or read into a
@@ -443,4 +474,33 @@ fn copy_at(file: &File, pos: u64, len: u64) -> io::Result<Bytes> {
     }
     buf.truncate(n);
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn a_window_shows_the_same_bytes_whether_its_pages_are_cached_or_not() {
+        let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+        // On disk (not a tmpfs, whose pages cannot be dropped), unnamed: gone when closed.
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(&bytes).unwrap();
+        let file = Arc::new(file);
+        let window = 5000..5000 + (1 << 20);
+        let cached = read_at(Arc::clone(&file), 5000, 1 << 20).await.unwrap();
+        assert!(
+            cached[..] == bytes[window.clone()],
+            "mapped from the page cache"
+        );
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let loaded = read_at(Arc::clone(&file), 5000, 1 << 20).await.unwrap();
+        assert!(loaded[..] == bytes[window], "read from disk first");
+        let end = bytes.len() as u64;
+        let tail = read_at(Arc::clone(&file), end - 10, 1 << 20).await.unwrap();
+        assert!(tail[..] == bytes[bytes.len() - 10..], "fewer at the end");
+        assert!(read_at(file, end, 1).await.is_err(), "nothing past the end");
+    }
 }

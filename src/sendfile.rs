@@ -125,6 +125,37 @@ pub fn load_into_page_cache(file: &File, mut offset: u64, len: usize) -> bool {
     true
 }
 
+/// Whether every page of `map`, a mapping of a file owned by `owner`, is in the page cache
+/// (`mincore(2)`; the mapping itself need not be populated). The kernel tells only for files the
+/// process owns (or may write); for others it would say "cached" regardless, so this says false.
+/// A window whose pages are all cached can be sent without reading the disk, so it needs no
+/// trip to the blocking pool.
+pub fn is_cached(map: &memmap2::Mmap, owner: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if (owner != me && me != 0) || map.is_empty() {
+        return false;
+    }
+    let page = page_size();
+    let start = map.as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    let len = map.len() + (start - aligned);
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `aligned..aligned + len` lies within the live mapping `map` (mappings start on a
+    // page boundary), and `resident` has one byte for each of its pages.
+    let status = unsafe { libc::mincore(aligned as *mut libc::c_void, len, resident.as_mut_ptr()) };
+    status == 0 && resident.iter().all(|page| page & 1 == 1)
+}
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    })
+}
+
 /// A plain TCP connection that sends registered blob windows with `sendfile(2)`.
 pub struct SendfileStream {
     inner: TcpStream,
@@ -249,6 +280,33 @@ impl AsyncWrite for SendfileStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_is_cached_only_while_all_its_pages_are_in_the_page_cache() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        // On disk (not a tmpfs, whose pages cannot be dropped), unnamed: gone when closed.
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(&vec![3u8; 1 << 20]).unwrap();
+        let owner = file.metadata().unwrap().uid();
+        // An offset off a page boundary, as body windows have.
+        // SAFETY: the range lies within the file, which nothing truncates.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(5000)
+                .len(300_000)
+                .map(&file)
+                .unwrap()
+        };
+        assert!(is_cached(&map, owner), "just written");
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(!is_cached(&map, owner), "dropped from the page cache");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(!is_cached(&map, owner + 1), "someone else's file: not told");
+        }
+    }
 
     #[test]
     fn a_buffer_is_found_only_inside_a_live_window() {
