@@ -378,49 +378,37 @@ async fn hash_prefix(file: Arc<File>, len: u64) -> io::Result<Hasher> {
 /// blocking pool, so a cold disk never stalls a runtime thread (a window already cached needs
 /// no trip there); where a file cannot be mapped, it is read into a buffer instead.
 async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
-    if let Some(bytes) = map_if_cached(&file, pos, len) {
-        return Ok(bytes);
-    }
-    tokio::task::spawn_blocking(move || {
-        let available = file.metadata()?.len().saturating_sub(pos).min(len);
-        if available == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "blob file is shorter than expected",
-            ));
-        }
-        window(&file, pos, available)
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("read task failed: {e}")))?
-}
-
-/// `len` bytes of `file` from `pos` (fewer at its end), mapped here without blocking when every
-/// page is already in the page cache (warm hits; a download's followers, who read what was
-/// just written); `None` otherwise.
-fn map_if_cached(file: &Arc<File>, pos: u64, len: u64) -> Option<Bytes> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata().ok()?;
+    // An `fstat` of an open file never waits on the disk.
+    let meta = file.metadata()?;
     let available = meta.len().saturating_sub(pos).min(len);
     if available == 0 {
-        return None;
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "blob file is shorter than expected",
+        ));
     }
+    if let Some(bytes) = map_if_cached(&file, &meta, pos, available) {
+        return Ok(bytes);
+    }
+    tokio::task::spawn_blocking(move || window(&file, pos, available))
+        .await
+        .map_err(|e| io::Error::other(format!("read task failed: {e}")))?
+}
+
+/// `len` bytes of `file` (described by `meta`) from `pos`, which must lie within the file,
+/// mapped without blocking when every page is already in the page cache (warm hits; a
+/// download's followers, who read what was just written); `None` otherwise.
+fn map_if_cached(file: &Arc<File>, meta: &std::fs::Metadata, pos: u64, len: u64) -> Option<Bytes> {
+    use std::os::unix::fs::MetadataExt;
     // SAFETY: as in `map_at`: the range lies within the file, which never shrinks below it.
     let map = unsafe {
         memmap2::MmapOptions::new()
             .offset(pos)
-            .len(available as usize)
+            .len(len as usize)
             .map(&**file)
             .ok()?
     };
-    if !crate::sendfile::is_cached(&map, meta.uid()) {
-        return None;
-    }
-    let registration = Registration::new(&map, Arc::clone(file), pos);
-    Some(Bytes::from_owner(MappedWindow {
-        _registration: registration,
-        map,
-    }))
+    crate::sendfile::is_cached(&map, meta.uid()).then(|| registered(file, pos, map))
 }
 
 /// `len` bytes of `file` from `pos`, which must lie within the file: mapped, or read into a
@@ -443,11 +431,16 @@ fn map_at(file: &Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
     // immutable, removed or quarantined only by unlink or rename (which keep a mapping valid),
     // and a fill truncates only bytes it has not yet published.
     let map = unsafe { options.map(&**file)? };
+    Ok(registered(file, pos, map))
+}
+
+/// `map`, a window of `file` from `pos`, as bytes registered for `sendfile` while they live.
+fn registered(file: &Arc<File>, pos: u64, map: memmap2::Mmap) -> Bytes {
     let registration = Registration::new(&map, Arc::clone(file), pos);
-    Ok(Bytes::from_owner(MappedWindow {
+    Bytes::from_owner(MappedWindow {
         _registration: registration,
         map,
-    }))
+    })
 }
 
 /// A mapped window, registered for `sendfile` while it lives.

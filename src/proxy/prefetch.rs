@@ -90,6 +90,7 @@ impl Prefetcher {
     /// Whether `digest` was downloaded ahead of clients and this is its first client (who is
     /// then counted as a miss: upstream sent those bytes for it).
     pub fn claim(&self, digest: &Digest) -> bool {
+        // Every hit asks: a read first, so that the usual answer (no) records no write.
         self.unclaimed.contains_key(digest) && self.unclaimed.remove(digest).is_some()
     }
 
