@@ -81,6 +81,7 @@ fn main() {
             let mirror = Mirror::start(kind, &mirror_dir, origin.port);
             let anon = AnonPeak::start(mirror.service.pid());
             run_workloads(
+                round,
                 &mirror,
                 &origin_log,
                 &blobs,
@@ -102,7 +103,7 @@ fn main() {
                 let _ = std::fs::remove_dir_all(&mirror_dir);
             }
         }
-        direct(&origin, &blobs, &mut results);
+        direct(&origin, &blobs, &shared, &mut results);
         quiesce();
         let seconds = skopeo_pull(&dir, origin.port, "direct");
         results.record("direct", "skopeo image pull ms", seconds * 1000.0);
@@ -633,6 +634,7 @@ fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
 
 #[allow(clippy::too_many_arguments)]
 fn run_workloads(
+    round: usize,
     mirror: &Mirror,
     origin_log: &OriginLog,
     blobs: &[Blob],
@@ -709,11 +711,16 @@ fn run_workloads(
     let manifest_by_digest = mirror.url(&format!("/v2/{REPO}/manifests/{manifest}"));
     let manifest_by_tag = mirror.url(&format!("/v2/{REPO}/manifests/latest"));
     let small_blob = mirror.url(&blob_path(small));
-    for (label, url) in [
+    // Each round starts the small-object workloads at a different one, so that no workload is
+    // always the first after the bulk transfers (or after the other kind of client).
+    let mut gets = [
         ("manifest by digest GET", &manifest_by_digest),
         ("manifest by tag GET", &manifest_by_tag),
         ("1 MiB blob GET", &small_blob),
-    ] {
+    ];
+    let count = gets.len();
+    gets.rotate_left(round % count);
+    for (label, url) in gets {
         let _ = fetch(url); // warm it
         quiesce();
         if let Some(measured) = wrk(url) {
@@ -721,13 +728,16 @@ fn run_workloads(
         }
     }
     let seconds = env("WRK_SECONDS", 5);
-    for (label, path) in [
+    let mut heads = [
         (
             "manifest by digest HEAD",
             format!("/v2/{REPO}/manifests/{manifest}"),
         ),
         ("1 MiB blob HEAD", blob_path(small)),
-    ] {
+    ];
+    let count = heads.len();
+    heads.rotate_left(round % count);
+    for (label, path) in heads {
         quiesce();
         if let Some(measured) = head_load(mirror.service.port, &path, 64, seconds) {
             measured.record(results, name, label);
@@ -874,8 +884,20 @@ fn to_ms(value: &str) -> f64 {
     }
 }
 
-/// The direct path: clients straight to the origin.
-fn direct(origin: &Service, blobs: &[Blob], results: &mut Results) {
+/// The direct path: each blob by one client, and the 16 concurrent clients of workload (3), each
+/// straight from the origin (the reference for the mirrors' first bytes under that load).
+fn direct(origin: &Service, blobs: &[Blob], shared: &Blob, results: &mut Results) {
+    quiesce();
+    let url = format!("http://127.0.0.1:{}{}", origin.port, blob_path(shared));
+    let (wall, ttfbs, complete) = fetch_concurrently(&url, 16, shared.size);
+    assert!(complete, "direct: a concurrent download was incomplete");
+    let mib = shared.size / MIB;
+    results.record("direct", &format!("16 cold x {mib} MiB wall s"), wall);
+    results.record(
+        "direct",
+        &format!("16 cold x {mib} MiB ttfb p50 ms"),
+        percentile(&ttfbs, 0.5) * 1000.0,
+    );
     for blob in blobs {
         quiesce();
         let (ttfb, total, bytes) = fetch(&format!(
@@ -1010,6 +1032,13 @@ impl Results {
                     v / limit
                 );
             }
+        }
+        let first_bytes = format!("16 cold x {} MiB ttfb p50 ms", sizes[0]);
+        if let (Some(v), Some(d)) = (ours(&first_bytes), self.median(&first_bytes, "direct")) {
+            println!(
+                "  {first_bytes}: {v:.1} = {:.2} x direct's {d:.1} (16 clients straight to the origin)",
+                v / d
+            );
         }
         for (measure, limit) in [
             (format!("warm {} MiB x1 MiB/s", sizes[0]), "static x1 MiB/s"),
