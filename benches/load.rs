@@ -622,6 +622,20 @@ fn fetch_concurrently(url: &str, n: usize, size: u64) -> (f64, Vec<f64>, bool) {
     )
 }
 
+/// Workload (3)'s clients: 16 downloads of `blob` from `url` at once; records the wall time
+/// until all end and their median time to first byte.
+fn sixteen_at_once(results: &mut Results, subject: &str, url: &str, blob: &Blob) {
+    let (wall, ttfbs, complete) = fetch_concurrently(url, 16, blob.size);
+    assert!(complete, "{subject}: a concurrent download was incomplete");
+    let mib = blob.size / MIB;
+    results.record(subject, &format!("16 cold x {mib} MiB wall s"), wall);
+    results.record(
+        subject,
+        &format!("16 cold x {mib} MiB ttfb p50 ms"),
+        percentile(&ttfbs, 0.5) * 1000.0,
+    );
+}
+
 /// Every workload starts on a quiet machine: dirty pages written back (the previous workload's
 /// cache writes, whoever made them), then a moment for background work to end.
 fn quiesce() {
@@ -652,19 +666,8 @@ fn run_workloads(
     // (3) 16 concurrent cold clients on one blob: wall time, first bytes, what the origin sent.
     quiesce();
     let before = origin_log.bytes_sent(&blob_path(shared));
-    let (wall, ttfbs, complete) =
-        fetch_concurrently(&mirror.url(&blob_path(shared)), 16, shared.size);
-    assert!(
-        complete,
-        "{name}: a concurrent cold download was incomplete"
-    );
+    sixteen_at_once(results, name, &mirror.url(&blob_path(shared)), shared);
     let mib = shared.size / MIB;
-    results.record(name, &format!("16 cold x {mib} MiB wall s"), wall);
-    results.record(
-        name,
-        &format!("16 cold x {mib} MiB ttfb p50 ms"),
-        percentile(&ttfbs, 0.5) * 1000.0,
-    );
     results.record(
         name,
         &format!("16 cold x {mib} MiB origin sent x"),
@@ -890,15 +893,7 @@ fn to_ms(value: &str) -> f64 {
 fn direct(origin: &Service, blobs: &[Blob], shared: &Blob, results: &mut Results) {
     quiesce();
     let url = format!("http://127.0.0.1:{}{}", origin.port, blob_path(shared));
-    let (wall, ttfbs, complete) = fetch_concurrently(&url, 16, shared.size);
-    assert!(complete, "direct: a concurrent download was incomplete");
-    let mib = shared.size / MIB;
-    results.record("direct", &format!("16 cold x {mib} MiB wall s"), wall);
-    results.record(
-        "direct",
-        &format!("16 cold x {mib} MiB ttfb p50 ms"),
-        percentile(&ttfbs, 0.5) * 1000.0,
-    );
+    sixteen_at_once(results, "direct", &url, shared);
     for blob in blobs {
         quiesce();
         let (ttfb, total, bytes) = fetch(&format!(

@@ -192,6 +192,31 @@ impl SendfileStream {
         }
     }
 
+    /// Writes `bufs` (what precedes a window: a response head) with `MSG_MORE`, so that it
+    /// leaves with the window's bytes that the next call sends.
+    fn poll_write_before_window(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.inner.poll_write_ready(cx))?;
+            let written = self.inner.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmsg(
+                    &self.inner,
+                    bufs,
+                    &mut rustix::net::SendAncillaryBuffer::default(),
+                    rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(Into::into)
+            });
+            match written {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
     /// Sends up to `len` bytes of `file` from `offset`. `None`: not possible here (the file
     /// system refuses, or the file ended early); the caller writes the mapped bytes instead.
     fn poll_sendfile(
@@ -215,33 +240,6 @@ impl SendfileStream {
                 Err(e) if is_connection_error(&e) => Some(Err(e)),
                 Err(_) => None,
             });
-        }
-    }
-}
-
-impl SendfileStream {
-    /// Writes `bufs` (what precedes a window: a response head) with `MSG_MORE`, so that it
-    /// leaves with the window's bytes that the next call sends.
-    fn poll_write_before_window(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.inner.poll_write_ready(cx))?;
-            let written = self.inner.try_io(Interest::WRITABLE, || {
-                rustix::net::sendmsg(
-                    &self.inner,
-                    bufs,
-                    &mut rustix::net::SendAncillaryBuffer::default(),
-                    rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
-                )
-                .map_err(Into::into)
-            });
-            match written {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
         }
     }
 }
