@@ -380,23 +380,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_window_goes_out_by_sendfile_even_after_empty_buffers() {
-        use std::io::Write;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut file = tempfile::tempfile().unwrap();
-        let content: Vec<u8> = (0..2 * MIN_SENDFILE).map(|i| (i % 251) as u8).collect();
-        file.write_all(&content).unwrap();
-        let file = Arc::new(file);
-        // SAFETY: a private temp file, not changed while mapped.
-        let map = unsafe { memmap2::Mmap::map(&*file) }.unwrap();
+        let (file, map, content) = mapped_file();
         let _registration = Registration::new(&map[MIN_SENDFILE..], Arc::clone(&file), 0);
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let sent = IntCounter::new("sent", "sent").unwrap();
-        let mut stream = SendfileStream::new(server, sent.clone());
+        let (mut client, mut stream, sent) = connected().await;
         let window = &map[MIN_SENDFILE..];
         let n = stream
             .write_vectored(&[IoSlice::new(&[]), IoSlice::new(window)])
@@ -413,26 +400,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_before_a_window_leaves_with_it_and_is_never_held_back() {
-        use std::io::Write;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut file = tempfile::tempfile().unwrap();
-        let content: Vec<u8> = (0..2 * MIN_SENDFILE).map(|i| (i % 251) as u8).collect();
-        file.write_all(&content).unwrap();
-        let file = Arc::new(file);
-        // SAFETY: a private temp file, not changed while mapped.
-        let map = unsafe { memmap2::Mmap::map(&*file) }.unwrap();
+        let (file, map, content) = mapped_file();
         let _registration = Registration::new(&map, Arc::clone(&file), 0);
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 131072\r\n\r\n";
 
         for window_follows in [true, false] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (server, _) = listener.accept().await.unwrap();
-            server.set_nodelay(true).unwrap();
-            let sent = IntCounter::new("sent", "sent").unwrap();
-            let mut stream = SendfileStream::new(server, sent.clone());
+            let (mut client, mut stream, sent) = connected().await;
             let n = stream
                 .write_vectored(&[IoSlice::new(head), IoSlice::new(&map)])
                 .await
@@ -458,5 +432,30 @@ mod tests {
             .unwrap();
             assert_eq!(received, expected);
         }
+    }
+
+    /// A temp file of patterned bytes (two minimum windows long), mapped whole, and its bytes.
+    fn mapped_file() -> (Arc<File>, memmap2::Mmap, Vec<u8>) {
+        use std::io::Write;
+        let mut file = tempfile::tempfile().unwrap();
+        let content: Vec<u8> = (0..2 * MIN_SENDFILE).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let file = Arc::new(file);
+        // SAFETY: a private temp file, not changed while mapped.
+        let map = unsafe { memmap2::Mmap::map(&*file) }.unwrap();
+        (file, map, content)
+    }
+
+    /// A loopback connection: the client's end, and the server's end wrapped as the server
+    /// wraps its connections (`TCP_NODELAY` on), with its `sendfile` byte counter.
+    async fn connected() -> (TcpStream, SendfileStream, IntCounter) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let sent = IntCounter::new("sent", "sent").unwrap();
+        (client, SendfileStream::new(server, sent.clone()), sent)
     }
 }
