@@ -136,20 +136,35 @@ pub fn load_into_page_cache(file: &File, mut offset: u64, len: usize) -> bool {
 /// A window whose pages are all cached can be sent without reading the disk, so it needs no
 /// trip to the blocking pool.
 pub fn is_cached(map: &memmap2::Mmap, owner: u32) -> bool {
+    static EUID: OnceLock<u32> = OnceLock::new();
     // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = *EUID.get_or_init(|| unsafe { libc::geteuid() });
     if (owner != me && me != 0) || map.is_empty() {
         return false;
     }
+    // Asked a batch of pages at a time, into a buffer on the stack: no allocation per window,
+    // and the first page not cached ends the question.
+    const BATCH: usize = 256;
+    let mut resident = [0u8; BATCH];
     let page = page_size();
     let start = map.as_ptr() as usize;
-    let aligned = start & !(page - 1);
-    let len = map.len() + (start - aligned);
-    let mut resident = vec![0u8; len.div_ceil(page)];
-    // SAFETY: `aligned..aligned + len` lies within the live mapping `map` (mappings start on a
-    // page boundary), and `resident` has one byte for each of its pages.
-    let status = unsafe { libc::mincore(aligned as *mut libc::c_void, len, resident.as_mut_ptr()) };
-    status == 0 && resident.iter().all(|page| page & 1 == 1)
+    let mut at = start & !(page - 1);
+    let end = start + map.len();
+    while at < end {
+        let len = (end - at).min(BATCH * page);
+        // SAFETY: `at..at + len` lies within the live mapping `map` (mappings start on a page
+        // boundary), and `resident` has a byte for each of its at most `BATCH` pages.
+        let status = unsafe { libc::mincore(at as *mut libc::c_void, len, resident.as_mut_ptr()) };
+        if status != 0
+            || resident[..len.div_ceil(page)]
+                .iter()
+                .any(|page| page & 1 == 0)
+        {
+            return false;
+        }
+        at += len;
+    }
+    true
 }
 
 fn page_size() -> usize {
@@ -319,19 +334,29 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         // On disk (not a tmpfs, whose pages cannot be dropped), unnamed: gone when closed.
         let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        file.write_all(&vec![3u8; 1 << 20]).unwrap();
+        file.write_all(&vec![3u8; 4 << 20]).unwrap();
         let owner = file.metadata().unwrap().uid();
         // An offset off a page boundary, as body windows have.
-        // SAFETY: the range lies within the file, which nothing truncates.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(5000)
-                .len(300_000)
-                .map(&file)
-                .unwrap()
+        let mapped = |len: usize| {
+            // SAFETY: the range lies within the file, which nothing truncates.
+            unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(5000)
+                    .len(len)
+                    .map(&file)
+                    .unwrap()
+            }
         };
+        let map = mapped(300_000);
+        // More pages than one `mincore` batch asks about.
+        let wide = mapped(3 << 20);
         assert!(is_cached(&map, owner), "just written");
+        assert!(is_cached(&wide, owner), "just written, every batch");
         file.sync_all().unwrap();
+        // From 2 MiB on (whole folios: the kernel drops no part of one), past the first batches.
+        rustix::fs::fadvise(&file, 2 << 20, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(!is_cached(&wide, owner), "its later pages dropped");
+        assert!(is_cached(&map, owner), "its pages all still cached");
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         assert!(!is_cached(&map, owner), "dropped from the page cache");
         // SAFETY: geteuid has no preconditions.
