@@ -1,14 +1,16 @@
 //! The leader of a blob download: upstream body -> temp file + sha256, progress published per
 //! chunk; at the end, size and digest are checked, readers may send the last byte, and only a
-//! verified blob is committed.
+//! verified blob is committed, once blob traffic pauses.
 //!
 //! Runs detached from any client (a client that disconnects does not cancel it) under its own
 //! timeout. Three parts run side by side: the async pump reads the upstream body; a blocking
 //! writer writes each chunk and publishes how far the file is written; a blocking hasher hashes.
 //! Network, disk and hashing overlap.
 
+use crate::cache::index::UsedAt;
 use crate::cache::inflight::{FillError, FillPermit, FillState};
 use crate::cache::lifecycle::Lifecycle;
+use crate::cache::pacer::CommitPacer;
 use crate::cache::store::TempBlob;
 use crate::digest::Digest;
 use crate::digest::Hasher;
@@ -37,6 +39,8 @@ pub struct FillJob {
     pub repo: RepoName,
     /// Where a verified blob is committed (and what makes room when the disk is full).
     pub lifecycle: Arc<Lifecycle>,
+    /// When the verified blob is committed.
+    pub pacer: Arc<CommitPacer>,
     pub timeout: Duration,
     /// The largest size manifests declared for this blob: a body sent without a length is cut
     /// off beyond it (a bound only, never taken for the blob's length).
@@ -44,38 +48,54 @@ pub struct FillJob {
 }
 
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
-/// progress.
+/// progress. A verified blob is committed once blob traffic pauses (see [`CommitPacer`]); it
+/// stays in the single-flight table, served from its download file, until then.
 pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
     tokio::spawn(async move {
         let digest = permit.digest().clone();
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(job.timeout, run(&job, &permit, temp)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(failure(
-                Code::Unavailable,
-                format!("download exceeded {:?}", job.timeout),
-            )),
-        };
-        match outcome {
-            Ok(size) => {
-                tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = started.elapsed().as_millis() as u64, "blob cached");
-                permit.finish(FillState::Complete { size });
-            }
+        job.pacer.traffic();
+        let downloaded =
+            match tokio::time::timeout(job.timeout, download(&job, &permit, temp)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(failure(
+                    Code::Unavailable,
+                    format!("download exceeded {:?}", job.timeout),
+                )),
+            };
+        let (temp, size) = match downloaded {
+            Ok(verified) => verified,
             Err(e) => {
-                // Verified before it failed (a timeout while committing): readers keep their bytes.
-                if let Some(size) = permit.verified_size() {
-                    tracing::error!(%digest, registry = %job.upstream.name, repo = %job.repo, error = %e.message, "blob served but not cached");
-                    permit.finish(FillState::Complete { size });
-                    return;
-                }
                 if e.code == Code::BlobUnknown {
                     tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, "blob not found upstream");
                 } else {
                     tracing::error!(%digest, registry = %job.upstream.name, repo = %job.repo, error = %e.message, "blob download failed; nothing stored");
                 }
                 permit.finish(FillState::Failed(e));
+                return;
+            }
+        };
+        let downloaded_ms = started.elapsed().as_millis() as u64;
+        let used = job.lifecycle.take_place();
+        link(&job, &digest).await;
+        job.pacer.wait_turn(size).await;
+        let committed = commit(&job, temp, &digest, size, used);
+        match tokio::time::timeout(job.timeout, committed).await {
+            Ok(Ok(())) => {
+                tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = downloaded_ms, "blob cached");
+            }
+            // Verified, but there is no room to keep it: readers finish from the open file.
+            Ok(Err(e)) if is_disk_full(&e) => {
+                tracing::warn!(%digest, "disk full: blob served but not cached")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%digest, error = %e, "committing to the cache failed: blob served but not cached")
+            }
+            Err(_) => {
+                tracing::error!(%digest, timeout = ?job.timeout, "committing to the cache timed out: blob served but not cached")
             }
         }
+        permit.finish(FillState::Complete { size });
     });
 }
 
@@ -87,7 +107,13 @@ fn failure(code: Code, message: impl Into<String>) -> FillError {
     }
 }
 
-async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, FillError> {
+/// Downloads and verifies the blob; then readers may send its last byte, and the caller
+/// commits the returned file.
+async fn download(
+    job: &FillJob,
+    permit: &FillPermit,
+    temp: TempBlob,
+) -> Result<(TempBlob, u64), FillError> {
     let digest = permit.digest().clone();
     let answer = job
         .upstream
@@ -138,37 +164,45 @@ async fn run(job: &FillJob, permit: &FillPermit, temp: TempBlob) -> Result<u64, 
             format!("upstream sent a corrupt blob: {m}"),
         )
     })?;
-    // Verified: readers may send the last byte now, while the blob is made durable (an fsync of
-    // a large file takes a while, and a client need not wait for the cache's own safety).
+    // Verified: readers may send the last byte now; the commit (an fsync of a large file takes
+    // a while) comes later, and a client need not wait for the cache's own safety.
     permit.publish(FillState::Complete { size });
+    Ok((temp, size))
+}
+
+/// Records that upstream served the blob for this repository: pulls through it need not ask
+/// again, while the blob waits for its commit as well as after.
+async fn link(job: &FillJob, digest: &Digest) {
+    let store = Arc::clone(job.lifecycle.store());
+    let (registry, repo, owned) = (job.upstream.name.clone(), job.repo.clone(), digest.clone());
+    let linked = tokio::task::spawn_blocking(move || store.link(&registry, &repo, &owned)).await;
+    if let Ok(Err(e)) = linked {
+        tracing::warn!(%digest, error = %e, "cannot record the blob's repository");
+    }
+}
+
+/// Makes a verified download part of the store, used at `used`, and keeps the store within
+/// its budget.
+async fn commit(
+    job: &FillJob,
+    temp: TempBlob,
+    digest: &Digest,
+    size: u64,
+    used: UsedAt,
+) -> std::io::Result<()> {
     let lifecycle = Arc::clone(&job.lifecycle);
-    let (registry, repo) = (job.upstream.name.clone(), job.repo.clone());
-    let committed = tokio::task::spawn_blocking(move || {
-        let committed = lifecycle.commit(temp, &digest, size);
+    let digest = digest.clone();
+    tokio::task::spawn_blocking(move || {
+        let committed = lifecycle.commit(temp, &digest, size, used);
         if committed.as_ref().is_err_and(is_disk_full) {
             lifecycle.mark_disk_full();
             lifecycle.make_room(size);
-        }
-        // Upstream served it for this repository: pulls through it need not ask again.
-        if let Err(e) = lifecycle.store().link(&registry, &repo, &digest) {
-            tracing::warn!(%digest, error = %e, "cannot record the blob's repository");
         }
         lifecycle.enforce_budget();
         committed
     })
     .await
-    .map_err(|e| failure(Code::Unknown, format!("commit task failed: {e}")))?;
-    match committed {
-        Ok(()) => {}
-        // Verified, but there is no room to keep it: readers finish from the open file.
-        Err(e) if is_disk_full(&e) => {
-            tracing::warn!(digest = %permit.digest(), "disk full: blob served but not cached")
-        }
-        Err(e) => {
-            tracing::error!(digest = %permit.digest(), error = %e, "committing to the cache failed: blob served but not cached")
-        }
-    }
-    Ok(size)
+    .map_err(|e| std::io::Error::other(format!("commit task failed: {e}")))?
 }
 
 /// Feeds the writer and the hasher from upstream; when a source fails mid-body, continues from

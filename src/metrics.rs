@@ -57,6 +57,7 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     upstream_bytes: IntCounterVec,
     pub(crate) fills_in_flight: IntGauge,
+    pub(crate) commits_waiting: IntGauge,
     fill_joins: IntCounter,
     prefetches: IntCounter,
     digest_mismatches: IntCounter,
@@ -171,6 +172,11 @@ impl Metrics {
                 &r,
                 "regmirror_fills_in_flight",
                 "Blob downloads in progress.",
+            ),
+            commits_waiting: gauge(
+                &r,
+                "regmirror_commits_waiting",
+                "Blobs downloaded and verified, served from their download file until blob traffic pauses and they are committed.",
             ),
             fill_joins: counter(
                 &r,

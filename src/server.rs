@@ -104,8 +104,11 @@ pub async fn run(
     }
     drop(listener);
     let _ = stop.send(true);
-    // Downloads running go on; none is started ahead of a client any more.
-    shared.live.get().prefetcher().stop();
+    // Downloads running go on; none is started ahead of a client any more, and verified ones
+    // are committed without waiting for a pause in traffic.
+    let app = shared.live.get();
+    app.prefetcher().stop();
+    app.cache().pacer().stop();
     let deadline = tokio::time::Instant::now() + grace;
     let all = settings.max_connections as u32;
     tokio::select! {

@@ -210,6 +210,43 @@ async fn client_disconnect_does_not_cancel_the_fill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_blob_is_committed_once_blob_traffic_pauses_and_served_meanwhile() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(1024 * 1024, 8);
+    let digest = origin.add_blob(blob.clone());
+    let other = origin.add_blob(random_bytes(10_000, 9));
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
+    let other_url = mirror.url(&format!("/v2/library/app/blobs/{other}"));
+    assert!(get(&url).await.bytes()[..] == blob[..]);
+    // Other blobs are pulled every 100 ms for 1.5 s: the commit waits.
+    let busy_until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < busy_until {
+        assert_eq!(get(&other_url).await.status, StatusCode::OK);
+        assert!(!mirror.has_blob(&digest), "committed during blob traffic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // This blob and the other one's first download.
+    assert_eq!(mirror.metric("regmirror_commits_waiting", &[]).await, 2.0);
+    // Meanwhile it is served from its download, upstream not asked again.
+    let again = get(&url).await;
+    assert!(again.bytes()[..] == blob[..]);
+    let head = head(&url).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), Some("1048576"));
+    let path = format!("/v2/library/app/blobs/{digest}");
+    assert_eq!(origin.hits("GET", &path), 1);
+    assert_eq!(origin.hits("HEAD", &path), 0);
+    // The traffic pauses: committed.
+    eventually("the blob is committed", || mirror.has_blob(&digest)).await;
+    mirror.settle().await;
+    assert_eq!(mirror.metric("regmirror_commits_waiting", &[]).await, 0.0);
+    assert_eq!(mirror.temp_files(), 0);
+    assert!(get(&url).await.bytes()[..] == blob[..]);
+    assert_eq!(origin.hits("GET", &path), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_requests_on_hit_and_in_flight() {
     let origin = FakeRegistry::start().await;
     let blob = random_bytes(500_000, 6);

@@ -35,6 +35,7 @@ async fn counters_match_a_scripted_pull_sequence() {
         "regmirror_upstream_up",
         "regmirror_upstream_ratelimit_remaining",
         "regmirror_fills_in_flight",
+        "regmirror_commits_waiting",
         "regmirror_digest_mismatches_total",
         "regmirror_cache_size_bytes",
         "regmirror_cache_objects",

@@ -35,6 +35,14 @@ struct Entry {
     readers: u32,
 }
 
+/// A place in the order of use (see [`Index::take_place`]).
+#[derive(Clone, Copy, Debug)]
+pub struct UsedAt {
+    tick: u64,
+    /// Unix seconds.
+    secs: u64,
+}
+
 /// The byte budget for blobs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Budget {
@@ -113,16 +121,36 @@ impl Index {
     /// Records stored content (a commit, or a file found at start-up; insert those oldest
     /// first, so that their order of use is kept).
     pub fn insert(&self, digest: Digest, size: u64, kind: Kind, last_used: u64) {
+        let used = self.take_place(last_used);
+        self.insert_used(digest, size, kind, used);
+    }
+
+    /// A place in the order of use now, for content inserted later with
+    /// [`Index::insert_used`].
+    pub fn take_place(&self, now: u64) -> UsedAt {
         let mut inner = self.lock();
         inner.clock += 1;
-        let entry = Entry {
+        UsedAt {
+            tick: inner.clock,
+            secs: now,
+        }
+    }
+
+    /// Records stored content as used at a place taken earlier.
+    pub fn insert_used(&self, digest: Digest, size: u64, kind: Kind, used: UsedAt) {
+        let mut inner = self.lock();
+        let mut entry = Entry {
             size,
             kind,
-            tick: inner.clock,
-            last_used,
-            persisted: last_used,
+            tick: used.tick,
+            last_used: used.secs,
+            persisted: used.secs,
             readers: 0,
         };
+        if let Some(old) = inner.entries.get(&digest) {
+            entry.tick = entry.tick.max(old.tick);
+            entry.readers = old.readers;
+        }
         if let Some(old) = inner.entries.insert(digest, entry) {
             subtract(&mut inner.usage, old.size, old.kind);
         }
@@ -363,5 +391,19 @@ mod tests {
         );
         index.remove(&d(1));
         assert_eq!(index.usage(), Usage::default());
+    }
+
+    #[test]
+    fn content_inserted_at_an_earlier_place_ranks_by_that_place() {
+        let index = Arc::new(Index::new(Budget::unlimited()));
+        let fetched_first = index.take_place(100);
+        index.insert(d(2), 10, Kind::Blob, 101);
+        index.insert_used(d(1), 10, Kind::Blob, fetched_first);
+        let evicted = index.evict_to(10, &HashSet::new());
+        assert_eq!(evicted, vec![(d(1), 10)]);
+        // Inserted again while a response reads it: it stays in use.
+        let _reading = index.hit(&d(2), 10, 102);
+        index.insert(d(2), 10, Kind::Blob, 103);
+        assert!(index.evict_to(0, &HashSet::new()).is_empty(), "in use");
     }
 }

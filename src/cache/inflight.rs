@@ -79,14 +79,6 @@ impl FillPermit {
         self.progress.clone()
     }
 
-    /// The blob's size once it is verified (its bytes may be sent in full, committed or not).
-    pub fn verified_size(&self) -> Option<u64> {
-        match *self.progress.borrow() {
-            FillState::Complete { size } => Some(size),
-            _ => None,
-        }
-    }
-
     /// Ends the fill with its final state and leaves the table. Call only after the blob
     /// is committed (or for a failure), so that a newcomer finds it in the store.
     pub fn finish(mut self, state: FillState) {
@@ -169,6 +161,16 @@ impl Inflight {
             finished: false,
         };
         Ok(Role::Leader(permit, fill, temp))
+    }
+
+    /// The size of the fill of `digest` once it is verified.
+    pub fn verified_size(&self, digest: &Digest) -> Option<u64> {
+        let fills = self.fills.lock().expect("inflight lock poisoned");
+        let state = fills.get(digest)?.progress.borrow().clone();
+        match state {
+            FillState::Complete { size } => Some(size),
+            _ => None,
+        }
     }
 
     /// Fills in progress.

@@ -7,7 +7,7 @@
 //! the blocking pool.
 
 use super::hot::HotBlobs;
-use super::index::{Budget, Index, Kind, ReadGuard, Usage};
+use super::index::{Budget, Index, Kind, ReadGuard, Usage, UsedAt};
 use super::store::{Store, TempBlob};
 use crate::digest::Digest;
 use crate::oci::{self, ImageRef, Reference};
@@ -95,10 +95,23 @@ impl Lifecycle {
         *self.pins.lock().expect("pins lock poisoned") = pins;
     }
 
-    /// Commits a verified download and counts it.
-    pub fn commit(&self, temp: TempBlob, digest: &Digest, size: u64) -> io::Result<()> {
+    /// A place in the order of use for a download just verified: its commit may wait (see
+    /// [`super::pacer`]), and the blob still ranks by when it was fetched.
+    pub fn take_place(&self) -> UsedAt {
+        self.index.take_place(now())
+    }
+
+    /// Commits a verified download and counts it as used at `used`.
+    pub fn commit(
+        &self,
+        temp: TempBlob,
+        digest: &Digest,
+        size: u64,
+        used: UsedAt,
+    ) -> io::Result<()> {
         self.store.commit(temp, digest)?;
-        self.index.insert(digest.clone(), size, Kind::Blob, now());
+        self.index
+            .insert_used(digest.clone(), size, Kind::Blob, used);
         Ok(())
     }
 

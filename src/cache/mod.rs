@@ -1,6 +1,6 @@
 //! The cache facade: content by digest (blobs on disk, the small ones served lately also in
-//! memory; manifests on disk and in memory), tag records with a TTL, and the single-flight table
-//! for downloads in progress.
+//! memory; manifests on disk and in memory), tag records with a TTL, the single-flight table
+//! for downloads in progress, and the pacing of their commits.
 //!
 //! The cache knows nothing of HTTP or upstreams: loaders are handed in by the caller
 //! (`proxy`), and the cache makes sure each runs once however many requests wait for it.
@@ -10,6 +10,7 @@ pub mod hot;
 pub mod index;
 pub mod inflight;
 pub mod lifecycle;
+pub mod pacer;
 pub mod store;
 
 use crate::config::CacheConfig;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use index::{Budget, ReadGuard};
 use inflight::{Inflight, Role};
 use lifecycle::{parse_pin, Lifecycle, Pin};
+use pacer::CommitPacer;
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -79,6 +81,8 @@ pub struct Cache {
     store: Arc<Store>,
     lifecycle: Arc<Lifecycle>,
     inflight: Arc<Inflight>,
+    /// When verified downloads are committed.
+    pacer: Arc<CommitPacer>,
     /// Recently served manifests, weighed by size; also coalesces concurrent loads.
     manifests: moka::future::Cache<Digest, Arc<Manifest>>,
     /// Tag answers live for the tag TTL; loading one coalesces concurrent revalidations.
@@ -150,6 +154,7 @@ impl Cache {
             store,
             lifecycle,
             inflight: Arc::new(Inflight::default()),
+            pacer: Arc::new(CommitPacer::default()),
             manifests,
             tags,
             listings,
@@ -180,9 +185,18 @@ impl Cache {
         Ok(())
     }
 
-    /// Downloads in progress.
+    pub fn pacer(&self) -> &Arc<CommitPacer> {
+        &self.pacer
+    }
+
+    /// Downloads in progress, counting verified ones waiting to be committed.
     pub fn fills_in_flight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// The size of a blob downloaded and verified but not yet committed, if `digest` is one.
+    pub fn verified_in_flight(&self, digest: &Digest) -> Option<u64> {
+        self.inflight.verified_size(digest)
     }
 
     /// A stored blob, without joining or starting a download.

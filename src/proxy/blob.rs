@@ -49,7 +49,7 @@ pub async fn serve(
         if let Some(hit) = app.cache().stored_blob(digest).await? {
             *outcome = Outcome::Hit;
             confirm(app, registry, repo, digest, Content::Blob).await?;
-            return Ok(respond_hit(digest, hit, range, window));
+            return Ok(respond_hit(app, digest, hit, range, window));
         }
         *outcome = Outcome::Bypass;
         return pass_through(app, registry, repo, digest).await;
@@ -60,7 +60,7 @@ pub async fn serve(
             Role::Hit(hit) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Hit);
                 confirm(app, registry, repo, digest, Content::Blob).await?;
-                return Ok(respond_hit(digest, hit, range, window));
+                return Ok(respond_hit(app, digest, hit, range, window));
             }
             Role::Follower(fill) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Join);
@@ -97,6 +97,7 @@ pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Dig
         upstream: Arc::clone(app.upstream(registry)),
         repo: repo.clone(),
         lifecycle: Arc::clone(app.cache().lifecycle()),
+        pacer: Arc::clone(app.cache().pacer()),
         timeout: app.config().cache.fill_timeout,
         declared_size: app.cache().declared_size(digest),
     }
@@ -113,10 +114,16 @@ async fn serve_head(
     range: Option<&str>,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
-    // From the index in memory; from the disk only for a blob another process stored.
-    let stored = match app.cache().lifecycle().indexed_blob_size(digest) {
+    // From the index in memory, or a download verified and waiting for its commit; from the
+    // disk only for a blob another process stored.
+    let cache = app.cache();
+    let stored = match cache
+        .lifecycle()
+        .indexed_blob_size(digest)
+        .or_else(|| cache.verified_in_flight(digest))
+    {
         Some(size) => Some(size),
-        None => app.cache().stored_blob(digest).await?.map(|hit| hit.size),
+        None => cache.stored_blob(digest).await?.map(|hit| hit.size),
     };
     if let Some(size) = stored {
         *outcome = Outcome::Hit;
@@ -139,8 +146,10 @@ async fn serve_head(
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
 }
 
-/// Answers from the store; the blob stays in use (not evictable) until the body is done.
+/// Answers from the store (blob traffic); the blob stays in use (not evictable) until the body
+/// is done.
 fn respond_hit(
+    app: &App,
     digest: &Digest,
     hit: BlobHit,
     range: Option<&str>,
@@ -152,6 +161,7 @@ fn respond_hit(
         first,
         guard,
     } = hit;
+    app.cache().pacer().traffic();
     respond_sized(digest, size, range, |start, end| {
         body::stored(file, start, end, first, window).with_guard(guard)
     })
@@ -217,6 +227,7 @@ async fn follow_fill(
     }
     let file = fill.file;
     let continuation = continuation(app, registry, repo, digest, size);
+    app.cache().pacer().traffic();
     let Some(size) = size else {
         // Upstream sent no length: the whole blob, chunked; its end is held back until verified.
         return Ok(Some(

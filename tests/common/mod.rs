@@ -648,7 +648,7 @@ impl TestMirror {
     }
 
     /// Waits until no download is in flight: clients get a blob's last byte once it is verified,
-    /// and it is committed to the store just after.
+    /// and it is committed to the store once blob traffic pauses.
     pub async fn settle(&self) {
         let app = Arc::clone(&self.app);
         eventually("downloads in flight are committed", move || {
