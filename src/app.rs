@@ -162,10 +162,9 @@ impl App {
         m.cache_objects
             .with_label_values(&["manifest"])
             .set(usage.manifests as i64);
-        let waiting = self.cache.pacer().waiting();
-        m.commits_waiting.set(waiting as i64);
+        m.commits_waiting.set(self.cache.pacer().waiting() as i64);
         m.fills_in_flight
-            .set(self.cache.fills_in_flight().saturating_sub(waiting) as i64);
+            .set(self.cache.downloads_in_flight() as i64);
         let evicted = lifecycle.evictions();
         m.evictions
             .inc_by(evicted.saturating_sub(m.evictions.get()));

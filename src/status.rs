@@ -103,7 +103,7 @@ pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
         "<tr><th>bytes fetched</th><td class=\"num\">{}</td><td>from upstream</td></tr>",
         format_byte_size(stats.bytes_from_upstream)
     );
-    let _ = write!(html, "<tr><th>downloads in flight</th><td id=\"fills\" class=\"num\">{}</td><td></td></tr></table>", app.cache().fills_in_flight());
+    let _ = write!(html, "<tr><th>downloads in flight</th><td id=\"fills\" class=\"num\">{}</td><td></td></tr></table>", app.cache().downloads_in_flight());
     // Upstreams.
     html.push_str("<h2>Upstreams</h2><table><tr><th>registry</th><th>endpoint</th><th>tags</th><th>health</th><th>rate limit</th></tr>");
     for registry in app.routes().iter().enumerate() {

@@ -80,7 +80,7 @@ async fn one_prefetch_held(
     assert_eq!(got.status, StatusCode::OK);
     let client = spawn_blob_get(&mirror, &layers[0].0);
     eventually("one prefetch runs beside the client's download", || {
-        mirror.app.cache().fills_in_flight() == 2
+        mirror.app.cache().downloads_in_flight() == 2
     })
     .await;
     eventually("the prefetch of the second layer has started", || {
@@ -164,11 +164,11 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
 
     // The client's download and two prefetches at once, no more while they are held up.
     eventually("two prefetches run beside the client's download", || {
-        mirror.app.cache().fills_in_flight() == 3
+        mirror.app.cache().downloads_in_flight() == 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(mirror.app.cache().fills_in_flight(), 3);
+    assert_eq!(mirror.app.cache().downloads_in_flight(), 3);
     // The config (one chunk, never held) is done; the client's layer and two others are held.
     assert_eq!(blob_gets(&origin, "library/app", &config), 1);
     let asked: usize = layers
@@ -181,7 +181,7 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
     let (last, last_bytes) = layers.last().unwrap().clone();
     let client = spawn_blob_get(&mirror, &last);
     eventually("the client's download runs beside the prefetches", || {
-        mirror.app.cache().fills_in_flight() == 4
+        mirror.app.cache().downloads_in_flight() == 4
     })
     .await;
     gate.add_permits(1000);

@@ -194,6 +194,11 @@ impl Cache {
         self.inflight.len()
     }
 
+    /// Downloads under way: not counting verified ones waiting to be committed.
+    pub fn downloads_in_flight(&self) -> usize {
+        self.fills_in_flight().saturating_sub(self.pacer.waiting())
+    }
+
     /// The size of a blob downloaded and verified but not yet committed, if `digest` is one.
     pub fn verified_in_flight(&self, digest: &Digest) -> Option<u64> {
         self.inflight.verified_size(digest)

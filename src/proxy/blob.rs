@@ -70,7 +70,9 @@ pub async fn serve(
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
                 fill::spawn(fill_job(app, registry, repo, digest), permit, temp);
-                app.prefetcher().layer_missed(app, registry, repo, digest);
+                let download = fill.progress.clone();
+                app.prefetcher()
+                    .layer_missed(app, registry, repo, digest, download);
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             }
         };

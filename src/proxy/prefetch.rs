@@ -4,6 +4,11 @@
 //! all images (`cache.prefetch_downloads`). A client that asks for layers one by one, or three
 //! at a time as dockerd does, then joins downloads already running or hits the cache.
 //!
+//! They ramp up: while each download finishes within [`RAMP`], the next starts after it, and
+//! the first after the client's own. Against a fast upstream one at a time stays well ahead of
+//! the client, and the client's download keeps the bandwidth (and, with the client on the same
+//! host, the CPU) to itself; the first download that takes longer opens every slot.
+//!
 //! A manifest alone starts nothing, nor does a config: tools that only inspect images (which
 //! read manifests and configs, never layers) cost no layer downloads. Only a miss in the
 //! registry and repository the manifest came from starts its image. The first client to get a
@@ -15,13 +20,16 @@ use crate::digest::Digest;
 use crate::fill::{self, FillJob};
 use crate::oci::RepoName;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
 
 /// Memory for images remembered for prefetching, in blob digests: each layer key weighs its
 /// whole image, so this bounds what they hold however they are made.
 const REMEMBERED_WEIGHT: u64 = 64 * 1024;
 /// Blobs downloaded ahead of clients and not yet served, remembered to count their first client.
 const UNCLAIMED: u64 = 4 * 1024;
+/// Downloads ahead of clients run one at a time while each finishes within this.
+const RAMP: Duration = Duration::from_millis(250);
 
 /// A layer of an image remembered, where its manifest came from.
 type LayerKey = (usize, RepoName, Digest);
@@ -72,10 +80,17 @@ impl Prefetcher {
         }
     }
 
-    /// A client's request for `digest` in `repo` started its download: when it is a layer of
-    /// an image remembered from there, the image's other blobs start downloading too (once: the
-    /// image is forgotten). Returns at once.
-    pub fn layer_missed(&self, app: &App, registry: usize, repo: &RepoName, digest: &Digest) {
+    /// A client's request for `digest` in `repo` started its download (`download`): when it is
+    /// a layer of an image remembered from there, the image's other blobs start downloading
+    /// too (once: the image is forgotten). Returns at once.
+    pub fn layer_missed(
+        &self,
+        app: &App,
+        registry: usize,
+        repo: &RepoName,
+        digest: &Digest,
+        download: watch::Receiver<FillState>,
+    ) {
         let key = (registry, repo.clone(), digest.clone());
         let Some(image) = self.images.remove(&key) else {
             return;
@@ -84,7 +99,7 @@ impl Prefetcher {
             self.images
                 .invalidate(&(registry, repo.clone(), layer.clone()));
         }
-        self.start(app, &image);
+        self.start(app, &image, download);
     }
 
     /// Whether `digest` was downloaded ahead of clients and this is its first client (who is
@@ -102,8 +117,9 @@ impl Prefetcher {
     }
 
     /// Starts downloading the image's blobs that the cache neither holds nor is downloading,
-    /// in order, as slots free up. Nothing while the disk is full: clients are passed through.
-    fn start(&self, app: &App, image: &Image) {
+    /// in order, ramping up after the client's `download`, as slots free up. Nothing while the
+    /// disk is full: clients are passed through.
+    fn start(&self, app: &App, image: &Image, download: watch::Receiver<FillState>) {
         let Some(slots) = &self.slots else { return };
         if app.cache().lifecycle().disk_full() {
             return;
@@ -124,6 +140,7 @@ impl Prefetcher {
         let unclaimed = self.unclaimed.clone();
         let started = app.metrics().prefetches_counter();
         tokio::spawn(async move {
+            let mut one_at_a_time = finished_within(download, RAMP).await;
             for (digest, job) in wanted {
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     return;
@@ -138,16 +155,15 @@ impl Prefetcher {
                         unclaimed.insert(digest.clone(), ());
                         tracing::debug!(%digest, "prefetching");
                         fill::spawn(job, permit, temp);
-                        let mut progress = fill.progress;
                         // The slot is taken until the download has an outcome.
+                        let progress = fill.progress.clone();
                         tokio::spawn(async move {
-                            let _ = progress
-                                .wait_for(|s| {
-                                    !matches!(s, FillState::Starting | FillState::Streaming { .. })
-                                })
-                                .await;
+                            finished(progress).await;
                             drop(slot);
                         });
+                        if one_at_a_time {
+                            one_at_a_time = finished_within(fill.progress, RAMP).await;
+                        }
                     }
                     // Stored by another process, or a client's download is already running.
                     Ok(Role::Hit(_) | Role::Follower(_)) => {}
@@ -156,4 +172,18 @@ impl Prefetcher {
             }
         });
     }
+}
+
+/// Returns when a download has an outcome (verified, failed or abandoned).
+async fn finished(mut progress: watch::Receiver<FillState>) {
+    let _ = progress
+        .wait_for(|s| !matches!(s, FillState::Starting | FillState::Streaming { .. }))
+        .await;
+}
+
+/// Whether a download has an outcome within `limit`.
+async fn finished_within(progress: watch::Receiver<FillState>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, finished(progress))
+        .await
+        .is_ok()
 }
