@@ -4,9 +4,10 @@
 //! disk. So a verified blob waits for a pause in blob traffic: no blob request or download
 //! started for [`PAUSE`] (a pull asks for its blobs one after another, a few at a time). Its
 //! starts, not open transfers, mark traffic, so that a slow or stalled client does not hold
-//! commits back. A blob waits [`LONGEST`] at most, and not at all once the blobs waiting add up
-//! to more than [`WAITING_BYTES`] (bounding the unsynced bytes a crash would lose, and the disk
-//! usage eviction has not yet counted) or once the server is stopping.
+//! commits back. A blob waits [`LONGEST`] at most, and not at all once more than
+//! [`WAITING_BLOBS`] blobs or [`WAITING_BYTES`] bytes wait (bounding the open files, the unsynced
+//! bytes a crash would lose, and the disk usage eviction has not yet counted) or once the server
+//! is stopping.
 //!
 //! Nothing is weaker for the wait: a waiting blob is served from its download file like a
 //! download in progress (its single-flight entry stays until the commit), and only a synced
@@ -21,6 +22,8 @@ use tokio::time::Instant;
 pub const PAUSE: Duration = Duration::from_millis(500);
 /// The longest a verified blob waits for a pause.
 pub const LONGEST: Duration = Duration::from_secs(30);
+/// Beyond this many blobs waiting, blobs are committed at once (each holds two open files).
+pub const WAITING_BLOBS: usize = 128;
 /// Beyond this many bytes waiting, blobs are committed at once.
 pub const WAITING_BYTES: u64 = 1024 * 1024 * 1024;
 
@@ -77,10 +80,10 @@ impl CommitPacer {
 
     /// Returns when a verified blob of `size` bytes may be committed.
     pub async fn wait_turn(&self, size: u64) {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let before = self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+        let blobs_before = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let bytes_before = self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
         let _waiting = Waiting { pacer: self, size };
-        if before + size > WAITING_BYTES {
+        if blobs_before >= WAITING_BLOBS || bytes_before + size > WAITING_BYTES {
             return;
         }
         let deadline = Instant::now() + LONGEST;
@@ -175,5 +178,23 @@ mod tests {
         pacer.stop();
         assert_eq!(waited.await.unwrap(), Duration::from_secs(1));
         assert_eq!(turn_after(&pacer, 1).await, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_many_blobs_waiting_commit_at_once() {
+        let pacer = Arc::new(CommitPacer::default());
+        traffic(&pacer, PAUSE / 2, LONGEST * 2);
+        let waiters: Vec<_> = (0..WAITING_BLOBS)
+            .map(|_| {
+                let pacer = Arc::clone(&pacer);
+                tokio::spawn(async move { turn_after(&pacer, 1).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(pacer.waiting(), WAITING_BLOBS);
+        assert_eq!(turn_after(&pacer, 1).await, Duration::ZERO);
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap(), LONGEST);
+        }
     }
 }
