@@ -219,7 +219,7 @@ async fn a_verified_blob_is_committed_once_blob_traffic_pauses_and_served_meanwh
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let other_url = mirror.url(&format!("/v2/library/app/blobs/{other}"));
     assert!(get(&url).await.bytes()[..] == blob[..]);
-    // Other blobs are pulled every 100 ms for 1.5 s: the commit waits.
+    // Another blob is pulled every 100 ms for 1.5 s: the commit waits.
     let busy_until = std::time::Instant::now() + Duration::from_millis(1500);
     while std::time::Instant::now() < busy_until {
         assert_eq!(get(&other_url).await.status, StatusCode::OK);
