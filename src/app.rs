@@ -155,7 +155,7 @@ impl App {
         let m = &self.metrics;
         let lifecycle = self.cache.lifecycle();
         let usage = lifecycle.usage();
-        m.cache_size.set(usage.blob_bytes as i64);
+        m.cache_size.set(usage.on_disk() as i64);
         m.cache_objects
             .with_label_values(&["blob"])
             .set(usage.blobs as i64);

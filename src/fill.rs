@@ -7,7 +7,7 @@
 //! writer writes each chunk and publishes how far the file is written; a blocking hasher hashes.
 //! Network, disk and hashing overlap.
 
-use crate::cache::index::UsedAt;
+use crate::cache::index::Placed;
 use crate::cache::inflight::{FillError, FillPermit, FillState};
 use crate::cache::lifecycle::Lifecycle;
 use crate::cache::pacer::CommitPacer;
@@ -76,10 +76,10 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
             }
         };
         let downloaded_ms = started.elapsed().as_millis() as u64;
-        let used = job.lifecycle.take_place();
-        link(&job, &digest).await;
+        let placed = job.lifecycle.place(size);
+        settle(&job, &digest).await;
         job.pacer.wait_turn(size).await;
-        let committed = commit(&job, temp, &digest, size, used);
+        let committed = commit(&job, temp, &digest, placed);
         match tokio::time::timeout(job.timeout, committed).await {
             Ok(Ok(())) => {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = downloaded_ms, "blob cached");
@@ -170,30 +170,37 @@ async fn download(
     Ok((temp, size))
 }
 
-/// Records that upstream served the blob for this repository: pulls through it need not ask
-/// again, while the blob waits for its commit as well as after.
-async fn link(job: &FillJob, digest: &Digest) {
-    let store = Arc::clone(job.lifecycle.store());
+/// What a verified download does before its commit: records that upstream served the blob
+/// for this repository (pulls through it need not ask again, while the blob waits for its
+/// commit as well as after), and makes room for its bytes, which count against the budget from
+/// now on.
+async fn settle(job: &FillJob, digest: &Digest) {
+    let lifecycle = Arc::clone(&job.lifecycle);
     let (registry, repo, owned) = (job.upstream.name.clone(), job.repo.clone(), digest.clone());
-    let linked = tokio::task::spawn_blocking(move || store.link(&registry, &repo, &owned)).await;
+    let linked = tokio::task::spawn_blocking(move || {
+        let linked = lifecycle.store().link(&registry, &repo, &owned);
+        lifecycle.enforce_budget();
+        linked
+    })
+    .await;
     if let Ok(Err(e)) = linked {
         tracing::warn!(%digest, error = %e, "cannot record the blob's repository");
     }
 }
 
-/// Makes a verified download part of the store, used at `used`, and keeps the store within
-/// its budget.
+/// Makes a verified download part of the store at the place it took, and keeps the store
+/// within its budget.
 async fn commit(
     job: &FillJob,
     temp: TempBlob,
     digest: &Digest,
-    size: u64,
-    used: UsedAt,
+    placed: Placed,
 ) -> std::io::Result<()> {
     let lifecycle = Arc::clone(&job.lifecycle);
     let digest = digest.clone();
     tokio::task::spawn_blocking(move || {
-        let committed = lifecycle.commit(temp, &digest, size, used);
+        let size = placed.size();
+        let committed = lifecycle.commit(temp, &digest, placed);
         if committed.as_ref().is_err_and(is_disk_full) {
             lifecycle.mark_disk_full();
             lifecycle.make_room(size);

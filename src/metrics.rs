@@ -197,7 +197,7 @@ impl Metrics {
             cache_size: gauge(
                 &r,
                 "regmirror_cache_size_bytes",
-                "Bytes of blobs in the cache.",
+                "Bytes of blobs in the cache, counting verified downloads waiting for their commit.",
             ),
             cache_objects: gauge_vec(
                 &r,

@@ -67,12 +67,12 @@ pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
     let _ = write!(
         html,
         "<tr><th>blobs</th><td id=\"blob-bytes\" class=\"num\">{}</td><td>{} objects</td></tr>",
-        format_byte_size(usage.blob_bytes),
+        format_byte_size(usage.on_disk()),
         usage.blobs
     );
     match budget.max {
         Some(max) => {
-            let share = usage.blob_bytes as f64 / max as f64;
+            let share = usage.on_disk() as f64 / max as f64;
             let _ = write!(
                 html,
                 "<tr><th>budget</th><td id=\"budget\" class=\"num\">{}</td><td><div class=\"bar\"><div class=\"fill\" style=\"width:{:.1}%\"></div></div> {:.1}% used</td></tr>",

@@ -7,6 +7,7 @@ use common::*;
 use http::StatusCode;
 use regmirror::digest::Digest;
 use std::process::Command;
+use std::time::Duration;
 
 const MIB: usize = 1024 * 1024;
 
@@ -74,6 +75,59 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
         origin.hits("GET", &format!("/v2/library/app/blobs/{}", small[1])),
         2
     );
+}
+
+/// Pulls `url` every 100 ms for `lasting`: blob traffic, so verified downloads wait for their
+/// commit meanwhile.
+async fn keep_pulling(url: &str, lasting: Duration) {
+    let until = std::time::Instant::now() + lasting;
+    while std::time::Instant::now() < until {
+        assert_eq!(get(url).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_waiting_for_their_commit_count_against_the_budget() {
+    let origin = FakeRegistry::start().await;
+    let old: Vec<Digest> = (0..3)
+        .map(|i| origin.add_blob(random_bytes(8 * MIB, 80 + i)))
+        .collect();
+    let new: Vec<Digest> = (0..2)
+        .map(|i| origin.add_blob(random_bytes(8 * MIB, 90 + i)))
+        .collect();
+    let small = origin.add_blob(random_bytes(1000, 99));
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.max_size = Some(40 * MIB as u64);
+        c.cache.high_watermark = 0.75; // 30 MiB
+        c.cache.low_watermark = 0.5; // 20 MiB
+    })
+    .await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+    for d in old.iter().chain([&small]) {
+        assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+        mirror.settle().await;
+    }
+    // Two more are pulled while blob traffic goes on: their commits wait, and their bytes,
+    // on the disk already, count. The first brings 24 + 8 MiB past 30: the two oldest go.
+    for d in &new {
+        assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
+    }
+    keep_pulling(&blob(&small), Duration::from_millis(1200)).await;
+    let usage = mirror.app.cache().lifecycle().usage();
+    assert_eq!(usage.waiting_bytes, 16 * MIB as u64, "{usage:?}");
+    assert_eq!(usage.blob_bytes, 8 * MIB as u64 + 1000, "{usage:?}");
+    assert!(!mirror.has_blob(&old[0]) && !mirror.has_blob(&old[1]));
+    assert!(mirror.has_blob(&old[2]));
+    assert!(new.iter().all(|d| !mirror.has_blob(d)), "committed early");
+    assert_eq!(mirror.app.cache().lifecycle().evictions(), 2);
+    // The traffic pauses: committed, and counted as stored.
+    mirror.settle().await;
+    assert!(new.iter().all(|d| mirror.has_blob(d)));
+    let usage = mirror.app.cache().lifecycle().usage();
+    assert_eq!(usage.blob_bytes, 24 * MIB as u64 + 1000, "{usage:?}");
+    assert_eq!(usage.waiting_bytes, 0);
+    assert_eq!(mirror.app.cache().lifecycle().evictions(), 2);
 }
 
 /// Files this process holds open that were removed from the disk (their space is not freed).
@@ -247,6 +301,33 @@ async fn a_full_disk_evicts_then_passes_through_without_partial_files() {
     assert_eq!(mirror.temp_files(), 0);
     // Cached content is still served.
     assert!(get(&blob(&c_digest)).await.bytes()[..] == c[..]);
+    drop(mirror);
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_still_serves_a_verified_blob_waiting_for_its_commit() {
+    let origin = FakeRegistry::start().await;
+    let a = random_bytes(3 * MIB, 74);
+    let a_digest = origin.add_blob(a.clone());
+    let huge_digest = origin.add_blob(random_bytes(12 * MIB, 75));
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("cache"), 8);
+    let mirror = TestMirror::start(&origin.url(), |c| c.cache.dir = disk.path.clone()).await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+
+    // `a` is verified, and its commit waits while the next pull runs...
+    assert!(get(&blob(&a_digest)).await.bytes()[..] == a[..]);
+    // ...which outgrows the disk: misses pass through from now on.
+    assert_eq!(get(&blob(&huge_digest)).await.status, StatusCode::OK);
+    assert!(mirror.app.cache().lifecycle().disk_full());
+    assert!(!mirror.has_blob(&a_digest), "committed early");
+    // `a` is on the disk, verified: served from there, not fetched again.
+    assert!(get(&blob(&a_digest)).await.bytes()[..] == a[..]);
+    let path = format!("/v2/library/app/blobs/{a_digest}");
+    assert_eq!(origin.hits("GET", &path), 1);
+    mirror.settle().await;
+    assert!(mirror.has_blob(&a_digest));
     drop(mirror);
     drop(disk);
 }

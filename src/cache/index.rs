@@ -1,6 +1,7 @@
 //! The in-memory index of stored content: size, kind and last use of every digest, the total
-//! against the byte budget, and who is reading what. Decides which blobs to evict; deleting the
-//! files is the caller's job (through the store).
+//! against the byte budget (counting verified downloads waiting for their commit, which are on
+//! the disk already), and who is reading what. Decides which blobs to evict; deleting the files
+//! is the caller's job (through the store).
 //!
 //! Rebuilt from disk at start-up (recency from file modification times, which hits refresh at
 //! most once an hour). Pure bookkeeping: no I/O.
@@ -43,6 +44,33 @@ pub struct UsedAt {
     secs: u64,
 }
 
+/// A verified download's place in the order of use, taken before its commit (see
+/// [`Index::place`]): its bytes count against the budget from then on, as stored ones once
+/// [`Index::insert_placed`] takes it, and not at all if it is dropped (the commit failed).
+pub struct Placed {
+    index: Arc<Index>,
+    used: UsedAt,
+    size: u64,
+    /// Its bytes are still counted as waiting (not yet inserted).
+    waiting: bool,
+}
+
+impl Placed {
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        if self.waiting {
+            let mut inner = self.index.lock();
+            inner.usage.waiting_bytes = inner.usage.waiting_bytes.saturating_sub(self.size);
+        }
+    }
+}
+
 /// The byte budget for blobs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Budget {
@@ -64,7 +92,10 @@ impl Budget {
 /// Usage figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Stored blobs.
     pub blob_bytes: u64,
+    /// Verified downloads waiting for their commit: on the disk, under a temporary name.
+    pub waiting_bytes: u64,
     pub blobs: u64,
     pub manifests: u64,
 }
@@ -136,9 +167,35 @@ impl Index {
         }
     }
 
+    /// A place in the order of use now for a verified download of `size` bytes, counted
+    /// against the budget until it is committed ([`Index::insert_placed`]) or dropped.
+    pub fn place(self: &Arc<Self>, size: u64, now: u64) -> Placed {
+        let used = self.take_place(now);
+        self.lock().usage.waiting_bytes += size;
+        Placed {
+            index: Arc::clone(self),
+            used,
+            size,
+            waiting: true,
+        }
+    }
+
+    /// Records a committed blob at the place it took when it was verified; its bytes count as
+    /// stored from now on instead of waiting.
+    pub fn insert_placed(&self, digest: Digest, mut placed: Placed) {
+        let size = placed.size;
+        let mut inner = self.lock();
+        inner.usage.waiting_bytes = inner.usage.waiting_bytes.saturating_sub(size);
+        placed.waiting = false;
+        Self::insert_locked(&mut inner, digest, size, Kind::Blob, placed.used);
+    }
+
     /// Records stored content as used at a place taken earlier.
     pub fn insert_used(&self, digest: Digest, size: u64, kind: Kind, used: UsedAt) {
-        let mut inner = self.lock();
+        Self::insert_locked(&mut self.lock(), digest, size, kind, used);
+    }
+
+    fn insert_locked(inner: &mut Inner, digest: Digest, size: u64, kind: Kind, used: UsedAt) {
         let mut entry = Entry {
             size,
             kind,
@@ -244,20 +301,20 @@ impl Index {
         self.lock().usage
     }
 
-    /// Whether blob usage passed the high watermark.
+    /// Whether blob usage (stored and waiting) passed the high watermark.
     pub fn over_high_watermark(&self) -> bool {
         let budget = self.budget();
         match budget.max {
-            Some(max) => self.usage().blob_bytes as f64 > max as f64 * budget.high,
+            Some(max) => self.usage().on_disk() as f64 > max as f64 * budget.high,
             None => false,
         }
     }
 
     /// Takes out of the index the least recently used blobs (not pinned, not being read) until
-    /// usage is at most `target` bytes; returns them for deletion.
+    /// usage (stored and waiting) is at most `target` bytes; returns them for deletion.
     pub fn evict_to(&self, target: u64, pinned: &HashSet<Digest>) -> Vec<(Digest, u64)> {
         let mut inner = self.lock();
-        if inner.usage.blob_bytes <= target {
+        if inner.usage.on_disk() <= target {
             return Vec::new();
         }
         let mut candidates: Vec<(u64, Digest, u64)> = inner
@@ -269,7 +326,7 @@ impl Index {
         candidates.sort();
         let mut evicted = Vec::new();
         for (_, digest, size) in candidates {
-            if inner.usage.blob_bytes <= target {
+            if inner.usage.on_disk() <= target {
                 break;
             }
             inner.entries.remove(&digest);
@@ -292,6 +349,13 @@ impl Index {
             .iter()
             .map(|(d, e)| (d.clone(), e.size, e.kind, e.last_used))
             .collect()
+    }
+}
+
+impl Usage {
+    /// Bytes of blobs on the disk: stored, and verified downloads waiting for their commit.
+    pub fn on_disk(&self) -> u64 {
+        self.blob_bytes + self.waiting_bytes
     }
 }
 
@@ -385,12 +449,39 @@ mod tests {
             index.usage(),
             Usage {
                 blob_bytes: 10,
+                waiting_bytes: 0,
                 blobs: 1,
                 manifests: 0
             }
         );
         index.remove(&d(1));
         assert_eq!(index.usage(), Usage::default());
+    }
+
+    #[test]
+    fn a_verified_download_counts_against_the_budget_until_committed_or_dropped() {
+        let index = Arc::new(Index::new(Budget {
+            max: Some(100),
+            high: 0.9,
+            low: 0.5,
+        }));
+        index.insert(d(1), 50, Kind::Blob, 100);
+        let placed = index.place(45, 101);
+        assert_eq!(index.usage().waiting_bytes, 45);
+        assert!(index.over_high_watermark(), "50 stored + 45 waiting");
+        assert_eq!(index.evict_to(50, &HashSet::new()), vec![(d(1), 50)]);
+        index.insert_placed(d(2), placed);
+        assert_eq!(
+            index.usage(),
+            Usage {
+                blob_bytes: 45,
+                waiting_bytes: 0,
+                blobs: 1,
+                manifests: 0
+            }
+        );
+        drop(index.place(30, 102)); // its commit failed
+        assert_eq!(index.usage().on_disk(), 45);
     }
 
     #[test]

@@ -163,14 +163,21 @@ impl Inflight {
         Ok(Role::Leader(permit, fill, temp))
     }
 
-    /// The size of the fill of `digest` once it is verified.
-    pub fn verified_size(&self, digest: &Digest) -> Option<u64> {
+    /// The fill of `digest` once it is verified (its commit may still wait), and its size.
+    pub fn verified(&self, digest: &Digest) -> Option<(Fill, u64)> {
         let fills = self.fills.lock().expect("inflight lock poisoned");
-        let state = fills.get(digest)?.progress.borrow().clone();
-        match state {
-            FillState::Complete { size } => Some(size),
-            _ => None,
-        }
+        let fill = fills.get(digest)?;
+        let size = verified_size(fill)?;
+        Some((fill.clone(), size))
+    }
+
+    /// Fills not yet verified: downloads under way.
+    pub fn downloading(&self) -> usize {
+        let fills = self.fills.lock().expect("inflight lock poisoned");
+        fills
+            .values()
+            .filter(|f| verified_size(f).is_none())
+            .count()
     }
 
     /// Fills in progress.
@@ -187,6 +194,14 @@ impl Inflight {
             .lock()
             .expect("inflight lock poisoned")
             .remove(digest);
+    }
+}
+
+/// The size of a verified fill; `None` while it downloads or once it failed.
+fn verified_size(fill: &Fill) -> Option<u64> {
+    match *fill.progress.borrow() {
+        FillState::Complete { size } => Some(size),
+        _ => None,
     }
 }
 

@@ -7,7 +7,7 @@
 //! the blocking pool.
 
 use super::hot::HotBlobs;
-use super::index::{Budget, Index, Kind, ReadGuard, Usage, UsedAt};
+use super::index::{Budget, Index, Kind, Placed, ReadGuard, Usage};
 use super::store::{Store, TempBlob};
 use crate::digest::Digest;
 use crate::oci::{self, ImageRef, Reference};
@@ -95,23 +95,17 @@ impl Lifecycle {
         *self.pins.lock().expect("pins lock poisoned") = pins;
     }
 
-    /// A place in the order of use for a download just verified: its commit may wait (see
-    /// [`super::pacer`]), and the blob still ranks by when it was fetched.
-    pub fn take_place(&self) -> UsedAt {
-        self.index.take_place(now())
+    /// A place in the order of use for a download of `size` bytes just verified: its commit
+    /// may wait (see [`super::pacer`]), and meanwhile the blob ranks by when it was fetched and
+    /// its bytes count against the budget.
+    pub fn place(&self, size: u64) -> Placed {
+        self.index.place(size, now())
     }
 
-    /// Commits a verified download and counts it as used at `used`.
-    pub fn commit(
-        &self,
-        temp: TempBlob,
-        digest: &Digest,
-        size: u64,
-        used: UsedAt,
-    ) -> io::Result<()> {
+    /// Commits a verified download at the place it took.
+    pub fn commit(&self, temp: TempBlob, digest: &Digest, placed: Placed) -> io::Result<()> {
         self.store.commit(temp, digest)?;
-        self.index
-            .insert_used(digest.clone(), size, Kind::Blob, used);
+        self.index.insert_placed(digest.clone(), placed);
         Ok(())
     }
 
@@ -156,15 +150,21 @@ impl Lifecycle {
         Some(guard)
     }
 
-    /// Evicts down to the low watermark when usage passed the high one. One run at a time.
+    /// Evicts down to the low watermark when usage passed the high one. One run at a time: a
+    /// caller that finds one under way leaves it to that run, which looks again when it is done
+    /// (commits released together by the pacer arrive at once).
     pub fn enforce_budget(&self) {
-        if !self.index.over_high_watermark() || self.evicting.swap(true, Ordering::AcqRel) {
-            return;
+        while self.index.over_high_watermark() && !self.evicting.swap(true, Ordering::AcqRel) {
+            let evicted = match self.index.low_target() {
+                Some(target) => self.evict_to(target, "budget").0,
+                None => 0,
+            };
+            // Acquires what a caller that left it to this run inserted before it looked.
+            self.evicting.swap(false, Ordering::AcqRel);
+            if evicted == 0 {
+                break; // everything left is pinned or being read
+            }
         }
-        if let Some(target) = self.index.low_target() {
-            self.evict_to(target, "budget");
-        }
-        self.evicting.store(false, Ordering::Release);
     }
 
     /// Evicts down to `target` bytes of blobs now (`regmirror gc`); returns (blobs, bytes).
@@ -188,6 +188,7 @@ impl Lifecycle {
                 blobs = evicted.len(),
                 bytes,
                 usage_bytes = usage.blob_bytes,
+                waiting_bytes = usage.waiting_bytes,
                 "evicted least recently used blobs"
             );
         }
@@ -197,7 +198,7 @@ impl Lifecycle {
     /// The disk is full: evicts at least `needed` bytes (and at least 64 MiB). Returns
     /// whether anything was freed.
     pub fn make_room(&self, needed: u64) -> bool {
-        let usage = self.index.usage().blob_bytes;
+        let usage = self.index.usage().on_disk();
         let mut target = usage.saturating_sub(needed.max(MIN_ROOM));
         if let Some(low) = self.index.low_target() {
             target = target.min(low);

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::oci::{RepoName, Tag};
 use bytes::Bytes;
 use index::{Budget, ReadGuard};
-use inflight::{Inflight, Role};
+use inflight::{Fill, Inflight, Role};
 use lifecycle::{parse_pin, Lifecycle, Pin};
 use pacer::CommitPacer;
 use std::fs::File;
@@ -194,14 +194,20 @@ impl Cache {
         self.inflight.len()
     }
 
-    /// Downloads under way: not counting verified ones waiting to be committed.
+    /// Downloads under way: not counting verified ones waiting for (or in) their commit.
     pub fn downloads_in_flight(&self) -> usize {
-        self.fills_in_flight().saturating_sub(self.pacer.waiting())
+        self.inflight.downloading()
     }
 
     /// The size of a blob downloaded and verified but not yet committed, if `digest` is one.
     pub fn verified_in_flight(&self, digest: &Digest) -> Option<u64> {
-        self.inflight.verified_size(digest)
+        self.inflight.verified(digest).map(|(_, size)| size)
+    }
+
+    /// A blob downloaded and verified but not yet committed, to follow like a download (its
+    /// bytes are all in its file), without joining or starting a download otherwise.
+    pub fn verified_download(&self, digest: &Digest) -> Option<Fill> {
+        self.inflight.verified(digest).map(|(fill, _)| fill)
     }
 
     /// A stored blob, without joining or starting a download.

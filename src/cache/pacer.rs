@@ -5,9 +5,9 @@
 //! started for [`PAUSE`] (a pull asks for its blobs one after another, a few at a time). Its
 //! starts, not open transfers, mark traffic, so that a slow or stalled client does not hold
 //! commits back. A blob waits [`LONGEST`] at most, and not at all once more than
-//! [`WAITING_BLOBS`] blobs or [`WAITING_BYTES`] bytes wait (bounding the open files, the unsynced
-//! bytes a crash would lose, and the disk usage eviction has not yet counted) or once the server
-//! is stopping.
+//! [`WAITING_BLOBS`] blobs or [`WAITING_BYTES`] bytes wait (bounding the open files and the
+//! unsynced bytes a crash would lose) or once the server is stopping. A waiting blob's bytes
+//! count against the cache's budget from its verification on.
 //!
 //! Nothing is weaker for the wait: a waiting blob is served from its download file like a
 //! download in progress (its single-flight entry stays until the commit), and only a synced

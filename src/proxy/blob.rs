@@ -51,6 +51,16 @@ pub async fn serve(
             confirm(app, registry, repo, digest, Content::Blob).await?;
             return Ok(respond_hit(app, digest, hit, range, window));
         }
+        // Verified and waiting for its commit: its bytes are on the disk already.
+        if let Some(fill) = app.cache().verified_download(digest) {
+            *outcome = Outcome::Join;
+            confirm(app, registry, repo, digest, Content::Blob).await?;
+            if let Some(response) =
+                follow_fill(app, registry, repo, digest, fill, range, window).await?
+            {
+                return Ok(response);
+            }
+        }
         *outcome = Outcome::Bypass;
         return pass_through(app, registry, repo, digest).await;
     }
