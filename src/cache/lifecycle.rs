@@ -150,6 +150,13 @@ impl Lifecycle {
         Some(guard)
     }
 
+    /// A blob whose file was removed (evicted, or by another process) after a hit opened it:
+    /// neither indexed nor kept open from now on.
+    pub fn forget_removed(&self, digest: &Digest) {
+        self.index.remove(digest);
+        self.hot.forget(digest);
+    }
+
     /// Evicts down to the low watermark when usage passed the high one. One run at a time: a
     /// caller that finds one under way leaves it to that run, which looks again when it is done
     /// (commits released together by the pacer arrive at once).
@@ -173,11 +180,15 @@ impl Lifecycle {
         let evicted = self.index.evict_to(target, &pinned);
         let mut bytes = 0;
         for (digest, size) in &evicted {
-            self.hot.forget(digest);
             match self.store.remove_blob(digest) {
-                Ok(()) => bytes += size,
+                // A hit that opened the file before it left the index recorded it again.
+                Ok(()) => {
+                    bytes += size;
+                    self.forget_removed(digest);
+                }
                 Err(e) => tracing::error!(%digest, error = %e, "cannot delete an evicted blob"),
             }
+            self.hot.forget(digest);
         }
         if !evicted.is_empty() {
             self.evictions

@@ -25,6 +25,7 @@ use pacer::CommitPacer;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -473,9 +474,15 @@ fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit
     };
     let file = Arc::new(file);
     let first = crate::body::read_first(&file, size)?;
-    lifecycle.hot().remember(digest, &file, size, &first);
+    let guard = lifecycle.hit(digest, size);
+    if file.metadata()?.nlink() == 0 {
+        // Removed since it was opened (evicted): served from what is open, not indexed again.
+        lifecycle.forget_removed(digest);
+    } else {
+        lifecycle.hot().remember(digest, &file, size, &first);
+    }
     Ok(Some(BlobHit {
-        guard: lifecycle.hit(digest, size),
+        guard,
         file,
         size,
         first,
