@@ -317,7 +317,23 @@ fn copy_replacing(source: &Path, dest: &Path, mirror_host: &str) {
     }
 }
 
-/// A gzip'd tar layer holding a small text file and 1 MiB of random bytes.
+/// What makes this run's layers (and so every digest seeded) its own. Real clients remember
+/// where they saw a digest across runs (skopeo's blob-info cache under /var/lib/containers),
+/// and ports are reused: with the same digests a client could mount a layer from an earlier
+/// run's location instead of pulling it through the mirror.
+fn run_nonce() -> u128 {
+    static NONCE: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        now ^ ((std::process::id() as u128) << 64)
+    })
+}
+
+/// A gzip'd tar layer holding a small text file (unique to this run) and 1 MiB of random
+/// bytes.
 fn layer(platform: &str) -> (Vec<u8>, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     let mut add = |name: &str, data: &[u8]| {
@@ -328,7 +344,10 @@ fn layer(platform: &str) -> (Vec<u8>, Digest) {
         h.set_cksum();
         tar.append_data(&mut h, name, data).unwrap();
     };
-    add("hello.txt", format!("hello from {platform}\n").as_bytes());
+    add(
+        "hello.txt",
+        format!("hello from {platform}, run {:x}\n", run_nonce()).as_bytes(),
+    );
     add(
         "random.bin",
         &random_bytes(1024 * 1024, platform.len() as u64 + 7),
