@@ -181,14 +181,11 @@ impl Lifecycle {
         let mut bytes = 0;
         for (digest, size) in &evicted {
             match self.store.remove_blob(digest) {
-                // A hit that opened the file before it left the index recorded it again.
-                Ok(()) => {
-                    bytes += size;
-                    self.forget_removed(digest);
-                }
+                Ok(()) => bytes += size,
                 Err(e) => tracing::error!(%digest, error = %e, "cannot delete an evicted blob"),
             }
-            self.hot.forget(digest);
+            // Once more: a hit that opened the file before it left the index recorded it again.
+            self.forget_removed(digest);
         }
         if !evicted.is_empty() {
             self.evictions
