@@ -7,7 +7,7 @@
 //! most once an hour). Pure bookkeeping: no I/O.
 
 use crate::digest::Digest;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Recency is written back to the file's mtime at most this often (seconds).
@@ -65,8 +65,7 @@ impl Placed {
 impl Drop for Placed {
     fn drop(&mut self) {
         if self.waiting {
-            let mut inner = self.index.lock();
-            inner.usage.waiting_bytes = inner.usage.waiting_bytes.saturating_sub(self.size);
+            self.index.lock().stop_waiting(self.used.tick);
         }
     }
 }
@@ -105,6 +104,17 @@ struct Inner {
     entries: HashMap<Digest, Entry>,
     usage: Usage,
     clock: u64,
+    /// Verified downloads waiting for their commit: size by place in the order of use.
+    waiting: BTreeMap<u64, u64>,
+}
+
+impl Inner {
+    /// A verified download's bytes stop counting as waiting (committed, or given up).
+    fn stop_waiting(&mut self, tick: u64) {
+        if let Some(size) = self.waiting.remove(&tick) {
+            self.usage.waiting_bytes = self.usage.waiting_bytes.saturating_sub(size);
+        }
+    }
 }
 
 /// The index; shared.
@@ -171,7 +181,10 @@ impl Index {
     /// against the budget until it is committed ([`Index::insert_placed`]) or dropped.
     pub fn place(self: &Arc<Self>, size: u64, now: u64) -> Placed {
         let used = self.take_place(now);
-        self.lock().usage.waiting_bytes += size;
+        let mut inner = self.lock();
+        inner.waiting.insert(used.tick, size);
+        inner.usage.waiting_bytes += size;
+        drop(inner);
         Placed {
             index: Arc::clone(self),
             used,
@@ -185,7 +198,7 @@ impl Index {
     pub fn insert_placed(&self, digest: Digest, mut placed: Placed) {
         let size = placed.size;
         let mut inner = self.lock();
-        inner.usage.waiting_bytes = inner.usage.waiting_bytes.saturating_sub(size);
+        inner.stop_waiting(placed.used.tick);
         placed.waiting = false;
         Self::insert_locked(&mut inner, digest, size, Kind::Blob, placed.used);
     }
@@ -311,16 +324,21 @@ impl Index {
     }
 
     /// Takes out of the index the least recently used blobs (not pinned, not being read) until
-    /// usage (stored and waiting) is at most `target` bytes; returns them for deletion.
+    /// usage (stored and waiting) is at most `target` bytes; returns them for deletion. Only
+    /// blobs used before every download still waiting for its commit go: commits can finish in
+    /// any order, and a blob committed early must not go before an older one still waiting
+    /// (that one goes first, once committed).
     pub fn evict_to(&self, target: u64, pinned: &HashSet<Digest>) -> Vec<(Digest, u64)> {
         let mut inner = self.lock();
         if inner.usage.on_disk() <= target {
             return Vec::new();
         }
+        let oldest_waiting = inner.waiting.keys().next().copied().unwrap_or(u64::MAX);
         let mut candidates: Vec<(u64, Digest, u64)> = inner
             .entries
             .iter()
-            .filter(|(d, e)| e.kind == Kind::Blob && e.readers == 0 && !pinned.contains(*d))
+            .filter(|(_, e)| e.kind == Kind::Blob && e.readers == 0 && e.tick < oldest_waiting)
+            .filter(|(d, _)| !pinned.contains(*d))
             .map(|(d, e)| (e.tick, d.clone(), e.size))
             .collect();
         candidates.sort();
@@ -482,6 +500,24 @@ mod tests {
         );
         drop(index.place(30, 102)); // its commit failed
         assert_eq!(index.usage().on_disk(), 45);
+    }
+
+    #[test]
+    fn a_blob_committed_before_an_older_one_waiting_is_not_evicted_first() {
+        let index = Arc::new(Index::new(Budget {
+            max: Some(100),
+            high: 0.9,
+            low: 0.5,
+        }));
+        index.insert(d(1), 30, Kind::Blob, 100);
+        let older = index.place(30, 101);
+        let newer = index.place(30, 102);
+        index.insert_placed(d(3), newer); // its commit finished first
+                                          // 90 on the disk: only what was used before the older download goes now.
+        assert_eq!(index.evict_to(50, &HashSet::new()), vec![(d(1), 30)]);
+        index.insert_placed(d(2), older);
+        assert_eq!(index.evict_to(50, &HashSet::new()), vec![(d(2), 30)]);
+        assert!(index.contains(&d(3)));
     }
 
     #[test]
