@@ -230,7 +230,7 @@ pub struct UpstreamConfig {
     /// Time allowed to open a connection (TCP and TLS).
     #[serde(default = "default_connect_timeout", with = "duration_text")]
     pub connect_timeout: Duration,
-    /// Time allowed from sending a request to its response headers.
+    /// Time allowed from sending a request to its response headers (a token: to its body).
     #[serde(default = "default_response_timeout", with = "duration_text")]
     pub response_timeout: Duration,
     /// A body that delivers no byte for this long is abandoned.

@@ -251,6 +251,45 @@ async fn offline_detection_costs_one_timeout_not_one_per_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_service_that_stalls_mid_answer_fails_the_request_in_time() {
+    let origin = FakeRegistry::start().await;
+    let config = origin.add_blob(b"{}".to_vec());
+    origin.add_manifest(
+        "library/app",
+        Some("a"),
+        DOCKER_MANIFEST,
+        schema2_manifest(&config, 2, &[]),
+    );
+    let token_service = BlackHole::stalling_after(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"token\":",
+    )
+    .await;
+    origin.knobs(|k| {
+        k.require_token = true;
+        k.token_realm = Some(token_service.url());
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.registry[0].upstream[0].response_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let started = Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        get_manifest(&mirror.url("/v2/library/app/manifests/a")),
+    )
+    .await
+    .expect("the request hung on the token service's body");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(got.status.is_server_error(), "{}", got.status);
+    let body: serde_json::Value = serde_json::from_slice(got.bytes()).unwrap();
+    assert!(body["errors"][0]["code"].is_string(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfigured_registries_are_refused() {
     let origin = FakeRegistry::start().await;
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Tokens are dropped this long before they expire, so none is used as it runs out.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+/// The longest a token is kept, whatever its `expires_in` says.
+const LONGEST_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,7 +119,8 @@ pub fn parse_token(body: &[u8]) -> Result<Token, String> {
     let lifetime = parsed
         .expires_in
         .filter(|&s| s > 0)
-        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs)
+        .min(LONGEST_TOKEN_LIFETIME);
     Ok(Token {
         value,
         lifetime: lifetime
@@ -297,6 +300,8 @@ mod tests {
         assert_eq!(t.lifetime, Duration::from_secs(55));
         let t = parse_token(br#"{"access_token":"x","expires_in":300}"#).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(295));
+        let t = parse_token(br#"{"token":"x","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!(t.lifetime, LONGEST_TOKEN_LIFETIME - EXPIRY_MARGIN);
         assert!(parse_token(br#"{"token":""}"#).is_err());
         assert!(parse_token(b"<html>").is_err());
     }

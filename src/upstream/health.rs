@@ -12,6 +12,8 @@ use tokio::time::Instant;
 
 /// Wait after a 429 that said nothing about when to come back.
 const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(60);
+/// The longest pause after a 429, whatever upstream's headers say (a probe follows it).
+const LONGEST_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Docker Hub's rate-limit headers, as last seen.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +107,10 @@ impl Health {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("health lock poisoned")
+        // Plain figures: a panic elsewhere while the lock was held leaves nothing half-done.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Decides whether a request may use the endpoint; claims the probe when one is due.
@@ -141,17 +146,18 @@ impl Health {
     }
 
     /// After a 429: no manifest GETs until `Retry-After`, else until one pull frees up in the
-    /// advertised window, else a minute. Returns the pause.
+    /// advertised window, else a minute; an hour at most. Returns the pause.
     pub fn rate_limited(&self, now: Instant, retry_after: Option<u64>) -> Duration {
         let mut state = self.state();
         let from_window = state.rate_limit.as_ref().and_then(|r| {
             let (window, limit) = (r.window?, r.limit?);
-            (limit > 0).then(|| window / limit as u32)
+            (limit > 0).then(|| window / u32::try_from(limit).unwrap_or(u32::MAX))
         });
         let pause = retry_after
             .map(Duration::from_secs)
             .or(from_window)
-            .unwrap_or(DEFAULT_RATE_LIMIT_PAUSE);
+            .unwrap_or(DEFAULT_RATE_LIMIT_PAUSE)
+            .min(LONGEST_RATE_LIMIT_PAUSE);
         state.rate_limited_until = Some(now + pause);
         pause
     }
@@ -228,5 +234,24 @@ mod tests {
         assert_eq!(h.rate_limited(t0, None), Duration::from_secs(216));
         let fresh = Health::new(Duration::from_secs(10));
         assert_eq!(fresh.rate_limited(t0, None), DEFAULT_RATE_LIMIT_PAUSE);
+    }
+
+    #[test]
+    fn absurd_rate_limit_headers_give_a_bounded_pause() {
+        let t0 = Instant::now();
+        let h = Health::new(Duration::from_secs(10));
+        assert_eq!(h.rate_limited(t0, Some(u64::MAX)), LONGEST_RATE_LIMIT_PAUSE);
+        let mut headers = HeaderMap::new();
+        // 2^32 pulls per window: as a u32, 0.
+        headers.insert("ratelimit-limit", "4294967296;w=60".parse().unwrap());
+        h.observe(&headers);
+        assert!(h.rate_limited(t0, None) < Duration::from_secs(1));
+        headers.insert(
+            "ratelimit-limit",
+            "1;w=18446744073709551615".parse().unwrap(),
+        );
+        h.observe(&headers);
+        assert_eq!(h.rate_limited(t0, None), LONGEST_RATE_LIMIT_PAUSE);
+        assert!(h.rate_limit_pause(t0).is_some());
     }
 }

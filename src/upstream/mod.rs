@@ -585,16 +585,26 @@ impl Endpoint {
         }
         let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
         tracing::debug!(realm = %key.realm, scope = %key.scope, "fetching upstream token");
-        let response = tokio::time::timeout(self.response_timeout, self.http.request(request))
+        // One deadline for the answer and its (small) body: a token service that stalls
+        // mid-body would otherwise hold every request waiting for this token.
+        let answer = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_TOKEN_BYTES)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.response_timeout, answer)
             .await
             .map_err(|_| format!("token endpoint {} timed out", key.realm))?
             .map_err(|e| format!("token endpoint {}: {e}", key.realm))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_TOKEN_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("token endpoint {}: {e}", key.realm))?
-            .to_bytes();
         if !status.is_success() {
             return Err(format!("token endpoint {} answered {status}", key.realm));
         }

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -559,6 +560,29 @@ impl BlackHole {
             loop {
                 tokio::select! {
                     r = listener.accept() => if let Ok((stream, _)) = r { held.push(stream) },
+                    _ = &mut stopped => return,
+                }
+            }
+        });
+        BlackHole { addr, _stop: stop }
+    }
+
+    /// An endpoint that reads each request, sends `first` (a head and part of a body, say) and
+    /// then nothing more, holding the connection open.
+    pub async fn stalling_after(first: &'static [u8]) -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    r = listener.accept() => if let Ok((mut stream, _)) = r {
+                        let mut request = [0u8; 4096];
+                        let _ = stream.read(&mut request).await;
+                        let _ = stream.write_all(first).await;
+                        held.push(stream);
+                    },
                     _ = &mut stopped => return,
                 }
             }
