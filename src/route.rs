@@ -248,13 +248,41 @@ fn parse_digest(raw: &str) -> Result<Digest, RouteError> {
     })
 }
 
-/// The first value of `key` in a query string (values here never need percent-decoding beyond
-/// what registries' host names and tags allow, which is none).
+/// The first value of `key` in a query string, percent-decoded: containerd encodes its query
+/// (`ns=registry.lan%3A5000` for a registry with a port). `None` when absent, empty, or not
+/// UTF-8 once decoded.
 fn query_value(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key && !v.is_empty()).then(|| v.to_string())
+        (k == key && !v.is_empty())
+            .then(|| percent_decode(v))
+            .flatten()
     })
+}
+
+/// `%XX` escapes decoded; anything else (a `%` without two hex digits too) kept as it is.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 /// Keeps only the pagination parameters of a `tags/list` query, for passing upstream.
@@ -282,6 +310,11 @@ mod tests {
                 is_default: false,
                 library_prefix: false,
             },
+            RegistryName {
+                name: "registry.lan:5000".into(),
+                is_default: false,
+                library_prefix: false,
+            },
         ]
     }
 
@@ -290,6 +323,15 @@ mod tests {
     }
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(query_value("ns=a%3Ab%3a1", "ns").as_deref(), Some("a:b:1"));
+        assert_eq!(query_value("x=1&ns=%zz%4", "ns").as_deref(), Some("%zz%4"));
+        assert_eq!(query_value("ns=%2B1%+1", "ns").as_deref(), Some("+1%+1"));
+        assert_eq!(query_value("ns=%FF", "ns"), None);
+        assert_eq!(query_value("ns=", "ns"), None);
+    }
 
     #[test]
     fn routes_table() {
@@ -329,6 +371,21 @@ mod tests {
                 0,
                 "library/alpine",
                 "manifest",
+            ),
+            // containerd encodes the query: a registry with a port arrives escaped.
+            (
+                "/v2/team/app/manifests/1",
+                Some("ns=registry.lan%3A5000"),
+                2,
+                "team/app",
+                "manifest",
+            ),
+            (
+                "/v2/team/app/blobs/D",
+                Some("ns=registry.lan:5000"),
+                2,
+                "team/app",
+                "blob",
             ),
             ("/v2/org/blobs/x/tags/list", None, 0, "org/blobs/x", "tags"),
             (
