@@ -333,6 +333,50 @@ async fn a_reload_changes_upstreams_for_new_requests_while_downloads_continue() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_reorders_registries_never_answers_a_tag_from_another() {
+    let docker = FakeRegistry::start().await;
+    let ghcr = FakeRegistry::start().await;
+    let quay = FakeRegistry::start().await;
+    let image = |origin: &FakeRegistry, config: &[u8]| {
+        let config = origin.add_blob(config.to_vec());
+        let manifest = schema2_manifest(&config, 2, &[]);
+        origin.add_manifest("owner/app", Some("1.0"), DOCKER_MANIFEST, manifest)
+    };
+    let on_ghcr = image(&ghcr, b"{\"g\":1}");
+    let on_quay = image(&quay, b"{\"q\":1}");
+    assert_ne!(on_ghcr, on_quay);
+    let mirror = TestMirror::start(&docker.url(), |c| {
+        c.cache.tag_ttl = Duration::from_secs(60);
+        c.registry.push(regmirror::config::RegistryConfig::new(
+            "ghcr.io",
+            false,
+            vec![test_upstream(&ghcr.url())],
+        ));
+    })
+    .await;
+    let tag_url = |registry: &str| mirror.url(&format!("/v2/{registry}/owner/app/manifests/1.0"));
+    let digest_of = |got: &Got| got.header("docker-content-digest").map(str::to_string);
+    let got = get_manifest(&tag_url("ghcr.io")).await;
+    assert_eq!(digest_of(&got), Some(on_ghcr.to_string()));
+
+    // quay.io takes ghcr.io's place in the list; ghcr.io's answer, cached for a minute, stays.
+    let mut next = mirror.app.config().clone();
+    next.registry.insert(
+        1,
+        regmirror::config::RegistryConfig::new("quay.io", false, vec![test_upstream(&quay.url())]),
+    );
+    mirror.live.reload(next).expect("a valid configuration");
+    let got = get_manifest(&tag_url("quay.io")).await;
+    assert_eq!(
+        digest_of(&got),
+        Some(on_quay.to_string()),
+        "another registry's tag"
+    );
+    let got = get_manifest(&tag_url("ghcr.io")).await;
+    assert_eq!(digest_of(&got), Some(on_ghcr.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config_file_and_refuses_a_broken_one() {
     let first = FakeRegistry::start().await;
     let second = FakeRegistry::start().await;

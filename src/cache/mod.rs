@@ -49,12 +49,25 @@ pub struct TagAnswer {
     pub stale: bool,
 }
 
-/// A tag of a repository of a registry (the index of a configured registry).
+/// A tag of a repository of a registry: the index of a configured registry, and its name,
+/// since a reload may give the index to another registry while answers cached before it live.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TagKey {
     pub registry: usize,
+    registry_name: String,
     pub repo: RepoName,
     pub tag: Tag,
+}
+
+impl TagKey {
+    pub fn new(app: &crate::app::App, registry: usize, repo: &RepoName, tag: &Tag) -> TagKey {
+        TagKey {
+            registry,
+            registry_name: app.upstream(registry).name.clone(),
+            repo: repo.clone(),
+            tag: tag.clone(),
+        }
+    }
 }
 
 /// A small upstream listing (a `tags/list` page, a referrers index), or the fact there is none.

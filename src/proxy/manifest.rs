@@ -52,11 +52,7 @@ pub async fn serve(
             ))
         }
         Reference::Tag(tag) if accept.is_canonical() => {
-            let key = TagKey {
-                registry,
-                repo: repo.clone(),
-                tag: tag.clone(),
-            };
+            let key = TagKey::new(app, registry, repo, tag);
             let went_upstream = Arc::new(AtomicBool::new(false));
             let answer = app
                 .cache()
@@ -91,11 +87,7 @@ pub async fn serve(
         Reference::Tag(tag) => {
             // A narrower Accept gets what upstream gives every client when the tag's current
             // answer is of a type it accepts; otherwise only upstream can say.
-            let key = TagKey {
-                registry,
-                repo: repo.clone(),
-                tag: tag.clone(),
-            };
+            let key = TagKey::new(app, registry, repo, tag);
             if let Some(answer) = app.cache().peek_tag(&key).await {
                 if !answer.stale && accept.accepts(&answer.media_type) {
                     *outcome = Outcome::Hit;
