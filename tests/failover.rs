@@ -290,6 +290,30 @@ async fn a_token_service_that_stalls_mid_answer_fails_the_request_in_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_answers_its_probe_with_a_refusal_is_up_again() {
+    let origin = FakeRegistry::start().await;
+    origin.add_empty_image("library/app", "1.0");
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.registry[0].failover_cooldown = Duration::from_millis(200);
+    })
+    .await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    let up = || mirror.app.upstream(0).status()[0].health.up;
+    origin.knobs(|k| k.fail_status = Some(503));
+    assert!(get_manifest(&url).await.status.is_server_error());
+    assert!(!up(), "a 503 is an outage");
+    // It is back, but refuses this client's credentials (none) when probed.
+    origin.knobs(|k| {
+        k.fail_status = None;
+        k.require_basic = Some("Basic bWlycm9yOnNlY3JldA==".into());
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let probed = get_manifest(&url).await;
+    assert_ne!(probed.status, StatusCode::OK);
+    assert!(up(), "the endpoint answered its probe, yet stays down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfigured_registries_are_refused() {
     let origin = FakeRegistry::start().await;
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;

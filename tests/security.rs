@@ -733,6 +733,41 @@ async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_from_a_host_upstream_redirected_to_is_not_followed() {
+    let origin = FakeRegistry::start().await;
+    let cdn = FakeRegistry::start().await;
+    let realm = FakeRegistry::start().await;
+    let blob = random_bytes(10_000, 3);
+    let digest = origin.add_blob(blob.clone());
+    cdn.add_blob(blob);
+    // The host the origin redirects to answers 401, naming a token service of its choosing.
+    cdn.knobs(|k| {
+        k.require_token = true;
+        k.token_realm = Some(realm.url());
+    });
+    origin.knobs(|k| {
+        k.blob_location = Some(format!("{}/v2/library/alpine/blobs/{digest}", cdn.url()));
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        let upstream = &mut c.registry[0].upstream[0];
+        upstream.username = Some("mirror".into());
+        upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
+    })
+    .await;
+    let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
+    assert_ne!(got.status, StatusCode::OK);
+    assert_eq!(
+        cdn.hits("GET", &format!("/v2/library/alpine/blobs/{digest}")),
+        1
+    );
+    assert_eq!(
+        realm.hits("GET", "/token"),
+        0,
+        "a token was asked of the service a redirect target named"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_longer_than_its_descriptor_is_cut_off_at_the_first_byte_too_many() {
     let origin = FakeRegistry::start().await;
     let layer = random_bytes(200_000, 9);

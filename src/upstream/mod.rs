@@ -291,18 +291,21 @@ impl RegistryUpstream {
                 // Boxed: an HTTP exchange's future is large, and callers need not carry it.
                 let result = Box::pin(endpoint.fetch(request, &scope)).await;
                 self.record(endpoint, &result, started);
+                // Any answer, a refusal or a 429 too, shows the endpoint is there (and ends a
+                // probe): only an outage keeps it down.
+                if result.as_ref().err().is_none_or(|e| !e.is_outage()) {
+                    endpoint.health.mark_up();
+                }
                 match result {
                     // Another endpoint may have what this one lacks (a partial public mirror);
                     // the 404 stands only if nobody has it.
                     Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
-                        endpoint.health.mark_up();
                         not_found.get_or_insert(Answer {
                             endpoint_index: index,
                             ..answer
                         });
                     }
                     Ok(mut answer) => {
-                        endpoint.health.mark_up();
                         answer.endpoint_index = index;
                         note_endpoint(&endpoint.base);
                         return Ok(answer);
@@ -641,18 +644,24 @@ impl Endpoint {
             let request = request.body(Empty::new()).map_err(|e| {
                 UpstreamError::Connect(format!("cannot build request for {uri}: {e}"))
             })?;
-            let response = tokio::time::timeout(self.response_timeout, self.http.request(request))
-                .await
-                .map_err(|_| {
-                    UpstreamError::Timeout(format!(
-                        "{} did not answer within {:?}",
-                        self.base, self.response_timeout
-                    ))
-                })?
-                .map_err(|e| {
-                    UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e)))
-                })?;
+            let mut response =
+                tokio::time::timeout(self.response_timeout, self.http.request(request))
+                    .await
+                    .map_err(|_| {
+                        UpstreamError::Timeout(format!(
+                            "{} did not answer within {:?}",
+                            self.base, self.response_timeout
+                        ))
+                    })?
+                    .map_err(|e| {
+                        UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e)))
+                    })?;
             if !response.status().is_redirection() {
+                if !same_host {
+                    // A host we were redirected to (a CDN) does not get to name where this
+                    // endpoint's credentials go: its refusal stays a refusal.
+                    response.headers_mut().remove(header::WWW_AUTHENTICATE);
+                }
                 return Ok(response);
             }
             uri = redirect_target(&uri, response.headers())?;
