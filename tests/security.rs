@@ -25,6 +25,13 @@ fn seed(origin: &FakeRegistry) -> (Vec<u8>, regmirror::digest::Digest) {
     (blob, digest)
 }
 
+/// The mirror logs in to its (only) upstream as `mirror` / `upstream-secret`.
+fn with_upstream_credentials(c: &mut regmirror::config::Config) {
+    let upstream = &mut c.registry[0].upstream[0];
+    upstream.username = Some("mirror".into());
+    upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_speaks_h2_and_http1_and_swaps_certificates_without_restart() {
     let origin = FakeRegistry::start().await;
@@ -707,12 +714,7 @@ async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
         k.require_token = true;
         k.token_realm = Some(realm);
     });
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        let upstream = &mut c.registry[0].upstream[0];
-        upstream.username = Some("mirror".into());
-        upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
-    })
-    .await;
+    let mirror = TestMirror::start(&origin.url(), with_upstream_credentials).await;
     let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
     assert_eq!(got.status, StatusCode::OK, "an anonymous token still works");
     let asked = elsewhere.authorizations();
@@ -748,12 +750,7 @@ async fn a_challenge_from_a_host_upstream_redirected_to_is_not_followed() {
     origin.knobs(|k| {
         k.blob_location = Some(format!("{}/v2/library/alpine/blobs/{digest}", cdn.url()));
     });
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        let upstream = &mut c.registry[0].upstream[0];
-        upstream.username = Some("mirror".into());
-        upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
-    })
-    .await;
+    let mirror = TestMirror::start(&origin.url(), with_upstream_credentials).await;
     let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
     assert_ne!(got.status, StatusCode::OK);
     assert_eq!(

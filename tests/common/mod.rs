@@ -544,32 +544,25 @@ impl DeadEndpoint {
     }
 }
 
-/// An endpoint that accepts connections and never answers.
+/// An endpoint that accepts connections and never answers, or answers only a first part.
 pub struct BlackHole {
     pub addr: SocketAddr,
     _stop: oneshot::Sender<()>,
 }
 
 impl BlackHole {
+    /// Accepts connections and never answers.
     pub async fn start() -> BlackHole {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => if let Ok((stream, _)) = r { held.push(stream) },
-                    _ = &mut stopped => return,
-                }
-            }
-        });
-        BlackHole { addr, _stop: stop }
+        Self::serve(None).await
     }
 
-    /// An endpoint that reads each request, sends `first` (a head and part of a body, say) and
-    /// then nothing more, holding the connection open.
+    /// Reads each request, sends `first` (a head and part of a body, say) and then nothing
+    /// more, holding the connection open.
     pub async fn stalling_after(first: &'static [u8]) -> BlackHole {
+        Self::serve(Some(first)).await
+    }
+
+    async fn serve(first: Option<&'static [u8]>) -> BlackHole {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -578,9 +571,11 @@ impl BlackHole {
             loop {
                 tokio::select! {
                     r = listener.accept() => if let Ok((mut stream, _)) = r {
-                        let mut request = [0u8; 4096];
-                        let _ = stream.read(&mut request).await;
-                        let _ = stream.write_all(first).await;
+                        if let Some(first) = first {
+                            let mut request = [0u8; 4096];
+                            let _ = stream.read(&mut request).await;
+                            let _ = stream.write_all(first).await;
+                        }
                         held.push(stream);
                     },
                     _ = &mut stopped => return,
