@@ -11,6 +11,13 @@ use std::time::Duration;
 
 const MIB: usize = 1024 * 1024;
 
+/// A byte budget of `max_mib` MiB, evicting from `high` of it down to `low`.
+fn with_budget(c: &mut regmirror::config::Config, max_mib: u64, high: f64, low: f64) {
+    c.cache.max_size = Some(max_mib * MIB as u64);
+    c.cache.high_watermark = high;
+    c.cache.low_watermark = low;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
     let origin = FakeRegistry::start().await;
@@ -25,9 +32,7 @@ async fn eviction_keeps_recent_pinned_and_in_use_blobs() {
         .collect();
 
     let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.max_size = Some(80 * MIB as u64);
-        c.cache.high_watermark = 0.75; // 60 MiB
-        c.cache.low_watermark = 0.6; // 48 MiB
+        with_budget(c, 80, 0.75, 0.6); // evicts past 60 MiB, down to 48
         c.cache.pin = vec!["docker.io/library/pinned:1.0".into()];
     })
     .await;
@@ -97,12 +102,8 @@ async fn blobs_waiting_for_their_commit_count_against_the_budget() {
         .map(|i| origin.add_blob(random_bytes(8 * MIB, 90 + i)))
         .collect();
     let small = origin.add_blob(random_bytes(1000, 99));
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.max_size = Some(40 * MIB as u64);
-        c.cache.high_watermark = 0.75; // 30 MiB
-        c.cache.low_watermark = 0.5; // 20 MiB
-    })
-    .await;
+    // Evicts past 30 MiB, down to 20.
+    let mirror = TestMirror::start(&origin.url(), |c| with_budget(c, 40, 0.75, 0.5)).await;
     let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
     for d in old.iter().chain([&small]) {
         assert_eq!(get(&blob(d)).await.status, StatusCode::OK);
@@ -153,12 +154,8 @@ async fn small_blobs_served_from_memory_follow_eviction_and_removal() {
         .iter()
         .map(|c| origin.add_blob(c.clone()))
         .collect();
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.max_size = Some(4 * MIB as u64);
-        c.cache.high_watermark = 0.75; // 3 MiB
-        c.cache.low_watermark = 0.5; // 2 MiB
-    })
-    .await;
+    // Evicts past 3 MiB, down to 2.
+    let mirror = TestMirror::start(&origin.url(), |c| with_budget(c, 4, 0.75, 0.5)).await;
     let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
     let cache = mirror.cache_dir();
     // Each is fetched, then hit twice (the second hit answered from memory).

@@ -405,13 +405,18 @@ mod tests {
         Digest::of(&[n])
     }
 
-    #[test]
-    fn evicts_least_recently_used_first_and_skips_pinned_and_read() {
-        let index = Arc::new(Index::new(Budget {
+    /// An index with a budget of 100 bytes: evicting past 90, down to 50.
+    fn budget_of_100() -> Arc<Index> {
+        Arc::new(Index::new(Budget {
             max: Some(100),
             high: 0.9,
             low: 0.5,
-        }));
+        }))
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first_and_skips_pinned_and_read() {
+        let index = budget_of_100();
         for i in 0..5u8 {
             index.insert(d(i), 20, Kind::Blob, 100 + i as u64);
         }
@@ -478,11 +483,7 @@ mod tests {
 
     #[test]
     fn a_verified_download_counts_against_the_budget_until_committed_or_dropped() {
-        let index = Arc::new(Index::new(Budget {
-            max: Some(100),
-            high: 0.9,
-            low: 0.5,
-        }));
+        let index = budget_of_100();
         index.insert(d(1), 50, Kind::Blob, 100);
         let placed = index.place(45, 101);
         assert_eq!(index.usage().waiting_bytes, 45);
@@ -504,11 +505,7 @@ mod tests {
 
     #[test]
     fn a_blob_committed_before_an_older_one_waiting_is_not_evicted_first() {
-        let index = Arc::new(Index::new(Budget {
-            max: Some(100),
-            high: 0.9,
-            low: 0.5,
-        }));
+        let index = budget_of_100();
         index.insert(d(1), 30, Kind::Blob, 100);
         let older = index.place(30, 101);
         let newer = index.place(30, 102);
