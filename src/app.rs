@@ -9,7 +9,7 @@ use crate::metrics::{EndpointLabels, Metrics};
 use crate::proxy::Prefetcher;
 use crate::route::RegistryName;
 use crate::status::Popularity;
-use crate::upstream::RegistryUpstream;
+use crate::upstream::{Memory, RegistryUpstream};
 use std::sync::{Arc, RwLock};
 
 pub struct App {
@@ -44,6 +44,7 @@ impl App {
             metrics,
             Arc::default(),
             Arc::default(),
+            &[],
         )?))
     }
 
@@ -53,6 +54,7 @@ impl App {
         metrics: Arc<Metrics>,
         popularity: Arc<Popularity>,
         sessions: Arc<Sessions>,
+        known_endpoints: &[Arc<Memory>],
     ) -> Result<App, String> {
         let routes = config
             .registry
@@ -66,7 +68,7 @@ impl App {
         let upstreams = config
             .registry
             .iter()
-            .map(|r| RegistryUpstream::new(r, Arc::clone(&metrics)).map(Arc::new))
+            .map(|r| RegistryUpstream::new(r, Arc::clone(&metrics), known_endpoints).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let access = config
             .auth
@@ -87,7 +89,8 @@ impl App {
     }
 
     /// The same mirror under a new configuration: registries, upstreams, credentials, TTLs,
-    /// budget and pins change; the cache, its directory and the counters carry over. Settings
+    /// budget and pins change; the cache, its directory, the counters and what unchanged
+    /// upstream endpoints taught carry over. Settings
     /// that need a restart (listen address, cache directory) are kept and reported.
     pub fn reconfigured(&self, mut config: Config) -> Result<App, String> {
         config.validate().map_err(|e| e.to_string())?;
@@ -101,6 +104,9 @@ impl App {
         }
         let cache_config = config.cache.clone();
         let labels = endpoint_labels(&config);
+        // What upstream endpoints taught (health, rate-limit pauses, tokens) carries over to
+        // those whose URL and credentials did not change.
+        let known: Vec<Arc<Memory>> = self.upstreams.iter().flat_map(|u| u.memories()).collect();
         // Everything that can fail (files, CAs) before anything shared changes.
         let next = App::assemble(
             config,
@@ -108,6 +114,7 @@ impl App {
             Arc::clone(&self.metrics),
             Arc::clone(&self.popularity),
             Arc::clone(&self.sessions),
+            &known,
         )?;
         self.cache
             .reconfigure(&cache_config)

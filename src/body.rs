@@ -333,6 +333,7 @@ impl Follower {
                 code: crate::error::Code::Unavailable,
                 message: "the download was abandoned".into(),
                 resumable: false,
+                retry_after: None,
             }),
         }
     }

@@ -202,8 +202,10 @@ pub struct RegistryConfig {
     pub default: bool,
     /// Where content comes from, in order of preference.
     pub upstream: Vec<UpstreamConfig>,
-    /// After an endpoint fails (connection, timeout, 5xx, stalled body), it is skipped for this
-    /// long, then probed again by one request; a dead endpoint costs one failure per period.
+    /// The longest back-off of an endpoint after outages (connection, timeout, 5xx, stalled
+    /// body): about a second after the first, doubling with each failed probe up to this.
+    /// While it backs off it is skipped when another endpoint may answer, and probed by one
+    /// request at a time when none can.
     #[serde(default = "default_failover_cooldown", with = "duration_text")]
     pub failover_cooldown: Duration,
     /// Let endpoints with `resolve_tags = false` answer for tags when no trusted one can.

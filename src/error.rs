@@ -7,7 +7,7 @@
 use crate::body::{self, ResponseBody};
 use crate::digest::Mismatch;
 use crate::route::RouteError;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Failure, Resource, UpstreamError};
 use http::{header, Response, StatusCode};
 
 /// OCI / distribution error codes used by this mirror.
@@ -27,6 +27,8 @@ pub enum Code {
     UriTooLong,
     TooManyRequests,
     Unavailable,
+    /// Upstream answered with something that is not what was asked for.
+    BadGateway,
     Unknown,
 }
 
@@ -47,7 +49,24 @@ impl Code {
             Code::UriTooLong => ("NAME_INVALID", StatusCode::URI_TOO_LONG),
             Code::TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             Code::Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
+            Code::BadGateway => ("UNKNOWN", StatusCode::BAD_GATEWAY),
             Code::Unknown => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl Code {
+    /// What a client is told for an upstream failure: the failure model's table.
+    pub fn for_upstream(error: &UpstreamError) -> Code {
+        match (error.failure, error.resource) {
+            (Failure::Outage, _) => Code::Unavailable,
+            (Failure::RateLimited, _) => Code::TooManyRequests,
+            (Failure::Refused, _) => Code::Denied,
+            (Failure::NotFound, Resource::Manifest | Resource::Referrers) => Code::ManifestUnknown,
+            (Failure::NotFound, Resource::Blob) => Code::BlobUnknown,
+            (Failure::NotFound, Resource::TagsList | Resource::Other) => Code::NameUnknown,
+            (Failure::BadContent, Resource::Manifest) => Code::ManifestInvalid,
+            (Failure::BadContent, _) => Code::BadGateway,
         }
     }
 }
@@ -60,7 +79,12 @@ pub enum Error {
     Route(#[from] RouteError),
     /// A failure already classified (not found upstream, a failed download).
     #[error("{message}")]
-    Coded { code: Code, message: String },
+    Coded {
+        code: Code,
+        message: String,
+        /// Seconds after which asking again may do better.
+        retry_after: Option<u64>,
+    },
     /// The upstream could not be reached or refused us.
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamError),
@@ -86,6 +110,16 @@ impl Error {
         Error::Coded {
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A classified failure after which asking again in `retry_after` seconds may do better.
+    pub fn coded_retry(code: Code, message: impl Into<String>, retry_after: Option<u64>) -> Error {
+        Error::Coded {
+            code,
+            message: message.into(),
+            retry_after,
         }
     }
 
@@ -103,13 +137,7 @@ impl Error {
             },
             Error::Coded { code, .. } => *code,
             Error::Shared(inner) => inner.code(),
-            Error::Upstream(UpstreamError::RateLimited { .. }) => Code::TooManyRequests,
-            // Docker Hub answers 401 for repositories that do not exist (or are private).
-            Error::Upstream(UpstreamError::Status {
-                status: 401 | 403, ..
-            }) => Code::NameUnknown,
-            Error::Upstream(UpstreamError::TooLarge(_)) => Code::ManifestInvalid,
-            Error::Upstream(_) => Code::Unavailable,
+            Error::Upstream(e) => Code::for_upstream(e),
             Error::BadContent(_) => Code::ManifestInvalid,
             Error::Storage(_) => Code::Unknown,
         }
@@ -119,9 +147,25 @@ impl Error {
         self.code().describe().1
     }
 
+    /// The class of the upstream failure behind this error, if one is.
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            Error::Upstream(e) => Some(e),
+            Error::Shared(inner) => inner.upstream(),
+            _ => None,
+        }
+    }
+
+    /// Whether a tag's last known mapping may answer instead (upstream unreachable or
+    /// pausing us).
+    pub fn serves_stale(&self) -> bool {
+        self.upstream().is_some_and(|e| e.failure.serves_stale())
+    }
+
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Error::Upstream(UpstreamError::RateLimited { retry_after, .. }) => *retry_after,
+            Error::Upstream(e) => e.retry_after,
+            Error::Coded { retry_after, .. } => *retry_after,
             Error::Shared(inner) => inner.retry_after(),
             _ => None,
         }
@@ -181,12 +225,10 @@ mod tests {
 
     #[test]
     fn upstream_trouble_is_unavailable() {
-        let e = Error::from(UpstreamError::Connect("refused".into()));
+        let e = Error::from(UpstreamError::outage("refused"));
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let limited = UpstreamError::RateLimited {
-            retry_after: Some(7),
-            message: "429".into(),
-        };
+        let limited = UpstreamError::from_status(StatusCode::TOO_MANY_REQUESTS, "429")
+            .with_retry_after(Some(7));
         let shared = Error::Shared(std::sync::Arc::new(Error::from(limited)));
         let response = shared.into_response(false);
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);

@@ -104,6 +104,15 @@ fn failure(code: Code, message: impl Into<String>) -> FillError {
         code,
         message: message.into(),
         resumable: false,
+        retry_after: None,
+    }
+}
+
+/// A download that upstream could not start: what its class tells the clients following it.
+fn upstream_failure(error: UpstreamError) -> FillError {
+    FillError {
+        retry_after: error.retry_after,
+        ..failure(Code::for_upstream(&error), error.message)
     }
 }
 
@@ -119,13 +128,7 @@ async fn download(
         .upstream
         .fetch(&UpstreamRequest::blob(Method::GET, &job.repo, &digest))
         .await
-        .map_err(|e| failure(Code::Unavailable, e.to_string()))?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(failure(
-            Code::BlobUnknown,
-            format!("blob {digest} not found upstream"),
-        ));
-    }
+        .map_err(upstream_failure)?;
     let total = answer.content_length();
     permit.set_source(&answer.endpoint);
     permit.publish(FillState::Streaming { written: 0, total });
@@ -139,7 +142,16 @@ async fn download(
     let writer =
         tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total, &lifecycle));
     let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue));
-    let received = pump_with_resume(job, &digest, answer, [to_writer, to_hasher], total).await;
+    let mut sources = Vec::new();
+    let received = pump_with_resume(
+        job,
+        &digest,
+        answer,
+        [to_writer, to_hasher],
+        total,
+        &mut sources,
+    )
+    .await;
     let written = writer
         .await
         .map_err(|e| failure(Code::Unknown, format!("writer task failed: {e}")))?
@@ -159,6 +171,7 @@ async fn download(
     job.upstream.received(size);
     hasher.verify(&digest, total).map_err(|m| {
         job.upstream.mismatch();
+        job.upstream.served_bad_content(&sources, &digest);
         failure(
             Code::Unavailable,
             format!("upstream sent a corrupt blob: {m}"),
@@ -222,6 +235,7 @@ async fn pump_with_resume(
     mut answer: Answer,
     sinks: [mpsc::Sender<Bytes>; 2],
     total: Option<u64>,
+    sources: &mut Vec<usize>,
 ) -> Result<(), FillError> {
     let mut received = 0u64;
     let mut skip = 0u64;
@@ -229,6 +243,7 @@ async fn pump_with_resume(
     let max_resumes = 2 * job.upstream.len().max(1);
     loop {
         let failed_endpoint = answer.endpoint_index;
+        sources.push(failed_endpoint);
         let error = match pump(
             answer,
             &sinks,
@@ -245,7 +260,7 @@ async fn pump_with_resume(
             Err(Stop::Source(message)) => message,
         };
         job.upstream
-            .note_failure(failed_endpoint, &UpstreamError::Body(error.clone()));
+            .note_failure(failed_endpoint, &UpstreamError::outage(error.clone()));
         resumes += 1;
         if resumes > max_resumes {
             return Err(failure(

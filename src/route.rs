@@ -59,6 +59,9 @@ pub struct Route {
     pub registry: Option<usize>,
     /// The `ns` query value, echoed as `OCI-Namespace`.
     pub namespace: Option<String>,
+    /// The registry was named by a path prefix (`/v2/ghcr.io/...`): links the mirror hands out
+    /// for it keep the prefix.
+    pub prefixed: bool,
     pub target: Target,
     /// HEAD asks for headers only.
     pub head: bool,
@@ -114,6 +117,7 @@ pub fn route(
         Ok(Route {
             registry: None,
             namespace: None,
+            prefixed: false,
             target,
             head,
         })
@@ -143,7 +147,7 @@ pub fn route(
     }
     let namespace = query.and_then(|q| query_value(q, "ns"));
     let (raw_name, target) = split_target(rest, path)?;
-    let (registry, name) = pick_registry(namespace.as_deref(), raw_name, registries)?;
+    let (registry, name, prefixed) = pick_registry(namespace.as_deref(), raw_name, registries)?;
     let mut repo = RepoName::parse(name).ok_or_else(|| RouteError::NameInvalid(name.into()))?;
     if registries[registry].library_prefix {
         repo = repo
@@ -171,6 +175,7 @@ pub fn route(
     Ok(Route {
         registry: Some(registry),
         namespace,
+        prefixed,
         target,
         head,
     })
@@ -200,21 +205,22 @@ fn split_target<'a>(rest: &'a str, path: &str) -> Result<(&'a str, RawTarget<'a>
     Ok((name, target))
 }
 
+/// The registry, the name within it, and whether a path prefix named the registry.
 fn pick_registry<'a>(
     namespace: Option<&str>,
     name: &'a str,
     registries: &[RegistryName],
-) -> Result<(usize, &'a str), RouteError> {
+) -> Result<(usize, &'a str, bool), RouteError> {
     if let Some(ns) = namespace {
         let index = registries
             .iter()
             .position(|r| r.name == ns)
             .ok_or_else(|| RouteError::UnknownRegistry(ns.to_string()))?;
-        return Ok((index, name));
+        return Ok((index, name, false));
     }
     if let Some((first, rest)) = name.split_once('/') {
         if let Some(index) = registries.iter().position(|r| r.name == first) {
-            return Ok((index, rest));
+            return Ok((index, rest, true));
         }
     }
     let index = registries
@@ -229,7 +235,7 @@ fn pick_registry<'a>(
             return Err(RouteError::UnknownRegistry(first.to_string()));
         }
     }
-    Ok((index, name))
+    Ok((index, name, false))
 }
 
 fn parse_reference(raw: &str) -> Result<Reference, RouteError> {

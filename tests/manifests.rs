@@ -366,11 +366,14 @@ async fn basic_auth_upstreams_get_the_configured_credentials() {
         .count();
     assert_eq!(unauthenticated, 1);
 
-    // Without credentials the repository is unknown to clients (so they fall back).
+    // Without credentials upstream's refusal is passed on as one (clients fall back on it),
+    // naming what upstream answered.
     let anonymous = TestMirror::start(&origin.url(), |_| {}).await;
     let got = get_manifest(&anonymous.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(got.status, StatusCode::NOT_FOUND);
-    assert_eq!(got.json()["errors"][0]["code"], "NAME_UNKNOWN");
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    assert_eq!(got.json()["errors"][0]["code"], "DENIED");
+    let message = got.json()["errors"][0]["message"].to_string();
+    assert!(message.contains("401"), "{message}");
 }
 
 /// Every request in flight holds its future: a hit's must stay small (it is also moved on every

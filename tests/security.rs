@@ -707,9 +707,10 @@ async fn upstream_tls_trusts_system_roots_plus_a_ca_file_or_nothing_when_told() 
 async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
     let origin = FakeRegistry::start().await;
     let (_, digest) = seed(&origin);
-    // The origin's challenge names a plain-http token service on another host.
+    // The origin (at 127.0.0.1) names a plain-http token service on another host: `localhost`
+    // is another name, as far as where a password may go is concerned.
     let elsewhere = FakeRegistry::start().await;
-    let realm = elsewhere.url();
+    let realm = format!("http://localhost:{}", elsewhere.addr.port());
     origin.knobs(|k| {
         k.require_token = true;
         k.token_realm = Some(realm);
@@ -732,6 +733,23 @@ async fn upstream_passwords_never_travel_in_the_clear_to_another_host() {
         .authorizations()
         .iter()
         .all(|(_, a)| a.as_deref().is_none_or(|a| a.starts_with("Bearer tok-"))));
+
+    // The same host on another port (a LAN registry with its token service beside it, both
+    // plain http, as the operator chose) gets the credentials.
+    let beside = FakeRegistry::start().await;
+    let realm = beside.url();
+    origin.knobs(|k| k.token_realm = Some(realm));
+    let mirror = TestMirror::start(&origin.url(), with_upstream_credentials).await;
+    let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let basic = "Basic bWlycm9yOnVwc3RyZWFtLXNlY3JldA=="; // mirror:upstream-secret
+    let asked = beside.authorizations();
+    assert!(
+        asked
+            .iter()
+            .any(|(path, a)| path == "/token" && a.as_deref() == Some(basic)),
+        "{asked:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

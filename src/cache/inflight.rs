@@ -37,6 +37,8 @@ pub struct FillError {
     /// The bytes were fine but could not be stored (disk full): readers may fetch the rest
     /// from upstream themselves.
     pub resumable: bool,
+    /// Seconds after which asking again may do better (upstream down or rate limiting).
+    pub retry_after: Option<u64>,
 }
 
 /// A fill as a reader sees it: the temp file (shared handle, valid across the final rename)
@@ -102,6 +104,7 @@ impl Drop for FillPermit {
                     code: Code::Unavailable,
                     message: "the download was abandoned".into(),
                     resumable: false,
+                    retry_after: None,
                 })
             } else {
                 FillState::Abandoned

@@ -147,9 +147,6 @@ async fn serve_head(
         .upstream(registry)
         .fetch(&UpstreamRequest::blob(Method::HEAD, repo, digest))
         .await?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(blob_unknown(digest));
-    }
     let size = answer.content_length().ok_or_else(|| {
         Error::BadContent(format!(
             "upstream HEAD of blob {digest} has no Content-Length"
@@ -191,9 +188,6 @@ async fn pass_through(
         .upstream(registry)
         .fetch(&UpstreamRequest::blob(Method::GET, repo, digest))
         .await?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(blob_unknown(digest));
-    }
     let total = answer.content_length();
     tracing::warn!(%digest, "disk full: passing the blob through without caching");
     let mut builder = blob_headers(digest, StatusCode::OK);
@@ -228,7 +222,7 @@ async fn follow_fill(
             )
         })?;
     let size = match state {
-        FillState::Failed(e) => return Err(Error::coded(e.code, e.message)),
+        FillState::Failed(e) => return Err(Error::coded_retry(e.code, e.message, e.retry_after)),
         FillState::Abandoned => return Ok(None),
         FillState::Complete { size } => Some(size),
         FillState::Streaming { total, .. } => total,
@@ -333,11 +327,4 @@ fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder 
         .header(header::ACCEPT_RANGES, "bytes")
         .header(DOCKER_CONTENT_DIGEST, digest.to_string())
         .header(header::ETAG, format!("\"{digest}\""))
-}
-
-fn blob_unknown(digest: &Digest) -> Error {
-    Error::coded(
-        Code::BlobUnknown,
-        format!("blob {digest} not found upstream"),
-    )
 }

@@ -1,6 +1,7 @@
-//! Manifests: by digest from memory or disk (fetched and verified once on a miss); by tag through
-//! a tag record that upstream revalidates with a HEAD after the TTL, served stale with a
-//! `Warning` when upstream cannot be asked.
+//! Manifests: by digest from memory or disk (fetched and verified once on a miss, from the
+//! first endpoint whose answer checks out); by tag through a tag record ([`super::tag`]) that
+//! upstream revalidates with a HEAD after the TTL, served stale with a `Warning` when upstream
+//! cannot be asked.
 //!
 //! Tag answers are recorded only for clients that accept every modern manifest type, since only
 //! then is upstream's answer the same for all of them; other clients are passed through.
@@ -9,12 +10,11 @@ use super::provenance::{confirm, Content};
 use super::{body_unless_head, Outcome};
 use crate::app::App;
 use crate::body::ResponseBody;
-use crate::cache::store::TagRecord;
-use crate::cache::{Manifest, TagAnswer, TagKey};
+use crate::cache::{Manifest, TagKey};
 use crate::digest::Digest;
-use crate::error::{Code, Error};
+use crate::error::Error;
 use crate::oci::{self, AcceptSet, Reference, RepoName, Tag, DOCKER_CONTENT_DIGEST};
-use crate::upstream::{Answer, UpstreamError, UpstreamRequest};
+use crate::upstream::{Answer, Failure, RegistryUpstream, UpstreamError, UpstreamRequest};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +57,7 @@ pub async fn serve(
             let answer = app
                 .cache()
                 .tag(&key, || {
-                    revalidate(app, key.clone(), Arc::clone(&went_upstream))
+                    super::tag::revalidate(app, key.clone(), Arc::clone(&went_upstream))
                 })
                 .await?;
             *outcome = match (answer.stale, went_upstream.load(Ordering::Relaxed)) {
@@ -132,18 +132,8 @@ async fn by_digest(
         let accept = canonical_accept();
         let reference = Reference::Digest(digest.clone());
         let request = UpstreamRequest::manifest(Method::GET, repo, &reference, &accept);
-        let answer = app.upstream(registry).fetch(&request).await?;
-        let manifest =
-            read_upstream_manifest(app, registry, repo, answer, &format!("{repo}@{digest}"))
-                .await?;
-        if &manifest.digest != digest {
-            app.upstream(registry).mismatch();
-            return Err(Error::BadContent(format!(
-                "upstream answered {digest} with content whose digest is {}",
-                manifest.digest
-            )));
-        }
-        Ok(manifest)
+        let what = format!("{repo}@{digest}");
+        fetch_manifest(app, registry, repo, &request, Some(digest), &what).await
     };
     let manifest = app.cache().manifest(digest, load).await?;
     *outcome = if went_upstream.load(Ordering::Relaxed) {
@@ -154,8 +144,19 @@ async fn by_digest(
     Ok(manifest)
 }
 
+/// A manifest by digest, for a caller that only needs it at hand.
+pub(super) async fn by_digest_quietly(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Arc<Manifest>, Error> {
+    by_digest(app, registry, repo, digest, &mut Outcome::None).await
+}
+
 /// A HEAD by digest: from the cache, else a HEAD upstream (which, unlike a GET, does not
-/// count as a pull on Docker Hub); nothing is stored.
+/// count as a pull on Docker Hub); nothing is stored. An endpoint whose headers name another
+/// digest is bad content (the next one is asked).
 async fn head_by_digest(
     app: &App,
     registry: usize,
@@ -171,113 +172,23 @@ async fn head_by_digest(
     *outcome = Outcome::Bypass;
     let (reference, accept) = (Reference::Digest(digest.clone()), canonical_accept());
     let request = UpstreamRequest::manifest(Method::HEAD, repo, &reference, &accept);
-    let answer = app.upstream(registry).fetch(&request).await?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(Error::coded(
-            Code::ManifestUnknown,
-            format!("manifest {repo}@{digest} not found upstream"),
-        ));
-    }
-    match described(answer.headers()) {
-        Some((claimed, media_type, size)) if &claimed == digest => {
-            Ok(respond_head(digest, &media_type, size as usize, false))
-        }
-        Some((claimed, ..)) => Err(Error::BadContent(format!(
-            "upstream answered {digest} with {claimed}"
-        ))),
+    let check = |answer: Answer| {
+        std::future::ready(match described(answer.headers()) {
+            Some((claimed, ..)) if &claimed != digest => Err(UpstreamError::bad_content(format!(
+                "{} answered {digest} with {claimed}",
+                answer.endpoint
+            ))),
+            found => Ok(found),
+        })
+    };
+    match app.upstream(registry).fetch_with(&request, check).await? {
+        Some((_, media_type, size)) => Ok(respond_head(digest, &media_type, size as usize, false)),
         None => {
             // Upstream's HEAD does not say enough: fetch (and cache) the manifest instead.
             let m = by_digest(app, registry, repo, digest, outcome).await?;
             Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false))
         }
     }
-}
-
-/// Loads a tag's answer after its TTL: a HEAD upstream when a previous mapping is known (HEADs
-/// do not count against Docker Hub's pull limit), a GET otherwise; the last mapping when
-/// upstream cannot be asked.
-async fn revalidate(
-    app: &App,
-    key: TagKey,
-    went_upstream: Arc<AtomicBool>,
-) -> Result<TagAnswer, Error> {
-    went_upstream.store(true, Ordering::Relaxed);
-    let upstream = app.upstream(key.registry);
-    let Some(previous) = app.cache().tag_record(&upstream.name, &key).await? else {
-        return fetch_tag(app, &key).await;
-    };
-    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
-    let request = UpstreamRequest::manifest(Method::HEAD, &key.repo, &reference, &accept);
-    let head = upstream.fetch(&request).await;
-    match head {
-        Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
-            app.cache().remove_tag_record(&upstream.name, &key).await?;
-            Err(manifest_unknown(&key.repo, &key.tag))
-        }
-        Ok(answer) => match described(answer.headers()) {
-            Some((digest, media_type, size)) => {
-                let record = TagRecord {
-                    digest: digest.to_string(),
-                    media_type: media_type.clone(),
-                    size,
-                    checked_at: unix_now(),
-                };
-                app.cache()
-                    .put_tag_record(&upstream.name, &key, record)
-                    .await?;
-                Ok(TagAnswer {
-                    digest,
-                    media_type,
-                    size,
-                    stale: false,
-                })
-            }
-            None => fetch_tag(app, &key).await,
-        },
-        Err(e) => stale_or(previous, e, &key),
-    }
-}
-
-fn stale_or(previous: TagRecord, error: UpstreamError, key: &TagKey) -> Result<TagAnswer, Error> {
-    let Ok(digest) = previous.digest.parse::<Digest>() else {
-        return Err(error.into());
-    };
-    tracing::warn!(repo = %key.repo, tag = %key.tag, %digest, error = %error, "upstream unreachable; serving the last known tag mapping");
-    Ok(TagAnswer {
-        digest,
-        media_type: previous.media_type,
-        size: previous.size,
-        stale: true,
-    })
-}
-
-/// GET of a tag with every modern manifest type accepted: stores the manifest and the mapping.
-async fn fetch_tag(app: &App, key: &TagKey) -> Result<TagAnswer, Error> {
-    let upstream = app.upstream(key.registry);
-    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
-    let request = UpstreamRequest::manifest(Method::GET, &key.repo, &reference, &accept);
-    let answer = upstream.fetch(&request).await?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(manifest_unknown(&key.repo, &key.tag));
-    }
-    let what = format!("{}:{}", key.repo, key.tag);
-    let manifest = read_upstream_manifest(app, key.registry, &key.repo, answer, &what).await?;
-    app.cache().put_manifest(&manifest).await?;
-    let record = TagRecord {
-        digest: manifest.digest.to_string(),
-        media_type: manifest.media_type.clone(),
-        size: manifest.bytes.len() as u64,
-        checked_at: unix_now(),
-    };
-    app.cache()
-        .put_tag_record(&upstream.name, key, record)
-        .await?;
-    Ok(TagAnswer {
-        digest: manifest.digest,
-        media_type: manifest.media_type,
-        size: manifest.bytes.len() as u64,
-        stale: false,
-    })
 }
 
 /// A tag asked for with a narrower `Accept`: upstream's answer is for this client only, so
@@ -293,20 +204,20 @@ async fn pass_through(
     let method = if head { Method::HEAD } else { Method::GET };
     let reference = Reference::Tag(tag.clone());
     let request = UpstreamRequest::manifest(method, repo, &reference, accept.types());
-    let answer = app.upstream(registry).fetch(&request).await?;
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(manifest_unknown(repo, tag));
-    }
     if head {
-        let (digest, media_type, size) = described(answer.headers()).ok_or_else(|| {
-            Error::BadContent(format!(
-                "upstream HEAD of {repo}:{tag} lacks digest, type or length"
-            ))
-        })?;
+        let check = |answer: Answer| {
+            std::future::ready(described(answer.headers()).ok_or_else(|| {
+                UpstreamError::bad_content(format!(
+                    "{}: HEAD of {repo}:{tag} lacks digest, type or length",
+                    answer.endpoint
+                ))
+            }))
+        };
+        let (digest, media_type, size) = app.upstream(registry).fetch_with(&request, check).await?;
         return Ok(respond_head(&digest, &media_type, size as usize, false));
     }
     let what = format!("{repo}:{tag}");
-    let manifest = read_upstream_manifest(app, registry, repo, answer, &what).await?;
+    let manifest = fetch_manifest(app, registry, repo, &request, None, &what).await?;
     app.cache().put_manifest(&manifest).await?;
     Ok(respond(
         &manifest.digest,
@@ -317,17 +228,21 @@ async fn pass_through(
     ))
 }
 
-/// A manifest from upstream for `repo`, checked; it and what it references are linked to the
-/// repository (they are served there without asking upstream again), and the sizes it declares
-/// for its blobs are remembered (they bound downloads sent without a length).
-async fn read_upstream_manifest(
+/// A manifest from upstream for `repo`: the first endpoint whose answer checks out (see
+/// [`read_manifest`]; bad content moves on to the next). It and what it references are linked
+/// to the repository (they are served there without asking upstream again), and the sizes it
+/// declares for its blobs are remembered (they bound downloads sent without a length).
+pub(super) async fn fetch_manifest(
     app: &App,
     registry: usize,
     repo: &RepoName,
-    answer: Answer,
+    request: &UpstreamRequest<'_>,
+    expected: Option<&Digest>,
     what: &str,
 ) -> Result<Manifest, Error> {
-    let manifest = read_manifest(answer, what).await?;
+    let upstream = app.upstream(registry);
+    let read = |answer| read_manifest(answer, expected, what, upstream);
+    let manifest = Box::pin(upstream.fetch_with(request, read)).await?;
     app.cache().note_declared_sizes(&manifest.bytes);
     let mut served = crate::oci::references(&manifest.bytes);
     served.push(manifest.digest.clone());
@@ -339,31 +254,32 @@ async fn read_upstream_manifest(
     Ok(manifest)
 }
 
-/// Reads and checks a manifest answer: at most 4 MiB, and the digest upstream claims (if any)
-/// must be the digest of the bytes.
-async fn read_manifest(answer: Answer, what: &str) -> Result<Manifest, Error> {
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Err(Error::coded(
-            Code::ManifestUnknown,
-            format!("manifest {what} not found upstream"),
-        ));
-    }
+/// Reads and checks a manifest answer: at most 4 MiB, and its digest must be the one asked for
+/// (`expected`) and the one upstream claims, if any.
+async fn read_manifest(
+    answer: Answer,
+    expected: Option<&Digest>,
+    what: &str,
+    upstream: &RegistryUpstream,
+) -> Result<Manifest, UpstreamError> {
+    let endpoint = answer.endpoint.clone();
     let claimed = header_digest(answer.headers());
     let content_type = media_type_of(answer.headers());
     let bytes = answer
         .bytes(oci::MAX_MANIFEST_BYTES)
         .await
-        .map_err(|e| match e {
-            UpstreamError::TooLarge(_) => {
-                Error::BadContent(format!("manifest {what} is larger than 4 MiB"))
-            }
-            other => other.into(),
+        .map_err(|e| match e.failure {
+            Failure::BadContent => UpstreamError::bad_content(format!(
+                "{endpoint}: manifest {what} is larger than 4 MiB"
+            )),
+            _ => e,
         })?;
     let digest = Digest::of(&bytes);
-    if let Some(claimed) = claimed {
-        if claimed != digest {
-            return Err(Error::BadContent(format!(
-                "manifest {what}: upstream claims {claimed}, content is {digest}"
+    for wanted in [expected, claimed.as_ref()].into_iter().flatten() {
+        if wanted != &digest {
+            upstream.mismatch();
+            return Err(UpstreamError::bad_content(format!(
+                "{endpoint}: manifest {what} should be {wanted}, its content is {digest}"
             )));
         }
     }
@@ -379,7 +295,7 @@ async fn read_manifest(answer: Answer, what: &str) -> Result<Manifest, Error> {
 }
 
 /// Digest, media type and size from an upstream manifest answer's headers, when all are there.
-fn described(headers: &HeaderMap) -> Option<(Digest, String, u64)> {
+pub(super) fn described(headers: &HeaderMap) -> Option<(Digest, String, u64)> {
     let digest = header_digest(headers)?;
     let media_type = media_type_of(headers)?;
     let size = crate::upstream::content_length(headers)?;
@@ -407,13 +323,6 @@ pub(super) fn canonical_accept() -> Vec<String> {
         .iter()
         .map(|t| t.to_string())
         .collect()
-}
-
-fn manifest_unknown(repo: &RepoName, tag: &Tag) -> Error {
-    Error::coded(
-        Code::ManifestUnknown,
-        format!("manifest {repo}:{tag} not found upstream"),
-    )
 }
 
 fn respond(
@@ -452,11 +361,4 @@ fn headers(digest: &Digest, media_type: &str, size: usize, stale: bool) -> http:
         builder = builder.header(header::WARNING, STALE_WARNING);
     }
     builder
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -102,24 +102,31 @@ pub async fn catalog(
     Ok(json(StatusCode::OK, text, head))
 }
 
+/// How a client named the registry of a request, so that links handed back to it lead to the
+/// same registry through the mirror.
+pub struct Addressed<'a> {
+    pub registry: &'a str,
+    /// By containerd's `?ns=`.
+    pub namespace: bool,
+    /// By a path prefix (`/v2/ghcr.io/...`).
+    pub prefixed: bool,
+}
+
 /// `tags/list` from the upstreams trusted with tags, kept for the tag TTL; from the tags the
-/// cache knows when upstream cannot be asked.
+/// cache knows when upstream cannot be asked (an outage or a rate limit). Upstream's
+/// pagination `Link` is rewritten to the mirror's own path for the registry, or dropped.
 pub async fn tags_list(
     app: &App,
     registry: usize,
     repo: &RepoName,
     query: Option<&str>,
+    addressed: &Addressed<'_>,
     head: bool,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
     let upstream = app.upstream(registry);
     let key = format!("tags {} {} {}", upstream.name, repo, query.unwrap_or(""));
-    let load = async {
-        let answer = upstream
-            .fetch(&UpstreamRequest::tags_list(repo, query))
-            .await?;
-        listing(answer).await
-    };
+    let load = listing(upstream, UpstreamRequest::tags_list(repo, query));
     *outcome = Outcome::Hit;
     match app.cache().listing(key, load).await {
         Ok(found) if !found.found => Err(Error::coded(
@@ -132,34 +139,92 @@ pub async fn tags_list(
                 String::from_utf8_lossy(&found.body).into_owned(),
                 head,
             );
-            if let Some(link) = found
+            let link = found
                 .link
-                .and_then(|l| http::HeaderValue::from_str(&l).ok())
-            {
+                .as_deref()
+                .and_then(|l| mirror_link(l, repo, addressed))
+                .and_then(|l| http::HeaderValue::from_str(&l).ok());
+            if let Some(link) = link {
                 response.headers_mut().insert(header::LINK, link);
             }
             Ok(response)
         }
-        Err(e) => cached_tags(app, &upstream.name, repo, e, head, outcome).await,
+        Err(e) if e.serves_stale() => {
+            cached_tags(app, &upstream.name, repo, e, head, outcome).await
+        }
+        Err(e) => Err(e),
     }
 }
 
-/// Reads a small listing answer (or remembers that there is none).
-async fn listing(answer: Answer) -> Result<Listing, Error> {
-    if answer.status() == StatusCode::NOT_FOUND {
-        return Ok(Listing::default());
+/// Upstream's `Link: </v2/<repo>/tags/list?n=..&last=..>; rel="next"` as the mirror's own
+/// link for the same page; `None` when it names anything else (another repository, another
+/// path), so a client never follows a link to upstream or to another registry.
+pub fn mirror_link(link: &str, repo: &RepoName, addressed: &Addressed<'_>) -> Option<String> {
+    let target = link.trim().strip_prefix('<')?.split_once('>')?.0;
+    let rel_next = link
+        .split(';')
+        .skip(1)
+        .any(|p| p.trim().trim_start_matches("rel=").trim_matches('"') == "next");
+    if !rel_next {
+        return None;
     }
-    let link = answer
-        .headers()
-        .get(header::LINK)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = answer.bytes(MAX_LISTING_BYTES).await?;
-    Ok(Listing {
-        body,
-        link,
-        found: true,
-    })
+    // An absolute link: only its path and query matter.
+    let path_and_query = match target.split_once("://") {
+        Some((_, rest)) => &rest[rest.find('/')?..],
+        None => target,
+    };
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    if path != format!("/v2/{repo}/tags/list") {
+        return None;
+    }
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-._~%".contains(c);
+    let mut kept: Vec<String> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, v)| matches!(*k, "n" | "last") && v.chars().all(safe))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if addressed.namespace {
+        kept.push(format!("ns={}", addressed.registry));
+    }
+    let prefix = if addressed.prefixed && !addressed.namespace {
+        format!("{}/", addressed.registry)
+    } else {
+        String::new()
+    };
+    let query = kept.join("&");
+    Some(format!(
+        "</v2/{prefix}{repo}/tags/list?{query}>; rel=\"next\""
+    ))
+}
+
+/// Loads a small listing (or remembers that upstream has none: a 404).
+async fn listing(
+    upstream: &crate::upstream::RegistryUpstream,
+    request: UpstreamRequest<'_>,
+) -> Result<Listing, Error> {
+    // The body is read as part of each endpoint's try: one that stalls or sends too much
+    // fails over like one that does not answer.
+    let read = |answer: Answer| async move {
+        let link = answer
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = answer.bytes(MAX_LISTING_BYTES).await?;
+        Ok(Listing {
+            body,
+            link,
+            found: true,
+        })
+    };
+    match upstream.fetch_with(&request, read).await {
+        Ok(listing) => Ok(listing),
+        Err(e) if e.is_not_found() => Ok(Listing::default()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn cached_tags(
@@ -200,12 +265,7 @@ pub async fn referrers(
     let upstream = app.upstream(registry);
     let key = format!("referrers {} {} {}", upstream.name, repo, digest);
     let accept = [oci::OCI_INDEX.to_string()];
-    let load = async {
-        let answer = upstream
-            .fetch(&UpstreamRequest::referrers(repo, digest, &accept))
-            .await?;
-        listing(answer).await
-    };
+    let load = listing(upstream, UpstreamRequest::referrers(repo, digest, &accept));
     *outcome = Outcome::Hit;
     let found = app.cache().listing(key, load).await?;
     if !found.found {
@@ -220,4 +280,70 @@ pub async fn referrers(
         .header(header::CONTENT_LENGTH, found.body.len())
         .body(body_unless_head(found.body, head))
         .expect("static headers are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagination_links_stay_on_the_mirror_for_the_same_registry() {
+        let repo = RepoName::parse("owner/app").unwrap();
+        let next = r#"</v2/owner/app/tags/list?last=1.2&n=2>; rel="next""#;
+        let bare = Addressed {
+            registry: "docker.io",
+            namespace: false,
+            prefixed: false,
+        };
+        let prefixed = Addressed {
+            registry: "ghcr.io",
+            namespace: false,
+            prefixed: true,
+        };
+        let by_ns = Addressed {
+            registry: "registry.lan:5000",
+            namespace: true,
+            prefixed: false,
+        };
+        let cases = [
+            (
+                next,
+                &bare,
+                Some(r#"</v2/owner/app/tags/list?last=1.2&n=2>; rel="next""#),
+            ),
+            (
+                next,
+                &prefixed,
+                Some(r#"</v2/ghcr.io/owner/app/tags/list?last=1.2&n=2>; rel="next""#),
+            ),
+            (
+                next,
+                &by_ns,
+                Some(r#"</v2/owner/app/tags/list?last=1.2&n=2&ns=registry.lan:5000>; rel="next""#),
+            ),
+            // Absolute: upstream's host goes.
+            (
+                r#"<https://ghcr.io/v2/owner/app/tags/list?n=2&last=b>; rel="next""#,
+                &prefixed,
+                Some(r#"</v2/ghcr.io/owner/app/tags/list?n=2&last=b>; rel="next""#),
+            ),
+            // Anything but the same listing's next page is dropped.
+            (r#"</v2/other/app/tags/list?n=2>; rel="next""#, &bare, None),
+            (r#"<https://evil.example/steal>; rel="next""#, &bare, None),
+            (r#"</v2/owner/app/tags/list?n=2>; rel="prev""#, &bare, None),
+            (
+                r#"</v2/owner/app/tags/list?n=2&last=a"b>; rel="next""#,
+                &bare,
+                Some(r#"</v2/owner/app/tags/list?n=2>; rel="next""#),
+            ),
+            ("garbage", &bare, None),
+        ];
+        for (link, addressed, expected) in cases {
+            assert_eq!(
+                mirror_link(link, &repo, addressed).as_deref(),
+                expected,
+                "{link}"
+            );
+        }
+    }
 }

@@ -7,6 +7,7 @@ mod manifest;
 mod misc;
 mod prefetch;
 mod provenance;
+mod tag;
 
 pub use prefetch::Prefetcher;
 
@@ -356,7 +357,13 @@ async fn dispatch(
         }
         Target::TagsList { repo, query } => {
             let registry = route.registry.expect("tags route to a registry");
-            misc::tags_list(app, registry, repo, query.as_deref(), head, outcome).await
+            let addressed = misc::Addressed {
+                registry: &app.routes()[registry].name,
+                namespace: route.namespace.is_some(),
+                prefixed: route.prefixed,
+            };
+            let query = query.as_deref();
+            misc::tags_list(app, registry, repo, query, &addressed, head, outcome).await
         }
         Target::Referrers { repo, digest } => {
             let registry = route.registry.expect("referrers route to a registry");

@@ -236,9 +236,10 @@ impl AuthState {
     }
 
     /// A cached token, or the one `fetch` returns (one fetch for all concurrent askers).
-    pub async fn token<F>(&self, key: TokenKey, fetch: F) -> Result<Token, String>
+    pub async fn token<F, E>(&self, key: TokenKey, fetch: F) -> Result<Token, E>
     where
-        F: std::future::Future<Output = Result<Token, String>>,
+        F: std::future::Future<Output = Result<Token, E>>,
+        E: Clone + Send + Sync + 'static,
     {
         self.tokens
             .try_get_with(key, fetch)

@@ -1,14 +1,23 @@
-//! What the mirror remembers about each upstream endpoint: whether it is down (and until when),
-//! whether it is rate limiting us, and the last rate-limit headers it sent.
+//! What the mirror remembers about each upstream endpoint: whether it is backing off after an
+//! outage (and until when), whether it is rate limiting us, and the last rate-limit headers it
+//! sent.
 //!
-//! A failed endpoint is skipped for a cool-down; when that ends, exactly one request probes it
-//! (the others keep skipping), so a dead endpoint costs one failure per cool-down, not one per
-//! request. Pure state: times are passed in, nothing here does I/O.
+//! An endpoint that had an outage backs off: a pause of about a second, doubling with each
+//! failed probe up to the registry's `failover_cooldown`. The pause only orders endpoints:
+//! requests skip it while another endpoint may answer, and one request at a time probes it
+//! (when the pause is over, or at once for a request with nowhere else to go), the others
+//! joining that probe rather than piling onto a dead host. Any answer but an outage ends the
+//! back-off at once. Pure state: times are passed in, nothing here does I/O.
 
 use http::HeaderMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// The first pause after an outage; it doubles with each failed probe, up to the registry's
+/// `failover_cooldown`.
+pub const FIRST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Wait after a 429 that said nothing about when to come back.
 const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(60);
@@ -63,29 +72,63 @@ fn parse_quota(text: &str) -> (Option<u64>, Option<Duration>) {
 }
 
 /// Whether a request may use an endpoint now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
+#[derive(Debug)]
+pub enum Admission<'a> {
     /// Healthy.
     Up,
-    /// Its cool-down is over and this request is the one that probes it.
-    Probe,
-    /// In its cool-down (or another request is probing it): skip.
-    Down,
+    /// Backing off, and this request is the one that tries it; the guard releases the probe
+    /// when dropped, however the request ends (its client may go away).
+    Probe(ProbeGuard<'a>),
+    /// Backing off while another request probes it: wait for that probe's outcome (the
+    /// receiver's `changed` returns once the probe is over).
+    Joining(watch::Receiver<()>),
+    /// Backing off, and no probe is due: skip it while another endpoint may answer.
+    Cooling,
+}
+
+/// The one probe of an endpoint under way; dropping it lets the next request probe.
+#[derive(Debug)]
+pub struct ProbeGuard<'a> {
+    health: &'a Health,
+    id: u64,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.health.state();
+        if state.probe.as_ref().is_some_and(|p| p.id == self.id) {
+            // Dropping the sender wakes every request that joined the probe.
+            state.probe = None;
+        }
+    }
 }
 
 /// The health of one endpoint.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Health {
-    cooldown: Duration,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// Outages in a row (a failure counts once per probe, not once per request in flight).
+    failures: u32,
+    /// Backing off until then; `None` while healthy.
     down_until: Option<Instant>,
     last_error: Option<String>,
+    /// The probe under way, if any.
+    probe: Option<Probe>,
+    /// Numbers probes, so that a finished probe's guard never ends a newer one.
+    probes_started: u64,
     rate_limited_until: Option<Instant>,
     rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug)]
+struct Probe {
+    id: u64,
+    /// Dropped when the probe is over.
+    done: watch::Sender<()>,
 }
 
 /// A copy of an endpoint's health for status displays and metrics.
@@ -93,19 +136,16 @@ struct State {
 pub struct HealthSnapshot {
     pub up: bool,
     pub last_error: Option<String>,
+    /// Outages in a row.
+    pub failures: u32,
+    /// Time left in the back-off (requests with nowhere else to go try it anyway).
+    pub backing_off_for: Option<Duration>,
     /// Time left before manifest GETs are sent again after a 429.
     pub rate_limited_for: Option<Duration>,
     pub rate_limit: Option<RateLimit>,
 }
 
 impl Health {
-    pub fn new(cooldown: Duration) -> Health {
-        Health {
-            cooldown,
-            state: Mutex::new(State::default()),
-        }
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Plain figures: a panic elsewhere while the lock was held leaves nothing half-done.
         self.state
@@ -113,29 +153,66 @@ impl Health {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Decides whether a request may use the endpoint; claims the probe when one is due.
-    pub fn admit(&self, now: Instant) -> Admission {
+    /// Decides whether a request may use the endpoint. A backing-off endpoint is probed by one
+    /// request at a time: when its pause is over, or at once when `force` (the request has
+    /// nowhere else to go); other requests join that probe or skip the endpoint.
+    pub fn admit(&self, now: Instant, force: bool) -> Admission<'_> {
         let mut state = self.state();
-        match state.down_until {
-            None => Admission::Up,
-            Some(until) if now < until => Admission::Down,
-            Some(_) => {
-                state.down_until = Some(now + self.cooldown);
-                Admission::Probe
-            }
+        let Some(until) = state.down_until else {
+            return Admission::Up;
+        };
+        if let Some(probe) = &state.probe {
+            return Admission::Joining(probe.done.subscribe());
         }
+        if now < until && !force {
+            return Admission::Cooling;
+        }
+        state.probes_started += 1;
+        let id = state.probes_started;
+        let (done, _) = watch::channel(());
+        state.probe = Some(Probe { id, done });
+        Admission::Probe(ProbeGuard { health: self, id })
     }
 
+    /// Whether the endpoint is healthy now.
+    pub fn is_up(&self) -> bool {
+        self.state().down_until.is_none()
+    }
+
+    /// The endpoint answered (any answer but an outage shows it is there).
     pub fn mark_up(&self) {
         let mut state = self.state();
         state.down_until = None;
+        state.failures = 0;
         state.last_error = None;
     }
 
-    pub fn mark_down(&self, now: Instant, error: &str) {
+    /// The endpoint had an outage: it backs off for a pause that doubles with each failed
+    /// probe, from [`FIRST_PAUSE`] up to `longest`. Requests that were already under way when
+    /// it went down do not lengthen the pause. Returns the pause.
+    pub fn mark_down(
+        &self,
+        now: Instant,
+        longest: Duration,
+        probed: bool,
+        error: &str,
+    ) -> Duration {
         let mut state = self.state();
-        state.down_until = Some(now + self.cooldown);
+        if state.down_until.is_none() {
+            state.failures = 1;
+        } else if probed {
+            state.failures = state.failures.saturating_add(1);
+        }
+        let pause = back_off(state.failures, longest);
+        state.down_until = Some(now + pause);
         state.last_error = Some(error.to_string());
+        pause
+    }
+
+    /// Time left in the back-off, if the endpoint is backing off.
+    pub fn back_off_left(&self, now: Instant) -> Option<Duration> {
+        let until = self.state().down_until?;
+        Some(until.saturating_duration_since(now))
     }
 
     /// Records rate-limit headers from any answer.
@@ -173,6 +250,8 @@ impl Health {
         HealthSnapshot {
             up: state.down_until.is_none(),
             last_error: state.last_error.clone(),
+            failures: state.failures,
+            backing_off_for: state.down_until.filter(|u| now < *u).map(|u| u - now),
             rate_limited_for: state
                 .rate_limited_until
                 .filter(|u| now < *u)
@@ -182,26 +261,72 @@ impl Health {
     }
 }
 
+/// The pause after `failures` outages in a row.
+fn back_off(failures: u32, longest: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_PAUSE.saturating_mul(1 << doublings).min(longest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn one_probe_per_cooldown() {
-        let h = Health::new(Duration::from_secs(10));
+    fn one_probe_at_a_time_and_the_others_join_it() {
+        let h = Health::default();
+        let longest = Duration::from_secs(10);
         let t0 = Instant::now();
-        assert_eq!(h.admit(t0), Admission::Up);
-        h.mark_down(t0, "refused");
-        assert_eq!(h.admit(t0 + Duration::from_secs(5)), Admission::Down);
-        assert_eq!(h.admit(t0 + Duration::from_secs(11)), Admission::Probe);
-        assert_eq!(
-            h.admit(t0 + Duration::from_secs(12)),
-            Admission::Down,
-            "only one prober"
-        );
+        assert!(matches!(h.admit(t0, false), Admission::Up));
+        assert_eq!(h.mark_down(t0, longest, false, "refused"), FIRST_PAUSE);
+        let soon = t0 + Duration::from_millis(500);
+        assert!(matches!(h.admit(soon, false), Admission::Cooling));
+        // A request with nowhere else to go probes at once; the next one joins it.
+        let probe = h.admit(soon, true);
+        assert!(matches!(probe, Admission::Probe(_)));
+        let Admission::Joining(joined) = h.admit(soon, true) else {
+            panic!("a second prober")
+        };
+        assert!(matches!(
+            h.admit(t0 + longest, false),
+            Admission::Joining(_)
+        ));
         h.mark_up();
-        assert_eq!(h.admit(t0 + Duration::from_secs(12)), Admission::Up);
+        drop(probe);
+        assert!(joined.has_changed().is_err(), "the joiner is woken");
+        assert!(matches!(h.admit(soon, false), Admission::Up));
         assert!(h.snapshot(t0).up);
+    }
+
+    #[test]
+    fn a_probe_whose_request_goes_away_releases_its_slot() {
+        let h = Health::default();
+        let t0 = Instant::now();
+        h.mark_down(t0, Duration::from_secs(10), false, "reset");
+        let probe = h.admit(t0 + FIRST_PAUSE, false);
+        assert!(matches!(probe, Admission::Probe(_)));
+        drop(probe); // the client went away mid-probe
+        assert!(matches!(
+            h.admit(t0 + FIRST_PAUSE, false),
+            Admission::Probe(_)
+        ));
+    }
+
+    #[test]
+    fn the_pause_doubles_per_failed_probe_not_per_request_in_flight() {
+        let h = Health::default();
+        let longest = Duration::from_secs(15);
+        let t0 = Instant::now();
+        assert_eq!(h.mark_down(t0, longest, false, "x"), Duration::from_secs(1));
+        // Requests that were in flight when it went down fail too: no longer pause.
+        for _ in 0..10 {
+            assert_eq!(h.mark_down(t0, longest, false, "x"), Duration::from_secs(1));
+        }
+        let pauses: Vec<u64> = (0..5)
+            .map(|_| h.mark_down(t0, longest, true, "x").as_secs())
+            .collect();
+        assert_eq!(pauses, [2, 4, 8, 15, 15]);
+        h.mark_up();
+        assert_eq!(h.mark_down(t0, longest, true, "x"), Duration::from_secs(1));
     }
 
     #[test]
@@ -220,7 +345,7 @@ mod tests {
 
     #[test]
     fn rate_limit_pause_prefers_retry_after_then_window() {
-        let h = Health::new(Duration::from_secs(10));
+        let h = Health::default();
         let t0 = Instant::now();
         assert_eq!(h.rate_limited(t0, Some(7)), Duration::from_secs(7));
         assert_eq!(
@@ -232,14 +357,14 @@ mod tests {
         headers.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
         h.observe(&headers);
         assert_eq!(h.rate_limited(t0, None), Duration::from_secs(216));
-        let fresh = Health::new(Duration::from_secs(10));
+        let fresh = Health::default();
         assert_eq!(fresh.rate_limited(t0, None), DEFAULT_RATE_LIMIT_PAUSE);
     }
 
     #[test]
     fn absurd_rate_limit_headers_give_a_bounded_pause() {
         let t0 = Instant::now();
-        let h = Health::new(Duration::from_secs(10));
+        let h = Health::default();
         assert_eq!(h.rate_limited(t0, Some(u64::MAX)), LONGEST_RATE_LIMIT_PAUSE);
         let mut headers = HeaderMap::new();
         // 2^32 pulls per window: as a u32, 0.

@@ -1,80 +1,37 @@
 //! Talking to upstream registries: one [`RegistryUpstream`] per configured registry, holding its
-//! endpoints in order of preference, each with its own HTTP client, timeouts and auth state.
+//! endpoints in order of preference, each with its own HTTP client, timeouts and memory
+//! (health, rate limits, tokens).
 //!
-//! A request goes to the first endpoint; on a connection error, a timeout, a 5xx or a 429 it moves
-//! on to the next. Redirects (Docker Hub sends blobs to a CDN) are followed for GET and HEAD, and
-//! `Authorization` is sent only to the endpoint's own host. This module returns responses and
-//! typed errors; it knows nothing of the cache.
+//! A request goes to the registry's endpoints in order until one answers it; every failure is
+//! classified once ([`failure`]) and the failures of all endpoints asked combine into the one
+//! answer the client gets ([`failure::Verdict`]): a 404 is final only when no endpoint had an
+//! outage. Endpoints backing off after an outage are skipped while another may answer, and
+//! tried anyway (one probe at a time, others joining it) when none can. This module returns
+//! answers and typed errors; it knows nothing of the cache.
 
 pub mod auth;
+mod endpoint;
+pub mod failure;
 pub mod health;
+mod request;
 
-use crate::config::{RegistryConfig, UpstreamConfig};
+pub use endpoint::Memory;
+pub use failure::{Failure, UpstreamError};
+pub use request::{content_length, Answer, Resource, UpstreamRequest};
+
+use crate::config::RegistryConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
-use crate::oci::{Reference, RepoName};
-use auth::{AuthState, Challenge, Credentials, TokenKey};
-use bytes::Bytes;
-use health::{Admission, Health, HealthSnapshot};
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use endpoint::Endpoint;
+use failure::Verdict;
+use health::{Admission, HealthSnapshot};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Redirect hops followed before giving up.
-const MAX_REDIRECTS: usize = 5;
-/// Largest token endpoint answer read.
-const MAX_TOKEN_BYTES: usize = 64 * 1024;
-const USER_AGENT: &str = concat!("regmirror/", env!("CARGO_PKG_VERSION"));
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-/// Why an upstream request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{0}")]
-    Connect(String),
-    #[error("{0}")]
-    Timeout(String),
-    #[error("{message}")]
-    Status { status: u16, message: String },
-    #[error("{message}")]
-    RateLimited {
-        retry_after: Option<u64>,
-        message: String,
-    },
-    #[error("{0}")]
-    Auth(String),
-    #[error("{0}")]
-    Redirect(String),
-    #[error("{0}")]
-    Body(String),
-    #[error("{0}")]
-    TooLarge(String),
-}
-
-impl UpstreamError {
-    /// Whether the next endpoint might do better: anything but an answer too large to take.
-    fn try_next(&self) -> bool {
-        !matches!(self, UpstreamError::TooLarge(_))
-    }
-
-    /// Whether the endpoint itself is unwell (and should be skipped for a while), as opposed to
-    /// refusing this one request (401, 403, a bad redirect) or rate limiting us.
-    fn is_outage(&self) -> bool {
-        match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Body(_) => true,
-            UpstreamError::Status { status, .. } => *status >= 500,
-            _ => false,
-        }
-    }
-}
+/// How long endpoints that served content not matching its digest are asked last for it.
+const BAD_SOURCE_MEMORY: Duration = Duration::from_secs(3600);
 
 tokio::task_local! {
     /// The endpoint that answered the current request's upstream fetch, for its access line.
@@ -98,128 +55,6 @@ pub fn note_endpoint(base: &str) {
     let _ = ANSWERED_BY.try_with(|c| *c.borrow_mut() = Some(base.to_string()));
 }
 
-/// What to ask an upstream for.
-pub struct UpstreamRequest<'a> {
-    pub method: Method,
-    pub repo: &'a RepoName,
-    /// The path after `/v2/<repo>/`, with its query (`manifests/latest`, `tags/list?n=10`).
-    pub rest: String,
-    pub accept: &'a [String],
-    /// Asks what a tag means: only endpoints trusted to resolve tags are asked.
-    pub resolves_tag: bool,
-    /// A manifest GET, which counts against Docker Hub's pull limit: not sent to an endpoint
-    /// that is rate limiting us.
-    pub counts_as_pull: bool,
-    /// Resume a blob: `Range: bytes=N-`.
-    pub range_from: Option<u64>,
-}
-
-impl<'a> UpstreamRequest<'a> {
-    pub fn manifest(
-        method: Method,
-        repo: &'a RepoName,
-        reference: &Reference,
-        accept: &'a [String],
-    ) -> Self {
-        UpstreamRequest {
-            counts_as_pull: method == Method::GET,
-            method,
-            repo,
-            rest: format!("manifests/{reference}"),
-            accept,
-            resolves_tag: matches!(reference, Reference::Tag(_)),
-            range_from: None,
-        }
-    }
-
-    pub fn blob(method: Method, repo: &'a RepoName, digest: &Digest) -> Self {
-        UpstreamRequest {
-            method,
-            repo,
-            rest: format!("blobs/{digest}"),
-            accept: &[],
-            resolves_tag: false,
-            counts_as_pull: false,
-            range_from: None,
-        }
-    }
-
-    pub fn tags_list(repo: &'a RepoName, query: Option<&str>) -> Self {
-        let rest = match query {
-            Some(q) => format!("tags/list?{q}"),
-            None => "tags/list".to_string(),
-        };
-        UpstreamRequest {
-            method: Method::GET,
-            repo,
-            rest,
-            accept: &[],
-            resolves_tag: true,
-            counts_as_pull: false,
-            range_from: None,
-        }
-    }
-
-    pub fn referrers(repo: &'a RepoName, digest: &Digest, accept: &'a [String]) -> Self {
-        UpstreamRequest {
-            method: Method::GET,
-            repo,
-            rest: format!("referrers/{digest}"),
-            accept,
-            resolves_tag: false,
-            counts_as_pull: false,
-            range_from: None,
-        }
-    }
-
-    /// The same request for the bytes from `offset` on.
-    pub fn resume_from(mut self, offset: u64) -> Self {
-        self.range_from = (offset > 0).then_some(offset);
-        self
-    }
-}
-
-/// A successful (2xx) or not-found (404) answer, with what it came from.
-pub struct Answer {
-    pub response: Response<Incoming>,
-    /// Which endpoint answered (its index in the registry's list).
-    pub endpoint_index: usize,
-    /// The endpoint's base URL, for logs.
-    pub endpoint: String,
-    /// How long the body may go without a byte.
-    pub stall_timeout: Duration,
-}
-
-impl Answer {
-    pub fn status(&self) -> StatusCode {
-        self.response.status()
-    }
-
-    pub fn headers(&self) -> &HeaderMap {
-        self.response.headers()
-    }
-
-    /// The declared `Content-Length`, if any.
-    pub fn content_length(&self) -> Option<u64> {
-        content_length(self.headers())
-    }
-
-    /// Reads the whole body, refusing more than `limit` bytes.
-    pub async fn bytes(self, limit: usize) -> Result<Bytes, UpstreamError> {
-        let endpoint = self.endpoint;
-        let stall = self.stall_timeout;
-        let body = Limited::new(self.response.into_body(), limit);
-        match tokio::time::timeout(stall, body.collect()).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(
-                UpstreamError::TooLarge(format!("{endpoint}: answer larger than {limit} bytes")),
-            ),
-            Ok(Err(e)) => Err(UpstreamError::Body(format!("{endpoint}: {e}"))),
-            Err(_) => Err(UpstreamError::Timeout(format!("{endpoint}: body stalled"))),
-        }
-    }
-}
-
 /// An endpoint's state for status pages and metrics.
 #[derive(Clone, Debug)]
 pub struct EndpointStatus {
@@ -233,98 +68,222 @@ pub struct RegistryUpstream {
     pub name: String,
     endpoints: Vec<Endpoint>,
     allow_untrusted_tags: bool,
+    /// The longest back-off after repeated outages (`failover_cooldown`).
+    longest_back_off: Duration,
+    /// (endpoint, digest) pairs whose content did not match its digest lately: that endpoint
+    /// is asked last for that digest.
+    bad_sources: moka::sync::Cache<(usize, Digest), ()>,
     metrics: Arc<Metrics>,
 }
 
 impl RegistryUpstream {
-    /// Builds the clients; fails on an unusable `ca_file`.
-    pub fn new(config: &RegistryConfig, metrics: Arc<Metrics>) -> Result<RegistryUpstream, String> {
+    /// Builds the clients, taking over what `known` endpoints learnt (health, rate limits,
+    /// tokens) where URL and credentials are unchanged; fails on an unusable `ca_file`.
+    pub fn new(
+        config: &RegistryConfig,
+        metrics: Arc<Metrics>,
+        known: &[Arc<Memory>],
+    ) -> Result<RegistryUpstream, String> {
         Ok(RegistryUpstream {
             metrics,
             name: config.name.clone(),
             endpoints: config
                 .upstream
                 .iter()
-                .map(|u| Endpoint::new(u, config.failover_cooldown))
+                .map(|u| Endpoint::new(u, known))
                 .collect::<Result<_, _>>()?,
             allow_untrusted_tags: config.allow_untrusted_tags,
+            longest_back_off: config.failover_cooldown,
+            bad_sources: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(BAD_SOURCE_MEMORY)
+                .build(),
         })
     }
 
-    /// Sends `request` to the first endpoint that may answer it: in configured order, trusted
-    /// for tags when the request resolves one, not in a cool-down, not rate limiting a pull.
-    /// Connection errors, timeouts, 5xx and 429 move on to the next endpoint and are remembered.
-    /// Returns a 2xx or 404 answer; anything else is an error.
+    /// What the endpoints have learnt, for the next configuration generation.
+    pub fn memories(&self) -> Vec<Arc<Memory>> {
+        self.endpoints
+            .iter()
+            .map(|e| Arc::clone(&e.memory))
+            .collect()
+    }
+
+    /// Sends `request` to the registry's endpoints until one answers with a 2xx; see
+    /// [`RegistryUpstream::fetch_with`].
     pub async fn fetch(&self, request: &UpstreamRequest<'_>) -> Result<Answer, UpstreamError> {
-        let scope = format!("repository:{}:pull", request.repo.as_str());
-        let mut last_error = None;
-        let mut not_found = None;
-        for pass in [Pass::Trusted, Pass::Untrusted] {
-            if pass == Pass::Untrusted && not_found.is_some() {
-                break; // a trusted endpoint's 404 for a tag is not overruled
+        self.fetch_with(request, |answer| std::future::ready(Ok(answer)))
+            .await
+    }
+
+    /// Sends `request` to the endpoints that may answer it, in order (trusted ones first for a
+    /// tag; for content by digest, endpoints that served bad content for it last), until one
+    /// answers with a 2xx that `take` accepts (`take` reads and checks the answer: bad content
+    /// or a broken body move on to the next endpoint too).
+    ///
+    /// Endpoints backing off are skipped while another may answer; when none could, each is
+    /// tried anyway, one probe at a time, unless the request has an answer of its own
+    /// (`has_fallback`). A manifest GET is not sent to an endpoint pausing pulls after a 429.
+    /// The failures combine into one error ([`Verdict`]).
+    pub async fn fetch_with<T, F, Fut>(
+        &self,
+        request: &UpstreamRequest<'_>,
+        mut take: F,
+    ) -> Result<T, UpstreamError>
+    where
+        F: FnMut(Answer) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let mut verdict = Verdict::default();
+        let mut backing_off = Vec::new();
+        for index in self.order(request) {
+            let endpoint = &self.endpoints[index];
+            if !self.worth_asking(index, request, &verdict) {
+                continue;
             }
-            for (index, endpoint) in self.endpoints.iter().enumerate() {
-                if !self.eligible(endpoint, request, pass) {
+            if let Some(paused) = self.pull_pause(endpoint, request) {
+                verdict.note(paused);
+                continue;
+            }
+            let probe = match endpoint.health().admit(Instant::now(), false) {
+                Admission::Up => None,
+                Admission::Probe(guard) => Some(guard),
+                Admission::Joining(_) | Admission::Cooling => {
+                    backing_off.push(index);
                     continue;
                 }
-                let now = Instant::now();
-                if request.counts_as_pull {
-                    if let Some(pause) = endpoint.health.rate_limit_pause(now) {
-                        last_error = Some(UpstreamError::RateLimited {
-                            retry_after: Some(pause.as_secs().max(1)),
-                            message: format!(
-                                "{} is rate limiting pulls for {}s more",
-                                endpoint.base,
-                                pause.as_secs()
-                            ),
-                        });
+            };
+            let probing = probe.is_some();
+            match self.attempt(index, request, probing, &mut take).await {
+                Ok(taken) => return Ok(taken),
+                Err(e) => verdict.note(e),
+            }
+            drop(probe);
+        }
+        for index in backing_off {
+            let endpoint = &self.endpoints[index];
+            if request.has_fallback || !self.worth_asking(index, request, &verdict) {
+                verdict.note(backing_off_error(endpoint));
+                continue;
+            }
+            let probe = match endpoint.health().admit(Instant::now(), true) {
+                Admission::Up => None,
+                Admission::Probe(guard) => Some(guard),
+                Admission::Joining(mut done) => {
+                    // Another request is probing it: its outcome is this one's too.
+                    let _ = tokio::time::timeout(endpoint.patience(), done.changed()).await;
+                    if !endpoint.health().is_up() {
+                        verdict.note(backing_off_error(endpoint));
                         continue;
                     }
+                    None
                 }
-                if endpoint.health.admit(now) == Admission::Down {
-                    last_error.get_or_insert_with(|| {
-                        UpstreamError::Connect(format!("{} is down (cooling off)", endpoint.base))
-                    });
+                Admission::Cooling => {
+                    verdict.note(backing_off_error(endpoint));
                     continue;
                 }
-                let started = std::time::Instant::now();
-                // Boxed: an HTTP exchange's future is large, and callers need not carry it.
-                let result = Box::pin(endpoint.fetch(request, &scope)).await;
-                self.record(endpoint, &result, started);
-                // Any answer, a refusal or a 429 too, shows the endpoint is there (and ends a
-                // probe): only an outage keeps it down.
-                if result.as_ref().err().is_none_or(|e| !e.is_outage()) {
-                    endpoint.health.mark_up();
+            };
+            let probing = probe.is_some();
+            match self.attempt(index, request, probing, &mut take).await {
+                Ok(taken) => return Ok(taken),
+                Err(e) => verdict.note(e),
+            }
+            drop(probe);
+        }
+        Err(verdict.settle(request.resource, self.soonest_back()))
+    }
+
+    /// The endpoints that may answer `request`, in the order they are asked.
+    fn order(&self, request: &UpstreamRequest<'_>) -> Vec<usize> {
+        let trusted = |i: &usize| self.is_trusted(&self.endpoints[*i], request);
+        let bad = |i: &usize| {
+            request
+                .digest
+                .as_ref()
+                .is_some_and(|d| self.bad_sources.contains_key(&(*i, d.clone())))
+        };
+        let all = 0..self.endpoints.len();
+        let mut order: Vec<usize> = all.clone().filter(trusted).collect();
+        if request.needs_trust && self.allow_untrusted_tags {
+            order.extend(all.filter(|i| !trusted(i)));
+        }
+        // Stable: the configured order holds within each group.
+        order.sort_by_key(|i| bad(i));
+        order
+    }
+
+    fn is_trusted(&self, endpoint: &Endpoint, request: &UpstreamRequest<'_>) -> bool {
+        !request.needs_trust || endpoint.resolve_tags
+    }
+
+    /// An untrusted endpoint is not asked once a trusted one said the thing does not exist.
+    fn worth_asking(&self, index: usize, request: &UpstreamRequest<'_>, verdict: &Verdict) -> bool {
+        self.is_trusted(&self.endpoints[index], request) || !verdict.has_trusted_not_found()
+    }
+
+    /// The error for a pull not sent because the endpoint is pausing pulls after a 429.
+    fn pull_pause(
+        &self,
+        endpoint: &Endpoint,
+        request: &UpstreamRequest<'_>,
+    ) -> Option<UpstreamError> {
+        if !request.counts_as_pull && !endpoint.sends_head_as_get(request) {
+            return None;
+        }
+        let pause = endpoint.health().rate_limit_pause(Instant::now())?;
+        Some(
+            UpstreamError::new(
+                Failure::RateLimited,
+                format!(
+                    "{} is rate limiting pulls for {}s more",
+                    endpoint.base,
+                    pause.as_secs()
+                ),
+            )
+            .with_retry_after(Some(pause.as_secs().max(1))),
+        )
+    }
+
+    /// One endpoint's try: the exchange, then `take`; its outcome is remembered.
+    async fn attempt<T, F, Fut>(
+        &self,
+        index: usize,
+        request: &UpstreamRequest<'_>,
+        probing: bool,
+        take: &mut F,
+    ) -> Result<T, UpstreamError>
+    where
+        F: FnMut(Answer) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let endpoint = &self.endpoints[index];
+        let started = std::time::Instant::now();
+        // Boxed: an HTTP exchange's future is large, and callers need not carry it.
+        let result = Box::pin(endpoint.fetch(request)).await;
+        self.record(endpoint, &result, started);
+        let result = match result {
+            Ok(mut answer) => {
+                answer.endpoint_index = index;
+                take(answer).await
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(_) => {
+                endpoint.health().mark_up();
+                note_endpoint(&endpoint.base);
+            }
+            Err(e) => {
+                if let (Failure::BadContent, Some(digest)) = (e.failure, &request.digest) {
+                    self.served_bad_content(&[index], digest);
                 }
-                match result {
-                    // Another endpoint may have what this one lacks (a partial public mirror);
-                    // the 404 stands only if nobody has it.
-                    Ok(answer) if answer.status() == StatusCode::NOT_FOUND => {
-                        not_found.get_or_insert(Answer {
-                            endpoint_index: index,
-                            ..answer
-                        });
-                    }
-                    Ok(mut answer) => {
-                        answer.endpoint_index = index;
-                        note_endpoint(&endpoint.base);
-                        return Ok(answer);
-                    }
-                    Err(e) if e.try_next() => {
-                        self.note_failure(index, &e);
-                        last_error = Some(e);
-                    }
-                    Err(e) => return Err(e),
-                }
+                self.note_outcome(index, e, probing);
             }
         }
-        if let Some(answer) = not_found {
-            note_endpoint(&answer.endpoint);
-            return Ok(answer);
-        }
-        Err(last_error.unwrap_or_else(|| {
-            UpstreamError::Connect(format!("no endpoint of {} may answer this", self.name))
-        }))
+        result.map_err(|mut e| {
+            e.authoritative = self.is_trusted(endpoint, request);
+            e
+        })
     }
 
     fn record(
@@ -335,8 +294,10 @@ impl RegistryUpstream {
     ) {
         let status = match result {
             Ok(answer) => answer.status().as_u16().to_string(),
-            Err(UpstreamError::Status { status, .. }) => status.to_string(),
-            Err(UpstreamError::RateLimited { .. }) => "429".to_string(),
+            Err(UpstreamError {
+                status: Some(status),
+                ..
+            }) => status.to_string(),
             Err(_) => "error".to_string(),
         };
         self.metrics.upstream_request(
@@ -357,53 +318,71 @@ impl RegistryUpstream {
         self.metrics.digest_mismatch();
     }
 
+    /// Remembers that these endpoints together served content for `digest` that did not match
+    /// it: they are asked for it after every other endpoint for a while.
+    pub fn served_bad_content(&self, endpoints: &[usize], digest: &Digest) {
+        for &index in endpoints {
+            if let Some(endpoint) = self.endpoints.get(index) {
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, %digest, "upstream endpoint served content that does not match its digest; asking it last for this digest");
+                self.bad_sources.insert((index, digest.clone()), ());
+            }
+        }
+    }
+
     /// Sends `request` to one given endpoint, whatever its health (a last resort for resuming).
     pub async fn fetch_from(
         &self,
         index: usize,
         request: &UpstreamRequest<'_>,
     ) -> Result<Answer, UpstreamError> {
-        let endpoint = self
-            .endpoints
-            .get(index)
-            .ok_or_else(|| UpstreamError::Connect(format!("no endpoint {index}")))?;
-        let scope = format!("repository:{}:pull", request.repo.as_str());
-        let started = std::time::Instant::now();
-        let result = Box::pin(endpoint.fetch(request, &scope)).await;
-        self.record(endpoint, &result, started);
-        let mut answer = result?;
-        endpoint.health.mark_up();
-        answer.endpoint_index = index;
-        Ok(answer)
-    }
-
-    fn eligible(&self, endpoint: &Endpoint, request: &UpstreamRequest<'_>, pass: Pass) -> bool {
-        let trusted = !request.resolves_tag || endpoint.resolve_tags;
-        match pass {
-            Pass::Trusted => trusted,
-            Pass::Untrusted => !trusted && self.allow_untrusted_tags,
+        if index >= self.endpoints.len() {
+            return Err(UpstreamError::outage(format!("no endpoint {index}")));
         }
+        self.attempt(index, request, false, &mut |answer| {
+            std::future::ready(Ok(answer))
+        })
+        .await
     }
 
-    /// Remembers that an endpoint failed (also used when its body stalls mid-download).
+    /// Remembers an endpoint's failure (also used when its body stalls mid-download).
     pub fn note_failure(&self, index: usize, error: &UpstreamError) {
+        self.note_outcome(index, error, false);
+    }
+
+    /// What a failure teaches about its endpoint: an outage starts (or, for a probe,
+    /// lengthens) its back-off; any other answer shows it is there.
+    fn note_outcome(&self, index: usize, error: &UpstreamError, probing: bool) {
         let Some(endpoint) = self.endpoints.get(index) else {
             return;
         };
         let now = Instant::now();
-        match error {
-            UpstreamError::RateLimited { retry_after, .. } => {
-                let pause = endpoint.health.rate_limited(now, *retry_after);
+        let health = endpoint.health();
+        if error.failure == Failure::Outage {
+            let pause = health.mark_down(now, self.longest_back_off, probing, &error.message);
+            tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %error, back_off_ms = pause.as_millis() as u64, "upstream endpoint failed; other endpoints first until it answers again");
+            return;
+        }
+        health.mark_up();
+        match error.failure {
+            Failure::RateLimited => {
+                let pause = health.rate_limited(now, error.retry_after);
                 tracing::warn!(registry = %self.name, endpoint = %endpoint.base, pause_s = pause.as_secs(), "upstream rate limit hit; pausing manifest GETs");
             }
-            outage if outage.is_outage() => {
-                endpoint.health.mark_down(now, &outage.to_string());
-                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %outage, "upstream endpoint failed; skipping it for the cool-down");
+            Failure::Refused | Failure::BadContent => {
+                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %error, class = error.failure.as_str(), "upstream endpoint could not serve the request; trying the next");
             }
-            refusal => {
-                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %refusal, "upstream endpoint refused the request; trying the next");
-            }
+            Failure::NotFound | Failure::Outage => {}
         }
+    }
+
+    /// Seconds until the first endpoint backing off may be back (at least one).
+    fn soonest_back(&self) -> Option<u64> {
+        let now = Instant::now();
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.health().back_off_left(now))
+            .min()
+            .map(|left| left.as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// Every endpoint's state.
@@ -414,7 +393,7 @@ impl RegistryUpstream {
             .map(|e| EndpointStatus {
                 url: e.base.clone(),
                 resolve_tags: e.resolve_tags,
-                health: e.health.snapshot(now),
+                health: e.health().snapshot(now),
             })
             .collect()
     }
@@ -429,370 +408,7 @@ impl RegistryUpstream {
     }
 }
 
-/// Endpoints trusted for the request are tried first; untrusted ones only where allowed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    Trusted,
-    Untrusted,
-}
-
-/// One upstream URL with its client, timeouts and auth state.
-struct Endpoint {
-    /// Base URL without a trailing slash, e.g. `https://registry-1.docker.io`.
-    base: String,
-    /// `host[:port]` of the base, the only host that gets our `Authorization`.
-    authority: String,
-    http: HttpClient,
-    auth: AuthState,
-    response_timeout: Duration,
-    stall_timeout: Duration,
-    /// May say what a tag points to.
-    resolve_tags: bool,
-    health: Health,
-}
-
-impl Endpoint {
-    fn new(config: &UpstreamConfig, cooldown: Duration) -> Result<Endpoint, String> {
-        let base = config.url.trim_end_matches('/').to_string();
-        let authority = base
-            .parse::<Uri>()
-            .ok()
-            .and_then(|u| u.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let credentials = match (&config.username, &config.password) {
-            (Some(username), Some(password)) => Some(Credentials {
-                username: username.clone(),
-                password: password.clone(),
-            }),
-            _ => None,
-        };
-        if !config.tls_verify {
-            tracing::warn!(
-                upstream = %base,
-                "TLS CERTIFICATE VERIFICATION IS OFF for this upstream (tls_verify = false): anyone on the path can impersonate it; tags it resolves cannot be trusted"
-            );
-        }
-        let tls = crate::tls::client_config(config.ca_file.as_deref(), config.tls_verify)
-            .map_err(|e| format!("upstream {base}: ca_file {e}"))?;
-        Ok(Endpoint {
-            base,
-            authority,
-            http: http_client(config.connect_timeout, tls),
-            auth: AuthState::new(credentials),
-            response_timeout: config.response_timeout,
-            stall_timeout: config.stall_timeout,
-            resolve_tags: config.resolve_tags,
-            health: Health::new(cooldown),
-        })
-    }
-
-    async fn fetch(
-        &self,
-        request: &UpstreamRequest<'_>,
-        scope: &str,
-    ) -> Result<Answer, UpstreamError> {
-        let url = format!(
-            "{}/v2/{}/{}",
-            self.base,
-            request.repo.as_str(),
-            request.rest
-        );
-        let (method, accept) = (&request.method, request.accept);
-        let range = request.range_from.map(|n| format!("bytes={n}-"));
-        let range = range.as_deref();
-        let mut used_token = None;
-        let mut authorization = match self.auth.known_challenge() {
-            Some(challenge) => {
-                self.authorization(&challenge, scope, &mut used_token)
-                    .await?
-            }
-            None => None,
-        };
-        let mut response = self
-            .send(method, &url, accept, range, authorization.as_deref())
-            .await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
-            if let Some(challenge) = challenge_of(&response) {
-                if let Some(key) = used_token.take() {
-                    self.auth.forget(&key).await;
-                }
-                self.auth.remember(challenge.clone());
-                // Tokens are keyed by the scope this request needs (the one Docker Hub's
-                // challenge names too), so the preemptive path finds them again.
-                authorization = self
-                    .authorization(&challenge, scope, &mut used_token)
-                    .await?;
-                if authorization.is_some() {
-                    response = self
-                        .send(method, &url, accept, range, authorization.as_deref())
-                        .await?;
-                }
-            }
-        }
-        self.health.observe(response.headers());
-        self.classify(response)
-    }
-
-    /// Whether `uri` is this endpoint's own origin (scheme and host): the only place its
-    /// `Authorization` goes (an https endpoint redirecting to plain http of the same host gets
-    /// none).
-    fn is_own(&self, uri: &Uri) -> bool {
-        let scheme = self.base.split("://").next().unwrap_or("");
-        uri.scheme_str() == Some(scheme)
-            && uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str())
-    }
-
-    /// The `Authorization` value for `scope` under `challenge`, fetching a token if needed.
-    async fn authorization(
-        &self,
-        challenge: &Challenge,
-        scope: &str,
-        used_token: &mut Option<TokenKey>,
-    ) -> Result<Option<String>, UpstreamError> {
-        match challenge {
-            Challenge::Basic => Ok(self.auth.credentials.as_ref().map(Credentials::basic)),
-            Challenge::Bearer { .. } => {
-                let key = AuthState::token_key(challenge, scope).expect("bearer has a token key");
-                let token = self
-                    .auth
-                    .token(key.clone(), self.fetch_token(key.clone()))
-                    .await
-                    .map_err(UpstreamError::Auth)?;
-                *used_token = Some(key);
-                Ok(Some(format!("Bearer {}", token.value)))
-            }
-        }
-    }
-
-    async fn fetch_token(&self, key: TokenKey) -> Result<auth::Token, String> {
-        let url = key.url();
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("bad token realm {:?}: {e}", key.realm))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(format!("token realm {:?} is not http(s)", key.realm));
-        }
-        // Credentials travel to the realm only over TLS, or in the clear to the endpoint's own
-        // host (a LAN registry the operator chose to reach over http).
-        let protected = uri.scheme_str() == Some("https") || self.is_own(&uri);
-        let mut request = Request::get(uri).header(header::USER_AGENT, USER_AGENT);
-        match &self.auth.credentials {
-            Some(credentials) if protected => {
-                request = request.header(header::AUTHORIZATION, credentials.basic());
-            }
-            Some(_) => tracing::warn!(
-                realm = %key.realm,
-                "token realm is plain http on another host; asking for an anonymous token instead of sending the password"
-            ),
-            None => {}
-        }
-        let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
-        tracing::debug!(realm = %key.realm, scope = %key.scope, "fetching upstream token");
-        // One deadline for the answer and its (small) body: a token service that stalls
-        // mid-body would otherwise hold every request waiting for this token.
-        let answer = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_TOKEN_BYTES)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.response_timeout, answer)
-            .await
-            .map_err(|_| format!("token endpoint {} timed out", key.realm))?
-            .map_err(|e| format!("token endpoint {}: {e}", key.realm))?;
-        if !status.is_success() {
-            return Err(format!("token endpoint {} answered {status}", key.realm));
-        }
-        auth::parse_token(&body)
-    }
-
-    /// Sends one request, following redirects; `Authorization` goes only to our own host.
-    async fn send(
-        &self,
-        method: &Method,
-        url: &str,
-        accept: &[String],
-        range: Option<&str>,
-        authorization: Option<&str>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut uri: Uri = url
-            .parse()
-            .map_err(|e| UpstreamError::Connect(format!("bad upstream URL {url:?}: {e}")))?;
-        for _ in 0..=MAX_REDIRECTS {
-            let same_host = self.is_own(&uri);
-            let mut request = Request::builder()
-                .method(method.clone())
-                .uri(uri.clone())
-                .header(header::USER_AGENT, USER_AGENT);
-            for value in accept {
-                request = request.header(header::ACCEPT, value.as_str());
-            }
-            if let Some(range) = range {
-                request = request.header(header::RANGE, range);
-            }
-            if let (true, Some(auth)) = (same_host, authorization) {
-                request = request.header(header::AUTHORIZATION, auth);
-            }
-            let request = request.body(Empty::new()).map_err(|e| {
-                UpstreamError::Connect(format!("cannot build request for {uri}: {e}"))
-            })?;
-            let mut response =
-                tokio::time::timeout(self.response_timeout, self.http.request(request))
-                    .await
-                    .map_err(|_| {
-                        UpstreamError::Timeout(format!(
-                            "{} did not answer within {:?}",
-                            self.base, self.response_timeout
-                        ))
-                    })?
-                    .map_err(|e| {
-                        UpstreamError::Connect(format!("{}: {}", self.base, error_chain(&e)))
-                    })?;
-            if !response.status().is_redirection() {
-                if !same_host {
-                    // A host we were redirected to (a CDN) does not get to name where this
-                    // endpoint's credentials go: its refusal stays a refusal.
-                    response.headers_mut().remove(header::WWW_AUTHENTICATE);
-                }
-                return Ok(response);
-            }
-            uri = redirect_target(&uri, response.headers())?;
-            tracing::debug!(from = %self.base, to = %uri.authority().map(|a| a.as_str()).unwrap_or(""), "following upstream redirect");
-        }
-        Err(UpstreamError::Redirect(format!(
-            "{}: more than {MAX_REDIRECTS} redirects",
-            self.base
-        )))
-    }
-
-    fn classify(&self, response: Response<Incoming>) -> Result<Answer, UpstreamError> {
-        let status = response.status();
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            return Ok(Answer {
-                response,
-                endpoint_index: 0,
-                endpoint: self.base.clone(),
-                stall_timeout: self.stall_timeout,
-            });
-        }
-        let message = format!("{} answered {status}", self.base);
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok());
-            return Err(UpstreamError::RateLimited {
-                retry_after,
-                message,
-            });
-        }
-        Err(UpstreamError::Status {
-            status: status.as_u16(),
-            message,
-        })
-    }
-}
-
-/// A `Content-Length` header's value.
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-fn challenge_of(response: &Response<Incoming>) -> Option<Challenge> {
-    response
-        .headers()
-        .get_all(header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(auth::parse_challenge)
-}
-
-/// Resolves a redirect's `Location` against the request URI; only http(s) targets are followed.
-fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError> {
-    let location = headers
-        .get(header::LOCATION)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
-        .ok_or_else(|| UpstreamError::Redirect(format!("redirect from {from} without Location")))?;
-    let target: Uri = if location.starts_with('/') {
-        let scheme = from.scheme_str().unwrap_or("https");
-        let authority = from.authority().map(|a| a.as_str()).unwrap_or("");
-        format!("{scheme}://{authority}{location}").parse()
-    } else {
-        location.parse()
-    }
-    .map_err(|e| UpstreamError::Redirect(format!("bad redirect Location {location:?}: {e}")))?;
-    match target.scheme_str() {
-        Some("http" | "https") if target.authority().is_some() => Ok(target),
-        _ => Err(UpstreamError::Redirect(format!(
-            "refusing redirect to {location:?}"
-        ))),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirects_resolve_and_refuse_other_schemes() {
-        let from: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::LOCATION,
-            "https://cdn.example/data?sig=1".parse().unwrap(),
-        );
-        assert_eq!(
-            redirect_target(&from, &h).unwrap().to_string(),
-            "https://cdn.example/data?sig=1"
-        );
-        h.insert(header::LOCATION, "/other/path".parse().unwrap());
-        assert_eq!(
-            redirect_target(&from, &h).unwrap().to_string(),
-            "https://registry.example/other/path"
-        );
-        h.insert(header::LOCATION, "file:///etc/passwd".parse().unwrap());
-        assert!(redirect_target(&from, &h).is_err());
-        h.insert(header::LOCATION, "ftp://x/y".parse().unwrap());
-        assert!(redirect_target(&from, &h).is_err());
-        assert!(redirect_target(&from, &HeaderMap::new()).is_err());
-    }
+/// The error for an endpoint backing off that was not (or could not be) tried.
+fn backing_off_error(endpoint: &Endpoint) -> UpstreamError {
+    UpstreamError::outage(format!("{} is backing off after an outage", endpoint.base))
 }

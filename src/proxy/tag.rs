@@ -1,0 +1,131 @@
+//! What a tag points to: the tag record upstream last confirmed, revalidated with a HEAD after
+//! the TTL (HEADs do not count against Docker Hub's pull limit), and what happens when upstream
+//! cannot confirm it.
+//!
+//! The last known mapping answers (stale, with a `Warning`) only when upstream could not be
+//! asked: an outage or a rate limit. When the endpoints trusted with tags answer that the tag
+//! is gone (404) or that the repository is refused (401, 403), the client is told so and the
+//! record goes. A tag that moved while upstream cannot hand over the new manifest (a 429 pause
+//! on manifest GETs, say) keeps its previous mapping until it can.
+
+use super::manifest::{by_digest_quietly, canonical_accept, described, fetch_manifest};
+use crate::app::App;
+use crate::cache::store::TagRecord;
+use crate::cache::{TagAnswer, TagKey};
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::oci::Reference;
+use crate::upstream::UpstreamRequest;
+use http::Method;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Loads a tag's answer after its TTL: a HEAD upstream when a previous mapping is known, a GET
+/// otherwise; the previous mapping, stale, when upstream cannot be asked.
+pub(super) async fn revalidate(
+    app: &App,
+    key: TagKey,
+    went_upstream: Arc<AtomicBool>,
+) -> Result<TagAnswer, Error> {
+    went_upstream.store(true, Ordering::Relaxed);
+    let upstream = app.upstream(key.registry);
+    let Some(previous) = app.cache().tag_record(&upstream.name, &key).await? else {
+        return fetch_tag(app, &key, false).await;
+    };
+    match confirm(app, &key, &previous).await {
+        Ok(answer) => Ok(answer),
+        Err(e) if e.serves_stale() => stale(previous, e, &key),
+        Err(e) => {
+            // Gone or refused, as the endpoints trusted with tags say: the record goes. An
+            // untrusted endpoint's 404, or any other refusal, leaves it.
+            let gone = e
+                .upstream()
+                .is_some_and(|u| (u.authoritative && u.is_not_found()) || u.is_denial());
+            if gone {
+                app.cache().remove_tag_record(&upstream.name, &key).await?;
+                tracing::info!(repo = %key.repo, tag = %key.tag, error = %e, "upstream says the tag is gone or refused; its record is removed");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Asks upstream what the tag points to now (a HEAD; a GET when the HEAD's headers do not
+/// say), with the previous mapping as the fallback for an unreachable upstream.
+async fn confirm(app: &App, key: &TagKey, previous: &TagRecord) -> Result<TagAnswer, Error> {
+    let upstream = app.upstream(key.registry);
+    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
+    let request =
+        UpstreamRequest::manifest(Method::HEAD, &key.repo, &reference, &accept).with_fallback();
+    let answer = upstream.fetch(&request).await?;
+    let Some((digest, media_type, size)) = described(answer.headers()) else {
+        return fetch_tag(app, key, true).await;
+    };
+    if previous.digest != digest.to_string() {
+        // Moved: the new manifest must be at hand before the tag points to it (a client told
+        // the new digest would otherwise be refused the manifest while upstream pauses GETs).
+        by_digest_quietly(app, key.registry, &key.repo, &digest).await?;
+        tracing::info!(repo = %key.repo, tag = %key.tag, from = %previous.digest, to = %digest, "tag moved upstream");
+    }
+    record(app, key, &digest, &media_type, size).await
+}
+
+/// The last known mapping, marked stale.
+fn stale(previous: TagRecord, error: Error, key: &TagKey) -> Result<TagAnswer, Error> {
+    let Ok(digest) = previous.digest.parse::<Digest>() else {
+        return Err(error);
+    };
+    tracing::warn!(repo = %key.repo, tag = %key.tag, %digest, error = %error, "upstream unreachable; serving the last known tag mapping");
+    Ok(TagAnswer {
+        digest,
+        media_type: previous.media_type,
+        size: previous.size,
+        stale: true,
+    })
+}
+
+/// GET of a tag with every modern manifest type accepted: stores the manifest and the mapping.
+/// `has_fallback`: a previous mapping answers if upstream cannot be asked.
+async fn fetch_tag(app: &App, key: &TagKey, has_fallback: bool) -> Result<TagAnswer, Error> {
+    let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
+    let mut request = UpstreamRequest::manifest(Method::GET, &key.repo, &reference, &accept);
+    if has_fallback {
+        request = request.with_fallback();
+    }
+    let what = format!("{}:{}", key.repo, key.tag);
+    let manifest = fetch_manifest(app, key.registry, &key.repo, &request, None, &what).await?;
+    app.cache().put_manifest(&manifest).await?;
+    let size = manifest.bytes.len() as u64;
+    record(app, key, &manifest.digest, &manifest.media_type, size).await
+}
+
+/// Records what upstream confirmed the tag points to.
+async fn record(
+    app: &App,
+    key: &TagKey,
+    digest: &Digest,
+    media_type: &str,
+    size: u64,
+) -> Result<TagAnswer, Error> {
+    let record = TagRecord {
+        digest: digest.to_string(),
+        media_type: media_type.to_string(),
+        size,
+        checked_at: unix_now(),
+    };
+    let registry = &app.upstream(key.registry).name;
+    app.cache().put_tag_record(registry, key, record).await?;
+    Ok(TagAnswer {
+        digest: digest.clone(),
+        media_type: media_type.to_string(),
+        size,
+        stale: false,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
