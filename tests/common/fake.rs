@@ -36,6 +36,8 @@ pub struct Knobs {
     pub ignore_range: bool,
     /// Answer manifest requests with 429 and this `Retry-After`.
     pub rate_limit_manifests: Option<u64>,
+    /// With `rate_limit_manifests`: only GETs are refused (Docker Hub counts GETs, not HEADs).
+    pub rate_limit_only_gets: bool,
     /// Send Docker Hub's rate-limit headers on manifest answers.
     pub rate_limit_headers: bool,
     /// `expires_in` of issued tokens (absent when `None`).
@@ -418,7 +420,10 @@ async fn serve(
         return respond(404, "text/plain", Bytes::new(), &[]);
     };
     if let Some((repo, reference)) = rest.split_once("/manifests/") {
-        if let Some(retry_after) = knobs.rate_limit_manifests {
+        let limited = knobs
+            .rate_limit_manifests
+            .filter(|_| !(knobs.rate_limit_only_gets && method == Method::HEAD));
+        if let Some(retry_after) = limited {
             let retry = retry_after.to_string();
             return respond(
                 429,
