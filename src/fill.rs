@@ -270,23 +270,11 @@ async fn pump_with_resume(
         }
         tracing::warn!(%digest, offset = received, error = %error, "upstream failed mid-blob; resuming");
         let request = UpstreamRequest::blob(Method::GET, &job.repo, digest).resume_from(received);
-        answer = match job.upstream.fetch(&request).await {
-            Ok(a) => a,
-            // Nobody else can serve it: give the same source one more chance.
-            Err(_) if resumes == 1 => job
-                .upstream
-                .fetch_from(failed_endpoint, &request)
-                .await
-                .map_err(|e| {
-                    failure(Code::Unavailable, format!("{error}; resuming failed: {e}"))
-                })?,
-            Err(e) => {
-                return Err(failure(
-                    Code::Unavailable,
-                    format!("{error}; resuming failed: {e}"),
-                ))
-            }
-        };
+        // The failed source backs off now; with nobody else to ask, it is asked anyway.
+        answer = job.upstream.fetch(&request).await.map_err(|e| FillError {
+            message: format!("{error}; resuming failed: {e}"),
+            ..upstream_failure(e)
+        })?;
         skip = match answer.status() {
             StatusCode::PARTIAL_CONTENT if range_start(answer.headers()) == Some(received) => 0,
             StatusCode::OK => received,

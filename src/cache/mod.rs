@@ -99,7 +99,8 @@ pub struct Cache {
     pacer: Arc<CommitPacer>,
     /// Recently served manifests, weighed by size; also coalesces concurrent loads.
     manifests: moka::future::Cache<Digest, Arc<Manifest>>,
-    /// Tag answers live for the tag TTL; loading one coalesces concurrent revalidations.
+    /// Tag answers live for the tag TTL (stale ones a second); loading one coalesces
+    /// concurrent revalidations.
     tags: moka::future::Cache<TagKey, TagAnswer>,
     /// Listings live for the tag TTL too.
     listings: moka::future::Cache<String, Listing>,
@@ -121,6 +122,30 @@ const LINKS_IN_MEMORY: u64 = 200_000;
 
 /// Expiry by the current tag TTL.
 struct TagTtl(Arc<AtomicU64>);
+
+/// How long a stale tag answer (upstream could not confirm it) is kept before it is asked
+/// again: briefly, so that an upstream back is noticed at once (asking costs little while
+/// upstream is known down).
+const STALE_TAG_TTL: Duration = Duration::from_secs(1);
+
+/// Tag answers live for the tag TTL; stale ones briefly.
+struct TagAnswerTtl(Arc<AtomicU64>);
+
+impl moka::Expiry<TagKey, TagAnswer> for TagAnswerTtl {
+    fn expire_after_create(
+        &self,
+        _key: &TagKey,
+        answer: &TagAnswer,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let ttl = Duration::from_millis(self.0.load(Ordering::Relaxed).max(1));
+        Some(if answer.stale {
+            ttl.min(STALE_TAG_TTL)
+        } else {
+            ttl
+        })
+    }
+}
 
 impl<K, V> moka::Expiry<K, V> for TagTtl {
     fn expire_after_create(
@@ -154,7 +179,7 @@ impl Cache {
         let tag_ttl_ms = Arc::new(AtomicU64::new(tag_ttl.as_millis() as u64));
         let tags = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .expire_after(TagTtl(Arc::clone(&tag_ttl_ms)))
+            .expire_after(TagAnswerTtl(Arc::clone(&tag_ttl_ms)))
             .build();
         let listings = moka::future::Cache::builder()
             .max_capacity(64 * 1024 * 1024)

@@ -13,7 +13,7 @@ use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
 use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
 use crate::range::{self, Plan};
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{Answer, UpstreamError, UpstreamRequest};
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
 
@@ -143,15 +143,17 @@ async fn serve_head(
         return Ok(respond_sized(digest, size, range, |_, _| body::empty()));
     }
     *outcome = Outcome::Bypass;
-    let answer = app
-        .upstream(registry)
-        .fetch(&UpstreamRequest::blob(Method::HEAD, repo, digest))
-        .await?;
-    let size = answer.content_length().ok_or_else(|| {
-        Error::BadContent(format!(
-            "upstream HEAD of blob {digest} has no Content-Length"
-        ))
-    })?;
+    // An endpoint that does not say the length is bad content: the next one is asked.
+    let sized = |answer: Answer| {
+        std::future::ready(answer.content_length().ok_or_else(|| {
+            UpstreamError::bad_content(format!(
+                "{}: HEAD of blob {digest} has no Content-Length",
+                answer.endpoint
+            ))
+        }))
+    };
+    let request = UpstreamRequest::blob(Method::HEAD, repo, digest);
+    let size = app.upstream(registry).fetch_with(&request, sized).await?;
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
 }
 

@@ -10,7 +10,7 @@ use super::provenance::{confirm, Content};
 use super::{body_unless_head, Outcome};
 use crate::app::App;
 use crate::body::ResponseBody;
-use crate::cache::{Manifest, TagKey};
+use crate::cache::{Manifest, TagAnswer, TagKey};
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::oci::{self, AcceptSet, Reference, RepoName, Tag, DOCKER_CONTENT_DIGEST};
@@ -65,24 +65,7 @@ pub async fn serve(
                 (false, true) => Outcome::Miss,
                 (false, false) => Outcome::Hit,
             };
-            if head {
-                let size = answer.size as usize;
-                return Ok(respond_head(
-                    &answer.digest,
-                    &answer.media_type,
-                    size,
-                    answer.stale,
-                ));
-            }
-            let mut ignored = Outcome::None;
-            let manifest = by_digest(app, registry, repo, &answer.digest, &mut ignored).await?;
-            Ok(respond(
-                &manifest.digest,
-                &manifest.media_type,
-                manifest.bytes.clone(),
-                false,
-                answer.stale,
-            ))
+            answer_tag(app, registry, repo, &answer, head).await
         }
         Reference::Tag(tag) => {
             // A narrower Accept gets what upstream gives every client when the tag's current
@@ -91,30 +74,47 @@ pub async fn serve(
             if let Some(answer) = app.cache().peek_tag(&key).await {
                 if !answer.stale && accept.accepts(&answer.media_type) {
                     *outcome = Outcome::Hit;
-                    if head {
-                        return Ok(respond_head(
-                            &answer.digest,
-                            &answer.media_type,
-                            answer.size as usize,
-                            false,
-                        ));
-                    }
-                    let mut ignored = Outcome::None;
-                    let manifest =
-                        by_digest(app, registry, repo, &answer.digest, &mut ignored).await?;
-                    return Ok(respond(
-                        &manifest.digest,
-                        &manifest.media_type,
-                        manifest.bytes.clone(),
-                        false,
-                        false,
-                    ));
+                    return answer_tag(app, registry, repo, &answer, head).await;
                 }
             }
             *outcome = Outcome::Bypass;
-            pass_through(app, registry, repo, tag, &accept, head).await
+            match pass_through(app, registry, repo, tag, &accept, head).await {
+                // Upstream cannot be asked: the last known digest, if this client takes it.
+                Err(e) if e.serves_stale() => match super::tag::last_known(app, &key).await {
+                    Some(answer) if accept.accepts(&answer.media_type) => {
+                        tracing::warn!(%repo, %tag, digest = %answer.digest, error = %e, "upstream unreachable; serving the last known tag mapping");
+                        *outcome = Outcome::Stale;
+                        answer_tag(app, registry, repo, &answer, head).await
+                    }
+                    _ => Err(e),
+                },
+                answered => answered,
+            }
         }
     }
+}
+
+/// The answer for a tag that resolves to `answer` (marked stale if it is).
+async fn answer_tag(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    answer: &TagAnswer,
+    head: bool,
+) -> Result<Response<ResponseBody>, Error> {
+    let (digest, media_type) = (&answer.digest, &answer.media_type);
+    if head {
+        let size = answer.size as usize;
+        return Ok(respond_head(digest, media_type, size, answer.stale));
+    }
+    let manifest = by_digest_quietly(app, registry, repo, digest).await?;
+    Ok(respond(
+        &manifest.digest,
+        &manifest.media_type,
+        manifest.bytes.clone(),
+        false,
+        answer.stale,
+    ))
 }
 
 /// A manifest by digest: memory, disk, or upstream (verified), one load for all waiters.

@@ -160,14 +160,17 @@ pub async fn tags_list(
 /// link for the same page; `None` when it names anything else (another repository, another
 /// path), so a client never follows a link to upstream or to another registry.
 pub fn mirror_link(link: &str, repo: &RepoName, addressed: &Addressed<'_>) -> Option<String> {
-    let target = link.trim().strip_prefix('<')?.split_once('>')?.0;
-    let rel_next = link
-        .split(';')
-        .skip(1)
-        .any(|p| p.trim().trim_start_matches("rel=").trim_matches('"') == "next");
-    if !rel_next {
-        return None;
-    }
+    // The link-value whose relation is `next` (a header may list `prev` too).
+    let target = link.split('<').skip(1).find_map(|value| {
+        let (target, params) = value.split_once('>')?;
+        let is_next = params.split(';').any(|param| {
+            let param = param.trim().trim_end_matches(',').trim();
+            param
+                .strip_prefix("rel=")
+                .is_some_and(|r| r.trim_matches('"').split_whitespace().any(|r| r == "next"))
+        });
+        is_next.then_some(target)
+    })?;
     // An absolute link: only its path and query matter.
     let path_and_query = match target.split_once("://") {
         Some((_, rest)) => &rest[rest.find('/')?..],
@@ -337,6 +340,11 @@ mod tests {
                 Some(r#"</v2/owner/app/tags/list?n=2>; rel="next""#),
             ),
             ("garbage", &bare, None),
+            (
+                r#"</v2/owner/app/tags/list?n=2&last=a>; rel="prev", </v2/owner/app/tags/list?n=2&last=e>; rel="next""#,
+                &bare,
+                Some(r#"</v2/owner/app/tags/list?n=2&last=e>; rel="next""#),
+            ),
         ];
         for (link, addressed, expected) in cases {
             assert_eq!(

@@ -15,7 +15,7 @@ use crate::cache::{TagAnswer, TagKey};
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::oci::Reference;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{UpstreamError, UpstreamRequest};
 use http::Method;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,10 +64,35 @@ async fn confirm(app: &App, key: &TagKey, previous: &TagRecord) -> Result<TagAns
     if previous.digest != digest.to_string() {
         // Moved: the new manifest must be at hand before the tag points to it (a client told
         // the new digest would otherwise be refused the manifest while upstream pauses GETs).
-        by_digest_quietly(app, key.registry, &key.repo, &digest).await?;
+        by_digest_quietly(app, key.registry, &key.repo, &digest)
+            .await
+            .map_err(|e| not_yet_there(e, &digest))?;
         tracing::info!(repo = %key.repo, tag = %key.tag, from = %previous.digest, to = %digest, "tag moved upstream");
     }
     record(app, key, &digest, &media_type, size).await
+}
+
+/// A tag that moved to a manifest upstream cannot hand over yet (replicas lagging behind the
+/// tag, say) is as good as unreachable: its previous mapping answers meanwhile.
+fn not_yet_there(error: Error, digest: &Digest) -> Error {
+    if !error.upstream().is_some_and(|e| e.is_not_found()) {
+        return error;
+    }
+    Error::Upstream(UpstreamError::outage(format!(
+        "the tag moved to {digest}, which upstream does not serve yet: {error}"
+    )))
+}
+
+/// The tag's last known mapping, marked stale, if the cache has one.
+pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
+    let registry = &app.upstream(key.registry).name;
+    let record = app.cache().tag_record(registry, key).await.ok()??;
+    Some(TagAnswer {
+        digest: record.digest.parse().ok()?,
+        media_type: record.media_type,
+        size: record.size,
+        stale: true,
+    })
 }
 
 /// The last known mapping, marked stale.

@@ -8,7 +8,7 @@
 
 use super::auth::{self, AuthState, Challenge, Credentials, TokenKey};
 use super::failure::{Failure, UpstreamError};
-use super::health::Health;
+use super::health::{Health, ProbeGuard};
 use super::request::{Answer, UpstreamRequest};
 use crate::config::UpstreamConfig;
 use bytes::Bytes;
@@ -36,7 +36,10 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 pub struct Memory {
     /// The URL this was learnt from.
     url: String,
-    pub health: Health,
+    /// The TLS settings it was learnt under (a token realm named while certificates went
+    /// unchecked must not outlive that).
+    tls: (bool, Option<std::path::PathBuf>),
+    pub health: Arc<Health>,
     /// Credentials, the last challenge and the tokens.
     pub auth: AuthState,
     /// The endpoint answered a manifest HEAD with 405: its manifest HEADs go as GETs.
@@ -44,12 +47,18 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Whether this memory belongs to an endpoint with this URL and these credentials.
-    pub fn is_for(&self, url: &str, credentials: Option<&Credentials>) -> bool {
+    /// Whether this memory belongs to an endpoint with this URL, TLS settings and credentials.
+    fn is_for(
+        &self,
+        config: &UpstreamConfig,
+        url: &str,
+        credentials: Option<&Credentials>,
+    ) -> bool {
         let same = |a: &Credentials, b: &Credentials| {
             a.username == b.username && a.password.expose() == b.password.expose()
         };
         self.url == url
+            && self.tls == (config.tls_verify, config.ca_file.clone())
             && match (self.auth.credentials.as_ref(), credentials) {
                 (None, None) => true,
                 (Some(a), Some(b)) => same(a, b),
@@ -109,12 +118,13 @@ impl Endpoint {
             .map_err(|e| format!("upstream {base}: ca_file {e}"))?;
         let memory = known
             .iter()
-            .find(|m| m.is_for(&base, credentials.as_ref()))
+            .find(|m| m.is_for(config, &base, credentials.as_ref()))
             .cloned()
             .unwrap_or_else(|| {
                 Arc::new(Memory {
                     url: base.clone(),
-                    health: Health::default(),
+                    tls: (config.tls_verify, config.ca_file.clone()),
+                    health: Arc::default(),
                     auth: AuthState::new(credentials),
                     head_refused: AtomicBool::new(false),
                 })
@@ -133,14 +143,48 @@ impl Endpoint {
         })
     }
 
-    pub fn health(&self) -> &Health {
+    pub fn health(&self) -> &Arc<Health> {
         &self.memory.health
     }
 
-    /// The longest one exchange with this endpoint can take before its answer starts (a
-    /// connection, a token, the request): how long a request waits for another's probe.
+    /// About the longest one try of this endpoint takes (connections, a token, the request
+    /// and a retry after a challenge or a 405, a manifest's body): how long a request waits
+    /// for another's probe.
     pub fn patience(&self) -> Duration {
-        self.connect_timeout + 2 * self.response_timeout + self.stall_timeout
+        2 * self.connect_timeout + 4 * self.response_timeout + self.stall_timeout
+    }
+
+    /// Probes the endpoint in the background with `GET /v2/` (any answer but a 5xx shows it is
+    /// there), holding `probe` until the outcome is recorded: for a request that answers
+    /// without upstream meanwhile (a tag's last known digest).
+    pub fn probe_in_background(&self, probe: ProbeGuard, longest_back_off: Duration) {
+        let (http, memory) = (self.http.clone(), Arc::clone(&self.memory));
+        let (base, timeout) = (self.base.clone(), self.response_timeout);
+        tokio::spawn(async move {
+            let url = format!("{base}/v2/");
+            let request = Request::get(url.as_str())
+                .header(header::USER_AGENT, USER_AGENT)
+                .body(Empty::new());
+            let Ok(request) = request else { return };
+            let failed = match tokio::time::timeout(timeout, http.request(request)).await {
+                Ok(Ok(r)) if !r.status().is_server_error() => None,
+                Ok(Ok(r)) => Some(format!("{url} answered {}", r.status())),
+                Ok(Err(e)) => Some(format!("{base}: {}", error_chain(&e))),
+                Err(_) => Some(format!("{base} did not answer within {timeout:?}")),
+            };
+            match failed {
+                None => {
+                    memory.health.mark_up();
+                    tracing::info!(endpoint = %base, "upstream endpoint answers again");
+                }
+                Some(error) => {
+                    let now = tokio::time::Instant::now();
+                    let pause = memory.health.mark_down(now, longest_back_off, true, &error);
+                    tracing::warn!(endpoint = %base, %error, back_off_ms = pause.as_millis() as u64, "upstream endpoint still down");
+                }
+            }
+            probe.answered();
+        });
     }
 
     /// Whether a manifest HEAD goes to this endpoint as a GET (it refused HEAD before), which
@@ -160,7 +204,10 @@ impl Endpoint {
             request.method.clone()
         };
         let mut response = self.exchange(request, &method).await?;
-        if response.status() == StatusCode::METHOD_NOT_ALLOWED && request.is_manifest_head() {
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED
+            && request.is_manifest_head()
+            && !as_get
+        {
             self.memory.head_refused.store(true, Ordering::Relaxed);
             tracing::info!(endpoint = %self.base, "upstream refuses manifest HEAD (405); asking it with GET instead from now on");
             response = self.exchange(request, &Method::GET).await?;
@@ -312,14 +359,13 @@ impl Endpoint {
             .map_err(|e| UpstreamError::outage(format!("token service {}: {e}", key.realm)))?;
         if !status.is_success() {
             let message = format!("token service {} answered {status}", key.realm);
+            // A refusal of the mirror's own credentials says nothing about the repository:
+            // no upstream status goes with it (a tag's record is not removed for it).
             return Err(match Failure::of_status(status) {
                 Some(Failure::Outage | Failure::RateLimited) => {
                     UpstreamError::from_status(status, message)
                 }
-                _ => UpstreamError {
-                    status: Some(status.as_u16()),
-                    ..refused(message)
-                },
+                _ => refused(message),
             });
         }
         auth::parse_token(&body)

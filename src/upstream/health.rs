@@ -10,7 +10,7 @@
 //! back-off at once. Pure state: times are passed in, nothing here does I/O.
 
 use http::HeaderMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -73,32 +73,58 @@ fn parse_quota(text: &str) -> (Option<u64>, Option<Duration>) {
 
 /// Whether a request may use an endpoint now.
 #[derive(Debug)]
-pub enum Admission<'a> {
+pub enum Admission {
     /// Healthy.
     Up,
     /// Backing off, and this request is the one that tries it; the guard releases the probe
     /// when dropped, however the request ends (its client may go away).
-    Probe(ProbeGuard<'a>),
-    /// Backing off while another request probes it: wait for that probe's outcome (the
-    /// receiver's `changed` returns once the probe is over).
-    Joining(watch::Receiver<()>),
+    Probe(ProbeGuard),
+    /// Backing off while another request probes it: wait for that probe's end
+    /// ([`Health::probe_ended`]).
+    Joining(watch::Receiver<ProbeEnd>),
     /// Backing off, and no probe is due: skip it while another endpoint may answer.
     Cooling,
 }
 
-/// The one probe of an endpoint under way; dropping it lets the next request probe.
-#[derive(Debug)]
-pub struct ProbeGuard<'a> {
-    health: &'a Health,
-    id: u64,
+/// How a probe ended, as the requests that joined it see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeEnd {
+    Running,
+    /// It has an outcome (the endpoint is up, or still down).
+    Answered,
+    /// Its request went away before an outcome: whoever joined it probes anew.
+    Abandoned,
 }
 
-impl Drop for ProbeGuard<'_> {
+/// The one probe of an endpoint under way; dropping it lets the next request probe. Owns its
+/// hold on the endpoint's health, so that a probe can run in the background.
+#[derive(Debug)]
+pub struct ProbeGuard {
+    health: Arc<Health>,
+    id: u64,
+    answered: bool,
+}
+
+impl ProbeGuard {
+    /// The probe has its outcome (recorded by `mark_up` or `mark_down`).
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for ProbeGuard {
     fn drop(&mut self) {
         let mut state = self.health.state();
         if state.probe.as_ref().is_some_and(|p| p.id == self.id) {
-            // Dropping the sender wakes every request that joined the probe.
-            state.probe = None;
+            let end = if self.answered {
+                ProbeEnd::Answered
+            } else {
+                ProbeEnd::Abandoned
+            };
+            if let Some(probe) = state.probe.take() {
+                // Sent, then dropped: every request that joined the probe wakes to its end.
+                probe.done.send_replace(end);
+            }
         }
     }
 }
@@ -127,8 +153,8 @@ struct State {
 #[derive(Debug)]
 struct Probe {
     id: u64,
-    /// Dropped when the probe is over.
-    done: watch::Sender<()>,
+    /// Tells how the probe ended, then is dropped.
+    done: watch::Sender<ProbeEnd>,
 }
 
 /// A copy of an endpoint's health for status displays and metrics.
@@ -156,7 +182,7 @@ impl Health {
     /// Decides whether a request may use the endpoint. A backing-off endpoint is probed by one
     /// request at a time: when its pause is over, or at once when `force` (the request has
     /// nowhere else to go); other requests join that probe or skip the endpoint.
-    pub fn admit(&self, now: Instant, force: bool) -> Admission<'_> {
+    pub fn admit(self: &Arc<Self>, now: Instant, force: bool) -> Admission {
         let mut state = self.state();
         let Some(until) = state.down_until else {
             return Admission::Up;
@@ -169,9 +195,24 @@ impl Health {
         }
         state.probes_started += 1;
         let id = state.probes_started;
-        let (done, _) = watch::channel(());
+        let (done, _) = watch::channel(ProbeEnd::Running);
         state.probe = Some(Probe { id, done });
-        Admission::Probe(ProbeGuard { health: self, id })
+        Admission::Probe(ProbeGuard {
+            health: Arc::clone(self),
+            id,
+            answered: false,
+        })
+    }
+
+    /// Waits (up to `patience`) for the probe another request runs; whether it was abandoned
+    /// (its request went away before an outcome).
+    pub async fn probe_ended(
+        mut joined: watch::Receiver<ProbeEnd>,
+        patience: std::time::Duration,
+    ) -> bool {
+        let _ = tokio::time::timeout(patience, joined.wait_for(|e| *e != ProbeEnd::Running)).await;
+        let end = *joined.borrow();
+        end == ProbeEnd::Abandoned
     }
 
     /// Whether the endpoint is healthy now.
@@ -273,7 +314,7 @@ mod tests {
 
     #[test]
     fn one_probe_at_a_time_and_the_others_join_it() {
-        let h = Health::default();
+        let h = Arc::new(Health::default());
         let longest = Duration::from_secs(10);
         let t0 = Instant::now();
         assert!(matches!(h.admit(t0, false), Admission::Up));
@@ -291,20 +332,35 @@ mod tests {
             Admission::Joining(_)
         ));
         h.mark_up();
-        drop(probe);
-        assert!(joined.has_changed().is_err(), "the joiner is woken");
+        let Admission::Probe(guard) = probe else {
+            unreachable!()
+        };
+        guard.answered();
+        assert!(
+            joined.has_changed().is_err(),
+            "the probe is over: its joiners wake"
+        );
+        assert_eq!(*joined.borrow(), ProbeEnd::Answered);
         assert!(matches!(h.admit(soon, false), Admission::Up));
         assert!(h.snapshot(t0).up);
     }
 
     #[test]
     fn a_probe_whose_request_goes_away_releases_its_slot() {
-        let h = Health::default();
+        let h = Arc::new(Health::default());
         let t0 = Instant::now();
         h.mark_down(t0, Duration::from_secs(10), false, "reset");
         let probe = h.admit(t0 + FIRST_PAUSE, false);
         assert!(matches!(probe, Admission::Probe(_)));
+        let Admission::Joining(joined) = h.admit(t0, true) else {
+            panic!("no probe to join")
+        };
         drop(probe); // the client went away mid-probe
+        assert_eq!(
+            *joined.borrow(),
+            ProbeEnd::Abandoned,
+            "joiners must probe anew"
+        );
         assert!(matches!(
             h.admit(t0 + FIRST_PAUSE, false),
             Admission::Probe(_)

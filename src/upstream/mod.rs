@@ -24,7 +24,7 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use endpoint::Endpoint;
 use failure::Verdict;
-use health::{Admission, HealthSnapshot};
+use health::{Admission, Health, HealthSnapshot, ProbeGuard};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,50 +147,83 @@ impl RegistryUpstream {
             }
             let probe = match endpoint.health().admit(Instant::now(), false) {
                 Admission::Up => None,
-                Admission::Probe(guard) => Some(guard),
+                Admission::Probe(probe) if request.has_fallback => {
+                    // This request has its own answer: it need not wait for a probe.
+                    endpoint.probe_in_background(probe, self.longest_back_off);
+                    verdict.note(backing_off_error(endpoint));
+                    continue;
+                }
+                Admission::Probe(probe) => Some(probe),
                 Admission::Joining(_) | Admission::Cooling => {
                     backing_off.push(index);
                     continue;
                 }
             };
-            let probing = probe.is_some();
-            match self.attempt(index, request, probing, &mut take).await {
+            let result = self
+                .attempt(index, request, probe.is_some(), &mut take)
+                .await;
+            if let Some(probe) = probe {
+                probe.answered();
+            }
+            match result {
                 Ok(taken) => return Ok(taken),
                 Err(e) => verdict.note(e),
             }
-            drop(probe);
         }
+        // Nothing better answered: the endpoints backing off are tried anyway.
         for index in backing_off {
             let endpoint = &self.endpoints[index];
             if request.has_fallback || !self.worth_asking(index, request, &verdict) {
                 verdict.note(backing_off_error(endpoint));
                 continue;
             }
-            let probe = match endpoint.health().admit(Instant::now(), true) {
-                Admission::Up => None,
-                Admission::Probe(guard) => Some(guard),
-                Admission::Joining(mut done) => {
-                    // Another request is probing it: its outcome is this one's too.
-                    let _ = tokio::time::timeout(endpoint.patience(), done.changed()).await;
-                    if !endpoint.health().is_up() {
-                        verdict.note(backing_off_error(endpoint));
-                        continue;
-                    }
-                    None
-                }
-                Admission::Cooling => {
-                    verdict.note(backing_off_error(endpoint));
+            let probe = match self.admit_anyway(endpoint).await {
+                Ok(probe) => probe,
+                Err(still_down) => {
+                    verdict.note(still_down);
                     continue;
                 }
             };
-            let probing = probe.is_some();
-            match self.attempt(index, request, probing, &mut take).await {
+            // The probe this request joined may have met a 429.
+            if let Some(paused) = self.pull_pause(endpoint, request) {
+                verdict.note(paused);
+                continue;
+            }
+            let result = self
+                .attempt(index, request, probe.is_some(), &mut take)
+                .await;
+            if let Some(probe) = probe {
+                probe.answered();
+            }
+            match result {
                 Ok(taken) => return Ok(taken),
                 Err(e) => verdict.note(e),
             }
-            drop(probe);
         }
         Err(verdict.settle(request.resource, self.soonest_back()))
+    }
+
+    /// Admits a request to an endpoint backing off, for want of another: as its probe, or,
+    /// while another request probes it, once that probe says it is up (a probe abandoned by
+    /// its request is taken over). An error when it is still down.
+    async fn admit_anyway(&self, endpoint: &Endpoint) -> Result<Option<ProbeGuard>, UpstreamError> {
+        for _ in 0..3 {
+            match endpoint.health().admit(Instant::now(), true) {
+                Admission::Up => return Ok(None),
+                Admission::Probe(probe) => return Ok(Some(probe)),
+                Admission::Joining(joined) => {
+                    let abandoned = Health::probe_ended(joined, endpoint.patience()).await;
+                    if endpoint.health().is_up() {
+                        return Ok(None);
+                    }
+                    if !abandoned {
+                        break;
+                    }
+                }
+                Admission::Cooling => break,
+            }
+        }
+        Err(backing_off_error(endpoint))
     }
 
     /// The endpoints that may answer `request`, in the order they are asked.
@@ -204,7 +237,7 @@ impl RegistryUpstream {
         };
         let all = 0..self.endpoints.len();
         let mut order: Vec<usize> = all.clone().filter(trusted).collect();
-        if request.needs_trust && self.allow_untrusted_tags {
+        if request.needs_trust && self.allow_untrusted_tags && !request.only_trusted {
             order.extend(all.filter(|i| !trusted(i)));
         }
         // Stable: the configured order holds within each group.
@@ -282,6 +315,11 @@ impl RegistryUpstream {
         }
         result.map_err(|mut e| {
             e.authoritative = self.is_trusted(endpoint, request);
+            if e.failure == Failure::RateLimited && e.retry_after.is_none() {
+                // Upstream did not say when: the pause the mirror keeps is the client's answer.
+                let pause = endpoint.health().rate_limit_pause(Instant::now());
+                e.retry_after = pause.map(|p| p.as_secs().max(1));
+            }
             e
         })
     }
@@ -327,21 +365,6 @@ impl RegistryUpstream {
                 self.bad_sources.insert((index, digest.clone()), ());
             }
         }
-    }
-
-    /// Sends `request` to one given endpoint, whatever its health (a last resort for resuming).
-    pub async fn fetch_from(
-        &self,
-        index: usize,
-        request: &UpstreamRequest<'_>,
-    ) -> Result<Answer, UpstreamError> {
-        if index >= self.endpoints.len() {
-            return Err(UpstreamError::outage(format!("no endpoint {index}")));
-        }
-        self.attempt(index, request, false, &mut |answer| {
-            std::future::ready(Ok(answer))
-        })
-        .await
     }
 
     /// Remembers an endpoint's failure (also used when its body stalls mid-download).

@@ -32,6 +32,9 @@ pub struct UpstreamRequest<'a> {
     /// Asks what a tag means (or what a repository holds): only endpoints trusted to resolve
     /// tags are asked, others only with `allow_untrusted_tags`.
     pub needs_trust: bool,
+    /// Only endpoints trusted with tags may answer, `allow_untrusted_tags` or not (what a
+    /// repository holds, for access rules).
+    pub only_trusted: bool,
     /// A manifest GET, which counts against Docker Hub's pull limit: not sent to an endpoint
     /// that is rate limiting us.
     pub counts_as_pull: bool,
@@ -65,6 +68,7 @@ impl<'a> UpstreamRequest<'a> {
             accept,
             needs_trust: digest.is_none(),
             has_fallback: false,
+            only_trusted: false,
             digest,
             range_from: None,
         }
@@ -80,6 +84,7 @@ impl<'a> UpstreamRequest<'a> {
             needs_trust: false,
             counts_as_pull: false,
             has_fallback: false,
+            only_trusted: false,
             digest: Some(digest.clone()),
             range_from: None,
         }
@@ -99,6 +104,7 @@ impl<'a> UpstreamRequest<'a> {
             needs_trust: true,
             counts_as_pull: false,
             has_fallback: false,
+            only_trusted: false,
             digest: None,
             range_from: None,
         }
@@ -114,6 +120,7 @@ impl<'a> UpstreamRequest<'a> {
             needs_trust: false,
             counts_as_pull: false,
             has_fallback: false,
+            only_trusted: false,
             digest: None,
             range_from: None,
         }
@@ -131,9 +138,11 @@ impl<'a> UpstreamRequest<'a> {
         self
     }
 
-    /// The same request asked only of endpoints trusted with tags (what a repository holds).
+    /// The same request asked only of endpoints trusted with tags, whatever
+    /// `allow_untrusted_tags` says (what a repository holds).
     pub fn trusted_only(mut self) -> Self {
         self.needs_trust = true;
+        self.only_trusted = true;
         self
     }
 

@@ -138,38 +138,85 @@ pub async fn wait_until_up(url: &str, process: &Process) {
 pub struct Origin {
     pub port: u16,
     pub process: Process,
+    /// Its directory (configuration, data, log).
+    dir: PathBuf,
 }
 
 impl Origin {
     pub async fn start(dir: &Path) -> Origin {
-        Origin::start_registry(dir, None).await
+        Origin::start_registry(dir, "").await
     }
 
     /// Debian's registry in proxy mode (`proxy.remoteurl`), as a public mirror would be.
     pub async fn start_proxy(dir: &Path, remote: &str) -> Origin {
-        Origin::start_registry(dir, Some(remote)).await
+        Origin::start_registry(dir, &format!("proxy:\n  remoteurl: {remote}\n")).await
     }
 
-    async fn start_registry(dir: &Path, proxy_of: Option<&str>) -> Origin {
+    async fn start_registry(dir: &Path, extra: &str) -> Origin {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
+        let mut origin = Origin {
+            port,
+            process: Self::spawn(dir, port, extra),
+            dir: dir.to_path_buf(),
+        };
+        origin.wait_until_up().await;
+        origin
+    }
+
+    /// Writes the configuration (with `extra` YAML appended) and starts the registry.
+    fn spawn(dir: &Path, port: u16, extra: &str) -> Process {
         let config = dir.join("registry.yml");
-        let proxy = proxy_of.map_or(String::new(), |r| format!("proxy:\n  remoteurl: {r}\n"));
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 dir.join("registry-data").display()
             ),
         )
         .unwrap();
-        let process = Process::spawn(
+        Process::spawn(
             "docker-registry",
             Command::new("docker-registry").arg("serve").arg(&config),
             dir.join("registry.log"),
-        );
-        wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &process).await;
-        Origin { port, process }
+        )
+    }
+
+    /// Stops the registry (SIGTERM).
+    pub fn stop(&mut self) {
+        self.process.terminate(Duration::from_secs(10));
+    }
+
+    /// Starts it again on the same port and data, with `extra` YAML in its configuration
+    /// (`auth:`, say); returns once it answers.
+    pub async fn start_again(&mut self, extra: &str) {
+        self.stop();
+        self.process = Self::spawn(&self.dir, self.port, extra);
+        self.wait_until_up().await;
+    }
+
+    /// Waits until the registry answers (200, or 401 when it requires a token).
+    async fn wait_until_up(&mut self) {
+        let url = format!("{}/v2/", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = tokio::time::timeout(
+                Duration::from_secs(2),
+                super::client().get(url.parse().unwrap()),
+            )
+            .await;
+            if let Ok(Ok(r)) = got {
+                if matches!(r.status(), StatusCode::OK | StatusCode::UNAUTHORIZED) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline && !self.process.exited(),
+                "docker-registry did not come up at {url}:\n{}",
+                self.process.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self) -> String {

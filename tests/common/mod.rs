@@ -5,6 +5,7 @@
 pub mod e2e;
 mod fake;
 pub mod pki;
+pub mod token_service;
 
 #[allow(unused_imports)]
 pub use fake::{Connections, FakeRegistry, Knobs};
