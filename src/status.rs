@@ -112,8 +112,15 @@ pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
             let health = if endpoint.health.up {
                 "<span class=\"up\">up</span>".to_string()
             } else {
+                let backing_off = endpoint
+                    .health
+                    .backing_off_for
+                    .map_or("probing".to_string(), |left| {
+                        format!("backing off {}s more", left.as_secs_f64().ceil())
+                    });
                 format!(
-                    "<span class=\"down\">down</span> {}",
+                    "<span class=\"down\">down</span> ({} outages in a row, {backing_off}) {}",
+                    endpoint.health.failures,
                     escape(endpoint.health.last_error.as_deref().unwrap_or(""))
                 )
             };

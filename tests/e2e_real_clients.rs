@@ -257,41 +257,12 @@ async fn dockerd_pulls_through_registry_mirrors_anonymously_when_logins_are_on()
     let seeded = seed(&origin).await;
     let mirror = Mirror::start(dir.path(), &origin.url()).await;
     let d = dir.path();
-    let socket = format!("unix://{}", d.join("docker.sock").display());
-    let daemon_json = d.join("daemon.json");
-    install_example("docker/daemon.json", &daemon_json, &mirror.host());
-    let mut dockerd = Process::spawn(
-        "dockerd",
-        Command::new("dockerd")
-            .arg("--config-file")
-            .arg(&daemon_json)
-            .arg("--data-root")
-            .arg(d.join("docker-root"))
-            .arg("--exec-root")
-            .arg(d.join("docker-exec"))
-            .arg("--pidfile")
-            .arg(d.join("docker.pid"))
-            .args([
-                "-H",
-                &socket,
-                "--storage-driver=vfs",
-                "--iptables=false",
-                "--bridge=none",
-            ]),
-        d.join("dockerd.log"),
-    );
+    let (_dockerd, socket) = start_dockerd(d, &mirror.host()).await;
     let docker = |args: &[&str]| {
         let mut c = Command::new("/usr/bin/docker");
         c.args(["-H", &socket]).args(args);
         c
     };
-    wait_for_daemon(&mut dockerd, 60, || {
-        docker(&["version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
-    .await;
     for (tag, top, (_, config)) in [
         ("docker", &seeded.docker_list, &seeded.docker_amd64),
         ("oci", &seeded.oci_index, &seeded.oci_amd64),

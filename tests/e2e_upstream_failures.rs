@@ -11,7 +11,6 @@ use common::get_manifest;
 use common::token_service::TokenService;
 use http::StatusCode;
 use regmirror::digest::Digest;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,43 +24,6 @@ fn manifest_answers(log: &str, repo: &str) -> Vec<(String, String)> {
             Some((status.to_string(), l.to_string()))
         })
         .collect()
-}
-
-/// dockerd on its own socket and directories, with `daemon.json` naming the mirror.
-async fn start_dockerd(dir: &Path, mirror_host: &str) -> (Process, String) {
-    let socket = format!("unix://{}", dir.join("docker.sock").display());
-    let daemon_json = dir.join("daemon.json");
-    install_example("docker/daemon.json", &daemon_json, mirror_host);
-    let mut dockerd = Process::spawn(
-        "dockerd",
-        Command::new("dockerd")
-            .arg("--config-file")
-            .arg(&daemon_json)
-            .arg("--data-root")
-            .arg(dir.join("docker-root"))
-            .arg("--exec-root")
-            .arg(dir.join("docker-exec"))
-            .arg("--pidfile")
-            .arg(dir.join("docker.pid"))
-            .args([
-                "-H",
-                &socket,
-                "--storage-driver=vfs",
-                "--iptables=false",
-                "--bridge=none",
-            ]),
-        dir.join("dockerd.log"),
-    );
-    let probe = socket.clone();
-    wait_for_daemon(&mut dockerd, 60, || {
-        Command::new("/usr/bin/docker")
-            .args(["-H", &probe, "version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
-    .await;
-    (dockerd, socket)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

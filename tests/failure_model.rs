@@ -254,3 +254,49 @@ async fn tags_list_pagination_through_a_prefix_or_ns_follows_links_to_the_end() 
     }
     assert_eq!(hub.seen(), 0, "a page went to the default registry");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
+    let origin = FakeRegistry::start().await;
+    let digest = origin.add_empty_image("library/app", "1.0");
+    let timeout = Duration::from_secs(2);
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(50);
+        c.registry[0].upstream[0].response_timeout = timeout;
+    })
+    .await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    // It stops answering: the first check finds out the hard way (one time-out).
+    origin.connections(Connections::Hold).await;
+    let first = get_manifest(&url).await;
+    assert!(first.header("warning").is_some());
+    // Once its back-off is over, a check probes it in the background: the client gets the last
+    // known digest without waiting for that probe.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    origin.reset_counts();
+    let started = std::time::Instant::now();
+    let stale = get_manifest(&url).await;
+    assert!(stale.header("warning").is_some());
+    assert_eq!(
+        stale.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+    assert!(
+        started.elapsed() < timeout / 2,
+        "the client waited {:?} for a probe",
+        started.elapsed()
+    );
+    let probed = origin.clone_counter();
+    eventually("the background probe reaches the origin", move || {
+        probed() == 1
+    })
+    .await;
+    // Back: a probe finds it up, and the tag is confirmed again.
+    origin.connections(Connections::Serve).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while get_manifest(&url).await.header("warning").is_some() {
+        assert!(std::time::Instant::now() < deadline, "still stale");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

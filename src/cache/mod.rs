@@ -47,6 +47,9 @@ pub struct TagAnswer {
     pub size: u64,
     /// Upstream could not be asked: this is the last known mapping.
     pub stale: bool,
+    /// For a stale answer: when upstream may answer again (the end of its back-off or of its
+    /// rate-limit pause), so that it is asked again then, not before.
+    pub recheck_after: Option<Duration>,
 }
 
 /// A tag of a repository of a registry: the index of a configured registry, and its name,
@@ -123,9 +126,9 @@ const LINKS_IN_MEMORY: u64 = 200_000;
 /// Expiry by the current tag TTL.
 struct TagTtl(Arc<AtomicU64>);
 
-/// How long a stale tag answer (upstream could not confirm it) is kept before it is asked
-/// again: briefly, so that an upstream back is noticed at once (asking costs little while
-/// upstream is known down).
+/// How long a stale tag answer (upstream could not confirm it) is kept at least before it is
+/// asked again; it is kept until upstream may answer again (`recheck_after`), and never beyond
+/// the tag TTL: an upstream that is back is noticed soon.
 const STALE_TAG_TTL: Duration = Duration::from_secs(1);
 
 /// Tag answers live for the tag TTL; stale ones briefly.
@@ -139,11 +142,8 @@ impl moka::Expiry<TagKey, TagAnswer> for TagAnswerTtl {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let ttl = Duration::from_millis(self.0.load(Ordering::Relaxed).max(1));
-        Some(if answer.stale {
-            ttl.min(STALE_TAG_TTL)
-        } else {
-            ttl
-        })
+        let recheck = answer.recheck_after.unwrap_or_default().max(STALE_TAG_TTL);
+        Some(if answer.stale { ttl.min(recheck) } else { ttl })
     }
 }
 

@@ -78,16 +78,19 @@ pub async fn serve(
                 }
             }
             *outcome = Outcome::Bypass;
-            match pass_through(app, registry, repo, tag, &accept, head).await {
-                // Upstream cannot be asked: the last known digest, if this client takes it.
-                Err(e) if e.serves_stale() => match super::tag::last_known(app, &key).await {
-                    Some(answer) if accept.accepts(&answer.media_type) => {
-                        tracing::warn!(%repo, %tag, digest = %answer.digest, error = %e, "upstream unreachable; serving the last known tag mapping");
-                        *outcome = Outcome::Stale;
-                        answer_tag(app, registry, repo, &answer, head).await
-                    }
-                    _ => Err(e),
-                },
+            // The last known digest answers when upstream cannot be asked, if this client
+            // takes its type (and then no endpoint backing off is waited for).
+            let fallback = super::tag::last_known(app, &key)
+                .await
+                .filter(|answer| accept.accepts(&answer.media_type));
+            let has_fallback = fallback.is_some();
+            match pass_through(app, registry, repo, tag, &accept, head, has_fallback).await {
+                Err(e) if e.serves_stale() && has_fallback => {
+                    let answer = fallback.expect("checked");
+                    tracing::warn!(%repo, %tag, digest = %answer.digest, error = %e, "upstream unreachable; serving the last known tag mapping");
+                    *outcome = Outcome::Stale;
+                    answer_tag(app, registry, repo, &answer, head).await
+                }
                 answered => answered,
             }
         }
@@ -200,10 +203,14 @@ async fn pass_through(
     tag: &Tag,
     accept: &AcceptSet,
     head: bool,
+    has_fallback: bool,
 ) -> Result<Response<ResponseBody>, Error> {
     let method = if head { Method::HEAD } else { Method::GET };
     let reference = Reference::Tag(tag.clone());
-    let request = UpstreamRequest::manifest(method, repo, &reference, accept.types());
+    let mut request = UpstreamRequest::manifest(method, repo, &reference, accept.types());
+    if has_fallback {
+        request = request.with_fallback();
+    }
     if head {
         let check = |answer: Answer| {
             std::future::ready(described(answer.headers()).ok_or_else(|| {
@@ -236,7 +243,7 @@ pub(super) async fn fetch_manifest(
     app: &App,
     registry: usize,
     repo: &RepoName,
-    request: &UpstreamRequest<'_>,
+    request: &UpstreamRequest,
     expected: Option<&Digest>,
     what: &str,
 ) -> Result<Manifest, Error> {

@@ -206,7 +206,7 @@ pub fn mirror_link(link: &str, repo: &RepoName, addressed: &Addressed<'_>) -> Op
 /// Loads a small listing (or remembers that upstream has none: a 404).
 async fn listing(
     upstream: &crate::upstream::RegistryUpstream,
-    request: UpstreamRequest<'_>,
+    request: UpstreamRequest,
 ) -> Result<Listing, Error> {
     // The body is read as part of each endpoint's try: one that stalls or sends too much
     // fails over like one that does not answer.

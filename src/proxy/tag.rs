@@ -78,9 +78,9 @@ fn not_yet_there(error: Error, digest: &Digest) -> Error {
     if !error.upstream().is_some_and(|e| e.is_not_found()) {
         return error;
     }
-    Error::Upstream(UpstreamError::outage(format!(
-        "the tag moved to {digest}, which upstream does not serve yet: {error}"
-    )))
+    let message = format!("the tag moved to {digest}, which upstream does not serve yet: {error}");
+    // Asked again in a while, not at every request.
+    Error::Upstream(UpstreamError::outage(message).with_retry_after(Some(10)))
 }
 
 /// The tag's last known mapping, marked stale, if the cache has one.
@@ -92,6 +92,7 @@ pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
         media_type: record.media_type,
         size: record.size,
         stale: true,
+        recheck_after: None,
     })
 }
 
@@ -106,6 +107,10 @@ fn stale(previous: TagRecord, error: Error, key: &TagKey) -> Result<TagAnswer, E
         media_type: previous.media_type,
         size: previous.size,
         stale: true,
+        recheck_after: error
+            .upstream()
+            .and_then(|e| e.retry_after)
+            .map(std::time::Duration::from_secs),
     })
 }
 
@@ -145,6 +150,7 @@ async fn record(
         media_type: media_type.to_string(),
         size,
         stale: false,
+        recheck_after: None,
     })
 }
 

@@ -9,27 +9,18 @@
 use super::auth::{self, AuthState, Challenge, Credentials, TokenKey};
 use super::failure::{Failure, UpstreamError};
 use super::health::{Health, ProbeGuard};
-use super::request::{Answer, UpstreamRequest};
+use super::request::{Answer, Resource, UpstreamRequest};
+use super::transport::{error_chain, Transport, USER_AGENT};
 use crate::config::UpstreamConfig;
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Redirect hops followed before giving up.
-const MAX_REDIRECTS: usize = 5;
 /// Largest token endpoint answer read.
 const MAX_TOKEN_BYTES: usize = 64 * 1024;
-const USER_AGENT: &str = concat!("regmirror/", env!("CARGO_PKG_VERSION"));
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// What the mirror learns about an endpoint while it runs; shared by the configuration
 /// generations in which the endpoint keeps its URL and credentials.
@@ -71,17 +62,15 @@ impl Memory {
 pub struct Endpoint {
     /// Base URL without a trailing slash, e.g. `https://registry-1.docker.io`.
     pub base: String,
-    /// `host[:port]` of the base, the only origin that gets our `Authorization`.
-    authority: String,
+    /// The client, and the redirects it follows.
+    transport: Transport,
     /// The base's host without its port: a plain-http endpoint's token service on this host
     /// (any port) may receive the credentials in the clear.
     host: String,
     /// The endpoint is plain http (the operator chose to reach this host without TLS).
     plain_http: bool,
-    http: HttpClient,
     pub memory: Arc<Memory>,
     connect_timeout: Duration,
-    response_timeout: Duration,
     pub stall_timeout: Duration,
     /// May say what a tag points to.
     pub resolve_tags: bool,
@@ -92,10 +81,6 @@ impl Endpoint {
     pub fn new(config: &UpstreamConfig, known: &[Arc<Memory>]) -> Result<Endpoint, String> {
         let base = config.url.trim_end_matches('/').to_string();
         let uri = base.parse::<Uri>().ok();
-        let authority = uri
-            .as_ref()
-            .and_then(|u| u.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
         let host = uri
             .as_ref()
             .and_then(|u| u.host().map(str::to_string))
@@ -129,15 +114,14 @@ impl Endpoint {
                     head_refused: AtomicBool::new(false),
                 })
             });
+        let (connect, response) = (config.connect_timeout, config.response_timeout);
         Ok(Endpoint {
+            transport: Transport::new(&base, connect, response, tls),
             base,
-            authority,
             host,
             plain_http,
-            http: http_client(config.connect_timeout, tls),
             memory,
             connect_timeout: config.connect_timeout,
-            response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             resolve_tags: config.resolve_tags,
         })
@@ -151,52 +135,71 @@ impl Endpoint {
     /// and a retry after a challenge or a 405, a manifest's body): how long a request waits
     /// for another's probe.
     pub fn patience(&self) -> Duration {
-        2 * self.connect_timeout + 4 * self.response_timeout + self.stall_timeout
+        2 * self.connect_timeout + 4 * self.transport.response_timeout + self.stall_timeout
     }
 
-    /// Probes the endpoint in the background with `GET /v2/` (any answer but a 5xx shows it is
-    /// there), holding `probe` until the outcome is recorded: for a request that answers
-    /// without upstream meanwhile (a tag's last known digest).
-    pub fn probe_in_background(&self, probe: ProbeGuard, longest_back_off: Duration) {
-        let (http, memory) = (self.http.clone(), Arc::clone(&self.memory));
-        let (base, timeout) = (self.base.clone(), self.response_timeout);
+    /// Probes the endpoint in the background with the request a caller that answers without
+    /// upstream meanwhile (a tag's last known digest) would have sent, authentication and all
+    /// (a manifest or blob GET goes as a HEAD: it must not count as a pull, nor download a
+    /// blob), holding `probe` until the
+    /// outcome is recorded.
+    pub fn probe_in_background(
+        self: &Arc<Self>,
+        probe: ProbeGuard,
+        mut request: UpstreamRequest,
+        longest_back_off: Duration,
+    ) {
+        if matches!(request.resource, Resource::Manifest | Resource::Blob) {
+            request.method = Method::HEAD;
+        }
+        let endpoint = Arc::clone(self);
         tokio::spawn(async move {
-            let url = format!("{base}/v2/");
-            let request = Request::get(url.as_str())
-                .header(header::USER_AGENT, USER_AGENT)
-                .body(Empty::new());
-            let Ok(request) = request else { return };
-            let failed = match tokio::time::timeout(timeout, http.request(request)).await {
-                Ok(Ok(r)) if !r.status().is_server_error() => None,
-                Ok(Ok(r)) => Some(format!("{url} answered {}", r.status())),
-                Ok(Err(e)) => Some(format!("{base}: {}", error_chain(&e))),
-                Err(_) => Some(format!("{base} did not answer within {timeout:?}")),
-            };
-            match failed {
-                None => {
-                    memory.health.mark_up();
-                    tracing::info!(endpoint = %base, "upstream endpoint answers again");
+            // Headers are enough: any body is dropped unread.
+            match endpoint.fetch(&request).await {
+                Ok(_) => {
+                    endpoint.health().mark_up();
+                    tracing::info!(endpoint = %endpoint.base, "upstream endpoint answers again");
                 }
-                Some(error) => {
-                    let now = tokio::time::Instant::now();
-                    let pause = memory.health.mark_down(now, longest_back_off, true, &error);
-                    tracing::warn!(endpoint = %base, %error, back_off_ms = pause.as_millis() as u64, "upstream endpoint still down");
-                }
+                Err(e) => endpoint.learn(&e, true, longest_back_off),
             }
             probe.answered();
         });
     }
 
+    /// What a failed try teaches about the endpoint: an outage starts (or, for a probe,
+    /// lengthens) its back-off; any other answer shows it is there (a 429 pauses its manifest
+    /// GETs).
+    pub fn learn(&self, error: &UpstreamError, probing: bool, longest_back_off: Duration) {
+        let now = tokio::time::Instant::now();
+        let health = self.health();
+        if error.failure == Failure::Outage {
+            let pause = health.mark_down(now, longest_back_off, probing, &error.message);
+            tracing::warn!(endpoint = %self.base, error = %error, back_off_ms = pause.as_millis() as u64, "upstream endpoint failed; other endpoints first until it answers again");
+            return;
+        }
+        health.mark_up();
+        match error.failure {
+            Failure::RateLimited => {
+                let pause = health.rate_limited(now, error.retry_after);
+                tracing::warn!(endpoint = %self.base, pause_s = pause.as_secs(), "upstream rate limit hit; pausing manifest GETs");
+            }
+            Failure::Refused | Failure::BadContent => {
+                tracing::warn!(endpoint = %self.base, error = %error, class = error.failure.as_str(), "upstream endpoint could not serve the request; trying the next");
+            }
+            Failure::NotFound | Failure::Outage => {}
+        }
+    }
+
     /// Whether a manifest HEAD goes to this endpoint as a GET (it refused HEAD before), which
     /// counts as a pull on registries that count them.
-    pub fn sends_head_as_get(&self, request: &UpstreamRequest<'_>) -> bool {
+    pub fn sends_head_as_get(&self, request: &UpstreamRequest) -> bool {
         request.is_manifest_head() && self.memory.head_refused.load(Ordering::Relaxed)
     }
 
     /// Sends `request` and classifies the answer: a 2xx is an [`Answer`], anything else an
     /// error of its class. A manifest HEAD refused with 405 is asked again as a GET, and so are
     /// this endpoint's manifest HEADs from then on.
-    pub async fn fetch(&self, request: &UpstreamRequest<'_>) -> Result<Answer, UpstreamError> {
+    pub async fn fetch(&self, request: &UpstreamRequest) -> Result<Answer, UpstreamError> {
         let as_get = self.sends_head_as_get(request);
         let method = if as_get {
             Method::GET
@@ -219,7 +222,7 @@ impl Endpoint {
     /// for, and once more after a new challenge.
     async fn exchange(
         &self,
-        request: &UpstreamRequest<'_>,
+        request: &UpstreamRequest,
         method: &Method,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let scope = format!("repository:{}:pull", request.repo.as_str());
@@ -229,7 +232,7 @@ impl Endpoint {
             request.repo.as_str(),
             request.rest
         );
-        let accept = request.accept;
+        let accept = &request.accept;
         let range = request.range_from.map(|n| format!("bytes={n}-"));
         let range = range.as_deref();
         let auth = &self.memory.auth;
@@ -242,6 +245,7 @@ impl Endpoint {
             None => None,
         };
         let mut response = self
+            .transport
             .send(method, &url, accept, range, authorization.as_deref())
             .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
@@ -257,6 +261,7 @@ impl Endpoint {
                     .await?;
                 if authorization.is_some() {
                     response = self
+                        .transport
                         .send(method, &url, accept, range, authorization.as_deref())
                         .await?;
                 }
@@ -264,15 +269,6 @@ impl Endpoint {
         }
         self.memory.health.observe(response.headers());
         Ok(response)
-    }
-
-    /// Whether `uri` is this endpoint's own origin (scheme, host and port): the only place its
-    /// `Authorization` goes (an https endpoint redirecting to plain http of the same host gets
-    /// none).
-    fn is_own(&self, uri: &Uri) -> bool {
-        let scheme = self.base.split("://").next().unwrap_or("");
-        uri.scheme_str() == Some(scheme)
-            && uri.authority().map(|a| a.as_str()) == Some(self.authority.as_str())
     }
 
     /// Whether the credentials may go to a token service at `realm`: over https, or in the
@@ -341,6 +337,7 @@ impl Endpoint {
         // mid-body would otherwise hold every request waiting for this token.
         let answer = async {
             let response = self
+                .transport
                 .http
                 .request(request)
                 .await
@@ -353,7 +350,7 @@ impl Endpoint {
                 .to_bytes();
             Ok::<_, String>((status, body))
         };
-        let (status, body) = tokio::time::timeout(self.response_timeout, answer)
+        let (status, body) = tokio::time::timeout(self.transport.response_timeout, answer)
             .await
             .map_err(|_| UpstreamError::outage(format!("token service {} timed out", key.realm)))?
             .map_err(|e| UpstreamError::outage(format!("token service {}: {e}", key.realm)))?;
@@ -370,65 +367,6 @@ impl Endpoint {
         }
         auth::parse_token(&body)
             .map_err(|e| UpstreamError::outage(format!("token service {}: {e}", key.realm)))
-    }
-
-    /// Sends one request, following redirects; `Authorization` goes only to our own origin.
-    async fn send(
-        &self,
-        method: &Method,
-        url: &str,
-        accept: &[String],
-        range: Option<&str>,
-        authorization: Option<&str>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut uri: Uri = url
-            .parse()
-            .map_err(|e| UpstreamError::outage(format!("bad upstream URL {url:?}: {e}")))?;
-        for _ in 0..=MAX_REDIRECTS {
-            let same_host = self.is_own(&uri);
-            let mut request = Request::builder()
-                .method(method.clone())
-                .uri(uri.clone())
-                .header(header::USER_AGENT, USER_AGENT);
-            for value in accept {
-                request = request.header(header::ACCEPT, value.as_str());
-            }
-            if let Some(range) = range {
-                request = request.header(header::RANGE, range);
-            }
-            if let (true, Some(auth)) = (same_host, authorization) {
-                request = request.header(header::AUTHORIZATION, auth);
-            }
-            let request = request.body(Empty::new()).map_err(|e| {
-                UpstreamError::outage(format!("cannot build request for {uri}: {e}"))
-            })?;
-            let mut response =
-                tokio::time::timeout(self.response_timeout, self.http.request(request))
-                    .await
-                    .map_err(|_| {
-                        UpstreamError::outage(format!(
-                            "{} did not answer within {:?}",
-                            self.base, self.response_timeout
-                        ))
-                    })?
-                    .map_err(|e| {
-                        UpstreamError::outage(format!("{}: {}", self.base, error_chain(&e)))
-                    })?;
-            if !response.status().is_redirection() {
-                if !same_host {
-                    // A host we were redirected to (a CDN) does not get to name where this
-                    // endpoint's credentials go: its refusal stays a refusal.
-                    response.headers_mut().remove(header::WWW_AUTHENTICATE);
-                }
-                return Ok(response);
-            }
-            uri = redirect_target(&uri, response.headers())?;
-            tracing::debug!(from = %self.base, to = %uri.authority().map(|a| a.as_str()).unwrap_or(""), "following upstream redirect");
-        }
-        Err(UpstreamError::outage(format!(
-            "{}: more than {MAX_REDIRECTS} redirects",
-            self.base
-        )))
     }
 
     /// A 2xx is an answer; anything else an error of its class (a 429 with its `Retry-After`).
@@ -464,81 +402,9 @@ fn challenge_of(response: &Response<Incoming>) -> Option<Challenge> {
         .find_map(auth::parse_challenge)
 }
 
-/// Resolves a redirect's `Location` against the request URI; only http(s) targets are followed
-/// (anything else is an outage of this endpoint: it cannot deliver).
-fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError> {
-    let location = headers
-        .get(header::LOCATION)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
-        .ok_or_else(|| UpstreamError::outage(format!("redirect from {from} without Location")))?;
-    let target: Uri = if location.starts_with('/') {
-        let scheme = from.scheme_str().unwrap_or("https");
-        let authority = from.authority().map(|a| a.as_str()).unwrap_or("");
-        format!("{scheme}://{authority}{location}").parse()
-    } else {
-        location.parse()
-    }
-    .map_err(|e| UpstreamError::outage(format!("bad redirect Location {location:?}: {e}")))?;
-    match target.scheme_str() {
-        Some("http" | "https") if target.authority().is_some() => Ok(target),
-        _ => Err(UpstreamError::outage(format!(
-            "refusing redirect to {location:?}"
-        ))),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redirects_resolve_and_refuse_other_schemes() {
-        let from: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::LOCATION,
-            "https://cdn.example/data?sig=1".parse().unwrap(),
-        );
-        assert_eq!(
-            redirect_target(&from, &h).unwrap().to_string(),
-            "https://cdn.example/data?sig=1"
-        );
-        h.insert(header::LOCATION, "/other/path".parse().unwrap());
-        assert_eq!(
-            redirect_target(&from, &h).unwrap().to_string(),
-            "https://registry.example/other/path"
-        );
-        h.insert(header::LOCATION, "file:///etc/passwd".parse().unwrap());
-        assert!(redirect_target(&from, &h).is_err());
-        h.insert(header::LOCATION, "ftp://x/y".parse().unwrap());
-        assert!(redirect_target(&from, &h).is_err());
-        assert!(redirect_target(&from, &HeaderMap::new()).is_err());
-    }
 
     fn endpoint(url: &str) -> Endpoint {
         let mut config = UpstreamConfig::new(url);

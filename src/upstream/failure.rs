@@ -171,8 +171,11 @@ impl Verdict {
         } else if let Some(refused) = self.refused {
             refused
         } else {
-            UpstreamError::outage("no upstream endpoint may answer this request")
-                .with_retry_after(Some(1))
+            // No endpoint may be asked (none is trusted with what a repository holds, say).
+            UpstreamError::new(
+                Failure::Refused,
+                "no upstream endpoint of this registry may answer this request",
+            )
         };
         error.resource = resource;
         error

@@ -14,6 +14,7 @@ mod endpoint;
 pub mod failure;
 pub mod health;
 mod request;
+mod transport;
 
 pub use endpoint::Memory;
 pub use failure::{Failure, UpstreamError};
@@ -66,7 +67,7 @@ pub struct EndpointStatus {
 /// The upstream side of one registry.
 pub struct RegistryUpstream {
     pub name: String,
-    endpoints: Vec<Endpoint>,
+    endpoints: Vec<Arc<Endpoint>>,
     allow_untrusted_tags: bool,
     /// The longest back-off after repeated outages (`failover_cooldown`).
     longest_back_off: Duration,
@@ -90,7 +91,7 @@ impl RegistryUpstream {
             endpoints: config
                 .upstream
                 .iter()
-                .map(|u| Endpoint::new(u, known))
+                .map(|u| Endpoint::new(u, known).map(Arc::new))
                 .collect::<Result<_, _>>()?,
             allow_untrusted_tags: config.allow_untrusted_tags,
             longest_back_off: config.failover_cooldown,
@@ -111,7 +112,7 @@ impl RegistryUpstream {
 
     /// Sends `request` to the registry's endpoints until one answers with a 2xx; see
     /// [`RegistryUpstream::fetch_with`].
-    pub async fn fetch(&self, request: &UpstreamRequest<'_>) -> Result<Answer, UpstreamError> {
+    pub async fn fetch(&self, request: &UpstreamRequest) -> Result<Answer, UpstreamError> {
         self.fetch_with(request, |answer| std::future::ready(Ok(answer)))
             .await
     }
@@ -127,7 +128,7 @@ impl RegistryUpstream {
     /// The failures combine into one error ([`Verdict`]).
     pub async fn fetch_with<T, F, Fut>(
         &self,
-        request: &UpstreamRequest<'_>,
+        request: &UpstreamRequest,
         mut take: F,
     ) -> Result<T, UpstreamError>
     where
@@ -149,7 +150,7 @@ impl RegistryUpstream {
                 Admission::Up => None,
                 Admission::Probe(probe) if request.has_fallback => {
                     // This request has its own answer: it need not wait for a probe.
-                    endpoint.probe_in_background(probe, self.longest_back_off);
+                    endpoint.probe_in_background(probe, request.clone(), self.longest_back_off);
                     verdict.note(backing_off_error(endpoint));
                     continue;
                 }
@@ -159,13 +160,7 @@ impl RegistryUpstream {
                     continue;
                 }
             };
-            let result = self
-                .attempt(index, request, probe.is_some(), &mut take)
-                .await;
-            if let Some(probe) = probe {
-                probe.answered();
-            }
-            match result {
+            match self.attempt(index, request, probe, &mut take).await {
                 Ok(taken) => return Ok(taken),
                 Err(e) => verdict.note(e),
             }
@@ -177,6 +172,10 @@ impl RegistryUpstream {
                 verdict.note(backing_off_error(endpoint));
                 continue;
             }
+            if let Some(paused) = self.pull_pause(endpoint, request) {
+                verdict.note(paused);
+                continue;
+            }
             let probe = match self.admit_anyway(endpoint).await {
                 Ok(probe) => probe,
                 Err(still_down) => {
@@ -185,17 +184,11 @@ impl RegistryUpstream {
                 }
             };
             // The probe this request joined may have met a 429.
-            if let Some(paused) = self.pull_pause(endpoint, request) {
+            if let (None, Some(paused)) = (&probe, self.pull_pause(endpoint, request)) {
                 verdict.note(paused);
                 continue;
             }
-            let result = self
-                .attempt(index, request, probe.is_some(), &mut take)
-                .await;
-            if let Some(probe) = probe {
-                probe.answered();
-            }
-            match result {
+            match self.attempt(index, request, probe, &mut take).await {
                 Ok(taken) => return Ok(taken),
                 Err(e) => verdict.note(e),
             }
@@ -227,7 +220,7 @@ impl RegistryUpstream {
     }
 
     /// The endpoints that may answer `request`, in the order they are asked.
-    fn order(&self, request: &UpstreamRequest<'_>) -> Vec<usize> {
+    fn order(&self, request: &UpstreamRequest) -> Vec<usize> {
         let trusted = |i: &usize| self.is_trusted(&self.endpoints[*i], request);
         let bad = |i: &usize| {
             request
@@ -245,21 +238,17 @@ impl RegistryUpstream {
         order
     }
 
-    fn is_trusted(&self, endpoint: &Endpoint, request: &UpstreamRequest<'_>) -> bool {
+    fn is_trusted(&self, endpoint: &Endpoint, request: &UpstreamRequest) -> bool {
         !request.needs_trust || endpoint.resolve_tags
     }
 
     /// An untrusted endpoint is not asked once a trusted one said the thing does not exist.
-    fn worth_asking(&self, index: usize, request: &UpstreamRequest<'_>, verdict: &Verdict) -> bool {
+    fn worth_asking(&self, index: usize, request: &UpstreamRequest, verdict: &Verdict) -> bool {
         self.is_trusted(&self.endpoints[index], request) || !verdict.has_trusted_not_found()
     }
 
     /// The error for a pull not sent because the endpoint is pausing pulls after a 429.
-    fn pull_pause(
-        &self,
-        endpoint: &Endpoint,
-        request: &UpstreamRequest<'_>,
-    ) -> Option<UpstreamError> {
+    fn pull_pause(&self, endpoint: &Endpoint, request: &UpstreamRequest) -> Option<UpstreamError> {
         if !request.counts_as_pull && !endpoint.sends_head_as_get(request) {
             return None;
         }
@@ -277,12 +266,13 @@ impl RegistryUpstream {
         )
     }
 
-    /// One endpoint's try: the exchange, then `take`; its outcome is remembered.
+    /// One endpoint's try: the exchange, then `take`; its outcome is remembered (and, for a
+    /// probe, told to the requests that joined it).
     async fn attempt<T, F, Fut>(
         &self,
         index: usize,
-        request: &UpstreamRequest<'_>,
-        probing: bool,
+        request: &UpstreamRequest,
+        probe: Option<ProbeGuard>,
         take: &mut F,
     ) -> Result<T, UpstreamError>
     where
@@ -307,11 +297,18 @@ impl RegistryUpstream {
                 note_endpoint(&endpoint.base);
             }
             Err(e) => {
-                if let (Failure::BadContent, Some(digest)) = (e.failure, &request.digest) {
+                // Content that did not match its digest (not a HEAD short of headers).
+                let content = request.method == http::Method::GET;
+                if let (Failure::BadContent, Some(digest), true) =
+                    (e.failure, &request.digest, content)
+                {
                     self.served_bad_content(&[index], digest);
                 }
-                self.note_outcome(index, e, probing);
+                self.note_outcome(index, e, probe.is_some());
             }
+        }
+        if let Some(probe) = probe {
+            probe.answered();
         }
         result.map_err(|mut e| {
             e.authoritative = self.is_trusted(endpoint, request);
@@ -372,29 +369,10 @@ impl RegistryUpstream {
         self.note_outcome(index, error, false);
     }
 
-    /// What a failure teaches about its endpoint: an outage starts (or, for a probe,
-    /// lengthens) its back-off; any other answer shows it is there.
+    /// What a failure teaches about its endpoint (see [`Endpoint::learn`]).
     fn note_outcome(&self, index: usize, error: &UpstreamError, probing: bool) {
-        let Some(endpoint) = self.endpoints.get(index) else {
-            return;
-        };
-        let now = Instant::now();
-        let health = endpoint.health();
-        if error.failure == Failure::Outage {
-            let pause = health.mark_down(now, self.longest_back_off, probing, &error.message);
-            tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %error, back_off_ms = pause.as_millis() as u64, "upstream endpoint failed; other endpoints first until it answers again");
-            return;
-        }
-        health.mark_up();
-        match error.failure {
-            Failure::RateLimited => {
-                let pause = health.rate_limited(now, error.retry_after);
-                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, pause_s = pause.as_secs(), "upstream rate limit hit; pausing manifest GETs");
-            }
-            Failure::Refused | Failure::BadContent => {
-                tracing::warn!(registry = %self.name, endpoint = %endpoint.base, error = %error, class = error.failure.as_str(), "upstream endpoint could not serve the request; trying the next");
-            }
-            Failure::NotFound | Failure::Outage => {}
+        if let Some(endpoint) = self.endpoints.get(index) {
+            endpoint.learn(error, probing, self.longest_back_off);
         }
     }
 

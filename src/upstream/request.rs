@@ -22,13 +22,14 @@ pub enum Resource {
 }
 
 /// What to ask an upstream for.
-pub struct UpstreamRequest<'a> {
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest {
     pub method: Method,
     pub resource: Resource,
-    pub repo: &'a RepoName,
+    pub repo: RepoName,
     /// The path after `/v2/<repo>/`, with its query (`manifests/latest`, `tags/list?n=10`).
     pub rest: String,
-    pub accept: &'a [String],
+    pub accept: Vec<String>,
     /// Asks what a tag means (or what a repository holds): only endpoints trusted to resolve
     /// tags are asked, others only with `allow_untrusted_tags`.
     pub needs_trust: bool,
@@ -48,12 +49,12 @@ pub struct UpstreamRequest<'a> {
     pub range_from: Option<u64>,
 }
 
-impl<'a> UpstreamRequest<'a> {
+impl UpstreamRequest {
     pub fn manifest(
         method: Method,
-        repo: &'a RepoName,
+        repo: &RepoName,
         reference: &Reference,
-        accept: &'a [String],
+        accept: &[String],
     ) -> Self {
         let digest = match reference {
             Reference::Digest(d) => Some(d.clone()),
@@ -63,9 +64,9 @@ impl<'a> UpstreamRequest<'a> {
             counts_as_pull: method == Method::GET,
             method,
             resource: Resource::Manifest,
-            repo,
+            repo: repo.clone(),
             rest: format!("manifests/{reference}"),
-            accept,
+            accept: accept.to_vec(),
             needs_trust: digest.is_none(),
             has_fallback: false,
             only_trusted: false,
@@ -74,13 +75,13 @@ impl<'a> UpstreamRequest<'a> {
         }
     }
 
-    pub fn blob(method: Method, repo: &'a RepoName, digest: &Digest) -> Self {
+    pub fn blob(method: Method, repo: &RepoName, digest: &Digest) -> Self {
         UpstreamRequest {
             method,
             resource: Resource::Blob,
-            repo,
+            repo: repo.clone(),
             rest: format!("blobs/{digest}"),
-            accept: &[],
+            accept: Vec::new(),
             needs_trust: false,
             counts_as_pull: false,
             has_fallback: false,
@@ -90,7 +91,7 @@ impl<'a> UpstreamRequest<'a> {
         }
     }
 
-    pub fn tags_list(repo: &'a RepoName, query: Option<&str>) -> Self {
+    pub fn tags_list(repo: &RepoName, query: Option<&str>) -> Self {
         let rest = match query {
             Some(q) => format!("tags/list?{q}"),
             None => "tags/list".to_string(),
@@ -98,9 +99,9 @@ impl<'a> UpstreamRequest<'a> {
         UpstreamRequest {
             method: Method::GET,
             resource: Resource::TagsList,
-            repo,
+            repo: repo.clone(),
             rest,
-            accept: &[],
+            accept: Vec::new(),
             needs_trust: true,
             counts_as_pull: false,
             has_fallback: false,
@@ -110,13 +111,13 @@ impl<'a> UpstreamRequest<'a> {
         }
     }
 
-    pub fn referrers(repo: &'a RepoName, digest: &Digest, accept: &'a [String]) -> Self {
+    pub fn referrers(repo: &RepoName, digest: &Digest, accept: &[String]) -> Self {
         UpstreamRequest {
             method: Method::GET,
             resource: Resource::Referrers,
-            repo,
+            repo: repo.clone(),
             rest: format!("referrers/{digest}"),
-            accept,
+            accept: accept.to_vec(),
             needs_trust: false,
             counts_as_pull: false,
             has_fallback: false,
