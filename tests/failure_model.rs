@@ -300,3 +300,100 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrow_accept_gets_the_last_known_digest_when_upstream_is_down() {
+    let origin = FakeRegistry::start().await;
+    let digest = origin.add_empty_image("library/app", "1.0");
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(50)
+    })
+    .await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    origin.knobs(|k| k.fail_status = Some(503));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A client that takes Docker manifests only (its type): the last digest, marked stale.
+    let narrow = [("accept", DOCKER_MANIFEST)];
+    for method in [Method::GET, Method::HEAD] {
+        let got = request(method.clone(), &url, &narrow).await;
+        assert_eq!(got.status, StatusCode::OK, "{method}");
+        assert!(got.header("warning").is_some(), "{method}");
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(digest.to_string().as_str())
+        );
+    }
+    // One that takes only OCI manifests: nothing it can use is known.
+    let oci_only = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let got = request(Method::GET, &url, &oci_only).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_moved_to_a_manifest_upstream_does_not_serve_yet_keeps_its_previous_digest() {
+    let origin = FakeRegistry::start().await;
+    let before = origin.add_empty_image("library/app", "1.0");
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(50)
+    })
+    .await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    // The tag moves, but the new manifest is not served by digest yet (a replica lagging).
+    let config = origin.add_blob(br#"{"lagging":true}"#.to_vec());
+    let moved = schema2_manifest(&config, 16, &[]);
+    origin.add_manifest_as("library/app", "1.0", DOCKER_MANIFEST, moved);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = get_manifest(&url).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.header("warning").is_some());
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(before.to_string().as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_service_refusing_the_mirrors_credentials_does_not_remove_tags() {
+    let origin = FakeRegistry::start().await;
+    let digest = origin.add_empty_image("library/app", "1.0");
+    let tokens = FakeRegistry::start().await;
+    let realm = tokens.url();
+    origin.knobs(|k| {
+        k.require_token = true;
+        k.token_realm = Some(realm);
+    });
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.tag_ttl = Duration::from_millis(50)
+    })
+    .await;
+    let url = mirror.url("/v2/library/app/manifests/1.0");
+    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    // The mirror's credentials are refused (rotated, say): clients are told, the tag stays.
+    tokens.knobs(|k| k.fail_status = Some(401));
+    origin.knobs(|k| k.accepted_token = Some("tok-renewed".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = get_manifest(&url).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.json()["errors"][0]["code"], "DENIED");
+    // Credentials fixed: the tag's record is still there, so it is confirmed with a HEAD (a
+    // removed one would need a GET).
+    tokens.knobs(|k| k.fail_status = None);
+    origin.knobs(|k| k.accepted_token = None);
+    let path = "/v2/library/app/manifests/1.0";
+    let (heads, gets) = (origin.hits("HEAD", path), origin.hits("GET", path));
+    let fresh = get_manifest(&url).await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    assert!(fresh.header("warning").is_none());
+    assert_eq!(
+        fresh.header("docker-content-digest"),
+        Some(digest.to_string().as_str())
+    );
+    assert_eq!(
+        origin.hits("GET", path),
+        gets,
+        "the tag's record was removed"
+    );
+    assert!(origin.hits("HEAD", path) > heads);
+}
