@@ -20,18 +20,68 @@ fn deploy(path: &str) -> String {
     .unwrap()
 }
 
-/// A mirror configured with config.example.toml's registries, each served by `origin`.
-async fn example_mirror(origin: &FakeRegistry) -> TestMirror {
+/// One origin per registry of config.example.toml, each holding only its own repository
+/// (docker.io: `library/alpine`; ghcr.io: `org/tool`): a request routed to the wrong registry
+/// is answered 404 by the wrong origin, and each origin counts what it was asked.
+struct Origins(Vec<(String, FakeRegistry)>);
+
+impl Origins {
+    async fn start(example: &Config) -> Origins {
+        let mut origins = Vec::new();
+        for registry in &example.registry {
+            let origin = FakeRegistry::start().await;
+            let config = origin.add_blob(b"{}".to_vec());
+            let manifest = schema2_manifest(&config, 2, &[]);
+            let repo = match registry.name.as_str() {
+                "docker.io" => "library/alpine",
+                "ghcr.io" => "org/tool",
+                other => {
+                    panic!("config.example.toml has a registry this test does not know: {other}")
+                }
+            };
+            origin.add_manifest(repo, Some("1.0"), DOCKER_MANIFEST, manifest);
+            origins.push((registry.name.clone(), origin));
+        }
+        Origins(origins)
+    }
+
+    /// How many manifest requests for `repo`'s tag each registry's origin saw, by name.
+    fn asked(&self, repo: &str) -> Vec<(&str, usize)> {
+        let path = format!("/v2/{repo}/manifests/1.0");
+        self.0
+            .iter()
+            .map(|(name, o)| (name.as_str(), o.hits("GET", &path) + o.hits("HEAD", &path)))
+            .collect()
+    }
+
+    /// Checks that only `registry`'s origin was asked for `repo` (or none, with `None`).
+    fn only(&self, registry: Option<&str>, repo: &str) {
+        for (name, asked) in self.asked(repo) {
+            let expected = Some(name) == registry;
+            assert_eq!(
+                asked > 0,
+                expected,
+                "{name}'s origin asked {asked} times for {repo}"
+            );
+        }
+    }
+}
+
+/// A mirror configured with config.example.toml's registries, each served by its origin.
+async fn example_mirror() -> (Origins, TestMirror) {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
         .unwrap();
     let example = Config::parse(&text).unwrap();
-    TestMirror::start(&origin.url(), |c| {
+    let origins = Origins::start(&example).await;
+    let first = origins.0[0].1.url();
+    let mirror = TestMirror::start(&first, |c| {
         c.registry = example.registry.clone();
-        for registry in &mut c.registry {
+        for (registry, (_, origin)) in c.registry.iter_mut().zip(&origins.0) {
             registry.upstream = vec![test_upstream(&origin.url())];
         }
     })
-    .await
+    .await;
+    (origins, mirror)
 }
 
 /// Asks the mirror as a client would, through the example's mirror host and path.
@@ -55,24 +105,9 @@ async fn pull_tag(mirror: &TestMirror, example_base: &str, repo: &str, query: &s
     get_manifest(&url).await.status
 }
 
-async fn origin() -> FakeRegistry {
-    let origin = FakeRegistry::start().await;
-    let config = origin.add_blob(b"{}".to_vec());
-    let manifest = schema2_manifest(&config, 2, &[]);
-    origin.add_manifest(
-        "library/alpine",
-        Some("1.0"),
-        DOCKER_MANIFEST,
-        manifest.clone(),
-    );
-    origin.add_manifest("org/tool", Some("1.0"), DOCKER_MANIFEST, manifest);
-    origin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerd_daemon_json_mirror_serves_docker_hub_names() {
-    let origin = origin().await;
-    let mirror = example_mirror(&origin).await;
+    let (origins, mirror) = example_mirror().await;
     let json: serde_json::Value = serde_json::from_str(&deploy("docker/daemon.json")).unwrap();
     let mirrors = json["registry-mirrors"].as_array().unwrap();
     assert!(!mirrors.is_empty());
@@ -87,19 +122,24 @@ async fn dockerd_daemon_json_mirror_serves_docker_hub_names() {
             StatusCode::OK
         );
     }
+    origins.only(Some("docker.io"), "library/alpine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_hosts_toml_mirrors_route_by_namespace() {
-    let origin = origin().await;
-    let mirror = example_mirror(&origin).await;
-    for (dir, repo, expect) in [
-        ("docker.io", "library/alpine", StatusCode::OK),
-        ("ghcr.io", "org/tool", StatusCode::OK),
+    for (dir, repo, expect, routed_to) in [
+        (
+            "docker.io",
+            "library/alpine",
+            StatusCode::OK,
+            Some("docker.io"),
+        ),
+        ("ghcr.io", "org/tool", StatusCode::OK, Some("ghcr.io")),
         // _default applies to every registry; one regmirror does not serve answers 404, so
-        // containerd moves on to the registry itself.
-        ("_default", "org/tool", StatusCode::NOT_FOUND),
+        // containerd moves on to the registry itself (and no origin is asked).
+        ("_default", "org/tool", StatusCode::NOT_FOUND, None),
     ] {
+        let (origins, mirror) = example_mirror().await;
         let hosts: toml::Value =
             toml::from_str(&deploy(&format!("containerd/certs.d/{dir}/hosts.toml"))).unwrap();
         let table = hosts["host"].as_table().unwrap();
@@ -116,13 +156,13 @@ async fn containerd_hosts_toml_mirrors_route_by_namespace() {
             let status = pull_tag(&mirror, host, repo, &format!("?ns={ns}")).await;
             assert_eq!(status, expect, "{dir}");
         }
+        origins.only(routed_to, repo);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_registries_conf_mirrors_route_by_path_prefix() {
-    let origin = origin().await;
-    let mirror = example_mirror(&origin).await;
+    let (origins, mirror) = example_mirror().await;
     let conf: toml::Value = toml::from_str(&deploy("podman/registries.conf")).unwrap();
     let registries = conf["registry"].as_array().unwrap();
     assert_eq!(registries.len(), 2);
@@ -138,5 +178,6 @@ async fn podman_registries_conf_mirrors_route_by_path_prefix() {
             let status = pull_tag(&mirror, m["location"].as_str().unwrap(), repo, "").await;
             assert_eq!(status, StatusCode::OK, "{prefix}");
         }
+        origins.only(Some(prefix), repo);
     }
 }

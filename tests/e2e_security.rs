@@ -77,8 +77,19 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
         assert_eq!(Digest::of(&std::fs::read(&path).unwrap()).to_string(), name);
         stored.push(name);
     }
-    assert!(stored.contains(&seeded.oci_index.to_string()));
-    assert!(stored.len() > 3, "{stored:?}");
+    // The index, both platforms' manifests, and their configs and layers (the first four
+    // blobs seeded are the OCI format's).
+    stored.sort();
+    assert_eq!(stored.len(), 7, "{stored:?}");
+    for digest in [&seeded.oci_index, &seeded.oci_amd64.0]
+        .into_iter()
+        .chain(&seeded.blobs[..4])
+    {
+        assert!(
+            stored.contains(&digest.to_string()),
+            "{digest} missing: {stored:?}"
+        );
+    }
     // The health check (container HEALTHCHECK, probes) over TLS.
     let health = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_regmirror"))
@@ -163,6 +174,53 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
     assert_eq!(mirror.process.pid().to_string(), pid, "no restart");
 }
 
+/// The status of an access line.
+fn status(line: &str) -> Option<&str> {
+    line.split("status=").nth(1)?.split_whitespace().next()
+}
+
+/// Checks that the mirror itself refused what a client just failed to do: among its access
+/// lines written after log offset `mark`, one for a path starting with `path` has one of
+/// `statuses` (waited for: the log is written in batches), every one for such a path is a
+/// refusal (4xx), and no request after `mark` was answered with content.
+async fn refused_by_the_mirror(mirror: &Mirror, mark: usize, path: &str, statuses: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = mirror.process.output();
+        let lines: Vec<&str> = log[mark.min(log.len())..]
+            .lines()
+            .filter(|l| l.contains("regmirror::access"))
+            .collect();
+        let matching: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains(&format!("path={path}")))
+            .collect();
+        if matching
+            .iter()
+            .any(|l| status(l).is_some_and(|s| statuses.contains(&s)))
+        {
+            for line in &matching {
+                assert!(status(line).is_some_and(|s| s.starts_with('4')), "{line}");
+            }
+            for line in &lines {
+                let content = line.contains("/manifests/") || line.contains("/blobs/");
+                assert!(
+                    !(content && status(line) == Some("200")),
+                    "answered: {line}"
+                );
+            }
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror never answered {path} (a refusal from elsewhere?):\n{}",
+            lines.join("\n")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs docker-registry, skopeo, podman, containerd and curl: run tests/run.sh"]
 async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused() {
@@ -206,6 +264,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     assert_eq!(Digest::of(&ok.stdout), seeded.oci_index);
     let ok = skopeo(&format!("ci:{token}"), &image);
     assert_eq!(Digest::of(&ok.stdout), seeded.oci_index, "{ok:?}");
+    // Each refusal must be the mirror's answer (its access log says so), not any failure.
+    let mark = mirror.process.output().len();
     let wrong = skopeo("alice:guess", &image);
     assert!(!wrong.status.success());
     let said = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
@@ -213,6 +273,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         said.contains("unauthorized") || said.contains("authentication required"),
         "{said}"
     );
+    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
+    let mark = mirror.process.output().len();
     let denied = skopeo(
         "alice:alice-pw",
         &format!("docker://{host}/private/thing:oci"),
@@ -220,6 +282,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     assert!(!denied.status.success());
     let said = String::from_utf8_lossy(&denied.stderr).to_lowercase();
     assert!(said.contains("denied"), "{said}");
+    refused_by_the_mirror(&mirror, mark, "/v2/private/thing/manifests/", &["403"]).await;
+    let mark = mirror.process.output().len();
     let anonymous = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false", &image])
         .output()
@@ -228,6 +292,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         !anonymous.status.success(),
         "anonymous clients may pull nothing here"
     );
+    let manifests = format!("/v2/{REPO}/manifests/");
+    refused_by_the_mirror(&mirror, mark, &manifests, &["401", "403"]).await;
 
     // podman: `podman login`, then a pull with the stored credentials.
     let authfile = dir.path().join("auth.json");
@@ -242,6 +308,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
             .arg(&authfile)
             .args(["-u", "alice", "-p", "alice-pw", &host]),
     );
+    let mark = mirror.process.output().len();
     let refused = podman(&["login", "--tls-verify=false", "--authfile"])
         .arg(dir.path().join("other-auth.json"))
         .args(["-u", "alice", "-p", "guess", &host])
@@ -251,6 +318,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         !refused.status.success(),
         "podman login with a wrong password succeeded"
     );
+    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
     let reference = format!("{host}/{REPO}:oci");
     run(
         "podman pull after login",
@@ -299,10 +367,14 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
             .any(|l| l.starts_with(&ctr_reference) && l.contains(&seeded.docker_list.to_string())),
         "{listed}"
     );
+    let mark = mirror.process.output().len();
     let wrong = pull("alice:guess", &ctr_reference);
     assert!(!wrong.status.success(), "ctr pulled with a wrong password");
+    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
+    let mark = mirror.process.output().len();
     let denied = pull("alice:alice-pw", &format!("{host}/private/thing:oci"));
     assert!(!denied.status.success(), "ctr pulled a denied repository");
+    refused_by_the_mirror(&mirror, mark, "/v2/private/thing/manifests/", &["403"]).await;
 
     // curl: a static bearer token, as a containerd hosts.toml [header] or a script sends it.
     let out = dir.path().join("manifest.json");

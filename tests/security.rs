@@ -377,6 +377,8 @@ async fn hostile_requests_get_exact_statuses_and_the_server_keeps_serving() {
     let origin = FakeRegistry::start().await;
     let (blob, digest) = seed(&origin);
     let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    // Everything in the test's directory (the cache directory and around it) before.
+    let before = walk(mirror.dir.path());
     let long_name = "a/".repeat(3000) + "b";
     let cases: Vec<(String, StatusCode, &str)> = vec![
         (
@@ -444,31 +446,35 @@ async fn hostile_requests_get_exact_statuses_and_the_server_keeps_serving() {
     let huge = "x".repeat(100 * 1024);
     let got = request(Method::GET, &mirror.url("/v2/"), &[("x-filler", &huge)]).await;
     assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-    // Nothing reached upstream or the disk, and good requests are still served.
+    // Nothing reached upstream or the disk (no file or directory appeared, in the cache or
+    // around it), and good requests are still served.
     assert_eq!(
         origin.authorizations().len(),
         0,
         "no hostile request went upstream"
     );
+    assert_eq!(
+        walk(mirror.dir.path()),
+        before,
+        "a hostile request wrote to the disk"
+    );
     let got = get(&mirror.url(&format!("/v2/library/alpine/blobs/{digest}"))).await;
     assert_eq!(got.bytes().as_ref(), blob.as_slice());
-    let entries: Vec<_> = walk(&mirror.cache_dir());
-    assert!(
-        entries.iter().all(|p| p.starts_with(mirror.cache_dir())),
-        "{entries:?}"
-    );
+    mirror.settle().await;
+    assert!(walk(mirror.dir.path()).contains(&blob_path(&mirror.cache_dir(), &digest)));
 }
 
+/// Every file and directory below `dir`, sorted.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
         if path.is_dir() {
             found.extend(walk(&path));
-        } else {
-            found.push(path);
         }
+        found.push(path);
     }
+    found.sort();
     found
 }
 
