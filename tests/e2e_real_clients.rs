@@ -245,8 +245,29 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirrors() {
             "{image} did not go through the mirror"
         );
     }
-    // The layers both registries share are stored once, under their digest.
+    // ghcr.io's image went through the mirror (its config is its own, not docker.io's), and
+    // the base layer both registries' images share is kept once: asked for under ghcr.io, it
+    // is a hit on the copy the docker.io pull stored.
+    assert_ne!(ghcr_image.oci_amd64.1, hub_image.oci_amd64.1);
     assert!(mirror.stores(&ghcr_image.oci_amd64.1).await);
+    let shared = &ghcr_image.shared_layers[0];
+    assert!(hub_image.shared_layers.contains(shared));
+    let url = format!(
+        "http://{}/v2/org/tool/blobs/{shared}?ns=ghcr.io",
+        mirror.host()
+    );
+    assert_eq!(Digest::of(common::get(&url).await.bytes()), *shared);
+    let path = format!("path=/v2/org/tool/blobs/{shared}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = mirror.process.output();
+        if let Some(line) = log.lines().find(|l| l.contains(&path)) {
+            assert!(line.contains("cache=\"hit\""), "{line}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +347,7 @@ async fn dockerd_pulls_through_registry_mirrors_anonymously_when_logins_are_on()
         !denied.status.success(),
         "dockerd pulled a repository anonymous clients may not"
     );
-    // The same content as e2e:oci, so the access log tells what the mirror answered for it.
+    // The access log tells what the mirror answered for each repository's manifests.
     let log = mirror.process.output();
     let answered = |repo: &str, status: &str| {
         log.lines().any(|l| {

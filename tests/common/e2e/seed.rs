@@ -12,15 +12,24 @@ use hyper_util::rt::TokioExecutor;
 use regmirror::digest::Digest;
 use std::io::Write;
 
-/// What the seeded origin holds, with the digests every client must see.
+/// What the seeded origin holds, with the digests every client must see. Each platform's
+/// image has two layers: a base layer every repository seeded in the run shares, and a layer
+/// of the repository's own (so images of different repositories differ, as on a real registry,
+/// and share a base, as real images do).
 pub struct Seeded {
-    /// `library/e2e:oci`: an OCI index over two OCI manifests.
+    /// `<repo>:oci`: an OCI index over two OCI manifests.
     pub oci_index: Digest,
-    /// `library/e2e:docker`: a Docker manifest list over two schema2 manifests.
+    /// `<repo>:docker`: a Docker manifest list over two schema2 manifests.
     pub docker_list: Digest,
     /// Per format, the linux/amd64 manifest digest and its config digest.
     pub oci_amd64: (Digest, Digest),
     pub docker_amd64: (Digest, Digest),
+    /// The OCI index's two manifests.
+    pub oci_manifests: Vec<Digest>,
+    /// The OCI images' blobs (configs and layers).
+    pub oci_blobs: Vec<Digest>,
+    /// The base layers, shared with every repository seeded in this run.
+    pub shared_layers: Vec<Digest>,
     /// Every blob (configs and layers) pushed.
     pub blobs: Vec<Digest>,
 }
@@ -42,8 +51,8 @@ fn run_nonce() -> u128 {
     })
 }
 
-/// A gzip'd tar layer holding a small text file (unique to this run) and 1 MiB of random
-/// bytes.
+/// A gzip'd tar layer named `platform` holding a small text file (unique to this run) and 1 MiB
+/// of random bytes (seeded by the name).
 fn layer(platform: &str) -> (Vec<u8>, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     let mut add = |name: &str, data: &[u8]| {
@@ -60,7 +69,7 @@ fn layer(platform: &str) -> (Vec<u8>, Digest) {
     );
     add(
         "random.bin",
-        &random_bytes(1024 * 1024, platform.len() as u64 + 7),
+        &random_bytes(1024 * 1024, name_seed(platform)),
     );
     let raw = tar.into_inner().unwrap();
     let diff_id = Digest::of(&raw);
@@ -69,12 +78,19 @@ fn layer(platform: &str) -> (Vec<u8>, Digest) {
     (gz.finish().unwrap(), diff_id)
 }
 
-fn image_config(arch: &str, diff_id: &Digest) -> Vec<u8> {
+/// A seed for a layer's random bytes, from its name.
+fn name_seed(name: &str) -> u64 {
+    name.bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+}
+
+fn image_config(arch: &str, diff_ids: &[Digest]) -> Vec<u8> {
+    let diff_ids: Vec<String> = diff_ids.iter().map(Digest::to_string).collect();
     serde_json::json!({
         "architecture": arch,
         "os": "linux",
         "config": {"Cmd": ["/hello"], "Env": ["PATH=/"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created_by": "regmirror e2e test"}]
     })
     .to_string()
@@ -200,19 +216,33 @@ pub async fn seed_repo(origin: &Origin, repo: &str) -> Seeded {
     let mut blobs = Vec::new();
     let mut tops = Vec::new();
     let mut amd64 = Vec::new();
+    let (mut oci_manifests, mut oci_blobs, mut shared_layers) =
+        (Vec::new(), Vec::new(), Vec::new());
     for (tag, index_type, manifest_type, config_type, layer_type) in formats {
         let mut entries = Vec::new();
         for arch in ["amd64", "arm64"] {
-            let (layer_bytes, diff_id) = layer(&format!("{tag}-{arch}"));
-            let config = image_config(arch, &diff_id);
-            let layer_digest = pusher.blob(&layer_bytes).await;
+            let (base_bytes, base_diff) = layer(&format!("base {tag}-{arch}"));
+            let (own_bytes, own_diff) = layer(&format!("{repo} {tag}-{arch}"));
+            let config = image_config(arch, &[base_diff, own_diff]);
+            let base_digest = pusher.blob(&base_bytes).await;
+            let own_digest = pusher.blob(&own_bytes).await;
             let config_digest = pusher.blob(&config).await;
-            blobs.extend([layer_digest.clone(), config_digest.clone()]);
+            let pushed = [
+                base_digest.clone(),
+                own_digest.clone(),
+                config_digest.clone(),
+            ];
+            if tag == "oci" {
+                oci_blobs.extend(pushed.iter().cloned());
+            }
+            blobs.extend(pushed);
+            shared_layers.push(base_digest.clone());
+            let layer = |bytes: &[u8], digest: &Digest| serde_json::json!({"mediaType": layer_type, "size": bytes.len(), "digest": digest.to_string()});
             let manifest = serde_json::json!({
                 "schemaVersion": 2,
                 "mediaType": manifest_type,
                 "config": {"mediaType": config_type, "size": config.len(), "digest": config_digest.to_string()},
-                "layers": [{"mediaType": layer_type, "size": layer_bytes.len(), "digest": layer_digest.to_string()}],
+                "layers": [layer(&base_bytes, &base_digest), layer(&own_bytes, &own_digest)],
             })
             .to_string()
             .into_bytes();
@@ -222,6 +252,9 @@ pub async fn seed_repo(origin: &Origin, repo: &str) -> Seeded {
                 .await;
             if arch == "amd64" {
                 amd64.push((digest.clone(), config_digest));
+            }
+            if tag == "oci" {
+                oci_manifests.push(digest.clone());
             }
             entries.push(serde_json::json!({
                 "mediaType": manifest_type, "size": size, "digest": digest.to_string(),
@@ -239,6 +272,9 @@ pub async fn seed_repo(origin: &Origin, repo: &str) -> Seeded {
         docker_list: tops[1].clone(),
         oci_amd64: amd64[0].clone(),
         docker_amd64: amd64[1].clone(),
+        oci_manifests,
+        oci_blobs,
+        shared_layers,
         blobs,
     }
 }
