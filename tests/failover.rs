@@ -99,18 +99,22 @@ async fn a_content_only_endpoint_is_never_asked_about_tags() {
     })
     .await;
     let got = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(
-        got.header("docker-content-digest"),
-        Some(real_digest.to_string().as_str())
-    );
+    got.assert_content(&real_digest);
+    // The bytes, not only the header, are the trusted endpoint's.
+    assert_eq!(got.bytes().as_ref(), real.as_bytes());
     assert_eq!(liar.hits("GET", "/v2/library/app/manifests/1.0"), 0);
     assert_eq!(liar.hits("HEAD", "/v2/library/app/manifests/1.0"), 0);
     // Content by digest may come from the content-only endpoint (it is verified).
     let head =
         head_manifest(&mirror.url(&format!("/v2/library/app/manifests/{real_digest}"))).await;
     assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(
+        head.header("content-length"),
+        Some(real.len().to_string().as_str())
+    );
     // tags/list is a tag answer too.
-    let _ = get(&mirror.url("/v2/library/app/tags/list")).await;
+    let listed = get(&mirror.url("/v2/library/app/tags/list")).await;
+    assert_eq!(listed.json()["tags"], serde_json::json!(["1.0"]));
     assert_eq!(liar.hits("GET", "/v2/library/app/tags/list"), 0);
     assert_eq!(trusted.hits("GET", "/v2/library/app/tags/list"), 1);
 }
@@ -134,10 +138,8 @@ async fn untrusted_tags_only_when_allowed() {
     })
     .await;
     let got = get_manifest(&lenient.url("/v2/library/app/manifests/1.0")).await;
-    assert_eq!(
-        got.header("docker-content-digest"),
-        Some(digest.to_string().as_str())
-    );
+    got.assert_content(&digest);
+    assert_eq!(regmirror::digest::Digest::of(got.bytes()), digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,10 +175,7 @@ async fn rate_limited_upstream_gets_no_manifest_gets_until_retry_after() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let stale = get_manifest(&tag_url).await;
     assert_eq!(stale.status, StatusCode::OK);
-    assert_eq!(
-        stale.header("docker-content-digest"),
-        Some(digest.to_string().as_str())
-    );
+    stale.assert_content(&digest);
     assert!(stale.header("warning").is_some());
     // A tag never seen: nothing to serve, and no GET is spent while the window lasts.
     let gets_before = origin.hits("GET", "/v2/library/app/manifests/2.0");

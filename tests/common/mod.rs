@@ -274,6 +274,21 @@ impl Got {
         self.body.as_ref().expect("body arrived whole")
     }
 
+    /// Checks a GET's answer is `digest`'s content: the `Docker-Content-Digest` header names
+    /// it and the body hashes to it (a header alone could front other bytes).
+    pub fn assert_content(&self, digest: &Digest) {
+        assert_eq!(self.status, StatusCode::OK);
+        assert_eq!(
+            self.header("docker-content-digest"),
+            Some(digest.to_string().as_str())
+        );
+        assert_eq!(
+            Digest::of(self.bytes()),
+            *digest,
+            "the body is other content"
+        );
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(self.bytes()).expect("JSON body")
     }
