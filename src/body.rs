@@ -488,8 +488,26 @@ mod tests {
             cached[..] == bytes[window.clone()],
             "mapped from the page cache"
         );
+        // Pages still mapped cannot be dropped from the page cache.
+        drop(cached);
         file.sync_all().unwrap();
         rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        {
+            use std::os::unix::fs::MetadataExt;
+            let owner = file.metadata().unwrap().uid();
+            // SAFETY: the range lies within the file, which nothing truncates.
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(4096)
+                    .len(1 << 20)
+                    .map(&*file)
+                    .unwrap()
+            };
+            assert!(
+                !crate::sendfile::is_cached(&map, owner),
+                "the window is still cached: this file system ignores fadvise(DONTNEED), so the read from disk goes untested here"
+            );
+        }
         let loaded = read_at(Arc::clone(&file), 5000, 1 << 20).await.unwrap();
         assert!(loaded[..] == bytes[window], "read from disk first");
         let end = bytes.len() as u64;

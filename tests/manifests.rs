@@ -267,7 +267,10 @@ async fn a_manifest_that_does_not_match_its_digest_is_refused() {
     // Nothing was stored: the next request asks upstream again, and is refused again.
     let again = get_manifest(&url).await;
     assert_eq!(again.status, StatusCode::BAD_GATEWAY);
-    assert!(!mirror.has_blob(&claimed), "the mismatching manifest was stored");
+    assert!(
+        !mirror.has_blob(&claimed),
+        "the mismatching manifest was stored"
+    );
     assert_eq!(
         origin.hits("GET", &format!("/v2/library/app/manifests/{claimed}")),
         2
