@@ -376,16 +376,6 @@ pub async fn wait_for_daemon(daemon: &mut Process, seconds: u64, mut probe: impl
     }
 }
 
-/// Whether a program is on PATH (or at this path).
-pub fn have(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// A containerd daemon of the test's own, on its own socket and directories.
 pub struct Containerd {
     pub process: Process,
