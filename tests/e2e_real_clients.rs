@@ -442,20 +442,8 @@ async fn warmed_images_are_served_with_the_origin_gone() {
     origin.process.kill();
     for (tag, top) in [("oci", &seeded.oci_index), ("docker", &seeded.docker_list)] {
         let layout = dir.path().join(format!("offline-{tag}"));
-        run(
-            "skopeo copy with the origin gone",
-            Command::new("skopeo")
-                .args([
-                    "copy",
-                    "--src-tls-verify=false",
-                    "--override-arch",
-                    "amd64",
-                    "--override-os",
-                    "linux",
-                ])
-                .arg(format!("docker://{}/{REPO}:{tag}", mirror.host()))
-                .arg(format!("oci:{}:{tag}", layout.display())),
-        );
+        let image_ref = format!("{}/{REPO}:{tag}", mirror.host());
+        skopeo_copy_amd64("skopeo copy with the origin gone", &image_ref, &layout, tag);
         let raw = run(
             "skopeo inspect --raw",
             Command::new("skopeo")

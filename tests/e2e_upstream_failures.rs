@@ -163,20 +163,8 @@ async fn skopeo_pulls_a_private_image_from_a_lan_registry_with_its_token_service
     }
 
     let layout = d.join("layout");
-    run(
-        "skopeo copy through the mirror",
-        Command::new("skopeo")
-            .args([
-                "copy",
-                "--src-tls-verify=false",
-                "--override-arch",
-                "amd64",
-                "--override-os",
-                "linux",
-            ])
-            .arg(format!("docker://{}/team/private:oci", mirror.host()))
-            .arg(format!("oci:{}:oci", layout.display())),
-    );
+    let image_ref = format!("{}/team/private:oci", mirror.host());
+    skopeo_copy_amd64("skopeo copy through the mirror", &image_ref, &layout, "oci");
     // Every blob in the layout is what its name says; the image is the origin's.
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();

@@ -10,16 +10,46 @@ use http::{Method, StatusCode};
 use regmirror::config::RegistryConfig;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tag_upstream_deleted_is_gone_even_when_upstream_goes_down_after() {
-    let origin = FakeRegistry::start().await;
-    origin.add_empty_image("library/app", "1.0");
+/// `library/app:1.0` pulled through a new mirror of `origin` (tag TTL 50 ms, then `tweak`), so
+/// that the tag's record is cached; the mirror and the tag's URL on it.
+async fn tag_pulled(
+    origin: &FakeRegistry,
+    tweak: impl FnOnce(&mut regmirror::config::Config),
+) -> (TestMirror, String) {
     let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50)
+        c.cache.tag_ttl = Duration::from_millis(50);
+        tweak(c);
     })
     .await;
     let url = mirror.url("/v2/library/app/manifests/1.0");
     assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    (mirror, url)
+}
+
+/// Asks for the tag until upstream confirms it (no `Warning`) within `patience`; every answer
+/// is `digest`.
+async fn until_fresh(url: &str, digest: &regmirror::digest::Digest, patience: Duration) {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let got = get_manifest(url).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(digest.to_string().as_str())
+        );
+        if got.header("warning").is_none() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still stale");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_upstream_deleted_is_gone_even_when_upstream_goes_down_after() {
+    let origin = FakeRegistry::start().await;
+    origin.add_empty_image("library/app", "1.0");
+    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     origin.knobs(|k| k.fail_status = Some(404));
     let gone = get_manifest(&url).await;
@@ -59,32 +89,14 @@ async fn an_untrusted_mirrors_404_neither_wins_over_a_down_origin_nor_removes_th
     // over and a probe (in the background: a client with a known digest does not wait for
     // it) finds it up.
     origin.knobs(|k| k.fail_status = None);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = get_manifest(&url).await;
-        assert_eq!(got.status, StatusCode::OK);
-        assert_eq!(
-            got.header("docker-content-digest"),
-            Some(digest.to_string().as_str())
-        );
-        if got.header("warning").is_none() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still stale");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_fresh(&url, &digest, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_that_moved_during_a_rate_limit_pause_keeps_serving_the_cached_image() {
     let origin = FakeRegistry::start().await;
     let before = origin.add_empty_image("library/app", "1.0");
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50)
-    })
-    .await;
-    let url = mirror.url("/v2/library/app/manifests/1.0");
-    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    let (mirror, url) = tag_pulled(&origin, |_| {}).await;
     // Docker Hub starts refusing manifest GETs (HEADs still answer), and the tag moves.
     origin.knobs(|k| {
         k.rate_limit_manifests = Some(60);
@@ -260,13 +272,10 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
     let origin = FakeRegistry::start().await;
     let digest = origin.add_empty_image("library/app", "1.0");
     let timeout = Duration::from_secs(2);
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50);
+    let (_mirror, url) = tag_pulled(&origin, |c| {
         c.registry[0].upstream[0].response_timeout = timeout;
     })
     .await;
-    let url = mirror.url("/v2/library/app/manifests/1.0");
-    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
     // It stops answering: the first check finds out the hard way (one time-out).
     origin.connections(Connections::Hold).await;
     let first = get_manifest(&url).await;
@@ -294,23 +303,14 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
     .await;
     // Back: a probe finds it up, and the tag is confirmed again.
     origin.connections(Connections::Serve).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(8);
-    while get_manifest(&url).await.header("warning").is_some() {
-        assert!(std::time::Instant::now() < deadline, "still stale");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_fresh(&url, &digest, Duration::from_secs(8)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_narrow_accept_gets_the_last_known_digest_when_upstream_is_down() {
     let origin = FakeRegistry::start().await;
     let digest = origin.add_empty_image("library/app", "1.0");
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50)
-    })
-    .await;
-    let url = mirror.url("/v2/library/app/manifests/1.0");
-    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
     origin.knobs(|k| k.fail_status = Some(503));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A client that takes Docker manifests only (its type): the last digest, marked stale.
@@ -334,12 +334,7 @@ async fn a_narrow_accept_gets_the_last_known_digest_when_upstream_is_down() {
 async fn a_tag_moved_to_a_manifest_upstream_does_not_serve_yet_keeps_its_previous_digest() {
     let origin = FakeRegistry::start().await;
     let before = origin.add_empty_image("library/app", "1.0");
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50)
-    })
-    .await;
-    let url = mirror.url("/v2/library/app/manifests/1.0");
-    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
     // The tag moves, but the new manifest is not served by digest yet (a replica lagging).
     let config = origin.add_blob(br#"{"lagging":true}"#.to_vec());
     let moved = schema2_manifest(&config, 16, &[]);
@@ -364,12 +359,7 @@ async fn a_token_service_refusing_the_mirrors_credentials_does_not_remove_tags()
         k.require_token = true;
         k.token_realm = Some(realm);
     });
-    let mirror = TestMirror::start(&origin.url(), |c| {
-        c.cache.tag_ttl = Duration::from_millis(50)
-    })
-    .await;
-    let url = mirror.url("/v2/library/app/manifests/1.0");
-    assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
+    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
     // The mirror's credentials are refused (rotated, say): clients are told, the tag stays.
     tokens.knobs(|k| k.fail_status = Some(401));
     origin.knobs(|k| k.accepted_token = Some("tok-renewed".into()));

@@ -467,6 +467,19 @@ pub async fn start_dockerd(dir: &Path, mirror_host: &str) -> (Process, String) {
     (dockerd, socket)
 }
 
+/// Copies the linux/amd64 image `image` (`host/repo:tag`, over plain http) into an OCI layout
+/// at `layout` under `tag`, with skopeo.
+pub fn skopeo_copy_amd64(what: &str, image: &str, layout: &Path, tag: &str) {
+    run(
+        what,
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .args(["--override-arch", "amd64", "--override-os", "linux"])
+            .arg(format!("docker://{image}"))
+            .arg(format!("oci:{}:{tag}", layout.display())),
+    );
+}
+
 /// `podman` with storage, state and events of the test's own (vfs, no systemd).
 pub fn podman(dir: &Path) -> Command {
     let mut c = Command::new("podman");
