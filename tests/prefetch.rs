@@ -8,7 +8,6 @@ use common::*;
 use http::StatusCode;
 use regmirror::digest::Digest;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// Layers with their bytes.
@@ -101,7 +100,7 @@ async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
     assert_eq!(got.status, StatusCode::OK);
     let got = get(&mirror.url(&format!("/v2/library/app/blobs/{config}"))).await;
     assert_eq!(got.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mirror.prefetches_done().await;
     for (digest, _) in &layers {
         assert_eq!(blob_gets(&origin, "library/app", digest), 0, "{digest}");
     }
@@ -147,7 +146,7 @@ async fn a_clients_first_layer_starts_the_rest_of_its_image_downloading() {
     assert!(!mirror.has_blob(first));
     let got = get(&mirror.url(&format!("/v2/library/app/blobs/{first}"))).await;
     assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mirror.prefetches_done().await;
     assert_eq!(prefetches(&mirror).await, 3.0);
     assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 1);
 }
@@ -162,20 +161,23 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
     let (first, first_bytes) = layers[0].clone();
     let first_client = spawn_blob_get(&mirror, &first);
 
-    // The client's download and two prefetches at once, no more while they are held up.
-    eventually("two prefetches run beside the client's download", || {
-        mirror.app.cache().downloads_in_flight() == 3
+    // The client's download and two prefetches at once, no more while they are held up: the
+    // config (one chunk, never held) is done, the client's layer and two others are held, both
+    // slots are taken and the image's run waits for one.
+    let layers_asked = || -> usize {
+        layers
+            .iter()
+            .map(|(d, _)| blob_gets(&origin, "library/app", d))
+            .sum()
+    };
+    eventually("two prefetches hold both slots beside the client's download", || {
+        layers_asked() >= 3 && mirror.app.prefetcher().free_slots() == 0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mirror.app.prefetcher().runs_in_progress(), 1);
     assert_eq!(mirror.app.cache().downloads_in_flight(), 3);
-    // The config (one chunk, never held) is done; the client's layer and two others are held.
     assert_eq!(blob_gets(&origin, "library/app", &config), 1);
-    let asked: usize = layers
-        .iter()
-        .map(|(d, _)| blob_gets(&origin, "library/app", d))
-        .sum();
-    assert_eq!(asked, 3, "upstream was asked for more than the bound");
+    assert_eq!(layers_asked(), 3, "upstream was asked for more than the bound");
 
     // A client asking for the last layer starts its own download at once.
     let (last, last_bytes) = layers.last().unwrap().clone();
@@ -214,7 +216,7 @@ async fn only_a_miss_where_the_manifest_came_from_starts_its_image() {
     let (first, first_bytes) = &layers[0];
     let got = get(&mirror.url(&format!("/v2/library/other/blobs/{first}"))).await;
     assert!(got.bytes()[..] == first_bytes[..], "layer byte-exact");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mirror.prefetches_done().await;
     assert_eq!(blob_gets(&origin, "library/app", &config), 0);
     assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 0);
     assert_eq!(prefetches(&mirror).await, 0.0);
@@ -237,7 +239,7 @@ async fn prefetch_downloads_0_turns_it_off() {
     assert_eq!(got.status, StatusCode::OK);
     let got = get(&mirror.url(&format!("/v2/library/app/blobs/{}", layers[0].0))).await;
     assert_eq!(got.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mirror.prefetches_done().await;
     assert_eq!(blob_gets(&origin, "library/app", &config), 0);
     assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 0);
     assert_eq!(prefetches(&mirror).await, 0.0);
@@ -248,8 +250,12 @@ async fn a_stopping_server_starts_no_more_prefetches() {
     let origin = FakeRegistry::start().await;
     let (mirror, layers, gate, client) = one_prefetch_held(&origin).await;
     let cache = mirror.cache_dir();
+    let app = Arc::clone(&mirror.app);
     let stopped = tokio::spawn(mirror.stop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the stopping server stops prefetching", || {
+        app.prefetcher().stopped()
+    })
+    .await;
     gate.add_permits(1000);
     assert!(client.await.unwrap().bytes()[..] == layers[0].1[..]);
     let _kept = stopped.await.unwrap();
@@ -272,8 +278,8 @@ async fn a_reload_stops_the_old_configurations_prefetches_and_the_new_one_prefet
         .expect("a valid configuration is applied");
     gate.add_permits(1000);
     assert!(client.await.unwrap().bytes()[..] == layers[0].1[..]);
-    mirror.settle().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The old configuration's prefetcher gives up on what it still meant to start.
+    mirror.prefetches_done().await;
     // What ran was finished and kept; what the old configuration still meant to start, it did not.
     assert_eq!(blob_gets(&origin, "library/app", &layers[1].0), 1);
     assert!(mirror.has_blob(&layers[1].0));

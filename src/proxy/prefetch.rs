@@ -19,6 +19,7 @@ use crate::cache::inflight::{FillState, Role};
 use crate::digest::Digest;
 use crate::fill::{self, FillJob};
 use crate::oci::RepoName;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -43,6 +44,24 @@ pub struct Prefetcher {
     images: moka::sync::Cache<LayerKey, Arc<Image>>,
     /// Blobs downloaded ahead of clients that no client has been served yet.
     unclaimed: moka::sync::Cache<Digest, ()>,
+    /// Images whose blobs are still being handed to downloads (waiting for the ramp or a slot).
+    runs: Arc<AtomicUsize>,
+}
+
+/// Counts one image's run while it lives.
+struct Run(Arc<AtomicUsize>);
+
+impl Run {
+    fn begin(runs: &Arc<AtomicUsize>) -> Run {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Run(Arc::clone(runs))
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The blobs of one image manifest, config first, and where they come from.
@@ -61,7 +80,15 @@ impl Prefetcher {
                 .weigher(|_, image: &Arc<Image>| image.blobs.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             unclaimed: moka::sync::Cache::new(UNCLAIMED),
+            runs: Arc::default(),
         }
+    }
+
+    /// Images whose blobs are still being handed to downloads. A client's miss that starts an
+    /// image counts here before its response begins; once this is 0 again, every download the
+    /// prefetcher meant to start has started (or never will).
+    pub fn runs_in_progress(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
     }
 
     /// Remembers an image manifest that arrived from upstream: its config, then its layers.
@@ -109,6 +136,16 @@ impl Prefetcher {
         self.unclaimed.contains_key(digest) && self.unclaimed.remove(digest).is_some()
     }
 
+    /// Download slots free now (0 when prefetching is off).
+    pub fn free_slots(&self) -> usize {
+        self.slots.as_ref().map_or(0, |s| s.available_permits())
+    }
+
+    /// Whether [`Prefetcher::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.slots.as_ref().is_none_or(|s| s.is_closed())
+    }
+
     /// Starts no more downloads (the server is stopping); those running go on.
     pub fn stop(&self) {
         if let Some(slots) = &self.slots {
@@ -139,7 +176,9 @@ impl Prefetcher {
         let (slots, cache) = (Arc::clone(slots), Arc::clone(app.cache()));
         let unclaimed = self.unclaimed.clone();
         let started = app.metrics().prefetches_counter();
+        let run = Run::begin(&self.runs);
         tokio::spawn(async move {
+            let _run = run;
             let mut one_at_a_time = finished_within(download, RAMP).await;
             for (digest, job) in wanted {
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {

@@ -203,6 +203,18 @@ impl TestMirror {
         .await;
     }
 
+    /// Waits until the prefetcher has started every download it meant to (or given up on them)
+    /// and every download has an outcome. A request that starts an image's prefetch counts
+    /// before its response begins, so "nothing was prefetched" is certain once this returns.
+    pub async fn prefetches_done(&self) {
+        let app = Arc::clone(&self.app);
+        eventually("prefetches have started everything they meant to", move || {
+            app.prefetcher().runs_in_progress() == 0
+        })
+        .await;
+        self.settle().await;
+    }
+
     /// The value of one series on `/metrics` now.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = get(&self.url("/metrics")).await;
