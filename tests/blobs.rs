@@ -219,7 +219,9 @@ async fn a_verified_blob_is_committed_once_blob_traffic_pauses_and_served_meanwh
     let url = mirror.url(&format!("/v2/library/app/blobs/{digest}"));
     let other_url = mirror.url(&format!("/v2/library/app/blobs/{other}"));
     assert!(get(&url).await.bytes()[..] == blob[..]);
-    // Another blob is pulled every 100 ms for 1.5 s: the commit waits.
+    // Another blob is pulled every 100 ms for 1.5 s: the commit waits. Timed by design: the
+    // commit waits for a real 500 ms pause in traffic (the pacer's paused-clock tests cover its
+    // logic); this checks the server wires it up, and fails only if a request takes 400 ms.
     let busy_until = std::time::Instant::now() + Duration::from_millis(1500);
     while std::time::Instant::now() < busy_until {
         assert_eq!(get(&other_url).await.status, StatusCode::OK);
@@ -276,7 +278,18 @@ async fn range_requests_on_hit_and_in_flight() {
         let url = url.clone();
         async move { request(Method::GET, &url, &[("range", "bytes=400000-")]).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both follow the download beside the leader's client; neither is answered whole before
+    // the blob is verified (a response's last byte waits for the digest), not even the range
+    // whose bytes are all written.
+    eventually("both ranges follow the download", || {
+        mirror.app.cache().download_readers(&digest) == Some(3)
+    })
+    .await;
+    assert!(
+        !early.is_finished(),
+        "a range was answered before the blob was verified"
+    );
+    assert!(!late.is_finished(), "a range not yet written was answered");
     gate.add_permits(1);
     let early = early.await.unwrap();
     assert_eq!(early.status, StatusCode::PARTIAL_CONTENT);

@@ -49,8 +49,8 @@ async fn until_fresh(url: &str, digest: &regmirror::digest::Digest, patience: Du
 async fn a_tag_upstream_deleted_is_gone_even_when_upstream_goes_down_after() {
     let origin = FakeRegistry::start().await;
     origin.add_empty_image("library/app", "1.0");
-    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mirror, url) = tag_pulled(&origin, |_| {}).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     origin.knobs(|k| k.fail_status = Some(404));
     let gone = get_manifest(&url).await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
@@ -75,7 +75,7 @@ async fn an_untrusted_mirrors_404_neither_wins_over_a_down_origin_nor_removes_th
     .await;
     let url = mirror.url("/v2/library/app/manifests/1.0");
     assert_eq!(get_manifest(&url).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     origin.knobs(|k| k.fail_status = Some(503));
     let stale = get_manifest(&url).await;
     assert_eq!(stale.status, StatusCode::OK, "the partial mirror's 404 won");
@@ -115,7 +115,7 @@ async fn a_tag_that_moved_during_a_rate_limit_pause_keeps_serving_the_cached_ima
         StatusCode::TOO_MANY_REQUESTS,
         "starts the pause"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     for got in [get_manifest(&url).await, head_manifest(&url).await] {
         assert_eq!(got.status, StatusCode::OK, "the cached image is refused");
         assert_eq!(
@@ -272,7 +272,7 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
     let origin = FakeRegistry::start().await;
     let digest = origin.add_empty_image("library/app", "1.0");
     let timeout = Duration::from_secs(2);
-    let (_mirror, url) = tag_pulled(&origin, |c| {
+    let (mirror, url) = tag_pulled(&origin, |c| {
         c.registry[0].upstream[0].response_timeout = timeout;
     })
     .await;
@@ -282,7 +282,8 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
     assert!(first.header("warning").is_some());
     // Once its back-off is over, a check probes it in the background: the client gets the last
     // known digest without waiting for that probe.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    mirror.until_endpoint_ready(0).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     origin.reset_counts();
     let started = std::time::Instant::now();
     let stale = get_manifest(&url).await;
@@ -310,9 +311,9 @@ async fn a_tag_with_a_known_digest_never_waits_for_an_endpoint_that_is_down() {
 async fn a_narrow_accept_gets_the_last_known_digest_when_upstream_is_down() {
     let origin = FakeRegistry::start().await;
     let digest = origin.add_empty_image("library/app", "1.0");
-    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
+    let (mirror, url) = tag_pulled(&origin, |_| {}).await;
     origin.knobs(|k| k.fail_status = Some(503));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     // A client that takes Docker manifests only (its type): the last digest, marked stale.
     let narrow = [("accept", DOCKER_MANIFEST)];
     for method in [Method::GET, Method::HEAD] {
@@ -334,12 +335,12 @@ async fn a_narrow_accept_gets_the_last_known_digest_when_upstream_is_down() {
 async fn a_tag_moved_to_a_manifest_upstream_does_not_serve_yet_keeps_its_previous_digest() {
     let origin = FakeRegistry::start().await;
     let before = origin.add_empty_image("library/app", "1.0");
-    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
+    let (mirror, url) = tag_pulled(&origin, |_| {}).await;
     // The tag moves, but the new manifest is not served by digest yet (a replica lagging).
     let config = origin.add_blob(br#"{"lagging":true}"#.to_vec());
     let moved = schema2_manifest(&config, 16, &[]);
     origin.add_manifest_as("library/app", "1.0", DOCKER_MANIFEST, moved);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     let got = get_manifest(&url).await;
     assert_eq!(got.status, StatusCode::OK);
     assert!(got.header("warning").is_some());
@@ -359,11 +360,11 @@ async fn a_token_service_refusing_the_mirrors_credentials_does_not_remove_tags()
         k.require_token = true;
         k.token_realm = Some(realm);
     });
-    let (_mirror, url) = tag_pulled(&origin, |_| {}).await;
+    let (mirror, url) = tag_pulled(&origin, |_| {}).await;
     // The mirror's credentials are refused (rotated, say): clients are told, the tag stays.
     tokens.knobs(|k| k.fail_status = Some(401));
     origin.knobs(|k| k.accepted_token = Some("tok-renewed".into()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     let refused = get_manifest(&url).await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert_eq!(refused.json()["errors"][0]["code"], "DENIED");

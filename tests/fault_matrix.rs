@@ -194,7 +194,7 @@ async fn run(fault: Fault, endpoints: usize, ask: Ask) -> Cell {
     if ask == Ask::TagCached {
         assert_eq!(get_manifest(&tag_url).await.status, StatusCode::OK);
         mirror.settle().await;
-        tokio::time::sleep(Duration::from_millis(100)).await; // past the tag TTL
+        mirror.until_tag_due("library/app", "1.0").await;
     }
     inject(fault, &failing, &token_service, &mirror).await;
     failing.reset_counts();
@@ -277,18 +277,18 @@ async fn inject(fault: Fault, failing: &FakeRegistry, tokens: &FakeRegistry, mir
         }
         Fault::DownOneSecondThenBack => {
             // Down: three requests for something else find it so (the later ones probe it, so
-            // it backs off for 4 s from then), and it is back 1 s after it went down, well
-            // within that back-off.
+            // it backs off for 4 s from then), and it is back at once, well within that
+            // back-off: the mirror still believes it down.
             failing.connections(Connections::Refuse).await;
             let elsewhere = mirror.url("/v2/library/other/manifests/x");
             for _ in 0..3 {
                 get_manifest(&elsewhere).await;
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
             failing.connections(Connections::Serve).await;
         }
     }
-    // Connections the mirror keeps open are closed by a change of mode: let it notice.
+    // Connections the mirror keeps open are closed by a change of mode: let it notice. Timed by
+    // necessity: its connection pool learns of a closed idle connection only when it polls it.
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 

@@ -82,7 +82,7 @@ async fn tags_are_revalidated_with_head_after_the_ttl() {
     assert_eq!(origin.hits("GET", "/v2/library/app/manifests/1.0"), 1);
     assert_eq!(origin.hits("HEAD", "/v2/library/app/manifests/1.0"), 0);
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     for _ in 0..5 {
         let got = get_manifest(&url).await;
         got.assert_content(&digest);
@@ -107,7 +107,7 @@ async fn tags_are_revalidated_with_head_after_the_ttl() {
         DOCKER_MANIFEST,
         repushed.clone(),
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     let got = get_manifest(&url).await;
     got.assert_content(&new_digest);
     assert_eq!(got.bytes()[..], *repushed.as_bytes());
@@ -134,7 +134,7 @@ async fn offline_upstream_serves_stale_tags_with_a_warning() {
     );
 
     origin.knobs(|k| k.fail_status = Some(503));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     let got = get_manifest(&tag_url).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.bytes()[..], *manifest.as_bytes());

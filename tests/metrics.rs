@@ -184,7 +184,7 @@ async fn mismatches_and_stale_answers_are_counted() {
     })
     .await;
     origin.knobs(|k| k.fail_status = Some(503));
-    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+    mirror.until_tag_due("library/app", "1.0").await;
     let stale = get_manifest(&mirror.url("/v2/library/app/manifests/1.0")).await;
     assert!(stale.header("warning").is_some());
     let text = String::from_utf8(get(&mirror.url("/metrics")).await.bytes().to_vec()).unwrap();

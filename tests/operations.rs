@@ -6,6 +6,7 @@ use base64::Engine;
 use common::e2e::{free_port, wait_until_up, Process};
 use common::*;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,8 +58,10 @@ async fn shutdown_lets_bodies_in_flight_finish() {
         started_rx.recv().await.unwrap();
     }
     let addr = mirror.addr;
+    let app = Arc::clone(&mirror.app);
     let stopping = tokio::spawn(mirror.stop());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The server stops its prefetcher right after it closes its listener.
+    eventually("shutdown has begun", || app.prefetcher().stopped()).await;
     // No new connections once shutdown began.
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(

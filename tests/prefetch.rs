@@ -170,14 +170,19 @@ async fn prefetches_are_bounded_and_never_hold_a_client_back() {
             .map(|(d, _)| blob_gets(&origin, "library/app", d))
             .sum()
     };
-    eventually("two prefetches hold both slots beside the client's download", || {
-        layers_asked() >= 3 && mirror.app.prefetcher().free_slots() == 0
-    })
+    eventually(
+        "two prefetches hold both slots beside the client's download",
+        || layers_asked() >= 3 && mirror.app.prefetcher().free_slots() == 0,
+    )
     .await;
     assert_eq!(mirror.app.prefetcher().runs_in_progress(), 1);
     assert_eq!(mirror.app.cache().downloads_in_flight(), 3);
     assert_eq!(blob_gets(&origin, "library/app", &config), 1);
-    assert_eq!(layers_asked(), 3, "upstream was asked for more than the bound");
+    assert_eq!(
+        layers_asked(),
+        3,
+        "upstream was asked for more than the bound"
+    );
 
     // A client asking for the last layer starts its own download at once.
     let (last, last_bytes) = layers.last().unwrap().clone();

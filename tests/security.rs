@@ -77,10 +77,13 @@ async fn tls_speaks_h2_and_http1_and_swaps_certificates_without_restart() {
 
     // A half-written replacement (key only) is refused; the running certificate stays.
     let tls = mirror.tls.clone().expect("server tls");
-    tokio::spawn(std::sync::Arc::clone(&tls).watch(Duration::from_millis(100)));
     let second = issue(pki.path(), "second");
     std::fs::write(&files.cert, "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        tls.refresh(&files).is_err(),
+        "a half-written certificate is refused"
+    );
+    tokio::spawn(std::sync::Arc::clone(&tls).watch(Duration::from_millis(100)));
     let still = https_request(&format!("{base}/v2/"), &first.ca_pem, true, &[]).await;
     assert_eq!(
         still.unwrap().1.status,
@@ -522,7 +525,7 @@ async fn hostile_upstreams_are_refused_and_nothing_is_cached() {
     assert!(got.is_none_or(|g| g.body.is_err() || g.status != StatusCode::OK));
     assert!(!mirror.has_blob(&digest));
     origin.knobs(|k| k.corrupt_blobs = false);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    mirror.settle().await;
     let got = get(&mirror.url(&blob_path)).await;
     assert_eq!(got.bytes().as_ref(), blob.as_slice());
     mirror.settle().await;
@@ -646,6 +649,9 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
         holders.push(tcp);
     }
     let waiting = tokio::spawn(get(mirror.url("/healthz").leak()));
+    // Timed by necessity: the fifth connection waits in the kernel's accept queue, where the
+    // server cannot report it. A broken cap serves it within milliseconds, so 300 ms without
+    // an answer is a fair sign of the cap; a slow machine can only hide a break, never fail it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !waiting.is_finished(),

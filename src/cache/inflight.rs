@@ -183,6 +183,14 @@ impl Inflight {
             .count()
     }
 
+    /// Clients reading the growing file of `digest`'s fill now (each holds its handle; the
+    /// table's own is not counted); `None` when no fill of it is in progress.
+    pub fn readers(&self, digest: &Digest) -> Option<usize> {
+        let fills = self.fills.lock().expect("inflight lock poisoned");
+        let fill = fills.get(digest)?;
+        Some(Arc::strong_count(&fill.file) - 1)
+    }
+
     /// Fills in progress.
     pub fn len(&self) -> usize {
         self.fills.lock().expect("inflight lock poisoned").len()

@@ -233,6 +233,11 @@ impl Cache {
         self.inflight.len()
     }
 
+    /// Clients reading the download of `digest` as it arrives; `None` when none is in flight.
+    pub fn download_readers(&self, digest: &Digest) -> Option<usize> {
+        self.inflight.readers(digest)
+    }
+
     /// Downloads under way: not counting verified ones waiting for (or in) their commit.
     pub fn downloads_in_flight(&self) -> usize {
         self.inflight.downloading()

@@ -74,6 +74,7 @@ impl DeadEndpoint {
 /// An endpoint that accepts connections and never answers, or answers only a first part.
 pub struct BlackHole {
     pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -93,11 +94,14 @@ impl BlackHole {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, mut stopped) = oneshot::channel::<()>();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
         tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
                 tokio::select! {
                     r = listener.accept() => if let Ok((mut stream, _)) = r {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if let Some(first) = first {
                             let mut request = [0u8; 4096];
                             let _ = stream.read(&mut request).await;
@@ -109,7 +113,16 @@ impl BlackHole {
                 }
             }
         });
-        BlackHole { addr, _stop: stop }
+        BlackHole {
+            addr,
+            accepted,
+            _stop: stop,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -203,14 +216,45 @@ impl TestMirror {
         .await;
     }
 
+    /// Waits until the mirror's answer for `repo:tag` (first registry) is no longer fresh: the
+    /// next request for it asks upstream (its TTL, or a stale answer's recheck time, is over).
+    /// A wait on the mirror's own state rather than a sleep guessed from its settings.
+    pub async fn until_tag_due(&self, repo: &str, tag: &str) {
+        let repo = regmirror::oci::RepoName::parse(repo).expect("a repository name");
+        let tag = regmirror::oci::Tag::parse(tag).expect("a tag");
+        let key = regmirror::cache::TagKey::new(&self.app, 0, &repo, &tag);
+        for _ in 0..1000 {
+            if self.app.cache().peek_tag(&key).await.is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the answer for {repo}:{tag} stayed fresh for 5 s");
+    }
+
+    /// Waits until endpoint `endpoint` of the first registry is admitted again without a
+    /// probe being forced: its back-off and any rate-limit pause are over.
+    pub async fn until_endpoint_ready(&self, endpoint: usize) {
+        let app = Arc::clone(&self.app);
+        eventually(
+            "the endpoint's back-off and rate-limit pause are over",
+            move || {
+                let health = &app.upstream(0).status()[endpoint].health;
+                health.backing_off_for.is_none() && health.rate_limited_for.is_none()
+            },
+        )
+        .await;
+    }
+
     /// Waits until the prefetcher has started every download it meant to (or given up on them)
     /// and every download has an outcome. A request that starts an image's prefetch counts
     /// before its response begins, so "nothing was prefetched" is certain once this returns.
     pub async fn prefetches_done(&self) {
         let app = Arc::clone(&self.app);
-        eventually("prefetches have started everything they meant to", move || {
-            app.prefetcher().runs_in_progress() == 0
-        })
+        eventually(
+            "prefetches have started everything they meant to",
+            move || app.prefetcher().runs_in_progress() == 0,
+        )
         .await;
         self.settle().await;
     }
