@@ -172,6 +172,9 @@ impl App {
         m.commits_waiting.set(self.cache.pacer().waiting() as i64);
         m.fills_in_flight
             .set(self.cache.downloads_in_flight() as i64);
+        m.downloads_queued
+            .set(self.cache.download_slots().queued() as i64);
+        m.download_slots.set(self.config.cache.max_downloads as i64);
         let evicted = lifecycle.evictions();
         m.evictions
             .inc_by(evicted.saturating_sub(m.evictions.get()));

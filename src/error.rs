@@ -17,7 +17,6 @@ pub enum Code {
     ManifestUnknown,
     NameUnknown,
     NameInvalid,
-    TagInvalid,
     DigestInvalid,
     ManifestInvalid,
     Unsupported,
@@ -40,7 +39,6 @@ impl Code {
             Code::ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
             Code::NameUnknown => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
             Code::NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST),
-            Code::TagInvalid => ("TAG_INVALID", StatusCode::BAD_REQUEST),
             Code::DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
             Code::ManifestInvalid => ("MANIFEST_INVALID", StatusCode::BAD_GATEWAY),
             Code::Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
@@ -128,7 +126,7 @@ impl Error {
         match self {
             Error::Route(e) => match e {
                 RouteError::NameInvalid(_) => Code::NameInvalid,
-                RouteError::TagInvalid(_) => Code::TagInvalid,
+                RouteError::ReferenceInvalid(_) => Code::ManifestUnknown,
                 RouteError::DigestInvalid(..) => Code::DigestInvalid,
                 RouteError::Unsupported(_) => Code::Unsupported,
                 RouteError::UnknownRegistry(_) => Code::NameUnknown,
@@ -203,7 +201,11 @@ mod tests {
     fn route_errors_map_to_client_statuses() {
         let cases = [
             (RouteError::NameInvalid("A".into()), 400, "NAME_INVALID"),
-            (RouteError::TagInvalid("-".into()), 400, "TAG_INVALID"),
+            (
+                RouteError::ReferenceInvalid("-".into()),
+                404,
+                "MANIFEST_UNKNOWN",
+            ),
             (
                 RouteError::DigestInvalid("x".into(), "bad".into()),
                 400,

@@ -11,6 +11,7 @@ use crate::cache::index::Placed;
 use crate::cache::inflight::{FillError, FillPermit, FillState};
 use crate::cache::lifecycle::Lifecycle;
 use crate::cache::pacer::CommitPacer;
+use crate::cache::slots::DownloadSlots;
 use crate::cache::store::TempBlob;
 use crate::digest::Digest;
 use crate::digest::Hasher;
@@ -32,6 +33,8 @@ use tokio::sync::{mpsc, watch};
 const WRITE_QUEUE: usize = 6;
 /// Most chunks written before readers are told how far the file goes.
 const WRITE_BATCH: usize = 16;
+/// What clients of a download that waited its whole timeout for a slot are told to wait.
+const RETRY_AFTER_QUEUED: u64 = 10;
 
 /// What a fill needs to know.
 pub struct FillJob {
@@ -45,6 +48,10 @@ pub struct FillJob {
     /// The largest size manifests declared for this blob: a body sent without a length is cut
     /// off beyond it (a bound only, never taken for the blob's length).
     pub declared_size: Option<u64>,
+    /// The ceiling on downloads at once: this one waits for a slot before it asks upstream.
+    pub slots: Arc<DownloadSlots>,
+    /// Started ahead of any client (a prefetch): kept when no client follows it.
+    pub ahead_of_clients: bool,
 }
 
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
@@ -55,6 +62,22 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         let digest = permit.digest().clone();
         let started = Instant::now();
         job.pacer.traffic();
+        let slot = tokio::time::timeout(job.timeout, job.slots.acquire()).await;
+        let Ok(slot) = slot else {
+            let waited = format!("no download slot came free within {:?}", job.timeout);
+            tracing::error!(%digest, "{waited}");
+            permit.finish(FillState::Failed(FillError {
+                retry_after: Some(RETRY_AFTER_QUEUED),
+                ..failure(Code::Unavailable, waited)
+            }));
+            return;
+        };
+        if !job.ahead_of_clients && permit.readers() == 0 {
+            // Its clients left while it waited: nobody needs it now (dropping the permit
+            // before the download started tells any late follower to start over).
+            tracing::debug!(%digest, "a queued download whose clients left is dropped");
+            return;
+        }
         let downloaded =
             match tokio::time::timeout(job.timeout, download(&job, &permit, temp)).await {
                 Ok(outcome) => outcome,
@@ -63,7 +86,9 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
                     format!("download exceeded {:?}", job.timeout),
                 )),
             };
-        let (temp, size) = match downloaded {
+        // Verified (or failed): the slot goes to the next download; the commit needs none.
+        drop(slot);
+        let (temp, size, trusted) = match downloaded {
             Ok(verified) => verified,
             Err(e) => {
                 if e.code == Code::BlobUnknown {
@@ -77,7 +102,7 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         };
         let downloaded_ms = started.elapsed().as_millis() as u64;
         let placed = job.lifecycle.place(size);
-        settle(&job, &digest).await;
+        settle(&job, &digest, trusted).await;
         job.pacer.wait_turn(size).await;
         let committed = commit(&job, temp, &digest, placed);
         match tokio::time::timeout(job.timeout, committed).await {
@@ -117,12 +142,12 @@ fn upstream_failure(error: UpstreamError) -> FillError {
 }
 
 /// Downloads and verifies the blob; then readers may send its last byte, and the caller
-/// commits the returned file.
+/// commits the returned file. Also says whether only endpoints trusted with tags sent it.
 async fn download(
     job: &FillJob,
     permit: &FillPermit,
     temp: TempBlob,
-) -> Result<(TempBlob, u64), FillError> {
+) -> Result<(TempBlob, u64, bool), FillError> {
     let digest = permit.digest().clone();
     let answer = job
         .upstream
@@ -180,18 +205,24 @@ async fn download(
     // Verified: readers may send the last byte now; the commit (an fsync of a large file takes
     // a while) comes later, and a client need not wait for the cache's own safety.
     permit.publish(FillState::Complete { size });
-    Ok((temp, size))
+    let trusted = sources.iter().all(|i| job.upstream.resolves_tags(*i));
+    Ok((temp, size, trusted))
 }
 
 /// What a verified download does before its commit: records that upstream served the blob
-/// for this repository (pulls through it need not ask again, while the blob waits for its
-/// commit as well as after), and makes room for its bytes, which count against the budget from
-/// now on.
-async fn settle(job: &FillJob, digest: &Digest) {
+/// for this repository when endpoints trusted with tags sent it (pulls through it need not
+/// ask again, while the blob waits for its commit as well as after; a content-only endpoint
+/// answers by digest for any repository, so its answer says nothing of this one), and makes
+/// room for its bytes, which count against the budget from now on.
+async fn settle(job: &FillJob, digest: &Digest, trusted: bool) {
     let lifecycle = Arc::clone(&job.lifecycle);
     let (registry, repo, owned) = (job.upstream.name.clone(), job.repo.clone(), digest.clone());
     let linked = tokio::task::spawn_blocking(move || {
-        let linked = lifecycle.store().link(&registry, &repo, &owned);
+        let linked = if trusted {
+            lifecycle.store().link(&registry, &repo, &owned)
+        } else {
+            Ok(())
+        };
         lifecycle.enforce_budget();
         linked
     })

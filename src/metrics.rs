@@ -57,6 +57,8 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     upstream_bytes: IntCounterVec,
     pub(crate) fills_in_flight: IntGauge,
+    pub(crate) downloads_queued: IntGauge,
+    pub(crate) download_slots: IntGauge,
     pub(crate) commits_waiting: IntGauge,
     fill_joins: IntCounter,
     prefetches: IntCounter,
@@ -172,6 +174,16 @@ impl Metrics {
                 &r,
                 "regmirror_fills_in_flight",
                 "Blob downloads in progress.",
+            ),
+            downloads_queued: gauge(
+                &r,
+                "regmirror_downloads_queued",
+                "Blob downloads waiting for a slot (cache.max_downloads are running).",
+            ),
+            download_slots: gauge(
+                &r,
+                "regmirror_download_slots",
+                "The ceiling on blob downloads at once (cache.max_downloads).",
             ),
             commits_waiting: gauge(
                 &r,

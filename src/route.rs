@@ -91,8 +91,10 @@ impl Route {
 pub enum RouteError {
     #[error("invalid repository name {0:?}")]
     NameInvalid(String),
-    #[error("invalid tag {0:?}")]
-    TagInvalid(String),
+    /// A manifest reference that is neither a tag nor a digest: no manifest has it (answered
+    /// 404, as the distribution-spec's conformance tests expect).
+    #[error("no manifest is named {0:?}: it is neither a valid tag nor a digest")]
+    ReferenceInvalid(String),
     #[error("invalid digest {0:?}: {1}")]
     DigestInvalid(String, String),
     #[error("regmirror is a read-only mirror: {0} is not supported")]
@@ -244,7 +246,7 @@ fn parse_reference(raw: &str) -> Result<Reference, RouteError> {
     }
     Tag::parse(raw)
         .map(Reference::Tag)
-        .ok_or_else(|| RouteError::TagInvalid(raw.to_string()))
+        .ok_or_else(|| RouteError::ReferenceInvalid(raw.to_string()))
 }
 
 fn parse_digest(raw: &str) -> Result<Digest, RouteError> {
@@ -447,7 +449,7 @@ mod tests {
         ));
         assert!(matches!(
             get("/v2/alpine/manifests/-x", None),
-            Err(RouteError::TagInvalid(_))
+            Err(RouteError::ReferenceInvalid(_))
         ));
         assert!(matches!(
             get("/v2/alpine/blobs/sha256:zz", None),

@@ -20,8 +20,14 @@ async fn bad_input_gets_oci_errors_and_never_touches_the_cache() {
         (
             Method::GET,
             "/v2/a/manifests/-bad",
-            StatusCode::BAD_REQUEST,
-            "TAG_INVALID",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            Method::GET,
+            "/v2/a/manifests/.INVALID",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
         ),
         (
             Method::GET,
@@ -94,6 +100,8 @@ async fn bad_input_gets_oci_errors_and_never_touches_the_cache() {
         );
         assert_eq!(got.json()["errors"][0]["code"], *code, "{method} {path}");
     }
+    let head = request(Method::HEAD, &mirror.url("/v2/a/manifests/.INVALID"), &[]).await;
+    assert_eq!(head.status, StatusCode::NOT_FOUND);
     assert_eq!(
         origin.authorizations().len(),
         0,

@@ -66,6 +66,11 @@ impl FillPermit {
         &self.digest
     }
 
+    /// Clients following this fill now (see [`Inflight::readers`]).
+    pub fn readers(&self) -> usize {
+        self.table.readers(&self.digest).unwrap_or(0)
+    }
+
     /// Records which endpoint the download comes from.
     pub fn set_source(&self, endpoint: &str) {
         let _ = self.source.set(endpoint.to_string());
@@ -130,24 +135,61 @@ pub struct Inflight {
 }
 
 impl Inflight {
-    /// Under the table's lock: join a fill in progress, else find the blob in the store
-    /// (`lookup`), else start a fill in a fresh temp file (`create`). Doing all three under
-    /// one lock means a blob committed between a miss and a join is never fetched twice.
-    /// `create` returns the leader's destination and a handle readers use to follow it.
+    /// Joins a fill in progress, else finds the blob in the store (`lookup`), else starts a
+    /// fill in a fresh temp file (`create`, which returns the leader's destination and a
+    /// handle readers use to follow it). The lock on the table is held only to look into it
+    /// and to insert: never across `lookup` or `create`, which touch the disk. A blob whose
+    /// fill committed (`committed` says so from memory: its commit is recorded before its fill
+    /// leaves the table) between the lookup and the insert is looked up again, never fetched
+    /// twice; one recorded as committed before the lookup that still missed it (removed behind
+    /// the index's back) is fetched again. A temp file made for a fill someone else started
+    /// meanwhile is dropped.
     pub fn join_or_lead<H, T, E>(
         self: &Arc<Self>,
         digest: &Digest,
-        lookup: impl FnOnce() -> Result<Option<H>, E>,
-        create: impl FnOnce() -> Result<(T, File), E>,
+        lookup: impl Fn() -> Result<Option<H>, E>,
+        create: impl Fn() -> Result<(T, File), E>,
+        committed: impl Fn() -> bool,
     ) -> Result<Role<H, T>, E> {
-        let mut fills = self.fills.lock().expect("inflight lock poisoned");
-        if let Some(fill) = fills.get(digest) {
-            return Ok(Role::Follower(fill.clone()));
+        loop {
+            if let Some(fill) = self.fill(digest) {
+                return Ok(Role::Follower(fill));
+            }
+            let committed_before = committed();
+            if let Some(hit) = lookup()? {
+                return Ok(Role::Hit(hit));
+            }
+            let (temp, reader) = create()?;
+            let mut fills = self.fills.lock().expect("inflight lock poisoned");
+            if let Some(fill) = fills.get(digest) {
+                let fill = fill.clone();
+                drop(fills);
+                drop(temp);
+                return Ok(Role::Follower(fill));
+            }
+            if !committed_before && committed() {
+                drop(fills);
+                drop(temp);
+                continue;
+            }
+            let (permit, fill) = self.insert(&mut fills, digest, reader);
+            return Ok(Role::Leader(permit, fill, temp));
         }
-        if let Some(hit) = lookup()? {
-            return Ok(Role::Hit(hit));
-        }
-        let (temp, reader) = create()?;
+    }
+
+    fn fill(&self, digest: &Digest) -> Option<Fill> {
+        let fills = self.fills.lock().expect("inflight lock poisoned");
+        fills.get(digest).cloned()
+    }
+
+    /// Starts the fill of `digest` in the table: the leader's permit, and the fill every reader
+    /// follows.
+    fn insert(
+        self: &Arc<Self>,
+        fills: &mut HashMap<Digest, Fill>,
+        digest: &Digest,
+        reader: File,
+    ) -> (FillPermit, Fill) {
         let (tx, rx) = watch::channel(FillState::Starting);
         let source = Arc::new(OnceLock::new());
         let fill = Fill {
@@ -163,7 +205,7 @@ impl Inflight {
             progress: tx,
             finished: false,
         };
-        Ok(Role::Leader(permit, fill, temp))
+        (permit, fill)
     }
 
     /// The fill of `digest` once it is verified (its commit may still wait), and its size.
@@ -229,18 +271,19 @@ mod tests {
         let table = Arc::new(Inflight::default());
         let d = Digest::of(b"a");
         let Ok(Role::Leader(permit, _, ())) =
-            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp, || false)
         else {
             panic!("first must lead")
         };
-        let Ok(Role::Follower(fill)) = table.join_or_lead(&d, || Ok(None::<()>), temp) else {
+        let Ok(Role::Follower(fill)) = table.join_or_lead(&d, || Ok(None::<()>), temp, || false)
+        else {
             panic!("second must follow")
         };
         permit.finish(FillState::Complete { size: 1 });
         assert_eq!(*fill.progress.borrow(), FillState::Complete { size: 1 });
         assert!(table.is_empty());
         assert!(matches!(
-            table.join_or_lead(&d, || Ok(Some(())), temp),
+            table.join_or_lead(&d, || Ok(Some(())), temp, || false),
             Ok(Role::Hit(()))
         ));
     }
@@ -250,7 +293,7 @@ mod tests {
         let table = Arc::new(Inflight::default());
         let d = Digest::of(b"b");
         let Ok(Role::Leader(permit, fill, ())) =
-            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp, || false)
         else {
             panic!()
         };
@@ -259,7 +302,7 @@ mod tests {
         assert!(table.is_empty());
         // Once under way, a dropped permit is a failure readers must abort on.
         let Ok(Role::Leader(permit, fill, ())) =
-            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp)
+            table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp, || false)
         else {
             panic!()
         };
@@ -269,5 +312,33 @@ mod tests {
         });
         drop(permit);
         assert!(matches!(*fill.progress.borrow(), FillState::Failed(_)));
+    }
+
+    #[test]
+    fn the_table_is_not_locked_while_the_disk_is_read_and_a_commit_in_between_is_a_hit() {
+        use std::cell::Cell;
+        let table = Arc::new(Inflight::default());
+        let d = Digest::of(b"c");
+        let lookups = Cell::new(0);
+        // The lookup takes the table's lock itself: it would deadlock if the lock were held.
+        let lookup = || {
+            lookups.set(lookups.get() + 1);
+            assert!(table.is_empty());
+            Ok::<_, ()>((lookups.get() > 1).then_some(()))
+        };
+        // A fill committed (and left the table) between the first lookup and the insert:
+        // not recorded before it, recorded after.
+        let asked = Cell::new(0);
+        let committed = || {
+            asked.set(asked.get() + 1);
+            asked.get() == 2
+        };
+        let role = table.join_or_lead(&d, lookup, temp, committed);
+        assert!(matches!(role, Ok(Role::Hit(()))), "looked up again");
+        assert_eq!(lookups.get(), 2);
+        assert!(table.is_empty());
+        // Recorded as committed, yet not found (removed behind the index's back): fetched.
+        let role = table.join_or_lead(&d, || Ok::<Option<()>, ()>(None), temp, || true);
+        assert!(matches!(role, Ok(Role::Leader(..))), "no endless lookups");
     }
 }

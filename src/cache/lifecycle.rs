@@ -256,7 +256,7 @@ impl Lifecycle {
         if !into.insert(digest.clone()) {
             return;
         }
-        if let Ok(Some((bytes, Some(_)))) = self.store.get_manifest(&digest) {
+        if let Ok(Some((bytes, _))) = self.store.get_manifest(&digest) {
             for child in oci::references(&bytes) {
                 self.collect(child, into);
             }

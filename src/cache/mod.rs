@@ -11,25 +11,29 @@ pub mod index;
 pub mod inflight;
 pub mod lifecycle;
 pub mod pacer;
+pub mod slots;
 pub mod store;
+mod tags;
 
 use crate::config::CacheConfig;
 use crate::digest::Digest;
 use crate::error::Error;
-use crate::oci::{RepoName, Tag};
+use crate::oci::RepoName;
 use bytes::Bytes;
 use index::{Budget, ReadGuard};
 use inflight::{Fill, Inflight, Role};
 use lifecycle::{parse_pin, Lifecycle, Pin};
 use pacer::CommitPacer;
+use slots::DownloadSlots;
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use store::{ManifestMeta, Store, TagRecord, TempBlob};
+use store::{ManifestMeta, Store, TempBlob};
+pub use tags::{Listing, TagAnswer, TagKey};
+use tags::{TagAnswerTtl, TagTtl};
 
 /// A manifest with the media type it is served as.
 #[derive(Clone, Debug)]
@@ -37,50 +41,6 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
-}
-
-/// What a tag resolves to, and whether upstream confirmed it recently.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TagAnswer {
-    pub digest: Digest,
-    pub media_type: String,
-    pub size: u64,
-    /// Upstream could not be asked: this is the last known mapping.
-    pub stale: bool,
-    /// For a stale answer: when upstream may answer again (the end of its back-off or of its
-    /// rate-limit pause), so that it is asked again then, not before.
-    pub recheck_after: Option<Duration>,
-}
-
-/// A tag of a repository of a registry: the index of a configured registry, and its name,
-/// since a reload may give the index to another registry while answers cached before it live.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct TagKey {
-    pub registry: usize,
-    registry_name: String,
-    pub repo: RepoName,
-    pub tag: Tag,
-}
-
-impl TagKey {
-    pub fn new(app: &crate::app::App, registry: usize, repo: &RepoName, tag: &Tag) -> TagKey {
-        TagKey {
-            registry,
-            registry_name: app.upstream(registry).name.clone(),
-            repo: repo.clone(),
-            tag: tag.clone(),
-        }
-    }
-}
-
-/// A small upstream listing (a `tags/list` page, a referrers index), or the fact there is none.
-#[derive(Clone, Debug, Default)]
-pub struct Listing {
-    pub body: Bytes,
-    /// The pagination `Link` header, if upstream sent one.
-    pub link: Option<String>,
-    /// Upstream had it (false: it answered 404).
-    pub found: bool,
 }
 
 /// A stored blob, open, held in use while the guard lives.
@@ -100,6 +60,8 @@ pub struct Cache {
     inflight: Arc<Inflight>,
     /// When verified downloads are committed.
     pacer: Arc<CommitPacer>,
+    /// The ceiling on downloads at once.
+    slots: Arc<DownloadSlots>,
     /// Recently served manifests, weighed by size; also coalesces concurrent loads.
     manifests: moka::future::Cache<Digest, Arc<Manifest>>,
     /// Tag answers live for the tag TTL (stale ones a second); loading one coalesces
@@ -122,41 +84,6 @@ pub struct Cache {
 const DECLARED_SIZES: u64 = 200_000;
 /// Repository links remembered in memory.
 const LINKS_IN_MEMORY: u64 = 200_000;
-
-/// Expiry by the current tag TTL.
-struct TagTtl(Arc<AtomicU64>);
-
-/// How long a stale tag answer (upstream could not confirm it) is kept at least before it is
-/// asked again; it is kept until upstream may answer again (`recheck_after`), and never beyond
-/// the tag TTL: an upstream that is back is noticed soon.
-const STALE_TAG_TTL: Duration = Duration::from_secs(1);
-
-/// Tag answers live for the tag TTL; stale ones briefly.
-struct TagAnswerTtl(Arc<AtomicU64>);
-
-impl moka::Expiry<TagKey, TagAnswer> for TagAnswerTtl {
-    fn expire_after_create(
-        &self,
-        _key: &TagKey,
-        answer: &TagAnswer,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        let ttl = Duration::from_millis(self.0.load(Ordering::Relaxed).max(1));
-        let recheck = answer.recheck_after.unwrap_or_default().max(STALE_TAG_TTL);
-        Some(if answer.stale { ttl.min(recheck) } else { ttl })
-    }
-}
-
-impl<K, V> moka::Expiry<K, V> for TagTtl {
-    fn expire_after_create(
-        &self,
-        _key: &K,
-        _value: &V,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_millis(self.0.load(Ordering::Relaxed).max(1)))
-    }
-}
 
 impl Cache {
     /// Opens the cache directory for the server (purging downloads a previous run left) and
@@ -194,6 +121,7 @@ impl Cache {
             lifecycle,
             inflight: Arc::new(Inflight::default()),
             pacer: Arc::new(CommitPacer::default()),
+            slots: Arc::new(DownloadSlots::new(config.max_downloads)),
             manifests,
             tags,
             listings,
@@ -221,11 +149,17 @@ impl Cache {
             low: config.low_watermark,
         };
         self.lifecycle.reconfigure(budget, pins);
+        self.slots.resize(config.max_downloads);
         Ok(())
     }
 
     pub fn pacer(&self) -> &Arc<CommitPacer> {
         &self.pacer
+    }
+
+    /// The ceiling on downloads at once, and the downloads waiting for a slot.
+    pub fn download_slots(&self) -> &Arc<DownloadSlots> {
+        &self.slots
     }
 
     /// Downloads in progress, counting verified ones waiting to be committed.
@@ -282,6 +216,7 @@ impl Cache {
                     let reader = temp.file.try_clone()?;
                     Ok((temp, reader))
                 },
+                || lifecycle.indexed_blob_size(&digest).is_some(),
             )
         })
         .await
@@ -437,64 +372,6 @@ impl Cache {
     pub fn declared_size(&self, digest: &Digest) -> Option<u64> {
         self.declared_sizes.get(digest)
     }
-
-    /// The tag's answer if one is fresh in memory; never loads.
-    pub async fn peek_tag(&self, key: &TagKey) -> Option<TagAnswer> {
-        self.tags.get(key).await
-    }
-
-    /// The tag's answer: fresh from memory (without building `load`), or from `load` (run
-    /// once for all waiters).
-    pub async fn tag<F, L>(&self, key: &TagKey, load: L) -> Result<TagAnswer, Error>
-    where
-        L: FnOnce() -> F,
-        F: Future<Output = Result<TagAnswer, Error>>,
-    {
-        if let Some(answer) = self.tags.get(key).await {
-            return Ok(answer);
-        }
-        Box::pin(
-            self.tags
-                .try_get_with(key.clone(), async move { load().await }),
-        )
-        .await
-        .map_err(Error::Shared)
-    }
-
-    /// A listing: fresh from memory, or from `load` (run once for all waiters).
-    pub async fn listing<F>(&self, key: String, load: F) -> Result<Listing, Error>
-    where
-        F: Future<Output = Result<Listing, Error>>,
-    {
-        self.listings
-            .try_get_with(key, load)
-            .await
-            .map_err(Error::Shared)
-    }
-
-    /// The tag record kept on disk (the last mapping upstream confirmed).
-    pub async fn tag_record(&self, registry: &str, key: &TagKey) -> io::Result<Option<TagRecord>> {
-        let store = Arc::clone(&self.store);
-        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
-        blocking(move || store.get_tag(&registry, &repo, &tag)).await
-    }
-
-    pub async fn put_tag_record(
-        &self,
-        registry: &str,
-        key: &TagKey,
-        record: TagRecord,
-    ) -> io::Result<()> {
-        let store = Arc::clone(&self.store);
-        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
-        blocking(move || store.put_tag(&registry, &repo, &tag, &record)).await
-    }
-
-    pub async fn remove_tag_record(&self, registry: &str, key: &TagKey) -> io::Result<()> {
-        let store = Arc::clone(&self.store);
-        let (registry, repo, tag) = (registry.to_string(), key.repo.clone(), key.tag.clone());
-        blocking(move || store.remove_tag(&registry, &repo, &tag)).await
-    }
 }
 
 fn parse_pins(pins: &[String]) -> io::Result<Vec<Pin>> {
@@ -532,9 +409,8 @@ fn open_hit(lifecycle: &Lifecycle, digest: &Digest) -> io::Result<Option<BlobHit
     }))
 }
 
-fn manifest_from_disk(digest: Digest, bytes: Vec<u8>, meta: Option<ManifestMeta>) -> Manifest {
-    let media_type = meta
-        .map(|m| m.media_type)
+fn manifest_from_disk(digest: Digest, bytes: Vec<u8>, meta: ManifestMeta) -> Manifest {
+    let media_type = Some(meta.media_type)
         .filter(|t| crate::oci::is_media_type(t))
         .or_else(|| crate::oci::sniff_manifest_type(&bytes))
         .unwrap_or_else(|| crate::oci::OCI_MANIFEST.to_string());

@@ -13,7 +13,7 @@ use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
 use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
 use crate::range::{self, Plan};
-use crate::upstream::{Answer, UpstreamError, UpstreamRequest};
+use crate::upstream::{Answer, Failure, UpstreamError, UpstreamRequest};
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
 
@@ -112,6 +112,8 @@ pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Dig
         pacer: Arc::clone(app.cache().pacer()),
         timeout: app.config().cache.fill_timeout,
         declared_size: app.cache().declared_size(digest),
+        slots: Arc::clone(app.cache().download_slots()),
+        ahead_of_clients: false,
     }
 }
 
@@ -143,6 +145,21 @@ async fn serve_head(
         return Ok(respond_sized(digest, size, range, |_, _| body::empty()));
     }
     *outcome = Outcome::Bypass;
+    let size = size_upstream(app, registry, repo, digest).await?;
+    Ok(respond_sized(digest, size, range, |_, _| body::empty()))
+}
+
+/// The size of a blob the cache does not hold, from a source that can be believed: the
+/// endpoints trusted with tags (what a client going direct would be told), else, when none
+/// can be asked (down, rate limited, or none configured) and no access rules apply, the size
+/// a verified manifest declared for it. A content-only endpoint's length is never passed on
+/// unchecked.
+async fn size_upstream(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<u64, Error> {
     // An endpoint that does not say the length is bad content: the next one is asked.
     let sized = |answer: Answer| {
         std::future::ready(answer.content_length().ok_or_else(|| {
@@ -152,9 +169,26 @@ async fn serve_head(
             ))
         }))
     };
-    let request = UpstreamRequest::blob(Method::HEAD, repo, digest);
-    let size = app.upstream(registry).fetch_with(&request, sized).await?;
-    Ok(respond_sized(digest, size, range, |_, _| body::empty()))
+    let upstream = app.upstream(registry);
+    let request = UpstreamRequest::blob(Method::HEAD, repo, digest).trusted_only();
+    let asked = if upstream.has_trusted_endpoint() {
+        upstream.fetch_with(&request, sized).await
+    } else {
+        Err(UpstreamError::new(
+            Failure::Refused,
+            format!("no endpoint is trusted to say the size of blob {digest}"),
+        ))
+    };
+    match asked {
+        Ok(size) => Ok(size),
+        Err(e) if e.failure.serves_stale() || !upstream.has_trusted_endpoint() => {
+            match app.cache().declared_size(digest) {
+                Some(size) if app.access().is_none() => Ok(size),
+                _ => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Answers from the store (blob traffic); the blob stays in use (not evictable) until the body

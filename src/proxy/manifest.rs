@@ -157,9 +157,11 @@ pub(super) async fn by_digest_quietly(
     by_digest(app, registry, repo, digest, &mut Outcome::None).await
 }
 
-/// A HEAD by digest: from the cache, else a HEAD upstream (which, unlike a GET, does not
-/// count as a pull on Docker Hub); nothing is stored. An endpoint whose headers name another
-/// digest is bad content (the next one is asked).
+/// A HEAD by digest: from the cache, else a HEAD to the endpoints trusted with tags (which,
+/// unlike a GET, does not count as a pull on Docker Hub; their answer is what a client going
+/// direct would get), else the manifest fetched, verified and stored, so that the size and
+/// type answered are those of verified content. A content-only endpoint's headers are never
+/// passed on: a wrong size there would break digest-pinned pulls at size validation.
 async fn head_by_digest(
     app: &App,
     registry: usize,
@@ -174,20 +176,27 @@ async fn head_by_digest(
     }
     *outcome = Outcome::Bypass;
     let (reference, accept) = (Reference::Digest(digest.clone()), canonical_accept());
-    let request = UpstreamRequest::manifest(Method::HEAD, repo, &reference, &accept);
+    let request = UpstreamRequest::manifest(Method::HEAD, repo, &reference, &accept).trusted_only();
     let check = |answer: Answer| {
         std::future::ready(match described(answer.headers()) {
             Some((claimed, ..)) if &claimed != digest => Err(UpstreamError::bad_content(format!(
                 "{} answered {digest} with {claimed}",
                 answer.endpoint
             ))),
+            // A generic type: only the manifest's JSON says which it is, as for a GET.
+            Some((_, media_type, _)) if oci::is_generic_type(&media_type) => Ok(None),
             found => Ok(found),
         })
     };
-    match app.upstream(registry).fetch_with(&request, check).await? {
-        Some((_, media_type, size)) => Ok(respond_head(digest, &media_type, size as usize, false)),
-        None => {
-            // Upstream's HEAD does not say enough: fetch (and cache) the manifest instead.
+    match app.upstream(registry).fetch_with(&request, check).await {
+        Ok(Some((_, media_type, size))) => {
+            Ok(respond_head(digest, &media_type, size as usize, false))
+        }
+        // The trusted endpoints say it does not exist: so be it.
+        Err(e) if e.failure == Failure::NotFound && e.authoritative => Err(e.into()),
+        // Not said, or not said enough (no trusted endpoint answered, or its HEAD lacks a
+        // header): fetch, verify and store the manifest instead, from any endpoint.
+        Ok(None) | Err(_) => {
             let m = by_digest(app, registry, repo, digest, outcome).await?;
             Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false))
         }
@@ -236,9 +245,11 @@ async fn pass_through(
 }
 
 /// A manifest from upstream for `repo`: the first endpoint whose answer checks out (see
-/// [`read_manifest`]; bad content moves on to the next). It and what it references are linked
-/// to the repository (they are served there without asking upstream again), and the sizes it
-/// declares for its blobs are remembered (they bound downloads sent without a length).
+/// [`read_manifest`]; bad content moves on to the next). The sizes it declares for its blobs
+/// are remembered (they bound downloads sent without a length). When an endpoint trusted with
+/// tags served it, it and the blobs its registry serves for it are linked to the repository
+/// (served there without asking upstream again): a content-only endpoint answers by digest
+/// for any repository, so its answer says nothing of what this one holds.
 pub(super) async fn fetch_manifest(
     app: &App,
     registry: usize,
@@ -248,14 +259,24 @@ pub(super) async fn fetch_manifest(
     what: &str,
 ) -> Result<Manifest, Error> {
     let upstream = app.upstream(registry);
-    let read = |answer| read_manifest(answer, expected, what, upstream);
-    let manifest = Box::pin(upstream.fetch_with(request, read)).await?;
+    let read = |answer: Answer| {
+        let endpoint = answer.endpoint_index;
+        async move {
+            Ok((
+                read_manifest(answer, expected, what, upstream).await?,
+                endpoint,
+            ))
+        }
+    };
+    let (manifest, endpoint) = Box::pin(upstream.fetch_with(request, read)).await?;
     app.cache().note_declared_sizes(&manifest.bytes);
-    let mut served = crate::oci::references(&manifest.bytes);
-    served.push(manifest.digest.clone());
-    app.cache()
-        .link(&app.routes()[registry].name, repo, served)
-        .await;
+    if upstream.resolves_tags(endpoint) {
+        let mut served = crate::oci::served_references(&manifest.bytes);
+        served.push(manifest.digest.clone());
+        app.cache()
+            .link(&app.routes()[registry].name, repo, served)
+            .await;
+    }
     let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
     app.prefetcher().image_arrived(registry, repo, blobs);
     Ok(manifest)
@@ -291,7 +312,7 @@ async fn read_manifest(
         }
     }
     let media_type = content_type
-        .filter(|t| t != "application/json" && t != "text/plain")
+        .filter(|t| !oci::is_generic_type(t))
         .or_else(|| oci::sniff_manifest_type(&bytes))
         .unwrap_or_else(|| oci::OCI_MANIFEST.to_string());
     Ok(Manifest {

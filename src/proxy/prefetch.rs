@@ -166,7 +166,10 @@ impl Prefetcher {
             .iter()
             .filter(|d| app.cache().lifecycle().indexed_blob_size(d).is_none())
             .map(|d| {
-                let job = super::blob::fill_job(app, image.registry, &image.repo, d);
+                let job = FillJob {
+                    ahead_of_clients: true,
+                    ..super::blob::fill_job(app, image.registry, &image.repo, d)
+                };
                 (d.clone(), job)
             })
             .collect();

@@ -19,6 +19,7 @@ mod transport;
 pub use endpoint::Memory;
 pub use failure::{Failure, UpstreamError};
 pub use request::{content_length, Answer, Resource, UpstreamRequest};
+pub use transport::IDLE_CONNECTIONS_PER_HOST;
 
 use crate::config::RegistryConfig;
 use crate::digest::Digest;
@@ -236,6 +237,16 @@ impl RegistryUpstream {
         // Stable: the configured order holds within each group.
         order.sort_by_key(|i| bad(i));
         order
+    }
+
+    /// Whether any endpoint is trusted with tags.
+    pub fn has_trusted_endpoint(&self) -> bool {
+        self.endpoints.iter().any(|e| e.resolve_tags)
+    }
+
+    /// Whether endpoint `index` is trusted with tags, and so with what a repository holds.
+    pub fn resolves_tags(&self, index: usize) -> bool {
+        self.endpoints.get(index).is_some_and(|e| e.resolve_tags)
     }
 
     fn is_trusted(&self, endpoint: &Endpoint, request: &UpstreamRequest) -> bool {

@@ -142,6 +142,12 @@ fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError
     }
 }
 
+/// Idle connections kept per upstream host once a crowd of downloads is over (each is an open
+/// file and a socket's buffers); more are closed as they come back.
+pub const IDLE_CONNECTIONS_PER_HOST: usize = 8;
+/// How long an idle upstream connection is kept.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -164,7 +170,10 @@ fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClie
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+        .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
+        .build(https)
 }
 
 #[cfg(test)]

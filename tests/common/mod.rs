@@ -4,6 +4,7 @@
 
 pub mod e2e;
 mod fake;
+pub mod login;
 pub mod pki;
 pub mod token_service;
 

@@ -155,6 +155,11 @@ pub(super) async fn serve(
         }
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, bytes.len().into());
+        if knobs.lying_heads && method == Method::HEAD {
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_LENGTH, (bytes.len() + 1).into());
+            h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        }
         if knobs.stall_listings && method == Method::GET {
             return stalling(r, bytes);
         }
@@ -287,7 +292,8 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", Digest::of(&blob).to_string());
     if !knobs.no_content_length {
-        builder = builder.header(header::CONTENT_LENGTH, blob.len());
+        let lie = usize::from(head && knobs.lying_heads);
+        builder = builder.header(header::CONTENT_LENGTH, blob.len() + lie);
     }
     if head {
         return builder

@@ -77,6 +77,9 @@ pub struct Knobs {
     /// With `require_token`: accept only `Bearer <this>` (tokens issued before are refused,
     /// as when they expire).
     pub accepted_token: Option<String>,
+    /// Answer HEADs with a `Content-Length` one byte too long, and manifest HEADs with a
+    /// generic `application/json` type (a careless public mirror; GETs stay right).
+    pub lying_heads: bool,
 }
 
 #[derive(Default)]

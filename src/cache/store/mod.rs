@@ -15,12 +15,14 @@
 //! run them on the blocking pool.
 
 use crate::digest::Digest;
-use crate::oci::{RepoName, Tag};
+use crate::oci::MAX_MANIFEST_BYTES;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+mod records;
 
 /// The cache directory.
 #[derive(Debug)]
@@ -202,41 +204,6 @@ impl Store {
         PathBuf::from(path)
     }
 
-    fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.root
-            .join("tags")
-            .join(registry)
-            .join(repo.as_str())
-            .join("_tags")
-            .join(tag.as_str())
-    }
-
-    fn link_path(&self, registry: &str, repo: &RepoName, digest: &Digest) -> PathBuf {
-        self.root
-            .join("tags")
-            .join(registry)
-            .join(repo.as_str())
-            .join("_links")
-            .join(digest.hex())
-    }
-
-    /// Records that upstream served `digest` for `registry/repo`.
-    pub fn link(&self, registry: &str, repo: &RepoName, digest: &Digest) -> io::Result<()> {
-        let path = self.link_path(registry, repo, digest);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether upstream served `digest` for `registry/repo` before.
-    pub fn is_linked(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
-        self.link_path(registry, repo, digest).exists()
-    }
-
     /// Opens a stored blob: its file and size, or `None` when absent.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
         match File::open(self.blob_path(digest)) {
@@ -293,75 +260,31 @@ impl Store {
         self.commit(temp, digest)
     }
 
-    /// A stored manifest's bytes and media type, or `None` when absent.
-    pub fn get_manifest(
-        &self,
-        digest: &Digest,
-    ) -> io::Result<Option<(Vec<u8>, Option<ManifestMeta>)>> {
-        let bytes = match fs::read(self.blob_path(digest)) {
-            Ok(b) => b,
+    /// A stored manifest's bytes and media type, or `None` when the store holds no manifest
+    /// with this digest. Only content stored as a manifest counts (its sidecar records the
+    /// media type it was verified with), and never more than [`MAX_MANIFEST_BYTES`] is read:
+    /// a layer with the same digest is not a manifest, however it is asked for.
+    pub fn get_manifest(&self, digest: &Digest) -> io::Result<Option<(Vec<u8>, ManifestMeta)>> {
+        let meta = match fs::read(self.meta_path(digest)) {
+            Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let meta = fs::read(self.meta_path(digest))
-            .ok()
-            .and_then(|m| serde_json::from_slice(&m).ok());
+        let Ok(meta) = serde_json::from_slice::<ManifestMeta>(&meta) else {
+            return Ok(None);
+        };
+        let file = match File::open(self.blob_path(digest)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let limit = MAX_MANIFEST_BYTES as u64;
+        if file.metadata()?.len() > limit {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        file.take(limit).read_to_end(&mut bytes)?;
         Ok(Some((bytes, meta)))
-    }
-
-    pub fn get_tag(
-        &self,
-        registry: &str,
-        repo: &RepoName,
-        tag: &Tag,
-    ) -> io::Result<Option<TagRecord>> {
-        match fs::read(self.tag_path(registry, repo, tag)) {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub fn put_tag(
-        &self,
-        registry: &str,
-        repo: &RepoName,
-        tag: &Tag,
-        record: &TagRecord,
-    ) -> io::Result<()> {
-        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        self.write_atomically(&self.tag_path(registry, repo, tag), &json)
-    }
-
-    pub fn remove_tag(&self, registry: &str, repo: &RepoName, tag: &Tag) -> io::Result<()> {
-        match fs::remove_file(self.tag_path(registry, repo, tag)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Repositories with at least one tag record, as `<registry>/<repository>`.
-    pub fn repositories(&self) -> io::Result<Vec<(String, String)>> {
-        let mut found = Vec::new();
-        let tags = self.root.join("tags");
-        for registry in read_dir_names(&tags)? {
-            collect_repos(&tags.join(&registry), String::new(), &registry, &mut found)?;
-        }
-        found.sort();
-        Ok(found)
-    }
-
-    /// Tags recorded for a repository.
-    pub fn tags(&self, registry: &str, repo: &RepoName) -> io::Result<Vec<String>> {
-        let dir = self
-            .root
-            .join("tags")
-            .join(registry)
-            .join(repo.as_str())
-            .join("_tags");
-        let mut names = read_dir_names(&dir)?;
-        names.sort();
-        Ok(names)
     }
 
     /// Whether a server holds the directory (commands then leave `tmp/` alone).
@@ -414,6 +337,7 @@ impl Store {
     }
 }
 
+/// The names in a directory; none when it does not exist.
 fn read_dir_names(dir: &Path) -> io::Result<Vec<String>> {
     match fs::read_dir(dir) {
         Ok(entries) => Ok(entries
@@ -423,30 +347,6 @@ fn read_dir_names(dir: &Path) -> io::Result<Vec<String>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
-}
-
-fn collect_repos(
-    dir: &Path,
-    prefix: String,
-    registry: &str,
-    out: &mut Vec<(String, String)>,
-) -> io::Result<()> {
-    for name in read_dir_names(dir)? {
-        if name == "_tags" {
-            out.push((registry.to_string(), prefix.clone()));
-            continue;
-        }
-        if name == "_links" {
-            continue;
-        }
-        let child = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        collect_repos(&dir.join(&name), child, registry, out)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -468,6 +368,36 @@ mod tests {
         store.commit(t, &d).unwrap();
         assert_eq!(store.open_blob(&d).unwrap().unwrap().1, 1);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn only_content_stored_as_a_manifest_within_the_limit_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let commit = |bytes: &[u8]| {
+            let d = Digest::of(bytes);
+            let mut t = store.create_temp(&d).unwrap();
+            t.file.write_all(bytes).unwrap();
+            store.commit(t, &d).unwrap();
+            d
+        };
+        // A layer is not a manifest, whatever asks.
+        let layer = commit(b"a layer's bytes");
+        assert!(store.get_manifest(&layer).unwrap().is_none());
+        // A manifest is, with the media type it was verified with.
+        let meta = ManifestMeta {
+            media_type: crate::oci::OCI_MANIFEST.into(),
+        };
+        let manifest = Digest::of(b"{}");
+        store.put_manifest(&manifest, b"{}", &meta).unwrap();
+        let (bytes, got) = store.get_manifest(&manifest).unwrap().unwrap();
+        assert_eq!((&bytes[..], got), (&b"{}"[..], meta.clone()));
+        // Content past the manifest limit is never read, even with a sidecar.
+        let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        let big_digest = commit(&big);
+        let json = serde_json::to_vec(&meta).unwrap();
+        fs::write(store.meta_path(&big_digest), json).unwrap();
+        assert!(store.get_manifest(&big_digest).unwrap().is_none());
     }
 
     #[test]
@@ -528,35 +458,5 @@ mod tests {
         assert_eq!(touched.modified, 1_000_000);
         store.remove_blob(&manifest).unwrap();
         assert_eq!(store.scan().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn tags_and_repositories() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let record = TagRecord {
-            digest: Digest::of(b"m").to_string(),
-            media_type: "t".into(),
-            size: 1,
-            checked_at: 0,
-        };
-        let a = RepoName::parse("library/a").unwrap();
-        let ab = RepoName::parse("library/a/b").unwrap();
-        let tag = Tag::parse("1.0").unwrap();
-        store.put_tag("docker.io", &a, &tag, &record).unwrap();
-        store.put_tag("docker.io", &ab, &tag, &record).unwrap();
-        assert_eq!(store.get_tag("docker.io", &a, &tag).unwrap(), Some(record));
-        assert_eq!(
-            store.tags("docker.io", &a).unwrap(),
-            vec!["1.0".to_string()]
-        );
-        let repos = store.repositories().unwrap();
-        assert_eq!(
-            repos,
-            vec![
-                ("docker.io".to_string(), "library/a".to_string()),
-                ("docker.io".to_string(), "library/a/b".to_string())
-            ]
-        );
     }
 }

@@ -1,0 +1,109 @@
+//! The configuration's parsing and validation, key by key.
+
+use super::*;
+
+#[test]
+fn embedded_default_is_a_docker_hub_mirror() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(c.server.listen, "0.0.0.0:5000".parse().unwrap());
+    assert_eq!(c.cache.dir, PathBuf::from("./regmirror-data"));
+    assert_eq!(c.registry.len(), 1);
+    assert!(c.registry[0].default);
+    assert_eq!(
+        c.registry[0].upstream[0].url,
+        "https://registry-1.docker.io"
+    );
+}
+
+#[test]
+fn contract_keys_parse() {
+    let c = Config::parse(
+        r#"
+        [server]
+        listen = "127.0.0.1:5000"
+        [cache]
+        dir = "/var/lib/regmirror"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        [[registry.upstream]]
+        url = "https://registry-1.docker.io"
+        username = "u"
+        password = "p"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.cache.dir, PathBuf::from("/var/lib/regmirror"));
+    assert_eq!(
+        c.registry[0].upstream[0]
+            .password
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "p"
+    );
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = Config::parse("[server]\nlisten_addr = \"1.2.3.4:5\"\n").unwrap_err();
+    assert!(e.to_string().contains("listen_addr"), "{e}");
+}
+
+#[test]
+fn bad_values_are_named() {
+    let e = Config::parse("[cache]\ntag_ttl = \"soon\"\n").unwrap_err();
+    assert!(e.to_string().contains("tag_ttl"), "{e}");
+    let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"ftp://x\"\n";
+    let e = Config::parse(text).unwrap_err();
+    assert!(e.to_string().contains("registry[0].upstream[0].url"), "{e}");
+    let text = "[[registry]]\nname = \"x.io\"\nupstream = []\n";
+    assert!(Config::parse(text)
+        .unwrap_err()
+        .to_string()
+        .contains("registry[0].upstream"));
+    let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"https://x\"\nusername = \"u\"\n";
+    assert!(Config::parse(text)
+        .unwrap_err()
+        .to_string()
+        .contains("username"));
+}
+
+#[test]
+fn sizes_and_watermarks() {
+    assert_eq!(parse_byte_size("200GiB"), Ok(200 << 30));
+    assert_eq!(parse_byte_size("1.5 GB"), Ok(1_500_000_000));
+    assert_eq!(parse_byte_size("4096"), Ok(4096));
+    assert!(parse_byte_size("12 parsecs").is_err());
+    let c = Config::parse("[cache]\nmax_size = \"10MiB\"\n").unwrap();
+    assert_eq!(c.cache.max_size, Some(10 << 20));
+    assert!(c.to_redacted_toml().contains("10MiB"));
+    let e = Config::parse("[cache]\nmax_size = \"lots\"\n").unwrap_err();
+    assert!(e.to_string().contains("max_size"), "{e}");
+    let e = Config::parse("[cache]\nhigh_watermark = 0.5\nlow_watermark = 0.6\n").unwrap_err();
+    assert!(e.to_string().contains("watermark"), "{e}");
+    let e = Config::parse("[cache]\npin = [\"quay.io/x:1\"]\n").unwrap_err();
+    assert!(e.to_string().contains("cache.pin[0]"), "{e}");
+    let e = Config::parse("[cache]\nprefetch_downloads = 100000\n").unwrap_err();
+    assert!(e.to_string().contains("cache.prefetch_downloads"), "{e}");
+    let c = Config::parse("[cache]\nprefetch_downloads = 0\n").unwrap();
+    assert_eq!(c.cache.prefetch_downloads, 0);
+}
+
+#[test]
+fn secrets_are_redacted() {
+    let text = "[[registry]]\nname = \"x.io\"\n[[registry.upstream]]\nurl = \"https://x\"\nusername = \"u\"\npassword = \"hunter2\"\n";
+    let c = Config::parse(text).unwrap();
+    let shown = c.to_redacted_toml();
+    assert!(!shown.contains("hunter2"));
+    assert!(shown.contains("<redacted>"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[test]
+fn example_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let c = Config::parse(&text).unwrap();
+    assert!(c.registry.iter().any(|r| r.default));
+}
