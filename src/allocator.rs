@@ -5,7 +5,9 @@
 //! heap back to the kernel as soon as more than about twice the chunk size is free there, so
 //! every new chunk was received into freshly faulted, zeroed pages: on a cold 512 MiB miss, page
 //! faults and `madvise` made up about 14 % of the process's CPU. Keeping up to 16 MiB free per
-//! heap removes that work; resident memory stays at what the busiest moment needed.
+//! heap removes that work. Resident memory would then stay at what the busiest moment needed
+//! (a burst of connections, say); so once the server is quiet — no download in flight — free
+//! memory is handed back to the kernel every [`QUIET_TRIM_EVERY`].
 
 /// Largest free block at the top of a heap that is kept rather than returned to the kernel.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -25,5 +27,30 @@ pub fn keep_freed_buffers() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
+    }
+}
+
+/// How often a quiet server hands free memory back to the kernel.
+pub const QUIET_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands free heap memory back to the kernel whenever `quiet` says so, every
+/// [`QUIET_TRIM_EVERY`]; runs until the task is dropped.
+pub async fn trim_when_quiet(quiet: impl Fn() -> bool) {
+    let mut every = tokio::time::interval(QUIET_TRIM_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if quiet() {
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        }
+    }
+}
+
+/// Returns free memory at the top of every heap, and free pages within them, to the kernel.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

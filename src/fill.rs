@@ -104,20 +104,28 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         let placed = job.lifecycle.place(size);
         settle(&job, &digest, trusted).await;
         job.pacer.wait_turn(size).await;
+        // The fill stays in the table until its commit has returned, however long a sick disk
+        // takes: a newcomer then joins it (served from its file) rather than fetching the blob
+        // again and committing it twice.
         let committed = commit(&job, temp, &digest, placed);
-        match tokio::time::timeout(job.timeout, committed).await {
-            Ok(Ok(())) => {
+        tokio::pin!(committed);
+        let committed = match tokio::time::timeout(job.timeout, &mut committed).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::error!(%digest, timeout = ?job.timeout, "committing to the cache is taking longer than the fill timeout; still waiting for the disk");
+                committed.await
+            }
+        };
+        match committed {
+            Ok(()) => {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = downloaded_ms, "blob cached");
             }
             // Verified, but there is no room to keep it: readers finish from the open file.
-            Ok(Err(e)) if is_disk_full(&e) => {
+            Err(e) if is_disk_full(&e) => {
                 tracing::warn!(%digest, "disk full: blob served but not cached")
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!(%digest, error = %e, "committing to the cache failed: blob served but not cached")
-            }
-            Err(_) => {
-                tracing::error!(%digest, timeout = ?job.timeout, "committing to the cache timed out: blob served but not cached")
             }
         }
         permit.finish(FillState::Complete { size });

@@ -1,7 +1,8 @@
 //! regmirror: a pull-through caching mirror for OCI / Docker registries.
 //!
 //! # Layout (in data-path order)
-//! - [`server`]: accept loop, HTTP/1.1 and h2, graceful drain.
+//! - [`server`]: accept loop, HTTP/1.1 and h2, graceful drain; [`send_watch`]: closes the
+//!   connections of clients that stopped reading.
 //! - [`proxy`]: the data path; routes a request and answers it from the cache or upstream.
 //! - [`route`]: `(method, path, query)` -> typed route (pure).
 //! - [`oci`]: names, tags, references, media types, `Accept` (pure).
@@ -46,6 +47,7 @@ pub mod ops;
 pub mod proxy;
 pub mod range;
 pub mod route;
+pub mod send_watch;
 pub mod sendfile;
 pub mod server;
 pub mod shutdown;

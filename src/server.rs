@@ -9,9 +9,11 @@
 use crate::app::Live;
 use crate::body::{WindowSize, WithGuard};
 use crate::proxy;
+use crate::send_watch::{SendProgress, Watched};
 use crate::sendfile::SendfileStream;
 use crate::tls::ServerTls;
 use http::HeaderValue;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
@@ -29,8 +31,8 @@ use tracing::Instrument;
 
 /// Request head (line and headers) one HTTP/1.1 request may send; more gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Streams one HTTP/2 connection may have open at once.
-const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams one HTTP/2 connection may have open at once (what most servers allow).
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 pings keep a quiet connection's peer honest.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(60);
 
@@ -39,6 +41,7 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(60);
 struct Limits {
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     max_requests: u64,
 }
 
@@ -63,6 +66,7 @@ pub async fn run(
     let limits = Limits {
         header_timeout: settings.header_timeout,
         idle_timeout: settings.idle_timeout,
+        send_timeout: settings.send_timeout,
         max_requests: settings.max_requests_per_connection,
     };
     let shared = Arc::new(Shared {
@@ -70,6 +74,11 @@ pub async fn run(
         tls,
         builder: builder(&limits),
         limits,
+    });
+    // Memory a burst needed goes back to the kernel once no download is in flight.
+    let trimming = tokio::spawn({
+        let live = Arc::clone(&shared.live);
+        crate::allocator::trim_when_quiet(move || live.get().cache().fills_in_flight() == 0)
     });
     // One permit per open connection: the cap while serving, the drain count at shutdown.
     let slots = Arc::new(Semaphore::new(settings.max_connections));
@@ -116,6 +125,7 @@ pub async fn run(
         _ = tokio::time::sleep_until(deadline) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
     }
     finish_downloads(&shared.live, deadline).await;
+    trimming.abort();
 }
 
 /// Lets downloads still running finish within the grace period: a blob whose clients already
@@ -188,10 +198,12 @@ async fn drive<I>(
     I: Read + Write + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    let sending = SendProgress::new();
     let service = {
-        let (live, activity, max_requests) = (
+        let (live, activity, sending, max_requests) = (
             Arc::clone(&shared.live),
             Arc::clone(&activity),
+            Arc::clone(&sending),
             shared.limits.max_requests,
         );
         service_fn(move |mut request: http::Request<Incoming>| {
@@ -203,6 +215,7 @@ async fn drive<I>(
             // Each request runs on the configuration generation current when it arrived.
             let app = live.get();
             let (busy, last) = activity.begin(max_requests);
+            let sending = Arc::clone(&sending);
             async move {
                 let mut response = proxy::handle(app, request, client).await;
                 if last && http1 {
@@ -210,16 +223,24 @@ async fn drive<I>(
                         .headers_mut()
                         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(response.map(|body| body.with_guard(busy)))
+                Ok::<_, Infallible>(
+                    response
+                        .map(|body| Watched::new(body.with_guard(busy), sending).boxed_unsync()),
+                )
             }
         })
     };
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let (idle_timeout, header_timeout) = (shared.limits.idle_timeout, shared.limits.header_timeout);
+    let Limits {
+        idle_timeout,
+        header_timeout,
+        send_timeout,
+        ..
+    } = shared.limits;
     let opened = Instant::now();
     let mut checks = tokio::time::interval(
-        (idle_timeout.min(header_timeout) / 4)
+        (idle_timeout.min(header_timeout).min(send_timeout) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(5)),
     );
     let mut closing = false;
@@ -245,6 +266,12 @@ async fn drive<I>(
                 // or half an HTTP/2 preface, while the protocol is being detected): drop it.
                 if activity.served.load(Ordering::Acquire) == 0 && opened.elapsed() >= header_timeout {
                     tracing::debug!(?header_timeout, "no request in time; closing the connection");
+                    return;
+                }
+                // Bodies wait to be sent and the client takes nothing: it stopped reading.
+                // Closed at once (a graceful close would wait on those very bodies).
+                if sending.stalled_for() >= send_timeout {
+                    tracing::info!(client = %client, ?send_timeout, "the client stopped reading; closing the connection");
                     return;
                 }
                 if activity.idle_for() >= idle_timeout {

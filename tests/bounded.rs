@@ -36,6 +36,26 @@ async fn a_cached_layer_is_never_served_as_a_manifest() {
     let asked = origin.hits("GET", &format!("/v2/library/app/manifests/{digest}"))
         + origin.hits("HEAD", &format!("/v2/library/app/manifests/{digest}"));
     assert!(asked >= 1, "upstream was not asked for a manifest");
+    // A public mirror (content only) that answers the layer's digest as a manifest with the
+    // layer's bytes: they match the digest, but are no manifest; nothing is stored as one.
+    let careless = FakeRegistry::start().await;
+    careless.add_manifest(
+        "library/app",
+        None,
+        "application/octet-stream",
+        layer.clone(),
+    );
+    let mirror = TestMirror::start_many(&[&origin.url(), &careless.url()], |c| {
+        c.registry[0].upstream[1].resolve_tags = false;
+    })
+    .await;
+    for _ in 0..2 {
+        let got = get_manifest(&mirror.url(&format!("/v2/library/app/manifests/{digest}"))).await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.json()["errors"][0]["code"], "MANIFEST_INVALID");
+        let message = got.json()["errors"][0]["message"].to_string();
+        assert!(message.contains("is not one"), "{message}");
+    }
     // The layer itself is still served, whole, as a blob.
     get(&mirror.url(&format!("/v2/library/app/blobs/{digest}")))
         .await
@@ -91,16 +111,16 @@ async fn a_content_only_endpoint_links_nothing_to_a_repository() {
     .await;
     assert!(got.bytes()[..] == private_layer[..]);
     mirror.settle().await;
-    // An anonymous client gets the manifest through a public repository from the public
-    // mirror (verified by digest: the mirror serves what it has)...
+    // An anonymous client asks for the manifest through a public repository: the public
+    // mirror has it (by digest, for any repository), but that says nothing of what
+    // library/alpine holds, and the origin says it does not hold it.
     let got = get_manifest(&mirror.url(&format!("/v2/library/alpine/manifests/{digest}"))).await;
-    got.assert_content(&digest);
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
     assert_eq!(
         public_mirror.hits("GET", &format!("/v2/library/alpine/manifests/{digest}")),
         1
     );
-    // ...but that says nothing of what library/alpine holds: the stored private layer is not
-    // served there, since the origin does not have it there.
+    // Nor does the stored private layer become library/alpine's through it.
     let blob = mirror.url(&format!("/v2/library/alpine/blobs/{private}"));
     let got = get(&blob).await;
     assert_eq!(got.status, StatusCode::NOT_FOUND);
@@ -146,13 +166,16 @@ async fn a_head_on_a_miss_never_passes_on_a_content_only_endpoints_headers() {
     );
     get_manifest(&url).await.assert_content(&digest);
 
-    // A blob: the size its verified manifest declared, not the public mirror's.
-    let head = request(
-        Method::HEAD,
-        &mirror.url(&format!("/v2/library/app/blobs/{blob}")),
-        &[],
-    )
-    .await;
+    // A blob: only the origin may say its size. Down, the client is told to come back (as
+    // going direct it would be); back, it says.
+    let blob_url = mirror.url(&format!("/v2/library/app/blobs/{blob}"));
+    let head = request(Method::HEAD, &blob_url, &[]).await;
+    assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(head.header("retry-after").is_some());
+    origin.add_blob(layer.clone());
+    origin.knobs(|k| k.fail_status = None);
+    mirror.until_endpoint_ready(0).await;
+    let head = request(Method::HEAD, &blob_url, &[]).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(
         head.header("content-length"),
@@ -160,15 +183,7 @@ async fn a_head_on_a_miss_never_passes_on_a_content_only_endpoints_headers() {
     );
     assert_eq!(
         public_mirror.hits("HEAD", &format!("/v2/library/app/blobs/{blob}")),
-        0
+        0,
+        "a content-only endpoint's HEAD was asked"
     );
-    // Without a manifest that declares it, nothing believable says its size: no answer.
-    let unknown = public_mirror.add_blob(random_bytes(1000, 193));
-    let head = request(
-        Method::HEAD,
-        &mirror.url(&format!("/v2/library/app/blobs/{unknown}")),
-        &[],
-    )
-    .await;
-    assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
 }

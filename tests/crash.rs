@@ -15,11 +15,10 @@
 
 mod common;
 
-use common::e2e::{free_port, wait_until_up, Process};
+use common::e2e::{spawn_regmirror, wait_until_up, Process};
 use common::*;
 use regmirror::digest::Digest;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -62,26 +61,14 @@ fn temp_files(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count())
 }
 
-fn start_mirror(dir: &Path, cache: &Path, origin: &str, log: &str) -> (Process, u16) {
-    let port = free_port();
-    let config = dir.join("crash.toml");
-    std::fs::write(
-        &config,
+fn start_mirror(dir: &Path, cache: &Path, origin: &str, name: &str) -> (Process, u16) {
+    spawn_regmirror(dir, name, |port| {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\nmax_size = \"40MiB\"\nhigh_watermark = 0.8\nlow_watermark = 0.5\n\
              [[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\nurl = \"{origin}\"\n",
             cache.display().to_string()
-        ),
-    )
-    .unwrap();
-    let process = Process::spawn(
-        "regmirror",
-        Command::new(env!("CARGO_BIN_EXE_regmirror"))
-            .args(["serve", "--config"])
-            .arg(&config),
-        dir.join(log),
-    );
-    (process, port)
+        )
+    })
 }
 
 /// The phase of a download's life a kill is aimed at.
@@ -259,7 +246,7 @@ async fn sigkill_in_every_phase_of_a_download_never_leaves_a_bad_entry() {
                 _ => None,
             };
         });
-        let (mut mirror, port) = start_mirror(dir.path(), &cache, &origin.url(), "crash.log");
+        let (mut mirror, port) = start_mirror(dir.path(), &cache, &origin.url(), "crash");
         wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
         assert_eq!(temp_files(&cache), 0, "tmp/ not purged at start-up");
         let pid = mirror.pid();
@@ -369,7 +356,7 @@ async fn sigkill_in_every_phase_of_a_download_never_leaves_a_bad_entry() {
 
     // A last clean start serves everything byte-exact.
     origin.knobs(|k| k.chunk_delay = None);
-    let (mirror, port) = start_mirror(dir.path(), &cache, &origin.url(), "final.log");
+    let (mirror, port) = start_mirror(dir.path(), &cache, &origin.url(), "final");
     wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
     for (digest, bytes) in &blobs {
         let got = get(&format!(

@@ -120,6 +120,10 @@ pub struct ServerConfig {
     /// may wait between requests (a slow client cannot hold a connection).
     #[serde(default = "default_header_timeout", with = "duration_text")]
     pub header_timeout: Duration,
+    /// A connection whose client takes nothing of what it is sent for this long (it stopped
+    /// reading, or keeps its HTTP/2 window shut) is closed.
+    #[serde(default = "default_send_timeout", with = "duration_text")]
+    pub send_timeout: Duration,
     /// A connection with no request in progress for this long is closed (HTTP/2 included).
     #[serde(default = "default_idle_timeout", with = "duration_text")]
     pub idle_timeout: Duration,
@@ -325,6 +329,7 @@ impl Default for ServerConfig {
             shutdown_grace: default_shutdown_grace(),
             unknown_registry_status: default_unknown_registry_status(),
             header_timeout: default_header_timeout(),
+            send_timeout: default_send_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_requests_per_connection: default_max_requests_per_connection(),
@@ -430,6 +435,9 @@ const MAX_PREFETCH_DOWNLOADS: usize = 64;
 /// to lookups, cold reads and DNS, which no number of downloads can then starve.
 pub const MAX_DOWNLOADS: usize = 128;
 
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_header_timeout() -> Duration {
     Duration::from_secs(30)
 }

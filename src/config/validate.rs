@@ -51,6 +51,7 @@ impl Config {
         for (name, value) in [
             ("server.header_timeout", self.server.header_timeout),
             ("server.idle_timeout", self.server.idle_timeout),
+            ("server.send_timeout", self.server.send_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than zero"));

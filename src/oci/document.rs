@@ -6,16 +6,26 @@
 use super::{is_media_type, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use crate::digest::Digest;
 
+/// Docker's long-gone signed schema 1, still served by a few old registries.
+const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// The fields that tell a manifest's kind.
+#[derive(serde::Deserialize)]
+struct Probe {
+    #[serde(rename = "schemaVersion")]
+    schema_version: Option<u64>,
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    manifests: Option<serde_json::Value>,
+    layers: Option<serde_json::Value>,
+    config: Option<serde_json::Value>,
+    #[serde(rename = "fsLayers")]
+    fs_layers: Option<serde_json::Value>,
+}
+
 /// Guesses a manifest's media type from its JSON when upstream did not say (or said
 /// something generic). Docker schema2 and OCI documents carry `mediaType`; OCI may omit it.
 pub fn sniff_manifest_type(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        manifests: Option<serde_json::Value>,
-        layers: Option<serde_json::Value>,
-    }
     let probe: Probe = serde_json::from_slice(body).ok()?;
     if let Some(t) = probe.media_type {
         return is_media_type(&t).then_some(t);
@@ -23,7 +33,24 @@ pub fn sniff_manifest_type(body: &[u8]) -> Option<String> {
     if probe.manifests.is_some() {
         return Some(OCI_INDEX.to_string());
     }
+    if probe.fs_layers.is_some() {
+        return Some(DOCKER_SCHEMA1.to_string());
+    }
     probe.layers.map(|_| OCI_MANIFEST.to_string())
+}
+
+/// Whether `body` is a manifest document at all: JSON with a `schemaVersion` that lists
+/// manifests (an index), a config or layers (an image or artifact), or `fsLayers` (schema 1).
+/// A layer or a config asked for as a manifest is not one, whatever its digest.
+pub fn is_manifest_document(body: &[u8]) -> bool {
+    let Ok(probe) = serde_json::from_slice::<Probe>(body) else {
+        return false;
+    };
+    probe.schema_version.is_some()
+        && (probe.manifests.is_some()
+            || probe.layers.is_some()
+            || probe.config.is_some()
+            || probe.fs_layers.is_some())
 }
 
 /// The digests a manifest refers to: child manifests of an index, or config and layers.
@@ -210,6 +237,29 @@ mod tests {
         );
         let bad_config = format!(r#"{{"config":{{"digest":"x"}},"layers":[{{"digest":"{l1}"}}]}}"#);
         assert!(image_blobs(OCI_MANIFEST, bad_config.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn only_manifest_documents_are_manifests() {
+        for manifest in [
+            r#"{"schemaVersion":2,"manifests":[]}"#,
+            r#"{"schemaVersion":2,"config":{"digest":"x"},"layers":[]}"#,
+            r#"{"schemaVersion":1,"name":"a","fsLayers":[]}"#,
+        ] {
+            assert!(is_manifest_document(manifest.as_bytes()), "{manifest}");
+        }
+        for other in [
+            &b"\x1f\x8b\x08 a gzip layer"[..],
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#,
+            br#"{"layers":[]}"#,
+            b"[]",
+        ] {
+            assert!(!is_manifest_document(other), "{other:?}");
+        }
+        assert_eq!(
+            sniff_manifest_type(br#"{"schemaVersion":1,"fsLayers":[]}"#).as_deref(),
+            Some(DOCKER_SCHEMA1)
+        );
     }
 
     #[test]

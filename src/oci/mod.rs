@@ -7,7 +7,10 @@ use crate::digest::Digest;
 use std::fmt;
 
 mod document;
-pub use document::{descriptors, image_blobs, references, served_references, sniff_manifest_type};
+pub use document::{
+    descriptors, image_blobs, is_manifest_document, references, served_references,
+    sniff_manifest_type,
+};
 
 /// `Docker-Content-Digest`, set on every manifest and blob answer.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";

@@ -13,7 +13,7 @@ use crate::error::{Code, Error};
 use crate::fill::{self, FillJob};
 use crate::oci::{RepoName, DOCKER_CONTENT_DIGEST};
 use crate::range::{self, Plan};
-use crate::upstream::{Answer, Failure, UpstreamError, UpstreamRequest};
+use crate::upstream::{Answer, UpstreamError, UpstreamRequest};
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
 
@@ -149,11 +149,11 @@ async fn serve_head(
     Ok(respond_sized(digest, size, range, |_, _| body::empty()))
 }
 
-/// The size of a blob the cache does not hold, from a source that can be believed: the
-/// endpoints trusted with tags (what a client going direct would be told), else, when none
-/// can be asked (down, rate limited, or none configured) and no access rules apply, the size
-/// a verified manifest declared for it. A content-only endpoint's length is never passed on
-/// unchecked.
+/// The size of a blob the cache does not hold, from the endpoints trusted with tags (what a
+/// client going direct would be told); when they cannot be asked, the client is told so, as
+/// going direct it would be. A content-only endpoint's length is never passed on, unless the
+/// registry has no endpoint trusted with tags (`allow_untrusted_tags` with content-only
+/// endpoints alone: their tags, and so the sizes their manifests declare, are taken anyway).
 async fn size_upstream(
     app: &App,
     registry: usize,
@@ -170,25 +170,11 @@ async fn size_upstream(
         }))
     };
     let upstream = app.upstream(registry);
-    let request = UpstreamRequest::blob(Method::HEAD, repo, digest).trusted_only();
-    let asked = if upstream.has_trusted_endpoint() {
-        upstream.fetch_with(&request, sized).await
-    } else {
-        Err(UpstreamError::new(
-            Failure::Refused,
-            format!("no endpoint is trusted to say the size of blob {digest}"),
-        ))
-    };
-    match asked {
-        Ok(size) => Ok(size),
-        Err(e) if e.failure.serves_stale() || !upstream.has_trusted_endpoint() => {
-            match app.cache().declared_size(digest) {
-                Some(size) if app.access().is_none() => Ok(size),
-                _ => Err(e.into()),
-            }
-        }
-        Err(e) => Err(e.into()),
+    let mut request = UpstreamRequest::blob(Method::HEAD, repo, digest);
+    if upstream.has_trusted_endpoint() {
+        request = request.trusted_only();
     }
+    Ok(upstream.fetch_with(&request, sized).await?)
 }
 
 /// Answers from the store (blob traffic); the blob stays in use (not evictable) until the body
@@ -266,6 +252,11 @@ async fn follow_fill(
     };
     if let Some(source) = fill.source.get() {
         crate::upstream::note_endpoint(source);
+        // A content-only endpoint answers by digest for any repository: what it sends is
+        // served here only if the repository holds it (the origin says so, or said so before).
+        if !app.upstream(registry).base_resolves_tags(source) {
+            confirm(app, registry, repo, digest, Content::Blob).await?;
+        }
     }
     let file = fill.file;
     let continuation = continuation(app, registry, repo, digest, size);

@@ -40,9 +40,10 @@ pub async fn serve(
         }
         Reference::Digest(digest) => {
             let manifest = by_digest(app, registry, repo, digest, outcome).await?;
-            if *outcome == Outcome::Hit {
-                confirm(app, registry, repo, digest, Content::Manifest).await?;
-            }
+            // Stored, or fetched from a content-only endpoint (which answers by digest for any
+            // repository): served here only if the repository holds it. A trusted endpoint's
+            // answer was linked to the repository as it came.
+            confirm(app, registry, repo, digest, Content::Manifest).await?;
             Ok(respond(
                 &manifest.digest,
                 &manifest.media_type,
@@ -198,6 +199,7 @@ async fn head_by_digest(
         // header): fetch, verify and store the manifest instead, from any endpoint.
         Ok(None) | Err(_) => {
             let m = by_digest(app, registry, repo, digest, outcome).await?;
+            confirm(app, registry, repo, digest, Content::Manifest).await?;
             Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false))
         }
     }
@@ -310,6 +312,11 @@ async fn read_manifest(
                 "{endpoint}: manifest {what} should be {wanted}, its content is {digest}"
             )));
         }
+    }
+    if !oci::is_manifest_document(&bytes) {
+        return Err(UpstreamError::bad_content(format!(
+            "{endpoint}: {what} answered as a manifest is not one"
+        )));
     }
     let media_type = content_type
         .filter(|t| !oci::is_generic_type(t))

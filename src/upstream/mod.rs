@@ -244,6 +244,13 @@ impl RegistryUpstream {
         self.endpoints.iter().any(|e| e.resolve_tags)
     }
 
+    /// Whether the endpoint at `base` (an answer's `endpoint`) is trusted with tags.
+    pub fn base_resolves_tags(&self, base: &str) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.base == base && e.resolve_tags)
+    }
+
     /// Whether endpoint `index` is trusted with tags, and so with what a repository holds.
     pub fn resolves_tags(&self, index: usize) -> bool {
         self.endpoints.get(index).is_some_and(|e| e.resolve_tags)

@@ -222,6 +222,27 @@ impl Origin {
     }
 }
 
+/// Starts the regmirror binary on a free port with the configuration `config` writes for that
+/// port, saved as `<dir>/<name>.toml`; its output goes to `<dir>/<name>.log`.
+pub fn spawn_regmirror(
+    dir: &Path,
+    name: &str,
+    config: impl FnOnce(u16) -> String,
+) -> (Process, u16) {
+    let port = free_port();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config(port)).unwrap();
+    let process = Process::spawn(
+        "regmirror",
+        Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info"),
+        dir.join(format!("{name}.log")),
+    );
+    (process, port)
+}
+
 /// The regmirror binary, configured as users do, in front of `upstream`.
 pub struct Mirror {
     pub port: u16,
@@ -249,34 +270,26 @@ impl Mirror {
         extra: &str,
         tls_ca: Option<&str>,
     ) -> Mirror {
-        let port = free_port();
         let cache = dir.join("mirror-cache");
-        let config = dir.join("regmirror.toml");
-        let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n",
-            cache.display().to_string()
-        );
-        for (i, (name, upstreams)) in registries.iter().enumerate() {
-            text.push_str(&format!(
-                "\n[[registry]]\nname = \"{name}\"\ndefault = {}\n",
-                i == 0
-            ));
-            for (url, resolve_tags) in upstreams.iter() {
+        let (process, port) = spawn_regmirror(dir, "regmirror", |port| {
+            let mut text = format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n",
+                cache.display().to_string()
+            );
+            for (i, (name, upstreams)) in registries.iter().enumerate() {
                 text.push_str(&format!(
-                    "[[registry.upstream]]\nurl = \"{url}\"\nresolve_tags = {resolve_tags}\nstall_timeout = \"3s\"\n"
+                    "\n[[registry]]\nname = \"{name}\"\ndefault = {}\n",
+                    i == 0
                 ));
+                for (url, resolve_tags) in upstreams.iter() {
+                    text.push_str(&format!(
+                        "[[registry.upstream]]\nurl = \"{url}\"\nresolve_tags = {resolve_tags}\nstall_timeout = \"3s\"\n"
+                    ));
+                }
             }
-        }
-        text.push_str(extra);
-        std::fs::write(&config, text).unwrap();
-        let process = Process::spawn(
-            "regmirror",
-            Command::new(env!("CARGO_BIN_EXE_regmirror"))
-                .args(["serve", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "info"),
-            dir.join("regmirror.log"),
-        );
+            text.push_str(extra);
+            text
+        });
         match tls_ca {
             None => wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &process).await,
             Some(ca) => {

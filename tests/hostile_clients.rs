@@ -1,0 +1,156 @@
+//! Hostile clients against a mirror process of its own (so its memory is measured alone): HTTP/2
+//! connections that open every stream they may and never read a byte of them (a zero
+//! flow-control window) are closed by `server.send_timeout`, the mirror's memory stays bounded
+//! meanwhile and comes back after, and a normal client is served throughout.
+
+mod common;
+
+use common::e2e::{spawn_regmirror, wait_until_up, Process};
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const CONNECTIONS: usize = 200;
+const STREAMS: usize = 100;
+const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The mirror process's resident memory in KiB, and its memory mappings.
+fn memory_of(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count();
+    (rss, maps)
+}
+
+fn start_mirror(dir: &Path, origin: &str) -> (Process, u16) {
+    spawn_regmirror(dir, "hostile", |port| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\nmax_connections = 1000\n\
+             [cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n\
+             [[registry.upstream]]\nurl = \"{origin}\"\n",
+            SEND_TIMEOUT.as_secs(),
+            dir.join("cache").display().to_string()
+        )
+    })
+}
+
+/// An attacker's connection: the task driving it (it ends when the server closes the
+/// connection), the handle that keeps the client's side open, and the responses never read.
+type Stalled = (
+    tokio::task::JoinHandle<()>,
+    hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>,
+    Vec<http::Response<hyper::body::Incoming>>,
+);
+
+/// One h2c connection (prior knowledge) that opens `STREAMS` requests for `path` and never
+/// reads their bodies: its windows stay shut. Returns once every stream has its response head.
+async fn stalled_connection(port: u16, path: &str) -> Stalled {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .adaptive_window(false)
+        .handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut pending = Vec::new();
+    for _ in 0..STREAMS {
+        sender.ready().await.unwrap();
+        let request = Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .body(Empty::new())
+            .unwrap();
+        pending.push(sender.send_request(request));
+    }
+    let mut responses = Vec::new();
+    for response in pending {
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        responses.push(response);
+    }
+    (driver, sender, responses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(16 * 1024 * 1024, 500);
+    let digest = origin.add_blob(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (mirror, port) = start_mirror(dir.path(), &origin.url());
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let url = format!("http://127.0.0.1:{port}{path}");
+    get(&url).await.assert_content(&digest);
+    let pid = mirror.pid();
+    let (rss_before, maps_before) = memory_of(pid);
+
+    // Every attacker's streams are open and shut at once.
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        attackers.push(stalled_connection(port, &path).await);
+    }
+    let opened_in = started.elapsed();
+    let (rss_peak, maps_peak) = memory_of(pid);
+    // A normal client is served meanwhile, byte-exact.
+    get(&url).await.assert_content(&digest);
+
+    // The send timeout closes every stalled connection.
+    let deadline = Instant::now() + SEND_TIMEOUT * 3 + Duration::from_secs(10);
+    for (driver, _sender, _responses) in &mut attackers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, driver)
+            .await
+            .expect("a connection that never read is still open")
+            .unwrap();
+    }
+    let closed_after = started.elapsed();
+    drop(attackers);
+    // Memory comes back: blocking threads leave after 10 s idle, and the quiet server hands
+    // free memory back to the kernel every 10 s.
+    let settled = Instant::now();
+    let (mut rss_after, mut maps_after) = memory_of(pid);
+    while (rss_after > rss_before + 16 * 1024 || maps_after >= maps_before + 64)
+        && settled.elapsed() < Duration::from_secs(25)
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (rss_after, maps_after) = memory_of(pid);
+    }
+    println!(
+        "{CONNECTIONS} h2 connections x {STREAMS} streams that never read (opened in {opened_in:?}, \
+         all closed {closed_after:?} after the first): mirror RSS {} -> {} -> {} MiB \
+         ({:?} after), memory maps {maps_before} -> {maps_peak} -> {maps_after}",
+        rss_before / 1024,
+        rss_peak / 1024,
+        rss_after / 1024,
+        settled.elapsed()
+    );
+    assert!(
+        rss_peak < rss_before + 192 * 1024,
+        "RSS {rss_before} -> {rss_peak} KiB"
+    );
+    assert!(
+        maps_after < maps_before + 64,
+        "memory maps {maps_before} -> {maps_after}"
+    );
+    assert!(
+        rss_after <= rss_before + 16 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB once they are gone"
+    );
+    get(&url).await.assert_content(&digest);
+    assert!(mirror.output().contains("the client stopped reading"));
+}
