@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::chaos::Random;
 use common::e2e::{spawn_regmirror, wait_until_up, Process};
 use common::*;
 use regmirror::digest::Digest;
@@ -188,23 +189,7 @@ async fn sigkill_in_every_phase_of_a_download_never_leaves_a_bad_entry() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let mut seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("crash test seed: CRASH_SEED={seed}");
-    let mut random = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let random = Random::from_env("CRASH_SEED");
     let url = |port: u16, digest: &Digest| {
         format!("http://127.0.0.1:{port}/v2/library/app/blobs/{digest}")
     };
@@ -282,7 +267,7 @@ async fn sigkill_in_every_phase_of_a_download_never_leaves_a_bad_entry() {
         let fresh_paths: Vec<PathBuf> = fresh.iter().map(|(d, _)| blob_path(&cache, d)).collect();
         let (aimed, what) = match phase {
             Phase::Receiving => {
-                tokio::time::sleep(Duration::from_millis(50 + random(200))).await;
+                tokio::time::sleep(Duration::from_millis(50 + random.below(200))).await;
                 mirror.kill();
                 let committed = fresh_paths.iter().filter(|p| p.exists()).count();
                 let downloading = temp_files(&cache);

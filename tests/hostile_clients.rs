@@ -1,17 +1,21 @@
-//! Hostile clients against a mirror process of its own (so its memory is measured alone): HTTP/2
-//! connections that open every stream they may and never read a byte of them (a zero
-//! flow-control window) are closed by `server.send_timeout`, the mirror's memory stays bounded
-//! meanwhile and comes back after, and a normal client is served throughout.
+//! Hostile and idle clients against a mirror process of its own (so its memory is measured
+//! alone): HTTP/2 connections that open every stream they may and never read a byte of them (a
+//! zero flow-control window) are closed by `server.send_timeout`, the mirror's memory stays
+//! bounded meanwhile and comes back after, and a normal client is served throughout; an idle
+//! fleet of keep-alive connections costs what the README says, and memory comes back once it
+//! leaves.
 
 mod common;
 
 use common::e2e::{spawn_regmirror, wait_until_up, Process};
+use common::process::{memory_maps, rss_kib};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 200;
 const STREAMS: usize = 100;
@@ -19,23 +23,15 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The mirror process's resident memory in KiB, and its memory mappings.
 fn memory_of(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .count();
-    (rss, maps)
+    let pid = pid.to_string();
+    (rss_kib(&pid), memory_maps(&pid))
 }
 
+/// The mirror in front of `origin`, with the default `max_connections` (4096).
 fn start_mirror(dir: &Path, origin: &str) -> (Process, u16) {
     spawn_regmirror(dir, "hostile", |port| {
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\nmax_connections = 1000\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\n\
              [cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n\
              [[registry.upstream]]\nurl = \"{origin}\"\n",
             SEND_TIMEOUT.as_secs(),
@@ -153,4 +149,79 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
     );
     get(&url).await.assert_content(&digest);
     assert!(mirror.output().contains("the client stopped reading"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_fleet_costs_a_few_kib_per_connection_and_memory_comes_back() {
+    const IDLE: usize = 3000;
+    const HALF_SENT: usize = 500;
+    let origin = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mirror, port) = start_mirror(dir.path(), &origin.url());
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+    let pid = mirror.pid();
+    let (rss_before, _) = memory_of(pid);
+
+    // Nodes and runners keep a connection open to their mirror after a request.
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 12];
+        tcp.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        idle.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_idle, _) = memory_of(pid);
+    // And some send half a request, then nothing.
+    let mut half = Vec::new();
+    for _ in 0..HALF_SENT {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /v2/library/app/manifests/1 HTTP/1.1\r\nHost: mir")
+            .await
+            .unwrap();
+        half.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_half, _) = memory_of(pid);
+    let per_idle = (rss_idle.saturating_sub(rss_before)) as f64 / IDLE as f64;
+    let per_half = (rss_half.saturating_sub(rss_idle)) as f64 / HALF_SENT as f64;
+
+    drop(idle);
+    drop(half);
+    let settled = Instant::now();
+    let (mut rss_after, _) = memory_of(pid);
+    while rss_after > rss_before + 8 * 1024 && settled.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (rss_after, _) = memory_of(pid);
+    }
+    println!(
+        "{IDLE} idle keep-alive connections: {per_idle:.1} KiB each; {HALF_SENT} half-sent requests: \
+         {per_half:.1} KiB each; mirror RSS {} -> {} -> {} -> {} MiB ({:?} after they closed)",
+        rss_before / 1024,
+        rss_idle / 1024,
+        rss_half / 1024,
+        rss_after / 1024,
+        settled.elapsed()
+    );
+    // A normal client is served afterwards.
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{port}/v2/")).await.status,
+        StatusCode::OK
+    );
+    // The bound documented in the README: 4096 idle clients (the default max_connections)
+    // fit in 128 MiB.
+    assert!(per_idle < 32.0, "{per_idle:.1} KiB per idle connection");
+    assert!(per_half < 32.0, "{per_half:.1} KiB per half-sent request");
+    assert!(
+        rss_after <= rss_before + 8 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB once they closed"
+    );
 }

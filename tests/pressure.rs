@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::process::{open_files, threads};
 use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,21 +112,6 @@ async fn downloads_beyond_the_ceiling_wait_and_those_left_by_their_clients_are_d
     assert_eq!(mirror.temp_files(), 0);
     assert_eq!(slots.running(), 0);
     assert_eq!(slots.queued(), 0);
-}
-
-/// Threads of this process (the mirror runs in it).
-fn threads() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap()
-}
-
-/// Open file descriptors of this process.
-fn open_files() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// The `q` quantile of `samples`.

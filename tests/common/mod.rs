@@ -2,10 +2,12 @@
 //! mirror on 127.0.0.1:0 in a temp dir, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod e2e;
 mod fake;
 pub mod login;
 pub mod pki;
+pub mod process;
 pub mod token_service;
 
 #[allow(unused_imports)]

@@ -1,0 +1,292 @@
+//! Soak: a mixed workload against one mirror for a while (2 minutes; `SOAK_SECS` sets it):
+//! clients pulling whole blobs and ranges, leaving mid-body, asking HEADs and manifests, while
+//! the upstream misbehaves at random (resets, stalls, 503s, corrupt bytes, a trickle), a small
+//! byte budget keeps evicting, and the configuration is reloaded every few seconds. At the end:
+//! every answer that arrived whole was byte-exact, every file in the store hashes to its name,
+//! no temp file is left, and threads and open files are back where they were. The figures are
+//! printed; `SOAK_SEED` replays a run.
+
+mod common;
+
+use common::chaos::Random;
+use common::process::{open_files, rss_kib, threads};
+use common::*;
+use http::{Method, StatusCode};
+use regmirror::digest::Digest;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 12;
+const BLOBS: usize = 24;
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    whole: AtomicUsize,
+    ranges: AtomicUsize,
+    left_mid_body: AtomicUsize,
+    heads: AtomicUsize,
+    manifests: AtomicUsize,
+    errors: AtomicUsize,
+}
+
+/// One client's loop until `until`: each answer that arrives whole must be byte-exact.
+async fn client(
+    mirror: String,
+    blobs: Arc<Vec<(Digest, Vec<u8>)>>,
+    manifests: Arc<Vec<Digest>>,
+    random: Random,
+    seen: Arc<Seen>,
+    until: Instant,
+) {
+    while Instant::now() < until {
+        let (digest, bytes) = &blobs[random.below(blobs.len() as u64) as usize];
+        let url = format!("{mirror}/v2/library/app/blobs/{digest}");
+        match random.below(10) {
+            0..=3 => match try_get(&url).await {
+                Some(got) if got.status == StatusCode::OK && got.body.is_ok() => {
+                    assert!(got.bytes()[..] == bytes[..], "a wrong blob arrived whole");
+                    seen.whole.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    seen.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            4 | 5 => {
+                let start = random.below(bytes.len() as u64) as usize;
+                let end = (start + 1 + random.below(200_000) as usize).min(bytes.len());
+                let range = format!("bytes={start}-{}", end - 1);
+                match try_request(Method::GET, &url, &[("range", &range)]).await {
+                    Some(got) if got.status == StatusCode::PARTIAL_CONTENT && got.body.is_ok() => {
+                        assert!(
+                            got.bytes()[..] == bytes[start..end],
+                            "a wrong range arrived"
+                        );
+                        seen.ranges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(got) if got.status == StatusCode::OK && got.body.is_ok() => {
+                        assert!(got.bytes()[..] == bytes[..], "a wrong blob arrived whole");
+                        seen.whole.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        seen.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            6 => {
+                // Leaves after the head (and whatever came with it).
+                let started = tokio::time::timeout(Duration::from_secs(5), start_get(&url)).await;
+                drop(started);
+                seen.left_mid_body.fetch_add(1, Ordering::Relaxed);
+            }
+            7 => match try_request(Method::HEAD, &url, &[]).await {
+                Some(got) if got.status == StatusCode::OK => {
+                    let length = bytes.len().to_string();
+                    assert_eq!(got.header("content-length"), Some(length.as_str()));
+                    seen.heads.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    seen.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            _ => {
+                let digest = &manifests[random.below(manifests.len() as u64) as usize];
+                let url = format!("{mirror}/v2/library/app/manifests/{digest}");
+                let accept = [("accept", ACCEPT_ALL)];
+                match try_request(Method::GET, &url, &accept).await {
+                    Some(got) if got.status == StatusCode::OK && got.body.is_ok() => {
+                        got.assert_content(digest);
+                        seen.manifests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        seen.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Changes the upstream's behaviour every half second to a second, at random; counts faults.
+async fn misbehave(origin: &FakeRegistry, random: Random, until: Instant) -> usize {
+    let mut faults = 0;
+    while Instant::now() < until {
+        let fault = random.below(8);
+        origin.knobs(|k| {
+            behave(k);
+            match fault {
+                0 => k.reset_after = Some(100_000),
+                1 => k.stall_after = Some(50_000),
+                2 => k.fail_status = Some(503),
+                3 => k.corrupt_blobs = true,
+                4 => k.chunk_delay = Some(Duration::from_millis(5)),
+                _ => {}
+            }
+        });
+        faults += usize::from(fault < 5);
+        tokio::time::sleep(Duration::from_millis(500 + random.below(500))).await;
+    }
+    origin.knobs(behave);
+    faults
+}
+
+/// No fault.
+fn behave(k: &mut Knobs) {
+    k.reset_after = None;
+    k.stall_after = None;
+    k.fail_status = None;
+    k.corrupt_blobs = false;
+    k.chunk_delay = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
+    let lasting = Duration::from_secs(
+        std::env::var("SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
+    );
+    let random = Random::from_env("SOAK_SEED");
+    let origin = FakeRegistry::start().await;
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..BLOBS)
+        .map(|i| {
+            let size = [40_000, 300_000, 1_500_000, 3_000_000][i % 4];
+            let bytes = random_bytes(size, 700 + i as u64);
+            (origin.add_blob(bytes.clone()), bytes)
+        })
+        .collect();
+    let manifests: Vec<Digest> = (0..6)
+        .map(|i| {
+            let config = &blobs[i].0;
+            let layers = [(blobs[i + 6].0.clone(), blobs[i + 6].1.len())];
+            let manifest = schema2_manifest(config, blobs[i].1.len(), &layers);
+            origin.add_manifest(
+                "library/app",
+                Some(&format!("{i}")),
+                DOCKER_MANIFEST,
+                manifest,
+            )
+        })
+        .collect();
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        // About a third of the blobs fit: eviction runs all the time.
+        c.cache.max_size = Some(12 * 1024 * 1024);
+        c.cache.max_downloads = 6;
+        c.server.send_timeout = Duration::from_secs(2);
+        for upstream in &mut c.registry[0].upstream {
+            upstream.stall_timeout = Duration::from_millis(500);
+            upstream.response_timeout = Duration::from_secs(2);
+        }
+        c.registry[0].failover_cooldown = Duration::from_secs(1);
+    })
+    .await;
+    let (threads_before, files_before, rss_before) =
+        (threads(), open_files(), (rss_kib("self") / 1024));
+    let until = Instant::now() + lasting;
+    let seen = Arc::new(Seen::default());
+    let (blobs, manifests) = (Arc::new(blobs), Arc::new(manifests));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(client(
+                mirror.url(""),
+                Arc::clone(&blobs),
+                Arc::clone(&manifests),
+                random.clone(),
+                Arc::clone(&seen),
+                until,
+            ))
+        })
+        .collect();
+    // A reload every few seconds, as an operator's SIGHUP does.
+    let reloads = tokio::spawn({
+        let (live, config, random) = (
+            Arc::clone(&mirror.live),
+            mirror.app.config().clone(),
+            random.clone(),
+        );
+        async move {
+            let mut reloads = 0;
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(2000 + random.below(2000))).await;
+                live.reload(config.clone()).expect("the same configuration");
+                reloads += 1;
+            }
+            reloads
+        }
+    });
+    let mut rss_peak = rss_before;
+    let watching = async {
+        while Instant::now() < until {
+            rss_peak = rss_peak.max(rss_kib("self") / 1024);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let (faults, ()) = tokio::join!(misbehave(&origin, random.clone(), until), watching);
+    for client in clients {
+        client.await.expect("a client saw a wrong answer");
+    }
+    let reloads = reloads.await.unwrap();
+
+    // Quiet again: everything is committed or gone, and the store holds only whole blobs.
+    mirror.settle().await;
+    let cache = mirror.cache_dir();
+    let mut stored = 0;
+    for (digest, _) in blobs.iter() {
+        let path = blob_path(&cache, digest);
+        if let Ok(bytes) = std::fs::read(&path) {
+            assert_eq!(Digest::of(&bytes), *digest, "a corrupt entry in the store");
+            stored += 1;
+        }
+    }
+    assert_eq!(mirror.temp_files(), 0, "temp files left");
+    // Everything is served right once the upstream behaves.
+    for (digest, bytes) in blobs.iter().take(4) {
+        let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+        assert!(got.bytes()[..] == bytes[..], "{digest} after the soak");
+    }
+    mirror.settle().await;
+    // Threads leave after 10 s idle; upstream connections are kept, 8 per host at most.
+    let kept = 2 * regmirror::upstream::IDLE_CONNECTIONS_PER_HOST + 8;
+    let settled = Instant::now();
+    let (mut threads_after, mut files_after) = (threads(), open_files());
+    while (threads_after > threads_before + 2 || files_after > files_before + kept)
+        && settled.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (threads_after, files_after) = (threads(), open_files());
+    }
+    let s = &seen;
+    println!(
+        "soak {lasting:?}: {} whole blobs, {} ranges, {} left mid-body, {} HEADs, {} manifests \
+         byte-exact; {} errors during {faults} upstream faults and {reloads} reloads; {} \
+         evictions; {stored} blobs stored, all whole; threads {threads_before} -> \
+         {threads_after}, open files {files_before} -> {files_after}, RSS {rss_before} -> peak \
+         {rss_peak} MiB (test process and fake upstream included)",
+        s.whole.load(Ordering::Relaxed),
+        s.ranges.load(Ordering::Relaxed),
+        s.left_mid_body.load(Ordering::Relaxed),
+        s.heads.load(Ordering::Relaxed),
+        s.manifests.load(Ordering::Relaxed),
+        s.errors.load(Ordering::Relaxed),
+        mirror.app.cache().lifecycle().evictions(),
+    );
+    assert!(s.whole.load(Ordering::Relaxed) > 0 && s.ranges.load(Ordering::Relaxed) > 0);
+    assert!(
+        mirror.app.cache().lifecycle().evictions() > 0,
+        "nothing was evicted"
+    );
+    assert!(
+        threads_after <= threads_before + 2,
+        "threads {threads_before} -> {threads_after}"
+    );
+    assert!(
+        files_after <= files_before + kept,
+        "open files {files_before} -> {files_after}"
+    );
+    assert!(
+        rss_peak < rss_before + 256,
+        "RSS {rss_before} -> {rss_peak} MiB"
+    );
+}
