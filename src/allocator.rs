@@ -6,8 +6,9 @@
 //! every new chunk was received into freshly faulted, zeroed pages: on a cold 512 MiB miss, page
 //! faults and `madvise` made up about 14 % of the process's CPU. Keeping up to 16 MiB free per
 //! heap removes that work. Resident memory would then stay at what the busiest moment needed
-//! (a burst of connections, say); so once the server is quiet — no download in flight — free
-//! memory is handed back to the kernel every [`QUIET_TRIM_EVERY`].
+//! (a burst of connections, say); so once the server is quiet — no download in flight — and the
+//! allocator holds more than [`TRIM_ABOVE`] free, it is handed back to the kernel (checked every
+//! [`QUIET_TRIM_EVERY`]; a server serving hits keeps its working memory).
 
 /// Largest free block at the top of a heap that is kept rather than returned to the kernel.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -33,8 +34,11 @@ pub fn keep_freed_buffers() {
 /// How often a quiet server hands free memory back to the kernel.
 pub const QUIET_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Hands free heap memory back to the kernel whenever `quiet` says so, every
-/// [`QUIET_TRIM_EVERY`]; runs until the task is dropped.
+/// Free memory the allocator may keep before a quiet server hands it back.
+pub const TRIM_ABOVE: usize = 32 << 20;
+
+/// Hands free heap memory back to the kernel when `quiet` says so and more than
+/// [`TRIM_ABOVE`] is free, checked every [`QUIET_TRIM_EVERY`]; runs until the task is dropped.
 pub async fn trim_when_quiet(quiet: impl Fn() -> bool) {
     let mut every = tokio::time::interval(QUIET_TRIM_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,11 +50,15 @@ pub async fn trim_when_quiet(quiet: impl Fn() -> bool) {
     }
 }
 
-/// Returns free memory at the top of every heap, and free pages within them, to the kernel.
+/// Returns free memory at the top of every heap, and free pages within them, to the kernel,
+/// when there is much of it.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    // SAFETY: mallinfo2 only reads the allocator's figures; malloc_trim only releases memory
+    // it holds free.
     unsafe {
-        libc::malloc_trim(0);
+        if libc::mallinfo2().fordblks > TRIM_ABOVE {
+            libc::malloc_trim(0);
+        }
     }
 }

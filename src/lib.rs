@@ -16,7 +16,8 @@
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
 //! - [`error`]: errors by source and the OCI error table.
 //! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
-//! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`).
+//! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`); [`admin`]: the socket
+//!   through which they act on a running server.
 //! - [`config`], [`app`], [`shutdown`], [`telemetry`], [`allocator`]: set-up.
 //!
 //! # Life of a request
@@ -33,6 +34,7 @@
 //! 5. `proxy` turns errors into OCI error JSON, adds the common headers and logs one access line.
 
 pub mod access;
+pub mod admin;
 pub mod allocator;
 pub mod app;
 pub mod body;

@@ -2,13 +2,14 @@
 //! `gc` and `ls`, and `health` for container health checks.
 
 use clap::{Parser, Subcommand};
+use http::Method;
 use regmirror::app::{App, Live};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
 use regmirror::tls::ServerTls;
 use regmirror::warm::{self, Platforms};
 use regmirror::{cache::store::Store, ops, server, shutdown, telemetry};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,21 +149,23 @@ fn main() -> ExitCode {
             quarantine,
         } => load(config.as_ref()).and_then(|c| {
             let max_bytes = max_bytes.map(|m| parse_byte_size(&m)).transpose()?;
+            if let Some(socket) = running_server(&c.cache.dir) {
+                let mut query = format!("/verify?quarantine={quarantine}");
+                if let Some(n) = sample {
+                    query.push_str(&format!("&sample={n}"));
+                }
+                if let Some(n) = max_bytes {
+                    query.push_str(&format!("&max_bytes={n}"));
+                }
+                return through_server(&socket, Method::POST, &query);
+            }
             let options = ops::VerifyOptions {
                 sample,
                 max_bytes,
                 quarantine,
             };
             let report = ops::verify(&c.cache.dir, &options).map_err(|e| e.to_string())?;
-            println!(
-                "checked {} objects ({} bytes), {} left unchecked",
-                report.checked, report.bytes, report.skipped
-            );
-            for digest in &report.corrupt {
-                let what = if quarantine { "quarantined" } else { "removed" };
-                println!("corrupt {digest}: {what}");
-            }
-            println!("{} corrupt", report.corrupt.len());
+            print!("{}", report.render(quarantine));
             Ok(())
         }),
         Command::Gc { config, target } => load(config.as_ref()).and_then(|c| {
@@ -173,34 +176,19 @@ fn main() -> ExitCode {
                     return Err("no --target and no cache.max_size to take one from".into())
                 }
             };
-            let (blobs, bytes) =
-                ops::gc(&c.cache.dir, target, &c.cache.pin).map_err(|e| e.to_string())?;
-            println!("evicted {blobs} blobs ({bytes} bytes)");
+            if let Some(socket) = running_server(&c.cache.dir) {
+                return through_server(&socket, Method::POST, &format!("/gc?target={target}"));
+            }
+            let evicted = ops::gc(&c.cache.dir, target, &c.cache.pin).map_err(|e| e.to_string())?;
+            print!("{}", ops::render_gc(evicted));
             Ok(())
         }),
         Command::Ls { config } => load(config.as_ref()).and_then(|c| {
+            if let Some(socket) = running_server(&c.cache.dir) {
+                return through_server(&socket, Method::GET, "/ls");
+            }
             let (tags, objects) = ops::ls(&c.cache.dir).map_err(|e| e.to_string())?;
-            println!(
-                "{:<16} {:<40} {:<20} {:<71} CHECKED",
-                "REGISTRY", "REPOSITORY", "TAG", "DIGEST"
-            );
-            for t in tags {
-                println!(
-                    "{:<16} {:<40} {:<20} {:<71} {}",
-                    t.registry, t.repository, t.tag, t.digest, t.checked_at
-                );
-            }
-            println!();
-            println!("{:<71} {:>14} {:<8} LAST USED", "DIGEST", "SIZE", "KIND");
-            for o in objects {
-                println!(
-                    "{:<71} {:>14} {:<8} {}",
-                    o.digest.to_string(),
-                    o.size,
-                    ops::kind_name(o.manifest),
-                    o.last_used
-                );
-            }
+            print!("{}", ops::render_ls(&tags, &objects));
             Ok(())
         }),
         Command::Health {
@@ -216,6 +204,21 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The admin socket of the server holding `dir`, if one does.
+fn running_server(dir: &Path) -> Option<PathBuf> {
+    Store::server_running(dir)
+        .then(|| regmirror::admin::socket_of(dir))
+        .flatten()
+}
+
+/// Runs an operator command inside the running server and prints what it says.
+fn through_server(socket: &Path, method: Method, query: &str) -> Result<(), String> {
+    eprintln!("a server holds the cache directory: acting through it");
+    let output = runtime().block_on(regmirror::admin::command(socket, method, query))?;
+    print!("{output}");
+    Ok(())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

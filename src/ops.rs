@@ -1,7 +1,8 @@
 //! Operator commands on the cache directory: `verify` (re-hash and drop corrupt content), `gc`
-//! (evict down to a target now) and `ls` (what is cached). They open the store without touching
-//! downloads in progress, so they are safe beside a running server; a server notices removed
-//! content on its next request for it and fetches it again.
+//! (evict down to a target now) and `ls` (what is cached), and the text they print. With a
+//! server holding the directory they run inside it, through its admin socket
+//! ([`crate::admin`]), so that its index and usage figure stay true; without one they act on
+//! the directory directly.
 
 use crate::cache::index::Budget;
 use crate::cache::lifecycle::{parse_pin, Lifecycle};
@@ -36,7 +37,15 @@ pub struct VerifyReport {
 /// Re-hashes stored content; removes (or quarantines) every entry whose bytes do not match
 /// its name.
 pub fn verify(dir: &Path, options: &VerifyOptions) -> io::Result<VerifyReport> {
-    let store = Store::open_shared(dir)?;
+    verify_store(&Store::open_shared(dir)?, options, |_| {})
+}
+
+/// [`verify`] on an open store; `removed` hears of each entry taken out (a server forgets it).
+pub fn verify_store(
+    store: &Store,
+    options: &VerifyOptions,
+    removed: impl Fn(&Digest),
+) -> io::Result<VerifyReport> {
     let mut found = store.scan()?;
     shuffle(&mut found);
     let total = found.len();
@@ -62,11 +71,61 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> io::Result<VerifyReport> {
             } else {
                 store.remove_blob(&entry.digest)?;
             }
+            removed(&entry.digest);
             report.corrupt.push(entry.digest.clone());
         }
     }
     report.skipped = total - report.checked;
     Ok(report)
+}
+
+impl VerifyReport {
+    /// What `verify` prints.
+    pub fn render(&self, quarantine: bool) -> String {
+        let mut text = format!(
+            "checked {} objects ({} bytes), {} left unchecked\n",
+            self.checked, self.bytes, self.skipped
+        );
+        for digest in &self.corrupt {
+            let what = if quarantine { "quarantined" } else { "removed" };
+            text.push_str(&format!("corrupt {digest}: {what}\n"));
+        }
+        text.push_str(&format!("{} corrupt\n", self.corrupt.len()));
+        text
+    }
+}
+
+/// What `gc` prints for (blobs, bytes) evicted.
+pub fn render_gc((blobs, bytes): (usize, u64)) -> String {
+    format!("evicted {blobs} blobs ({bytes} bytes)\n")
+}
+
+/// What `ls` prints.
+pub fn render_ls(tags: &[TagLine], objects: &[ObjectLine]) -> String {
+    let mut text = format!(
+        "{:<16} {:<40} {:<20} {:<71} CHECKED\n",
+        "REGISTRY", "REPOSITORY", "TAG", "DIGEST"
+    );
+    for t in tags {
+        text.push_str(&format!(
+            "{:<16} {:<40} {:<20} {:<71} {}\n",
+            t.registry, t.repository, t.tag, t.digest, t.checked_at
+        ));
+    }
+    text.push_str(&format!(
+        "\n{:<71} {:>14} {:<8} LAST USED\n",
+        "DIGEST", "SIZE", "KIND"
+    ));
+    for o in objects {
+        text.push_str(&format!(
+            "{:<71} {:>14} {:<8} {}\n",
+            o.digest.to_string(),
+            o.size,
+            kind_name(o.manifest),
+            o.last_used
+        ));
+    }
+    text
 }
 
 fn hash_file(path: &Path) -> io::Result<Digest> {
@@ -112,7 +171,11 @@ pub struct ObjectLine {
 
 /// What is cached: tags, and every stored object, most recently used first.
 pub fn ls(dir: &Path) -> io::Result<(Vec<TagLine>, Vec<ObjectLine>)> {
-    let store = Store::open_shared(dir)?;
+    ls_store(&Store::open_shared(dir)?)
+}
+
+/// [`ls`] on an open store.
+pub fn ls_store(store: &Store) -> io::Result<(Vec<TagLine>, Vec<ObjectLine>)> {
     let mut tags = Vec::new();
     for (registry, repository) in store.repositories()? {
         let Some(repo) = RepoName::parse(&repository) else {
@@ -148,7 +211,7 @@ pub fn ls(dir: &Path) -> io::Result<(Vec<TagLine>, Vec<ObjectLine>)> {
 }
 
 /// `Kind` as `ls` prints it.
-pub fn kind_name(manifest: bool) -> &'static str {
+fn kind_name(manifest: bool) -> &'static str {
     if manifest {
         "manifest"
     } else {

@@ -1,103 +1,153 @@
-//! Whether a connection's client still reads what it is sent (`server.send_timeout`).
+//! Whether a connection's client still takes what it is sent (`server.send_timeout`).
 //!
-//! hyper asks a response body for its next frame only once it can send more: after the last
-//! frame went out (HTTP/1.1), or once the peer opened its flow-control window (h2). A body that
-//! has a frame to give and is not asked for it is waiting on the client. Each body of a
-//! connection says so here; when bodies have waited and no body of the connection was asked for
-//! a frame for `send_timeout`, the client stopped reading, and the connection is closed: its
-//! windows, streams and files are let go. A body waiting on upstream is asked (and answers
-//! "not yet"), so a slow upstream never counts against the client.
+//! A response body that has handed hyper a frame waits until hyper asks for the next one, which
+//! it does once it could send the frame. Each body says here when it started waiting. What
+//! counts as the client taking something depends on the protocol:
+//! - HTTP/1.1 sends one response at a time: any byte written to the socket (counted by
+//!   [`Progressing`], around the connection's I/O) is progress, so a slow but steady reader of a
+//!   large window is never cut off.
+//! - HTTP/2 shares the socket between streams: a stream progresses only when its own body is
+//!   asked for its next frame, so frames are handed out at most [`H2_FRAME`] at a time. A client
+//!   that reads one stream cannot keep its other, never-read streams alive.
+//!
+//! When a body has waited `send_timeout` without progress, the client stopped reading (or keeps
+//! its window shut) and the connection is closed, its windows, streams and files let go. A body
+//! waiting on upstream is being asked (and answers "not yet"): a slow upstream never counts.
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// One connection's bodies: how many wait to be asked for a frame, and when any was last asked.
+/// The most an HTTP/2 body hands out at once: a stream whose client reads at 4.4 KiB/s or more
+/// is asked for its next frame within a minute.
+pub const H2_FRAME: usize = 256 * 1024;
+
+/// One connection's bodies waiting on the client, and its last write.
 #[derive(Debug)]
 pub struct SendProgress {
     opened: Instant,
-    /// Milliseconds since `opened` of the last time any body was asked for a frame.
-    last_asked_ms: AtomicU64,
-    waiting: AtomicUsize,
+    /// Milliseconds since `opened` of the last byte written to the socket.
+    last_write_ms: AtomicU64,
+    /// The connection speaks HTTP/2: progress is per stream.
+    http2: AtomicBool,
+    /// When each waiting body started waiting (milliseconds since `opened`), by body.
+    waiting: Mutex<HashMap<u64, u64>>,
+    next_body: AtomicU64,
 }
 
 impl SendProgress {
     pub fn new() -> Arc<SendProgress> {
         Arc::new(SendProgress {
             opened: Instant::now(),
-            last_asked_ms: AtomicU64::new(0),
-            waiting: AtomicUsize::new(0),
+            last_write_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+            waiting: Mutex::new(HashMap::new()),
+            next_body: AtomicU64::new(0),
         })
     }
 
-    /// How long bodies have waited on the client: zero while none waits, or while any body of
-    /// the connection was asked for a frame lately.
+    /// How long a body has waited on the client without progress; zero when none waits.
     pub fn stalled_for(&self) -> Duration {
-        if self.waiting.load(Ordering::Acquire) == 0 {
-            return Duration::ZERO;
-        }
-        let now = self.now_ms();
-        let last = self.last_asked_ms.load(Ordering::Acquire);
-        Duration::from_millis(now.saturating_sub(last))
+        let oldest = {
+            let waiting = self.waiting.lock().expect("send progress lock");
+            match waiting.values().min() {
+                Some(&oldest) => oldest,
+                None => return Duration::ZERO,
+            }
+        };
+        let since = if self.http2.load(Ordering::Acquire) {
+            oldest
+        } else {
+            oldest.max(self.last_write_ms.load(Ordering::Acquire))
+        };
+        Duration::from_millis(self.now_ms().saturating_sub(since))
     }
 
     fn now_ms(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
     }
 
-    fn asked(&self) {
-        self.last_asked_ms.store(self.now_ms(), Ordering::Release);
+    fn wrote(&self) {
+        self.last_write_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    fn start_waiting(&self, body: u64) {
+        let now = self.now_ms();
+        self.waiting
+            .lock()
+            .expect("send progress lock")
+            .insert(body, now);
+    }
+
+    fn stop_waiting(&self, body: u64) {
+        self.waiting
+            .lock()
+            .expect("send progress lock")
+            .remove(&body);
     }
 }
 
-/// A response body that tells its connection's [`SendProgress`] when it waits to be asked.
+/// A response body that tells its connection's [`SendProgress`] when it waits on the client.
 pub struct Watched<B> {
     inner: B,
     progress: Arc<SendProgress>,
-    /// It has a frame to give (or its first) and was not asked since.
+    id: u64,
     waiting: bool,
+    /// HTTP/2: frames are handed out at most [`H2_FRAME`] at a time; what is left of one.
+    sliced: bool,
+    rest: Option<Bytes>,
 }
 
 impl<B: Body> Watched<B> {
-    /// Watches `inner`; a body with nothing to send never waits.
-    pub fn new(inner: B, progress: Arc<SendProgress>) -> Watched<B> {
-        let waiting = !inner.is_end_stream();
-        if waiting {
-            // The first body to wait starts the clock; one added beside bodies already waiting
-            // does not (a client opening streams it never reads is not reading).
-            if progress.waiting.load(Ordering::Acquire) == 0 {
-                progress.asked();
-            }
-            progress.waiting.fetch_add(1, Ordering::AcqRel);
+    /// Watches `inner`, a body of an HTTP/2 stream when `http2`; one with nothing to send
+    /// never waits.
+    pub fn new(inner: B, progress: Arc<SendProgress>, http2: bool) -> Watched<B> {
+        if http2 {
+            progress.http2.store(true, Ordering::Release);
         }
-        Watched {
+        let id = progress.next_body.fetch_add(1, Ordering::Relaxed);
+        let mut body = Watched {
             inner,
             progress,
-            waiting,
-        }
+            id,
+            waiting: false,
+            sliced: http2,
+            rest: None,
+        };
+        body.set_waiting(!body.inner.is_end_stream());
+        body
     }
 
     fn set_waiting(&mut self, waiting: bool) {
         if waiting != self.waiting {
             self.waiting = waiting;
             if waiting {
-                self.progress.waiting.fetch_add(1, Ordering::AcqRel);
+                self.progress.start_waiting(self.id);
             } else {
-                self.progress.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.progress.stop_waiting(self.id);
             }
         }
+    }
+
+    /// Hands out at most [`H2_FRAME`] of `data` when slicing, keeping the rest.
+    fn hand_out(&mut self, mut data: Bytes) -> Bytes {
+        if self.sliced && data.len() > H2_FRAME {
+            self.rest = Some(data.split_off(H2_FRAME));
+        }
+        data
     }
 }
 
 impl<B> Drop for Watched<B> {
     fn drop(&mut self) {
         if self.waiting {
-            self.progress.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.progress.stop_waiting(self.id);
         }
     }
 }
@@ -114,28 +164,113 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        this.progress.asked();
         this.set_waiting(false);
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
-            this.set_waiting(true);
+        let polled = match this.rest.take() {
+            Some(rest) => Poll::Ready(Some(Ok(Frame::data(this.hand_out(rest))))),
+            None => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.hand_out(data))))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            },
+        };
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            let more = this.rest.is_some() || !this.inner.is_end_stream();
+            this.set_waiting(more);
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let Some(rest) = &self.rest else {
+            return inner;
+        };
+        let extra = rest.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint.set_lower(inner.lower() + extra);
+        hint
+    }
+}
+
+/// A connection's I/O that tells its [`SendProgress`] of every byte written.
+pub struct Progressing<I> {
+    inner: I,
+    progress: Arc<SendProgress>,
+}
+
+impl<I> Progressing<I> {
+    pub fn new(inner: I, progress: Arc<SendProgress>) -> Progressing<I> {
+        Progressing { inner, progress }
+    }
+
+    fn note(&self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.progress.wrote();
+        }
+    }
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Progressing<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Progressing<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Empty, Full};
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+
+    fn waiting(progress: &SendProgress) -> usize {
+        progress.waiting.lock().unwrap().len()
+    }
 
     #[tokio::test]
     async fn a_body_not_asked_for_its_next_frame_waits_on_the_client() {
@@ -143,30 +278,66 @@ mod tests {
         let chunks = futures_util::stream::iter(
             [Bytes::from_static(b"a"), Bytes::from_static(b"b")].map(|b| Ok(Frame::data(b))),
         );
-        let mut body = Watched::new(
-            http_body_util::StreamBody::new(chunks),
-            Arc::clone(&progress),
-        );
-        assert_eq!(progress.waiting.load(Ordering::Acquire), 1);
-        // Asked: not waiting while it answers.
+        let mut body = Watched::new(StreamBody::new(chunks), Arc::clone(&progress), false);
+        assert_eq!(waiting(&progress), 1);
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "a");
         // It gave a frame and is not asked again: it waits on the client.
-        assert_eq!(progress.waiting.load(Ordering::Acquire), 1);
+        assert_eq!(waiting(&progress), 1);
         body.frame().await.unwrap().unwrap();
         assert!(body.frame().await.is_none());
         drop(body);
-        assert_eq!(progress.waiting.load(Ordering::Acquire), 0);
+        assert_eq!(waiting(&progress), 0);
         assert_eq!(progress.stalled_for(), Duration::ZERO);
     }
 
     #[test]
     fn empty_and_finished_bodies_never_wait() {
         let progress = SendProgress::new();
-        let empty = Watched::new(Empty::<Bytes>::new(), Arc::clone(&progress));
-        assert_eq!(progress.waiting.load(Ordering::Acquire), 0);
-        drop(empty);
-        let _full = Watched::new(Full::new(Bytes::from_static(b"x")), Arc::clone(&progress));
-        assert_eq!(progress.waiting.load(Ordering::Acquire), 1);
+        drop(Watched::new(
+            Empty::<Bytes>::new(),
+            Arc::clone(&progress),
+            false,
+        ));
+        assert_eq!(waiting(&progress), 0);
+        let _full = Watched::new(
+            Full::new(Bytes::from_static(b"x")),
+            Arc::clone(&progress),
+            false,
+        );
+        assert_eq!(waiting(&progress), 1);
+    }
+
+    #[tokio::test]
+    async fn http2_bodies_hand_out_small_frames_and_keep_their_length() {
+        let progress = SendProgress::new();
+        let whole = Bytes::from(vec![7u8; 3 * H2_FRAME + 10]);
+        let full = Full::new(whole.clone()).map_err(|never| -> io::Error { match never {} });
+        let mut body = Watched::new(full, Arc::clone(&progress), true);
+        let mut got = Vec::new();
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= H2_FRAME);
+            got.extend_from_slice(&data);
+            frames += 1;
+            assert_eq!(
+                body.size_hint().exact(),
+                Some((whole.len() - got.len()) as u64)
+            );
+        }
+        assert_eq!((frames, &got[..]), (4, &whole[..]));
+    }
+
+    #[test]
+    fn on_http1_a_byte_written_is_progress_and_on_http2_it_is_not() {
+        let progress = SendProgress::new();
+        progress.start_waiting(1);
+        progress.waiting.lock().unwrap().insert(1, 0);
+        std::thread::sleep(Duration::from_millis(30));
+        progress.wrote();
+        assert!(progress.stalled_for() < Duration::from_millis(20));
+        progress.http2.store(true, Ordering::Release);
+        assert!(progress.stalled_for() >= Duration::from_millis(30));
     }
 }

@@ -9,7 +9,7 @@
 use crate::app::Live;
 use crate::body::{WindowSize, WithGuard};
 use crate::proxy;
-use crate::send_watch::{SendProgress, Watched};
+use crate::send_watch::{Progressing, SendProgress, Watched};
 use crate::sendfile::SendfileStream;
 use crate::tls::ServerTls;
 use http::HeaderValue;
@@ -75,6 +75,12 @@ pub async fn run(
         builder: builder(&limits),
         limits,
     });
+    // `regmirror gc`, `verify` and `ls` act through the server holding the directory.
+    let cache_dir = shared.live.get().config().cache.dir.clone();
+    let admin = tokio::spawn(crate::admin::serve(
+        Arc::clone(&shared.live),
+        cache_dir.clone(),
+    ));
     // Memory a burst needed goes back to the kernel once no download is in flight.
     let trimming = tokio::spawn({
         let live = Arc::clone(&shared.live);
@@ -125,7 +131,13 @@ pub async fn run(
         _ = tokio::time::sleep_until(deadline) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
     }
     finish_downloads(&shared.live, deadline).await;
+    // Both hold the configuration, and through it the cache directory's lock: gone before
+    // this returns, so that a new server may open the directory at once.
     trimming.abort();
+    admin.abort();
+    let _ = trimming.await;
+    let _ = admin.await;
+    let _ = std::fs::remove_file(cache_dir.join(crate::admin::SOCKET));
 }
 
 /// Lets downloads still running finish within the grace period: a blob whose clients already
@@ -223,13 +235,13 @@ async fn drive<I>(
                         .headers_mut()
                         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(
-                    response
-                        .map(|body| Watched::new(body.with_guard(busy), sending).boxed_unsync()),
-                )
+                Ok::<_, Infallible>(response.map(|body| {
+                    Watched::new(body.with_guard(busy), sending, !http1).boxed_unsync()
+                }))
             }
         })
     };
+    let io = Progressing::new(io, Arc::clone(&sending));
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
     let Limits {
@@ -261,17 +273,21 @@ async fn drive<I>(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = checks.tick(), if !closing => {
+            _ = checks.tick() => {
+                // Bodies wait to be sent and the client takes nothing: it stopped reading.
+                // Closed at once, closing gracefully or not (that would wait on those very
+                // bodies).
+                if sending.stalled_for() >= send_timeout {
+                    tracing::info!(client = %client, ?send_timeout, "the client stopped reading; closing the connection");
+                    return;
+                }
+                if closing {
+                    continue;
+                }
                 // No first request within the header timeout (a client that sends nothing,
                 // or half an HTTP/2 preface, while the protocol is being detected): drop it.
                 if activity.served.load(Ordering::Acquire) == 0 && opened.elapsed() >= header_timeout {
                     tracing::debug!(?header_timeout, "no request in time; closing the connection");
-                    return;
-                }
-                // Bodies wait to be sent and the client takes nothing: it stopped reading.
-                // Closed at once (a graceful close would wait on those very bodies).
-                if sending.stalled_for() >= send_timeout {
-                    tracing::info!(client = %client, ?send_timeout, "the client stopped reading; closing the connection");
                     return;
                 }
                 if activity.idle_for() >= idle_timeout {

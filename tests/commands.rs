@@ -147,3 +147,58 @@ async fn warm_without_a_server_pulls_through_an_in_process_one() {
     let (ok, out) = regmirror(&["warm", "app:nope"], &file);
     assert!(!ok && out.contains("404"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_verify_and_ls_act_through_a_running_server_whose_figures_stay_true() {
+    let origin = FakeRegistry::start().await;
+    let blobs: Vec<_> = (0..3)
+        .map(|i| {
+            let bytes = random_bytes(100_000, 85 + i);
+            (origin.add_blob(bytes.clone()), bytes)
+        })
+        .collect();
+    let mirror = TestMirror::start(&origin.url(), |_| {}).await;
+    for (digest, _) in &blobs {
+        get(&mirror.url(&format!("/v2/library/app/blobs/{digest}")))
+            .await
+            .assert_content(digest);
+    }
+    mirror.settle().await;
+    let lifecycle = mirror.app.cache().lifecycle();
+    assert_eq!(lifecycle.usage().blob_bytes, 300_000);
+    let cache = mirror.cache_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(dir.path(), &cache, &origin.url(), "");
+
+    // verify: a corrupt blob goes, and the server forgets it at once.
+    let (corrupt, _) = &blobs[0];
+    let path = blob_path(&cache, corrupt);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[50_000] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let (ok, out) = regmirror(&["verify"], &file);
+    assert!(ok && out.contains("acting through it"), "{out}");
+    assert!(
+        out.contains(&format!("corrupt {corrupt}: removed")),
+        "{out}"
+    );
+    assert!(lifecycle.indexed_blob_size(corrupt).is_none());
+    assert_eq!(lifecycle.usage().blob_bytes, 200_000);
+
+    // ls: what the server holds.
+    let (ok, out) = regmirror(&["ls"], &file);
+    assert!(ok, "{out}");
+    assert!(out.contains(&blobs[1].0.to_string()) && !out.contains(&corrupt.to_string()));
+
+    // gc: evicted by the server itself; its usage figure says so at once.
+    let (ok, out) = regmirror(&["gc", "--target", "0"], &file);
+    assert!(ok, "{out}");
+    assert!(out.contains("evicted 2 blobs (200000 bytes)"), "{out}");
+    assert_eq!(lifecycle.usage().blob_bytes, 0);
+    assert_eq!(mirror.metric("regmirror_cache_size_bytes", &[]).await, 0.0);
+    // And everything is served again, byte-exact, from upstream.
+    for (digest, bytes) in &blobs {
+        let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
+        assert!(got.bytes()[..] == bytes[..]);
+    }
+}

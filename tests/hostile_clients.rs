@@ -48,13 +48,18 @@ type Stalled = (
     Vec<http::Response<hyper::body::Incoming>>,
 );
 
-/// One h2c connection (prior knowledge) that opens `STREAMS` requests for `path` and never
-/// reads their bodies: its windows stay shut. Returns once every stream has its response head.
-async fn stalled_connection(port: u16, path: &str) -> Stalled {
+/// An h2c connection (prior knowledge) whose client keeps every stream's flow-control window
+/// shut: the task driving it (it ends when the server closes the connection) and its sender.
+async fn shut_window_connection(
+    port: u16,
+) -> (
+    tokio::task::JoinHandle<()>,
+    hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>,
+) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(0)
         .adaptive_window(false)
         .handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
@@ -63,6 +68,13 @@ async fn stalled_connection(port: u16, path: &str) -> Stalled {
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
+    (driver, sender)
+}
+
+/// One h2c connection (prior knowledge) that opens `STREAMS` requests for `path` and never
+/// reads their bodies: its windows stay shut. Returns once every stream has its response head.
+async fn stalled_connection(port: u16, path: &str) -> Stalled {
+    let (driver, mut sender) = shut_window_connection(port).await;
     let mut pending = Vec::new();
     for _ in 0..STREAMS {
         sender.ready().await.unwrap();
@@ -152,7 +164,7 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_fleet_costs_a_few_kib_per_connection_and_memory_comes_back() {
+async fn an_idle_fleet_costs_what_the_readme_says_and_memory_comes_back() {
     const IDLE: usize = 3000;
     const HALF_SENT: usize = 500;
     let origin = FakeRegistry::start().await;
@@ -224,4 +236,89 @@ async fn an_idle_fleet_costs_a_few_kib_per_connection_and_memory_comes_back() {
         rss_after <= rss_before + 8 * 1024,
         "RSS {rss_before} -> {rss_after} KiB once they closed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_never_cut_off_and_a_trickle_of_requests_keeps_no_stream_alive()
+{
+    let origin = FakeRegistry::start().await;
+    let blob = random_bytes(12 * 1024 * 1024, 501);
+    let digest = origin.add_blob(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // A send timeout of 1 s, far shorter than the time one 4 MiB window takes at this pace.
+    let (mirror, port) = spawn_regmirror(dir.path(), "steady", |port| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"1s\"\n\
+             [cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n\
+             [[registry.upstream]]\nurl = \"{}\"\n",
+            dir.path().join("cache").display().to_string(),
+            origin.url()
+        )
+    });
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    get(&format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .assert_content(&digest);
+
+    // HTTP/1.1 at about 2 MiB/s, through a small receive buffer: every byte arrives.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: mirror\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    loop {
+        let read = tcp.read(&mut buffer).await.unwrap();
+        if read == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..read]);
+        let head = received.windows(4).position(|w| w == b"\r\n\r\n");
+        if head.is_some_and(|at| received.len() - at - 4 == blob.len()) {
+            break;
+        }
+        // 64 KiB every 30 ms.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let at = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        received[at..] == blob[..],
+        "a steady reader was cut off after {} of {} bytes ({:?})",
+        received.len() - at,
+        blob.len(),
+        started.elapsed()
+    );
+
+    // HTTP/2: a stream never read is not kept alive by small requests on the same connection.
+    let (driver, mut sender) = shut_window_connection(port).await;
+    let request = move |p: &str| {
+        Request::get(format!("http://127.0.0.1:{port}{p}"))
+            .body(Empty::new())
+            .unwrap()
+    };
+    sender.ready().await.unwrap();
+    let stalled = sender.send_request(request(&path)).await.unwrap();
+    assert_eq!(stalled.status(), StatusCode::OK);
+    let trickle = tokio::spawn(async move {
+        // A small answer every 300 ms: the socket sees bytes written all along.
+        loop {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            match sender.send_request(request("/v2/")).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .expect("a never-read stream was kept alive by a trickle of requests")
+        .unwrap();
+    trickle.abort();
+    drop(stalled);
 }

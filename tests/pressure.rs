@@ -60,8 +60,9 @@ async fn downloads_beyond_the_ceiling_wait_and_those_left_by_their_clients_are_d
         })
         .collect();
     let slots = Arc::clone(mirror.app.cache().download_slots());
+    // A running download asks upstream just after it takes its slot.
     eventually("four downloads run and eight wait", || {
-        slots.running() == 4 && slots.queued() == 8
+        slots.running() == 4 && slots.queued() == 8 && blob_gets(&origin, &cold) >= 4
     })
     .await;
     assert_eq!(
