@@ -19,20 +19,26 @@ use tokio::net::{UnixListener, UnixStream};
 /// The socket's name in the cache directory.
 pub const SOCKET: &str = "admin.sock";
 
-/// Serves the admin socket of `dir` until the task is dropped. The socket is made anew (the
-/// store's lock guarantees one server per directory).
-pub async fn serve(live: Arc<Live>, dir: PathBuf) {
+/// Makes the admin socket of `dir` anew (the store's lock guarantees one server per
+/// directory), before the server takes its first request.
+pub fn bind(dir: &Path) -> Option<UnixListener> {
     let path = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
-        Ok(l) => l,
+    match UnixListener::bind(&path) {
+        Ok(listener) => {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            Some(listener)
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no admin socket: gc, verify and ls will act on the directory");
-            return;
+            None
         }
-    };
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+/// Serves the admin socket until the task is dropped.
+pub async fn serve(live: Arc<Live>, listener: UnixListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -77,10 +77,8 @@ pub async fn run(
     });
     // `regmirror gc`, `verify` and `ls` act through the server holding the directory.
     let cache_dir = shared.live.get().config().cache.dir.clone();
-    let admin = tokio::spawn(crate::admin::serve(
-        Arc::clone(&shared.live),
-        cache_dir.clone(),
-    ));
+    let admin = crate::admin::bind(&cache_dir)
+        .map(|socket| tokio::spawn(crate::admin::serve(Arc::clone(&shared.live), socket)));
     // Memory a burst needed goes back to the kernel once no download is in flight.
     let trimming = tokio::spawn({
         let live = Arc::clone(&shared.live);
@@ -134,9 +132,11 @@ pub async fn run(
     // Both hold the configuration, and through it the cache directory's lock: gone before
     // this returns, so that a new server may open the directory at once.
     trimming.abort();
-    admin.abort();
     let _ = trimming.await;
-    let _ = admin.await;
+    if let Some(admin) = admin {
+        admin.abort();
+        let _ = admin.await;
+    }
     let _ = std::fs::remove_file(cache_dir.join(crate::admin::SOCKET));
 }
 
