@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -37,17 +38,52 @@ pub fn bind(dir: &Path) -> Option<UnixListener> {
     }
 }
 
-/// Serves the admin socket until the task is dropped.
+/// What the commands running in the server share: whether the server stops (a verify then
+/// ends before its next entry), and the one verify that may run at a time.
+#[derive(Default)]
+struct Commands {
+    stopping: AtomicBool,
+    verifying: std::sync::Mutex<()>,
+}
+
+/// Tells running commands to stop when the serving task goes.
+struct StopOnDrop(Arc<Commands>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stopping.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Serves the admin socket until the task is dropped, which ends its connections too. Only
+/// this user (or root) is served, whatever the socket's mode.
 pub async fn serve(live: Arc<Live>, listener: UnixListener) {
+    let commands = Arc::new(Commands::default());
+    let _stop = StopOnDrop(Arc::clone(&commands));
+    let mut connections = tokio::task::JoinSet::new();
+    // SAFETY: geteuid only reads the process's effective user.
+    let me = unsafe { libc::geteuid() };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
-        let live = Arc::clone(&live);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        if !stream
+            .peer_cred()
+            .is_ok_and(|peer| peer.uid() == me || peer.uid() == 0)
+        {
+            continue;
+        }
+        let (live, commands) = (Arc::clone(&live), Arc::clone(&commands));
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let live = Arc::clone(&live);
-                async move { Ok::<_, Infallible>(answer(&live, request).await) }
+                let (live, commands) = (Arc::clone(&live), Arc::clone(&commands));
+                async move { Ok::<_, Infallible>(answer(&live, &commands, request).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -57,7 +93,11 @@ pub async fn serve(live: Arc<Live>, listener: UnixListener) {
 }
 
 /// Runs one command in the server.
-async fn answer(live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    live: &Live,
+    commands: &Arc<Commands>,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let app = live.get();
     let query = request.uri().query().unwrap_or("").to_string();
     let param = |name: &str| {
@@ -78,15 +118,29 @@ async fn answer(live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>
             .await
         }
         (&Method::POST, "/verify") => {
+            let (Ok(sample), Ok(max_bytes)) = (
+                param("sample").map(|v| v.parse()).transpose(),
+                param("max_bytes").map(|v| v.parse()).transpose(),
+            ) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "sample and max_bytes are numbers\n".into(),
+                );
+            };
             let options = VerifyOptions {
-                sample: param("sample").and_then(|v| v.parse().ok()),
-                max_bytes: param("max_bytes").and_then(|v| v.parse().ok()),
+                sample,
+                max_bytes,
                 quarantine: param("quarantine").as_deref() == Some("true"),
             };
+            let commands = Arc::clone(commands);
             tokio::task::spawn_blocking(move || {
+                let Ok(_only) = commands.verifying.try_lock() else {
+                    return Ok("a verify is running already; nothing done\n".to_string());
+                };
                 let lifecycle = cache.lifecycle();
+                let forget = |digest: &crate::digest::Digest| lifecycle.forget(digest);
                 let report =
-                    ops::verify_store(cache.store(), &options, |digest| lifecycle.forget(digest))?;
+                    ops::verify_until(cache.store(), &options, forget, &commands.stopping)?;
                 Ok(report.render(options.quarantine))
             })
             .await
@@ -128,7 +182,14 @@ pub async fn command(
     path_and_query: &str,
 ) -> Result<String, String> {
     let failed = |e: &dyn std::fmt::Display| format!("admin socket {}: {e}", socket.display());
-    let stream = UnixStream::connect(socket).await.map_err(|e| failed(&e))?;
+    let connecting = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        UnixStream::connect(socket),
+    );
+    let stream = connecting
+        .await
+        .map_err(|_| failed(&"no answer within 10 s"))?
+        .map_err(|e| failed(&e))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| failed(&e))?;

@@ -149,7 +149,7 @@ fn main() -> ExitCode {
             quarantine,
         } => load(config.as_ref()).and_then(|c| {
             let max_bytes = max_bytes.map(|m| parse_byte_size(&m)).transpose()?;
-            if let Some(socket) = running_server(&c.cache.dir) {
+            if let Some(socket) = running_server(&c.cache.dir)? {
                 let mut query = format!("/verify?quarantine={quarantine}");
                 if let Some(n) = sample {
                     query.push_str(&format!("&sample={n}"));
@@ -176,7 +176,7 @@ fn main() -> ExitCode {
                     return Err("no --target and no cache.max_size to take one from".into())
                 }
             };
-            if let Some(socket) = running_server(&c.cache.dir) {
+            if let Some(socket) = running_server(&c.cache.dir)? {
                 return through_server(&socket, Method::POST, &format!("/gc?target={target}"));
             }
             let evicted = ops::gc(&c.cache.dir, target, &c.cache.pin).map_err(|e| e.to_string())?;
@@ -184,7 +184,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Ls { config } => load(config.as_ref()).and_then(|c| {
-            if let Some(socket) = running_server(&c.cache.dir) {
+            if let Some(socket) = running_server(&c.cache.dir)? {
                 return through_server(&socket, Method::GET, "/ls");
             }
             let (tags, objects) = ops::ls(&c.cache.dir).map_err(|e| e.to_string())?;
@@ -206,11 +206,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// The admin socket of the server holding `dir`, if one does.
-fn running_server(dir: &Path) -> Option<PathBuf> {
-    Store::server_running(dir)
-        .then(|| regmirror::admin::socket_of(dir))
-        .flatten()
+/// The admin socket of the server holding `dir`, if one does. A server without one (its bind
+/// failed) is an error: acting on the directory behind its back would leave its figures wrong.
+fn running_server(dir: &Path) -> Result<Option<PathBuf>, String> {
+    if !Store::server_running(dir) {
+        return Ok(None);
+    }
+    regmirror::admin::socket_of(dir).map(Some).ok_or_else(|| {
+        format!(
+            "a server holds {} but has no admin socket there (see its log); stop it to run this on the directory",
+            dir.display()
+        )
+    })
 }
 
 /// Runs an operator command inside the running server and prints what it says.

@@ -11,6 +11,7 @@ use crate::digest::{Digest, Hasher};
 use crate::oci::{RepoName, Tag};
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// How much of the store `verify` checks.
@@ -46,6 +47,16 @@ pub fn verify_store(
     options: &VerifyOptions,
     removed: impl Fn(&Digest),
 ) -> io::Result<VerifyReport> {
+    verify_until(store, options, removed, &AtomicBool::new(false))
+}
+
+/// [`verify_store`] that stops before its next entry once `stop` is set (the server stops).
+pub fn verify_until(
+    store: &Store,
+    options: &VerifyOptions,
+    removed: impl Fn(&Digest),
+    stop: &AtomicBool,
+) -> io::Result<VerifyReport> {
     let mut found = store.scan()?;
     shuffle(&mut found);
     let total = found.len();
@@ -54,7 +65,8 @@ pub fn verify_store(
     }
     let mut report = VerifyReport::default();
     for entry in &found {
-        if options.max_bytes.is_some_and(|max| report.bytes >= max) {
+        if options.max_bytes.is_some_and(|max| report.bytes >= max) || stop.load(Ordering::Relaxed)
+        {
             break;
         }
         let actual = match hash_file(&store.content_path(&entry.digest)) {
@@ -66,10 +78,15 @@ pub fn verify_store(
         report.bytes += entry.size;
         if actual != entry.digest {
             tracing::error!(digest = %entry.digest, %actual, "corrupt content in the store");
-            if options.quarantine {
-                store.quarantine(&entry.digest)?;
+            let taken_out = if options.quarantine {
+                store.quarantine(&entry.digest).map(|_| ())
             } else {
-                store.remove_blob(&entry.digest)?;
+                store.remove_blob(&entry.digest)
+            };
+            match taken_out {
+                // Evicted meanwhile: gone already.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
             }
             removed(&entry.digest);
             report.corrupt.push(entry.digest.clone());

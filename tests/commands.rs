@@ -201,4 +201,15 @@ async fn gc_verify_and_ls_act_through_a_running_server_whose_figures_stay_true()
         let got = get(&mirror.url(&format!("/v2/library/app/blobs/{digest}"))).await;
         assert!(got.bytes()[..] == bytes[..]);
     }
+
+    // A server without its socket is not worked around: the command refuses.
+    std::fs::remove_file(cache.join("admin.sock")).unwrap();
+    let (ok, out) = regmirror(&["gc", "--target", "0"], &file);
+    assert!(!ok && out.contains("has no admin socket"), "{out}");
+    mirror.settle().await;
+    assert_eq!(
+        lifecycle.usage().blob_bytes,
+        300_000,
+        "acted behind the server's back"
+    );
 }

@@ -87,16 +87,25 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(root.join("lock"))?;
-        match lock.try_lock() {
-            Ok(()) => store._lock = Some(lock),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("another regmirror server uses {}", root.display()),
-                ))
+        // An operator command probing for a server holds the lock for a moment: retried.
+        let mut tries = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("another regmirror server uses {}", root.display()),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
+        store._lock = Some(lock);
         let tmp = root.join("tmp");
         fs::remove_dir_all(&tmp)?;
         fs::create_dir_all(&tmp)?;
