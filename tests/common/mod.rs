@@ -185,6 +185,9 @@ impl TestMirror {
             },
             Duration::from_secs(5),
         ));
+        // Serving: its admin socket is made before the first request is taken.
+        let socket = app.config().cache.dir.join(regmirror::admin::SOCKET);
+        eventually("the server is up", || socket.exists()).await;
         TestMirror {
             addr,
             dir,
