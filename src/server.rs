@@ -84,6 +84,17 @@ pub async fn run(
         let live = Arc::clone(&shared.live);
         crate::allocator::trim_when_quiet(move || live.get().cache().fills_in_flight() == 0)
     });
+    // Small blobs kept open for hits are closed once idle, quiet server or not.
+    let sweeping = tokio::spawn({
+        let live = Arc::clone(&shared.live);
+        async move {
+            let mut every = tokio::time::interval(crate::cache::hot::HOT_SWEEP_EVERY);
+            loop {
+                every.tick().await;
+                live.get().cache().lifecycle().hot().let_go_of_idle();
+            }
+        }
+    });
     // One permit per open connection: the cap while serving, the drain count at shutdown.
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let (stop, stopping) = watch::channel(false);
@@ -131,8 +142,10 @@ pub async fn run(
     finish_downloads(&shared.live, deadline).await;
     // Both hold the configuration, and through it the cache directory's lock: gone before
     // this returns, so that a new server may open the directory at once.
-    trimming.abort();
-    let _ = trimming.await;
+    for task in [trimming, sweeping] {
+        task.abort();
+        let _ = task.await;
+    }
     if let Some(admin) = admin {
         admin.abort();
         let _ = admin.await;

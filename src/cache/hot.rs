@@ -2,7 +2,9 @@
 //! answers from memory, with no trip to the blocking pool, no `open` and no mapping.
 //!
 //! Only blobs whose bytes fit in one window (see [`crate::body::read_first`]) are kept, at
-//! most [`HOT_BYTES`] of them, each for [`HOT_IDLE`] after its last use. Their bytes are the
+//! most [`HOT_BYTES`] of them and at most [`HOT_FILES`] open files (a blob counts as at least
+//! [`HOT_BYTES`] / [`HOT_FILES`] bytes), each for [`HOT_IDLE`] after its last use: the server
+//! calls [`HotBlobs::let_go_of_idle`] every few seconds, so a quiet server closes them too. Their bytes are the
 //! mapped (or, where mapping failed, copied) window read when the blob was last opened: the
 //! page cache's pages, not a copy, and sent by `sendfile` on plain connections like any window.
 //! A blob used within the last seconds has its pages in the page cache, so serving one never
@@ -21,8 +23,13 @@ use std::time::Duration;
 
 /// Bytes of blobs kept (page cache pages, mapped; anonymous memory only where copied).
 pub const HOT_BYTES: u64 = 32 * 1024 * 1024;
+/// Open files kept at most: a crowd of tiny blobs (configs of a few hundred bytes) would
+/// otherwise fill [`HOT_BYTES`] with tens of thousands of descriptors.
+pub const HOT_FILES: u64 = 512;
 /// A blob unused for this long is let go.
 pub const HOT_IDLE: Duration = Duration::from_secs(30);
+/// How often the server lets go of blobs idle for [`HOT_IDLE`].
+pub const HOT_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// One kept blob: the open file (which keeps the inode, and so the mapping, valid) and its
 /// whole content.
@@ -39,17 +46,33 @@ pub struct HotBlobs {
 
 impl Default for HotBlobs {
     fn default() -> HotBlobs {
-        HotBlobs {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(HOT_BYTES)
-                .weigher(|_, blob: &HotBlob| u32::try_from(blob.bytes.len()).unwrap_or(u32::MAX))
-                .time_to_idle(HOT_IDLE)
-                .build(),
-        }
+        HotBlobs::idle_after(HOT_IDLE)
     }
 }
 
 impl HotBlobs {
+    fn idle_after(idle: Duration) -> HotBlobs {
+        let least = HOT_BYTES / HOT_FILES;
+        HotBlobs {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(HOT_BYTES)
+                .weigher(move |_, blob: &HotBlob| {
+                    u32::try_from((blob.bytes.len() as u64).max(least)).unwrap_or(u32::MAX)
+                })
+                .time_to_idle(idle)
+                .build(),
+        }
+    }
+
+    /// Closes the files of blobs unused for [`HOT_IDLE`] (the cache only does its bookkeeping
+    /// when it is used: without this, a server gone quiet would hold them for ever).
+    pub fn let_go_of_idle(&self) {
+        // The first run removes the expired entries; their values (the open files) are dropped
+        // by the next one, which applies the removals it queued.
+        self.entries.run_pending_tasks();
+        self.entries.run_pending_tasks();
+    }
+
     /// The blob, if kept and its file still stored.
     pub fn get(&self, digest: &Digest) -> Option<HotBlob> {
         let blob = self.entries.get(digest)?;
@@ -114,6 +137,45 @@ mod tests {
         assert!(hot.get(&da).is_none(), "forgotten on eviction");
         std::fs::remove_file(path_b).unwrap();
         assert!(hot.get(&db).is_none(), "its file was removed");
+    }
+
+    #[test]
+    fn lets_go_of_idle_blobs_on_a_quiet_server_and_holds_few_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = HotBlobs::idle_after(Duration::from_millis(50));
+        let (_, file) = stored_file(dir.path(), b"config");
+        let digest = Digest::of(b"config");
+        hot.remember(&digest, &file, 6, &Bytes::from_static(b"config"));
+        hot.let_go_of_idle();
+        assert_eq!(Arc::strong_count(&file), 2, "kept while in use");
+        std::thread::sleep(Duration::from_millis(120));
+        // Nothing touches the cache: only the sweep closes the file.
+        hot.let_go_of_idle();
+        assert_eq!(
+            Arc::strong_count(&file),
+            1,
+            "the idle blob's file is let go"
+        );
+
+        // Three times as many tiny blobs as open files allowed: the ceiling holds.
+        let hot = HotBlobs::default();
+        let files: Vec<_> = (0..HOT_FILES * 3)
+            .map(|i| {
+                let content = format!("blob {i}");
+                let (_, file) = stored_file(dir.path(), content.as_bytes());
+                let digest = Digest::of(content.as_bytes());
+                let bytes = Bytes::from(content.into_bytes());
+                hot.remember(&digest, &file, bytes.len() as u64, &bytes);
+                file
+            })
+            .collect();
+        hot.let_go_of_idle();
+        let held = files.iter().filter(|f| Arc::strong_count(f) > 1).count() as u64;
+        assert!(held <= HOT_FILES, "{held} files held open");
+        assert!(
+            held >= HOT_FILES / 2,
+            "only {held} kept: the cache stopped keeping"
+        );
     }
 
     #[test]

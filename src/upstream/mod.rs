@@ -19,7 +19,7 @@ mod transport;
 pub use endpoint::Memory;
 pub use failure::{Failure, UpstreamError};
 pub use request::{content_length, Answer, Resource, UpstreamRequest};
-pub use transport::IDLE_CONNECTIONS_PER_HOST;
+pub use transport::{IDLE_CONNECTIONS_PER_HOST, IDLE_CONNECTION_TIMEOUT};
 
 use crate::config::RegistryConfig;
 use crate::digest::Digest;

@@ -145,8 +145,9 @@ fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError
 /// Idle connections kept per upstream host once a crowd of downloads is over (each is an open
 /// file and a socket's buffers); more are closed as they come back.
 pub const IDLE_CONNECTIONS_PER_HOST: usize = 8;
-/// How long an idle upstream connection is kept.
-const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle upstream connection is kept (closed by the pool's own timer: without one,
+/// an idle connection would stay open until its next checkout or the upstream closes it).
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -173,6 +174,7 @@ fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClie
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
         .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
         .build(https)
 }
 
