@@ -34,7 +34,7 @@ const WRITE_QUEUE: usize = 6;
 /// Most chunks written before readers are told how far the file goes.
 const WRITE_BATCH: usize = 16;
 /// What clients of a download that waited its whole timeout for a slot are told to wait.
-const RETRY_AFTER_QUEUED: u64 = 10;
+pub const RETRY_AFTER_QUEUED: u64 = 10;
 
 /// What a fill needs to know.
 pub struct FillJob {

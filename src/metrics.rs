@@ -60,6 +60,8 @@ pub struct Metrics {
     pub(crate) downloads_queued: IntGauge,
     pub(crate) download_slots: IntGauge,
     pub(crate) commits_waiting: IntGauge,
+    pub(crate) connections_open: IntGauge,
+    pub(crate) connections_max: IntGauge,
     fill_joins: IntCounter,
     prefetches: IntCounter,
     digest_mismatches: IntCounter,
@@ -184,6 +186,16 @@ impl Metrics {
                 &r,
                 "regmirror_download_slots",
                 "The ceiling on blob downloads at once (cache.max_downloads).",
+            ),
+            connections_open: gauge(
+                &r,
+                "regmirror_connections_open",
+                "Client connections open (TCP, TLS or not, any protocol).",
+            ),
+            connections_max: gauge(
+                &r,
+                "regmirror_connections_max",
+                "The ceiling on client connections at once (server.max_connections).",
             ),
             commits_waiting: gauge(
                 &r,

@@ -36,6 +36,23 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 pings keep a quiet connection's peer honest.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(60);
 
+/// Counts a client connection in `regmirror_connections_open` while it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn counted(live: &Live) -> OpenConnection {
+        let gauge = live.get().metrics().connections_open.clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Limits every connection runs under (from `[server]`; they change only on restart).
 #[derive(Clone, Copy, Debug)]
 struct Limits {
@@ -97,6 +114,12 @@ pub async fn run(
     });
     // One permit per open connection: the cap while serving, the drain count at shutdown.
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    shared
+        .live
+        .get()
+        .metrics()
+        .connections_max
+        .set(settings.max_connections as i64);
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -116,12 +139,13 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let open = OpenConnection::counted(&shared.live);
         let span = tracing::debug_span!("connection", client.addr = %client);
         let (shared, stopping) = (Arc::clone(&shared), stopping.clone());
         tokio::spawn(
             async move {
                 serve_connection(stream, client, &shared, stopping).await;
-                drop(slot);
+                drop((slot, open));
             }
             .instrument(span),
         );

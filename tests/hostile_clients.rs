@@ -203,6 +203,16 @@ async fn an_idle_fleet_costs_what_the_readme_says_and_memory_comes_back() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_half, _) = memory_of(pid);
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let open = |text: &str| metric_value(text, "regmirror_connections_open", &[]) as usize;
+    let scrape = || async { String::from_utf8_lossy(get(&metrics_url).await.bytes()).into_owned() };
+    let metrics = scrape().await;
+    // Every one is counted, and the scrape's own connection.
+    assert_eq!(open(&metrics), IDLE + HALF_SENT + 1);
+    assert_eq!(
+        metric_value(&metrics, "regmirror_connections_max", &[]),
+        4096.0
+    );
     let per_idle = (rss_idle.saturating_sub(rss_before)) as f64 / IDLE as f64;
     let per_half = (rss_half.saturating_sub(rss_idle)) as f64 / HALF_SENT as f64;
 
@@ -223,11 +233,13 @@ async fn an_idle_fleet_costs_what_the_readme_says_and_memory_comes_back() {
         rss_after / 1024,
         settled.elapsed()
     );
-    // A normal client is served afterwards.
-    assert_eq!(
-        get(&format!("http://127.0.0.1:{port}/v2/")).await.status,
-        StatusCode::OK
-    );
+    // A normal client is served afterwards, and the gauge comes back to its connection alone.
+    let mut still_open = open(&scrape().await);
+    while still_open > 1 && settled.elapsed() < Duration::from_secs(35) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        still_open = open(&scrape().await);
+    }
+    assert_eq!(still_open, 1, "connections counted after they all closed");
     // The bound documented in the README: 4096 idle clients (the default max_connections)
     // fit in 128 MiB.
     assert!(per_idle < 32.0, "{per_idle:.1} KiB per idle connection");

@@ -359,3 +359,47 @@ async fn a_corrupt_blob_passed_through_is_aborted() {
     drop(mirror);
     drop(disk);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_passes_misses_through_within_the_download_ceiling() {
+    let origin = FakeRegistry::start().await;
+    let huge = random_bytes(12 * MIB, 76);
+    let other = random_bytes(2 * MIB, 77);
+    let (huge_digest, other_digest) = (
+        origin.add_blob(huge.clone()),
+        origin.add_blob(other.clone()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("cache"), 4);
+    let mirror = TestMirror::start(&origin.url(), |c| {
+        c.cache.dir = disk.path.clone();
+        c.cache.max_downloads = 1;
+        c.cache.fill_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let blob = |d: &Digest| mirror.url(&format!("/v2/library/app/blobs/{d}"));
+    // The first download outgrows the disk: misses pass through from now on.
+    assert!(get(&blob(&huge_digest)).await.bytes()[..] == huge[..]);
+    assert!(mirror.app.cache().lifecycle().disk_full());
+
+    // A pass-through whose client has not read its body yet holds the only slot...
+    let holding = start_get(&blob(&huge_digest)).await;
+    assert_eq!(holding.status(), StatusCode::OK);
+    // ...so another miss waits for it, and after `fill_timeout` is told to come back.
+    let refused = get(&blob(&other_digest)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.header("retry-after"), Some("10"));
+    assert_eq!(refused.json()["errors"][0]["code"], "UNAVAILABLE");
+    let path = format!("/v2/library/app/blobs/{other_digest}");
+    assert_eq!(
+        origin.hits("GET", &path),
+        0,
+        "upstream asked beyond the ceiling"
+    );
+    // Once that client is gone, its slot is free again.
+    drop(holding);
+    let served = get(&blob(&other_digest)).await;
+    assert!(served.bytes()[..] == other[..]);
+    drop(mirror);
+    drop(disk);
+}

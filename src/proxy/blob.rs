@@ -200,12 +200,24 @@ fn respond_hit(
 
 /// The disk is full: streams from upstream to this client without caching, verified like a
 /// fill (the last bytes wait for the digest). Whole blobs only: a range could not be verified.
+/// Each takes a download slot for its whole transfer, as a fill does: a full disk does not
+/// lift the ceiling on downloads.
 async fn pass_through(
     app: &App,
     registry: usize,
     repo: &RepoName,
     digest: &Digest,
 ) -> Result<Response<ResponseBody>, Error> {
+    let wait = app.config().cache.fill_timeout;
+    let slot = tokio::time::timeout(wait, app.cache().download_slots().acquire())
+        .await
+        .map_err(|_| {
+            Error::coded_retry(
+                Code::Unavailable,
+                format!("no download slot came free within {wait:?}"),
+                Some(crate::fill::RETRY_AFTER_QUEUED),
+            )
+        })?;
     let answer = app
         .upstream(registry)
         .fetch(&UpstreamRequest::blob(Method::GET, repo, digest))
@@ -218,7 +230,9 @@ async fn pass_through(
     }
     let stall = answer.stall_timeout;
     let body = body::verified(answer.response.into_body(), digest.clone(), total, stall);
-    Ok(builder.body(body).expect("blob headers are valid"))
+    Ok(builder
+        .body(body.with_guard(slot))
+        .expect("blob headers are valid"))
 }
 
 /// Answers from a download in progress, once upstream has answered it; `None` when the download
