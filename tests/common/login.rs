@@ -27,3 +27,10 @@ pub fn alice_and_anonymous(dir: &Path) -> AuthConfig {
         }],
     }
 }
+
+/// The mirror logs in to its (only) upstream as `mirror` / `upstream-secret`.
+pub fn with_upstream_credentials(c: &mut regmirror::config::Config) {
+    let upstream = &mut c.registry[0].upstream[0];
+    upstream.username = Some("mirror".into());
+    upstream.password = Some(regmirror::config::Secret::new("upstream-secret".into()));
+}

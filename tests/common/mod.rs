@@ -8,6 +8,7 @@ mod fake;
 pub mod login;
 pub mod pki;
 pub mod process;
+pub mod small_image;
 pub mod token_service;
 
 #[allow(unused_imports)]
@@ -476,4 +477,5 @@ pub fn schema2_manifest(config: &Digest, config_size: usize, layers: &[(Digest, 
     .to_string()
 }
 
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
