@@ -170,22 +170,33 @@ async fn skopeo_and_curl_pull_over_tls_and_a_new_certificate_is_served_after_sig
     assert_eq!(mirror.process.pid().to_string(), pid, "no restart");
 }
 
+/// Now, as the mirror's log writes its time: requests logged from here on came after it. (An
+/// offset into the log would not do: lines are written by another thread, a moment later.)
+fn log_mark() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// When a log line was logged.
+fn logged_at(line: &str) -> Option<&str> {
+    line.get(..27).filter(|t| t.ends_with('Z'))
+}
+
 /// The status of an access line.
 fn status(line: &str) -> Option<&str> {
     line.split("status=").nth(1)?.split_whitespace().next()
 }
 
 /// Checks that the mirror itself refused what a client just failed to do: among its access
-/// lines written after log offset `mark`, one for a path starting with `path` has one of
-/// `statuses` (waited for: the log is written in batches), every one for such a path is a
-/// refusal (4xx), and no request after `mark` was answered with content.
-async fn refused_by_the_mirror(mirror: &Mirror, mark: usize, path: &str, statuses: &[&str]) {
+/// lines logged since `mark` (from [`log_mark`]), one for a path starting with `path` has one
+/// of `statuses` (waited for: the log is written by another thread), every one for such a path
+/// is a refusal (4xx), and no request since `mark` was answered with content.
+async fn refused_by_the_mirror(mirror: &Mirror, mark: &str, path: &str, statuses: &[&str]) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let log = mirror.process.output();
-        let lines: Vec<&str> = log[mark.min(log.len())..]
+        let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("regmirror::access"))
+            .filter(|l| l.contains("regmirror::access") && logged_at(l) >= Some(mark))
             .collect();
         let matching: Vec<&str> = lines
             .iter()
@@ -261,7 +272,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     let ok = skopeo(&format!("ci:{token}"), &image);
     assert_eq!(Digest::of(&ok.stdout), seeded.oci_index, "{ok:?}");
     // Each refusal must be the mirror's answer (its access log says so), not any failure.
-    let mark = mirror.process.output().len();
+    let mark = log_mark();
     let wrong = skopeo("alice:guess", &image);
     assert!(!wrong.status.success());
     let said = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
@@ -269,8 +280,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         said.contains("unauthorized") || said.contains("authentication required"),
         "{said}"
     );
-    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
-    let mark = mirror.process.output().len();
+    refused_by_the_mirror(&mirror, &mark, "/token", &["401"]).await;
+    let mark = log_mark();
     let denied = skopeo(
         "alice:alice-pw",
         &format!("docker://{host}/private/thing:oci"),
@@ -278,8 +289,8 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
     assert!(!denied.status.success());
     let said = String::from_utf8_lossy(&denied.stderr).to_lowercase();
     assert!(said.contains("denied"), "{said}");
-    refused_by_the_mirror(&mirror, mark, "/v2/private/thing/manifests/", &["403"]).await;
-    let mark = mirror.process.output().len();
+    refused_by_the_mirror(&mirror, &mark, "/v2/private/thing/manifests/", &["403"]).await;
+    let mark = log_mark();
     let anonymous = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false", &image])
         .output()
@@ -289,7 +300,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         "anonymous clients may pull nothing here"
     );
     let manifests = format!("/v2/{REPO}/manifests/");
-    refused_by_the_mirror(&mirror, mark, &manifests, &["401", "403"]).await;
+    refused_by_the_mirror(&mirror, &mark, &manifests, &["401", "403"]).await;
 
     // podman: `podman login`, then a pull with the stored credentials.
     let authfile = dir.path().join("auth.json");
@@ -304,7 +315,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
             .arg(&authfile)
             .args(["-u", "alice", "-p", "alice-pw", &host]),
     );
-    let mark = mirror.process.output().len();
+    let mark = log_mark();
     let refused = podman(&["login", "--tls-verify=false", "--authfile"])
         .arg(dir.path().join("other-auth.json"))
         .args(["-u", "alice", "-p", "guess", &host])
@@ -314,7 +325,7 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
         !refused.status.success(),
         "podman login with a wrong password succeeded"
     );
-    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
+    refused_by_the_mirror(&mirror, &mark, "/token", &["401"]).await;
     let reference = format!("{host}/{REPO}:oci");
     run(
         "podman pull after login",
@@ -363,14 +374,14 @@ async fn skopeo_podman_ctr_and_curl_log_in_and_denied_repositories_are_refused()
             .any(|l| l.starts_with(&ctr_reference) && l.contains(&seeded.docker_list.to_string())),
         "{listed}"
     );
-    let mark = mirror.process.output().len();
+    let mark = log_mark();
     let wrong = pull("alice:guess", &ctr_reference);
     assert!(!wrong.status.success(), "ctr pulled with a wrong password");
-    refused_by_the_mirror(&mirror, mark, "/token", &["401"]).await;
-    let mark = mirror.process.output().len();
+    refused_by_the_mirror(&mirror, &mark, "/token", &["401"]).await;
+    let mark = log_mark();
     let denied = pull("alice:alice-pw", &format!("{host}/private/thing:oci"));
     assert!(!denied.status.success(), "ctr pulled a denied repository");
-    refused_by_the_mirror(&mirror, mark, "/v2/private/thing/manifests/", &["403"]).await;
+    refused_by_the_mirror(&mirror, &mark, "/v2/private/thing/manifests/", &["403"]).await;
 
     // curl: a static bearer token, as a containerd hosts.toml [header] or a script sends it.
     let out = dir.path().join("manifest.json");
