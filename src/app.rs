@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
 use crate::proxy::Prefetcher;
 use crate::route::RegistryName;
+use crate::shared::SharedStore;
 use crate::status::Popularity;
 use crate::upstream::{Memory, RegistryUpstream};
 use std::sync::{Arc, RwLock};
@@ -28,6 +29,9 @@ pub struct App {
     sessions: Arc<Sessions>,
     /// Downloads of an image's blobs started ahead of its client.
     prefetcher: Prefetcher,
+    /// The bucket shared with other replicas, when `[shared_store]` is configured (opened at
+    /// start; a reload keeps it).
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl App {
@@ -38,6 +42,12 @@ impl App {
             Cache::open(&config.cache)
                 .map_err(|e| format!("cannot open the cache directory: {e}"))?,
         );
+        let shared = config
+            .shared_store
+            .as_ref()
+            .map(|c| SharedStore::open(c, Arc::clone(&metrics)).map(Arc::new))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         Ok(Arc::new(App::assemble(
             config,
             cache,
@@ -45,6 +55,7 @@ impl App {
             Arc::default(),
             Arc::default(),
             &[],
+            shared,
         )?))
     }
 
@@ -55,6 +66,7 @@ impl App {
         popularity: Arc<Popularity>,
         sessions: Arc<Sessions>,
         known_endpoints: &[Arc<Memory>],
+        shared: Option<Arc<SharedStore>>,
     ) -> Result<App, String> {
         let routes = config
             .registry
@@ -85,6 +97,7 @@ impl App {
             popularity,
             access,
             sessions,
+            shared,
         })
     }
 
@@ -102,6 +115,10 @@ impl App {
             tracing::warn!(old = %self.config.cache.dir.display(), new = %config.cache.dir.display(), "cache.dir changes only on restart");
             config.cache.dir = self.config.cache.dir.clone();
         }
+        if config.shared_store.as_ref() != self.shared.as_ref().map(|s| s.config()) {
+            tracing::warn!("shared_store changes only on restart");
+            config.shared_store = self.shared.as_ref().map(|s| s.config().clone());
+        }
         let cache_config = config.cache.clone();
         let labels = endpoint_labels(&config);
         // What upstream endpoints taught (health, rate-limit pauses, tokens) carries over to
@@ -115,6 +132,7 @@ impl App {
             Arc::clone(&self.popularity),
             Arc::clone(&self.sessions),
             &known,
+            self.shared.clone(),
         )?;
         self.cache
             .reconfigure(&cache_config)
@@ -152,6 +170,11 @@ impl App {
         &self.metrics
     }
 
+    /// The bucket shared with other replicas, if any.
+    pub fn shared(&self) -> Option<&Arc<SharedStore>> {
+        self.shared.as_ref()
+    }
+
     /// Pull counts per image, for the status page.
     pub fn popularity(&self) -> &Popularity {
         &self.popularity
@@ -175,6 +198,8 @@ impl App {
         m.downloads_queued
             .set(self.cache.download_slots().queued() as i64);
         m.download_slots.set(self.config.cache.max_downloads as i64);
+        m.shared_store_up
+            .set(self.shared.as_ref().map_or(-1, |s| i64::from(s.is_up())));
         let evicted = lifecycle.evictions();
         m.evictions
             .inc_by(evicted.saturating_sub(m.evictions.get()));

@@ -14,6 +14,7 @@
 //! - [`body`]: response bodies, including one that follows a download in progress.
 //! - [`sendfile`]: plain connections send mapped blob windows with `sendfile(2)`.
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
+//! - [`shared`]: the S3-compatible bucket replicas share as a second cache level.
 //! - [`error`]: errors by source and the OCI error table.
 //! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
 //! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`); [`admin`]: the socket
@@ -52,6 +53,7 @@ pub mod route;
 pub mod send_watch;
 pub mod sendfile;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

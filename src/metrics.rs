@@ -69,6 +69,9 @@ pub struct Metrics {
     pub(crate) cache_objects: IntGaugeVec,
     pub(crate) evictions: IntCounter,
     stale_answers: IntCounter,
+    shared_store_requests: IntCounterVec,
+    shared_store_bytes: IntCounterVec,
+    pub(crate) shared_store_up: IntGauge,
     pub(crate) upstream_up: IntGaugeVec,
     pub(crate) ratelimit_remaining: IntGaugeVec,
 }
@@ -239,6 +242,23 @@ impl Metrics {
                 "regmirror_stale_answers_total",
                 "Tags answered from the last known mapping because upstream could not be asked.",
             ),
+            shared_store_requests: counter_vec(
+                &r,
+                "regmirror_shared_store_requests_total",
+                "Requests to the shared store by operation (get, head, put, delete) and outcome (ok, missing, error).",
+                &["operation", "outcome"],
+            ),
+            shared_store_bytes: counter_vec(
+                &r,
+                "regmirror_shared_store_bytes_total",
+                "Blob bytes read from and written to the shared store.",
+                &["direction"],
+            ),
+            shared_store_up: gauge(
+                &r,
+                "regmirror_shared_store_up",
+                "1 when the shared store's last request went through, 0 when it failed, -1 without a shared store.",
+            ),
             upstream_up: gauge_vec(
                 &r,
                 "regmirror_upstream_up",
@@ -362,6 +382,31 @@ impl Metrics {
     pub fn upstream_bytes(&self, registry: &str, bytes: u64) {
         self.upstream_bytes
             .with_label_values(&[registry])
+            .inc_by(bytes);
+    }
+
+    /// Starts the shared store's series at zero, so they exist from start-up.
+    pub fn shared_store_configured(&self) {
+        for operation in ["get", "head", "put", "delete"] {
+            for outcome in ["ok", "missing", "error"] {
+                self.shared_store_requests
+                    .with_label_values(&[operation, outcome]);
+            }
+        }
+        for direction in ["read", "written"] {
+            self.shared_store_bytes.with_label_values(&[direction]);
+        }
+    }
+
+    pub fn shared_store_request(&self, operation: &str, outcome: &str) {
+        self.shared_store_requests
+            .with_label_values(&[operation, outcome])
+            .inc();
+    }
+
+    pub fn shared_store_bytes(&self, direction: &str, bytes: u64) {
+        self.shared_store_bytes
+            .with_label_values(&[direction])
             .inc_by(bytes);
     }
 

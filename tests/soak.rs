@@ -264,9 +264,13 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     let idle = (2 * regmirror::upstream::IDLE_CONNECTION_TIMEOUT)
         .max(regmirror::cache::hot::HOT_IDLE + regmirror::cache::hot::HOT_SWEEP_EVERY)
         + Duration::from_secs(10);
+    // The quiet server's memory check runs on a blocking thread every 10 s, and such a thread
+    // lives 10 s idle: one may be there at any moment.
+    let threads_allowed = threads_before + 1;
     let settled = Instant::now();
     let (mut threads_after, mut files_after) = (threads(), open_files());
-    while (threads_after > threads_before || files_after > files_before) && settled.elapsed() < idle
+    while (threads_after > threads_allowed || files_after > files_before)
+        && settled.elapsed() < idle
     {
         tokio::time::sleep(Duration::from_millis(500)).await;
         (threads_after, files_after) = (threads(), open_files());
@@ -292,7 +296,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
         "nothing was evicted"
     );
     assert!(
-        threads_after <= threads_before,
+        threads_after <= threads_allowed,
         "threads {threads_before} -> {threads_after}"
     );
     assert!(

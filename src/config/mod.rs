@@ -26,6 +26,10 @@ pub struct Config {
     /// Client authentication and access rules; absent, every client may pull everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+    /// An S3-compatible bucket shared with other replicas, as a second cache level; absent,
+    /// the mirror is a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_store: Option<SharedStoreConfig>,
 }
 
 /// Who may pull what. Clients log in with Basic (an htpasswd user, or a token as the
@@ -318,6 +322,7 @@ impl Default for Config {
             registry: default_registries(),
             log: LogConfig::default(),
             auth: None,
+            shared_store: None,
         }
     }
 }
@@ -475,8 +480,10 @@ impl RegistryConfig {
     }
 }
 
+mod shared;
 mod units;
 mod validate;
+pub use shared::{SharedStoreConfig, MAX_SHARED_UPLOADS};
 use units::{byte_size_opt, duration_text};
 pub use units::{format_byte_size, parse_byte_size};
 

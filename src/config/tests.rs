@@ -100,6 +100,27 @@ fn secrets_are_redacted() {
     assert!(!format!("{c:?}").contains("hunter2"));
 }
 
+/// The commented `[shared_store]` block of `config.example.toml`, uncommented: every key it
+/// documents parses and validates.
+#[test]
+fn example_shared_store_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "# [shared_store]")
+        .skip(1)
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .collect();
+    assert!(block.len() > 10, "no [shared_store] block in the example");
+    let c: SharedStoreConfig = toml::from_str(&block.join("\n")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.url, "s3://regmirror-cache/prod");
+    assert_eq!(c.max_uploads, 4);
+    assert!(c.allow_http && c.ca_file.is_some() && c.secret_access_key_file.is_some());
+}
+
 #[test]
 fn example_config_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");

@@ -84,6 +84,9 @@ impl Config {
         if let Some(auth) = &self.auth {
             auth.validate(self)?;
         }
+        if let Some(shared) = &self.shared_store {
+            shared.validate()?;
+        }
         let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
         if !(low > 0.0 && low < high && high <= 1.0) {
             return Err(invalid(
@@ -144,8 +147,12 @@ impl Config {
         Ok(())
     }
 
-    /// Replaces each `password_file` by the password it holds.
+    /// Replaces each `password_file` (and the shared store's secret file or variable) by the
+    /// secret it holds.
     pub fn load_secrets(mut self) -> Result<Config, ConfigError> {
+        if let Some(shared) = &mut self.shared_store {
+            shared.load_secret()?;
+        }
         for (i, registry) in self.registry.iter_mut().enumerate() {
             for (j, upstream) in registry.upstream.iter_mut().enumerate() {
                 if let Some(file) = &upstream.password_file {

@@ -114,6 +114,7 @@ pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Dig
         declared_size: app.cache().declared_size(digest),
         slots: Arc::clone(app.cache().download_slots()),
         ahead_of_clients: false,
+        shared: app.shared().cloned(),
     }
 }
 

@@ -24,7 +24,7 @@ pub fn json(status: StatusCode, text: String, head: bool) -> Response<ResponseBo
         .expect("static headers are valid")
 }
 
-pub fn text(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+pub fn text(status: StatusCode, text: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -64,7 +64,17 @@ pub fn metrics(app: &App) -> Response<ResponseBody> {
 /// Ready when the store accepts writes.
 pub fn readiness(app: &App) -> Response<ResponseBody> {
     if app.cache().store().is_writable() {
-        text(StatusCode::OK, "ready\n")
+        // A shared store that is down degrades the replica to a single node: still ready.
+        match app.shared() {
+            Some(shared) if !shared.is_up() => text(
+                StatusCode::OK,
+                format!(
+                    "ready (the shared store {} is down: serving from local disk and upstream)\n",
+                    shared.label()
+                ),
+            ),
+            _ => text(StatusCode::OK, "ready\n"),
+        }
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,

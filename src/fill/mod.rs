@@ -17,14 +17,18 @@ use crate::digest::Digest;
 use crate::digest::Hasher;
 use crate::error::Code;
 use crate::oci::RepoName;
-use crate::upstream::{Answer, RegistryUpstream, UpstreamError, UpstreamRequest};
+use crate::shared::SharedStore;
+use crate::upstream::{RegistryUpstream, UpstreamError, UpstreamRequest};
 use bytes::Bytes;
-use http::{header, Method, StatusCode};
-use http_body_util::BodyExt;
+use http::Method;
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+
+mod pump;
+pub use pump::range_start;
+use pump::{pump_with_resume, Source, Sources};
 
 /// Chunks queued between the network half and each of the writer and the hasher (the two
 /// queues hold the same chunks). Upstream chunks run to a few hundred KB, so a download buffers
@@ -52,6 +56,9 @@ pub struct FillJob {
     pub slots: Arc<DownloadSlots>,
     /// Started ahead of any client (a prefetch): kept when no client follows it.
     pub ahead_of_clients: bool,
+    /// The bucket shared with other replicas: asked before upstream, and given what upstream
+    /// sent once it is committed.
+    pub shared: Option<Arc<SharedStore>>,
 }
 
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
@@ -88,7 +95,12 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
             };
         // Verified (or failed): the slot goes to the next download; the commit needs none.
         drop(slot);
-        let (temp, size, trusted) = match downloaded {
+        let Downloaded {
+            temp,
+            size,
+            trusted,
+            sources,
+        } = match downloaded {
             Ok(verified) => verified,
             Err(e) => {
                 if e.code == Code::BlobUnknown {
@@ -119,6 +131,7 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         match committed {
             Ok(()) => {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = downloaded_ms, "blob cached");
+                share(&job, &digest, size, &sources).await;
             }
             // Verified, but there is no room to keep it: readers finish from the open file.
             Err(e) if is_disk_full(&e) => {
@@ -149,21 +162,50 @@ fn upstream_failure(error: UpstreamError) -> FillError {
     }
 }
 
-/// Downloads and verifies the blob; then readers may send its last byte, and the caller
-/// commits the returned file. Also says whether only endpoints trusted with tags sent it.
-async fn download(
+/// A verified download, ready for its commit.
+struct Downloaded {
+    temp: TempBlob,
+    size: u64,
+    /// Only endpoints trusted with tags sent it.
+    trusted: bool,
+    sources: Sources,
+}
+
+/// The first source of a blob: the shared bucket when it holds the blob, else upstream.
+async fn first_source(
     job: &FillJob,
     permit: &FillPermit,
-    temp: TempBlob,
-) -> Result<(TempBlob, u64, bool), FillError> {
-    let digest = permit.digest().clone();
+    digest: &Digest,
+) -> Result<(Source, Option<u64>), FillError> {
+    if let Some(shared) = &job.shared {
+        if let Some(blob) = shared.read_blob(digest).await {
+            permit.set_source(shared.label());
+            let total = Some(blob.size);
+            return Ok((
+                Source::bucket(blob, shared.label(), shared.stall_timeout()),
+                total,
+            ));
+        }
+    }
     let answer = job
         .upstream
-        .fetch(&UpstreamRequest::blob(Method::GET, &job.repo, &digest))
+        .fetch(&UpstreamRequest::blob(Method::GET, &job.repo, digest))
         .await
         .map_err(upstream_failure)?;
     let total = answer.content_length();
     permit.set_source(&answer.endpoint);
+    Ok((Source::upstream(answer), total))
+}
+
+/// Downloads and verifies the blob; then readers may send its last byte, and the caller
+/// commits the returned file.
+async fn download(
+    job: &FillJob,
+    permit: &FillPermit,
+    temp: TempBlob,
+) -> Result<Downloaded, FillError> {
+    let digest = permit.digest().clone();
+    let (source, total) = first_source(job, permit, &digest).await?;
     permit.publish(FillState::Streaming { written: 0, total });
 
     // Three parties run side by side: this task reads the network, one blocking task writes
@@ -175,11 +217,11 @@ async fn download(
     let writer =
         tokio::task::spawn_blocking(move || write(temp, writer_queue, progress, total, &lifecycle));
     let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue));
-    let mut sources = Vec::new();
+    let mut sources = Sources::default();
     let received = pump_with_resume(
         job,
         &digest,
-        answer,
+        source,
         [to_writer, to_hasher],
         total,
         &mut sources,
@@ -201,20 +243,52 @@ async fn download(
     received?;
     let temp = written?;
     let size = hasher.len();
-    job.upstream.received(size);
-    hasher.verify(&digest, total).map_err(|m| {
+    if !sources.endpoints.is_empty() {
+        job.upstream.received(size);
+    }
+    if let Err(m) = hasher.verify(&digest, total) {
         job.upstream.mismatch();
-        job.upstream.served_bad_content(&sources, &digest);
-        failure(
+        job.upstream.served_bad_content(&sources.endpoints, &digest);
+        if let (true, Some(shared)) = (sources.bucket, &job.shared) {
+            shared.discard_blob(&digest, &m.to_string()).await;
+        }
+        return Err(failure(
             Code::Unavailable,
-            format!("upstream sent a corrupt blob: {m}"),
-        )
-    })?;
+            format!("a source sent a corrupt blob: {m}"),
+        ));
+    }
     // Verified: readers may send the last byte now; the commit (an fsync of a large file takes
-    // a while) comes later, and a client need not wait for the cache's own safety.
+    // a while) comes later, and a client need not wait for the cache's own safety. The bucket
+    // answers by digest for any repository: what it sent says nothing of this one.
     permit.publish(FillState::Complete { size });
-    let trusted = sources.iter().all(|i| job.upstream.resolves_tags(*i));
-    Ok((temp, size, trusted))
+    let trusted = !sources.bucket
+        && sources
+            .endpoints
+            .iter()
+            .all(|i| job.upstream.resolves_tags(*i));
+    Ok(Downloaded {
+        temp,
+        size,
+        trusted,
+        sources,
+    })
+}
+
+/// Offers a blob just committed to the shared bucket, unless the bucket alone sent it.
+async fn share(job: &FillJob, digest: &Digest, size: u64, sources: &Sources) {
+    let Some(shared) = &job.shared else { return };
+    if sources.endpoints.is_empty() {
+        return;
+    }
+    let (lifecycle, owned) = (Arc::clone(&job.lifecycle), digest.clone());
+    let opened = tokio::task::spawn_blocking(move || lifecycle.store().open_blob(&owned)).await;
+    match opened {
+        Ok(Ok(Some((file, stored)))) if stored == size => {
+            shared.upload_blob(digest.clone(), file, size)
+        }
+        // Evicted already, or unreadable: another replica or the next pull uploads it.
+        _ => tracing::debug!(%digest, "the blob is no longer stored here; not uploaded"),
+    }
 }
 
 /// What a verified download does before its commit: records that upstream served the blob
@@ -262,142 +336,6 @@ async fn commit(
     })
     .await
     .map_err(|e| std::io::Error::other(format!("commit task failed: {e}")))?
-}
-
-/// Feeds the writer and the hasher from upstream; when a source fails mid-body, continues from
-/// the next endpoint with `Range: bytes=N-` (or, where ranges are not supported, from a full
-/// answer whose first N bytes are skipped), keeping the hash state. Readers never notice: bytes
-/// already delivered stay valid, and the digest check at the end covers every byte.
-async fn pump_with_resume(
-    job: &FillJob,
-    digest: &Digest,
-    mut answer: Answer,
-    sinks: [mpsc::Sender<Bytes>; 2],
-    total: Option<u64>,
-    sources: &mut Vec<usize>,
-) -> Result<(), FillError> {
-    let mut received = 0u64;
-    let mut skip = 0u64;
-    let mut resumes = 0usize;
-    let max_resumes = 2 * job.upstream.len().max(1);
-    loop {
-        let failed_endpoint = answer.endpoint_index;
-        sources.push(failed_endpoint);
-        let error = match pump(
-            answer,
-            &sinks,
-            total,
-            job.declared_size,
-            &mut received,
-            skip,
-        )
-        .await
-        {
-            Ok(()) => return Ok(()),
-            Err(Stop::SinkClosed) => return Ok(()),
-            Err(Stop::TooLong(message)) => return Err(failure(Code::Unavailable, message)),
-            Err(Stop::Source(message)) => message,
-        };
-        job.upstream
-            .note_failure(failed_endpoint, &UpstreamError::outage(error.clone()));
-        resumes += 1;
-        if resumes > max_resumes {
-            return Err(failure(
-                Code::Unavailable,
-                format!("giving up after {resumes} attempts: {error}"),
-            ));
-        }
-        tracing::warn!(%digest, offset = received, error = %error, "upstream failed mid-blob; resuming");
-        let request = UpstreamRequest::blob(Method::GET, &job.repo, digest).resume_from(received);
-        // The failed source backs off now; with nobody else to ask, it is asked anyway.
-        answer = job.upstream.fetch(&request).await.map_err(|e| FillError {
-            message: format!("{error}; resuming failed: {e}"),
-            ..upstream_failure(e)
-        })?;
-        skip = match answer.status() {
-            StatusCode::PARTIAL_CONTENT if range_start(answer.headers()) == Some(received) => 0,
-            StatusCode::OK => received,
-            other => {
-                return Err(failure(
-                    Code::Unavailable,
-                    format!(
-                        "{error}; {} answered the resume with {other}",
-                        answer.endpoint
-                    ),
-                ))
-            }
-        };
-    }
-}
-
-/// Why a pump stopped early.
-enum Stop {
-    /// The writer is gone (its own error says why).
-    SinkClosed,
-    /// The source failed: resume elsewhere.
-    Source(String),
-    /// More bytes than declared: not worth resuming.
-    TooLong(String),
-}
-
-/// Moves one upstream body into the sinks after skipping its first `skip` bytes, counting
-/// `received`, bounded by the stall timeout and by the body's length: its `Content-Length`, or,
-/// sent without one, the largest size manifests declared for the blob (`cap`: only a bound,
-/// never taken for the length, so a manifest declaring too much breaks nothing).
-async fn pump(
-    answer: Answer,
-    sinks: &[mpsc::Sender<Bytes>; 2],
-    total: Option<u64>,
-    cap: Option<u64>,
-    received: &mut u64,
-    mut skip: u64,
-) -> Result<(), Stop> {
-    let bound = total.or(cap);
-    let stall = answer.stall_timeout;
-    let endpoint = answer.endpoint.clone();
-    let mut body = answer.response.into_body();
-    loop {
-        let frame = match tokio::time::timeout(stall, body.frame()).await {
-            Err(_) => return Err(Stop::Source(format!("{endpoint}: no data for {stall:?}"))),
-            Ok(None) if total.is_some_and(|t| *received < t) => {
-                return Err(Stop::Source(format!(
-                    "{endpoint}: body ended after {received} bytes"
-                )))
-            }
-            Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => return Err(Stop::Source(format!("{endpoint}: body failed: {e}"))),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(mut data) = frame.into_data() else {
-            continue;
-        };
-        if skip > 0 {
-            let n = skip.min(data.len() as u64);
-            let _ = data.split_to(n as usize);
-            skip -= n;
-        }
-        if data.is_empty() {
-            continue;
-        }
-        *received += data.len() as u64;
-        if bound.is_some_and(|t| *received > t) {
-            return Err(Stop::TooLong(format!(
-                "{endpoint}: body longer than its Content-Length or its manifest's size"
-            )));
-        }
-        for sink in sinks {
-            if sink.send(data.clone()).await.is_err() {
-                return Err(Stop::SinkClosed);
-            }
-        }
-    }
-}
-
-/// The first byte position of a `Content-Range: bytes N-M/T` answer.
-pub fn range_start(headers: &http::HeaderMap) -> Option<u64> {
-    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let range = value.trim().strip_prefix("bytes ")?;
-    range.split('-').next()?.trim().parse().ok()
 }
 
 /// The disk: write each chunk, then tell readers how far the file goes. When the disk is full,

@@ -1,0 +1,86 @@
+//! How the bucket client talks HTTP: `object_store`'s S3 client over the same hyper and rustls
+//! (ring) stack as the upstreams, with its own connection pool and time limits. (The crate's
+//! own connector is reqwest with another TLS library: a second HTTP stack for one job.)
+
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest,
+    HttpRequestBody, HttpResponse, HttpResponseBody, HttpService,
+};
+use std::time::Duration;
+
+/// Idle connections kept to the bucket (uploads and reads of several blobs at once).
+const IDLE_CONNECTIONS: usize = 16;
+
+/// Builds the bucket's HTTP client.
+#[derive(Debug, Clone)]
+pub struct BucketConnector {
+    pub tls: rustls::ClientConfig,
+    pub allow_http: bool,
+    pub connect_timeout: Duration,
+    /// From sending a request (its body included) to its answer's headers.
+    pub timeout: Duration,
+}
+
+impl HttpConnector for BucketConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let mut tcp = TcpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(self.connect_timeout));
+        tcp.set_nodelay(true);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(self.tls.clone());
+        let https = if self.allow_http {
+            builder.https_or_http()
+        } else {
+            builder.https_only()
+        }
+        .enable_http1()
+        .wrap_connector(tcp);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(IDLE_CONNECTIONS)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Ok(HttpClient::new(BucketHttp {
+            client,
+            timeout: self.timeout,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct BucketHttp {
+    client: Client<HttpsConnector<TcpConnector>, HttpRequestBody>,
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl HttpService for BucketHttp {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let answer = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let response = match answer {
+            Err(_) => {
+                return Err(HttpError::new(
+                    HttpErrorKind::Timeout,
+                    std::io::Error::other(format!("no answer within {:?}", self.timeout)),
+                ))
+            }
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() {
+                    HttpErrorKind::Connect
+                } else {
+                    HttpErrorKind::Request
+                };
+                return Err(HttpError::new(kind, e));
+            }
+            Ok(Ok(response)) => response,
+        };
+        Ok(response.map(|body| {
+            HttpResponseBody::new(body.map_err(|e| HttpError::new(HttpErrorKind::Interrupted, e)))
+        }))
+    }
+}
