@@ -1,6 +1,7 @@
 //! The status page at `GET /`: server-rendered HTML for people who would rather look than read
 //! metrics. Cache use against the budget, hit ratio and bytes saved, upstream endpoints with
-//! their health and rate limits, downloads in progress, and the most pulled images.
+//! their health and rate limits, the shared store, downloads in progress, and the most pulled
+//! images.
 //!
 //! Reads the same state `/metrics` exposes; no JavaScript.
 
@@ -151,6 +152,21 @@ pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
         }
     }
     html.push_str("</table>");
+    if let Some(shared) = app.shared() {
+        let state = if shared.is_up() {
+            "<span class=\"up\">up</span>"
+        } else {
+            "<span class=\"down\">down</span> (serving from local disk and upstream)"
+        };
+        let _ = write!(
+            html,
+            "<h2>Shared store</h2><table><tr><th>bucket</th><td id=\"bucket\">{}</td></tr>\
+             <tr><th>state</th><td>{state}</td></tr>\
+             <tr><th>uploads waiting</th><td class=\"num\">{}</td></tr></table>",
+            escape(shared.label()),
+            shared.uploads_waiting()
+        );
+    }
     // Popular images.
     html.push_str("<h2>Most pulled</h2><table id=\"popular\"><tr><th>image</th><th class=\"num\">pulls</th></tr>");
     let shown = app

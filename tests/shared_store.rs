@@ -181,6 +181,12 @@ async fn with_the_bucket_down_misses_come_from_upstream_and_it_is_used_again_onc
     assert_eq!(mirror.metric("regmirror_shared_store_up", &[]).await, 1.0);
     let ready = get(&mirror.url("/readyz")).await;
     assert_eq!(String::from_utf8_lossy(ready.bytes()), "ready\n");
+    let page = get(&mirror.url("/")).await;
+    let page = String::from_utf8_lossy(page.bytes()).into_owned();
+    assert!(
+        page.contains("<tr><th>state</th><td><span class=\"up\">up</span>"),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,11 @@ impl SharedStore {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Uploads waiting for their turn.
+    pub fn uploads_waiting(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// How long a blob read from it may go without a byte.
     pub fn stall_timeout(&self) -> Duration {
         self.config.stall_timeout
