@@ -219,7 +219,7 @@ impl Metrics {
             digest_mismatches: counter(
                 &r,
                 "regmirror_digest_mismatches_total",
-                "Upstream content whose digest or size did not match (never served whole).",
+                "Content from upstream or the shared store whose digest or size did not match (never served whole).",
             ),
             cache_size: gauge(
                 &r,
@@ -245,13 +245,13 @@ impl Metrics {
             shared_store_requests: counter_vec(
                 &r,
                 "regmirror_shared_store_requests_total",
-                "Requests to the shared store by operation (get, head, put, delete) and outcome (ok, missing, error).",
+                "Requests to the shared store by operation (get, head, put, delete) and outcome (ok, missing, denied, error).",
                 &["operation", "outcome"],
             ),
             shared_store_bytes: counter_vec(
                 &r,
                 "regmirror_shared_store_bytes_total",
-                "Blob bytes read from and written to the shared store.",
+                "Blob bytes read from the shared store (as they arrive, before the download verifies them) and written to it (uploads completed).",
                 &["direction"],
             ),
             shared_store_up: gauge(
@@ -388,7 +388,7 @@ impl Metrics {
     /// Starts the shared store's series at zero, so they exist from start-up.
     pub fn shared_store_configured(&self) {
         for operation in ["get", "head", "put", "delete"] {
-            for outcome in ["ok", "missing", "error"] {
+            for outcome in ["ok", "missing", "denied", "error"] {
                 self.shared_store_requests
                     .with_label_values(&[operation, outcome]);
             }

@@ -101,14 +101,19 @@ pub async fn run(
         let live = Arc::clone(&shared.live);
         crate::allocator::trim_when_quiet(move || live.get().cache().fills_in_flight() == 0)
     });
-    // Small blobs kept open for hits are closed once idle, quiet server or not.
+    // Small blobs kept open for hits are closed once idle, quiet server or not; the shared
+    // store is asked whether it answers, at start and while it is down.
     let sweeping = tokio::spawn({
         let live = Arc::clone(&shared.live);
         async move {
             let mut every = tokio::time::interval(crate::cache::hot::HOT_SWEEP_EVERY);
             loop {
                 every.tick().await;
-                live.get().cache().lifecycle().hot().let_go_of_idle();
+                let app = live.get();
+                app.cache().lifecycle().hot().let_go_of_idle();
+                if let Some(bucket) = app.shared().cloned() {
+                    tokio::spawn(async move { bucket.check().await });
+                }
             }
         }
     });

@@ -267,17 +267,44 @@ pub struct UpstreamConfig {
 }
 
 /// A secret string: never printed, never logged.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    value: String,
+    /// Read from the file or variable a `*_file` / `*_env` key names, rather than written in
+    /// the configuration itself (so a configuration validated again after its secrets were
+    /// loaded, as on a reload, does not count it as a second source).
+    loaded: bool,
+}
 
 impl Secret {
     pub fn new(value: String) -> Secret {
-        Secret(value)
+        Secret {
+            value,
+            loaded: false,
+        }
+    }
+
+    /// A secret read from a file or an environment variable.
+    pub fn loaded(value: String) -> Secret {
+        Secret {
+            value,
+            loaded: true,
+        }
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+
+    /// Whether it was written in the configuration itself.
+    pub fn is_inline(&self) -> bool {
+        !self.loaded
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 

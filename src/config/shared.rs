@@ -41,8 +41,8 @@ pub struct SharedStoreConfig {
     /// A PEM file of CA certificates trusted for the endpoint, besides the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// How long one request to the bucket may take until its answer's headers (an upload
-    /// part's, or a whole small object's, bytes included).
+    /// How long one request to the bucket may take until its answer's headers; a request
+    /// that sends a body (an upload) gets one more second per 256 KiB of it.
     #[serde(default = "default_timeout", with = "duration_text")]
     pub timeout: Duration,
     /// How long connecting to the bucket may take.
@@ -56,8 +56,8 @@ pub struct SharedStoreConfig {
     /// bucket that hangs costs one miss its `timeout`, not every miss).
     #[serde(default = "default_recheck_after", with = "duration_text")]
     pub recheck_after: Duration,
-    /// Blobs uploaded to the bucket at once; more wait their turn (the oldest are dropped
-    /// beyond a queue of 1024: another replica, or the next pull, uploads them).
+    /// Uploads to the bucket at once; more wait their turn (beyond 1024 waiting, newer ones
+    /// are dropped: the content stays local, and the next replica to fetch it uploads it).
     #[serde(default = "default_max_uploads")]
     pub max_uploads: usize,
 }
@@ -66,7 +66,7 @@ fn default_region() -> String {
     "us-east-1".to_string()
 }
 fn default_timeout() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(5)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
@@ -120,6 +120,12 @@ impl SharedStoreConfig {
                     format!("{endpoint:?} is not a URL: {e}"),
                 )
             })?;
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) || uri.query().is_some() {
+                return Err(invalid(
+                    "shared_store.endpoint",
+                    "must not carry credentials or a query (use access_key_id and a secret)",
+                ));
+            }
             match uri.scheme_str() {
                 Some("https") => {}
                 Some("http") if self.allow_http => {}
@@ -138,7 +144,9 @@ impl SharedStoreConfig {
             }
         }
         let secrets = [
-            self.secret_access_key.is_some(),
+            self.secret_access_key
+                .as_ref()
+                .is_some_and(Secret::is_inline),
             self.secret_access_key_file.is_some(),
             self.secret_access_key_env.is_some(),
         ];
@@ -183,7 +191,7 @@ impl SharedStoreConfig {
                 )
             })?;
             let line = text.lines().next().unwrap_or("").trim_end().to_string();
-            self.secret_access_key = Some(Secret::new(line));
+            self.secret_access_key = Some(Secret::loaded(line));
         }
         if let Some(variable) = &self.secret_access_key_env {
             let value = std::env::var(variable).map_err(|e| {
@@ -192,7 +200,7 @@ impl SharedStoreConfig {
                     format!("environment variable {variable}: {e}"),
                 )
             })?;
-            self.secret_access_key = Some(Secret::new(value));
+            self.secret_access_key = Some(Secret::loaded(value));
         }
         Ok(())
     }
@@ -265,5 +273,7 @@ mod tests {
         );
         let shown = format!("{c:?} {}", toml::to_string(&c).unwrap());
         assert!(!shown.contains("very-secret-key"), "{shown}");
+        // Validated again once loaded, as on a reload: one source still.
+        c.validate().unwrap();
     }
 }

@@ -128,3 +128,31 @@ fn example_config_parses() {
     let c = Config::parse(&text).unwrap();
     assert!(c.registry.iter().any(|r| r.default));
 }
+
+/// A reload loads the file again and validates what it loaded: a password read from a file (or
+/// a variable) is not a second source.
+#[test]
+fn secrets_from_files_validate_again_once_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("upstream.password");
+    std::fs::write(&password, "hunter2\n").unwrap();
+    let path = dir.path().join("regmirror.toml");
+    let text = format!(
+        "[[registry]]\nname = \"docker.io\"\ndefault = true\n[[registry.upstream]]\n\
+         url = \"https://registry-1.docker.io\"\nusername = \"me\"\npassword_file = {password:?}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let c = Config::load(&path).unwrap();
+    let upstream = &c.registry[0].upstream[0];
+    assert_eq!(
+        upstream.password.as_ref().map(Secret::expose),
+        Some("hunter2")
+    );
+    c.validate().unwrap();
+    // Written in the configuration and in a file: refused.
+    let both = format!(
+        "{}password = \"other\"\n",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    assert!(Config::parse(&both).is_err());
+}

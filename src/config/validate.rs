@@ -163,7 +163,7 @@ impl Config {
                         )
                     })?;
                     let line = text.lines().next().unwrap_or("").trim_end().to_string();
-                    upstream.password = Some(Secret::new(line));
+                    upstream.password = Some(Secret::loaded(line));
                 }
                 if let Some(variable) = &upstream.password_env {
                     let value = std::env::var(variable).map_err(|e| {
@@ -172,7 +172,7 @@ impl Config {
                             format!("environment variable {variable}: {e}"),
                         )
                     })?;
-                    upstream.password = Some(Secret::new(value));
+                    upstream.password = Some(Secret::loaded(value));
                 }
             }
         }
@@ -215,7 +215,7 @@ impl UpstreamConfig {
             ));
         }
         let sources = [
-            self.password.is_some(),
+            self.password.as_ref().is_some_and(Secret::is_inline),
             self.password_file.is_some(),
             self.password_env.is_some(),
         ];

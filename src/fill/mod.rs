@@ -131,7 +131,7 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         match committed {
             Ok(()) => {
                 tracing::info!(%digest, registry = %job.upstream.name, repo = %job.repo, size, elapsed_ms = downloaded_ms, "blob cached");
-                share(&job, &digest, size, &sources).await;
+                share(&job, &digest, size, &sources);
             }
             // Verified, but there is no room to keep it: readers finish from the open file.
             Err(e) if is_disk_full(&e) => {
@@ -178,7 +178,7 @@ async fn first_source(
     digest: &Digest,
 ) -> Result<(Source, Option<u64>), FillError> {
     if let Some(shared) = &job.shared {
-        if let Some(blob) = shared.read_blob(digest).await {
+        if let Some(blob) = shared.read_blob(digest, job.declared_size).await {
             permit.set_source(shared.label());
             let total = Some(blob.size);
             return Ok((
@@ -247,10 +247,12 @@ async fn download(
         job.upstream.received(size);
     }
     if let Err(m) = hasher.verify(&digest, total) {
-        job.upstream.mismatch();
-        job.upstream.served_bad_content(&sources.endpoints, &digest);
+        if !sources.endpoints.is_empty() {
+            job.upstream.mismatch();
+            job.upstream.served_bad_content(&sources.endpoints, &digest);
+        }
         if let (true, Some(shared)) = (sources.bucket, &job.shared) {
-            shared.discard_blob(&digest, &m.to_string()).await;
+            shared.discard_blob(&digest, &m.to_string());
         }
         return Err(failure(
             Code::Unavailable,
@@ -275,20 +277,14 @@ async fn download(
 }
 
 /// Offers a blob just committed to the shared bucket, unless the bucket alone sent it.
-async fn share(job: &FillJob, digest: &Digest, size: u64, sources: &Sources) {
+fn share(job: &FillJob, digest: &Digest, size: u64, sources: &Sources) {
     let Some(shared) = &job.shared else { return };
     if sources.endpoints.is_empty() {
         return;
     }
     let (lifecycle, owned) = (Arc::clone(&job.lifecycle), digest.clone());
-    let opened = tokio::task::spawn_blocking(move || lifecycle.store().open_blob(&owned)).await;
-    match opened {
-        Ok(Ok(Some((file, stored)))) if stored == size => {
-            shared.upload_blob(digest.clone(), file, size)
-        }
-        // Evicted already, or unreadable: another replica or the next pull uploads it.
-        _ => tracing::debug!(%digest, "the blob is no longer stored here; not uploaded"),
-    }
+    let open = Box::new(move || lifecycle.store().open_blob(&owned));
+    shared.upload_blob(digest.clone(), size, open);
 }
 
 /// What a verified download does before its commit: records that upstream served the blob

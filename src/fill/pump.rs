@@ -98,9 +98,12 @@ pub async fn pump_with_resume(
             Err(Stop::TooLong(message)) => return Err(failure(Code::Unavailable, message)),
             Err(Stop::Source(message)) => message,
         };
-        if let Some(index) = failed_endpoint {
-            job.upstream
-                .note_failure(index, &UpstreamError::outage(error.clone()));
+        match (failed_endpoint, &job.shared) {
+            (Some(index), _) => job
+                .upstream
+                .note_failure(index, &UpstreamError::outage(error.clone())),
+            (None, Some(shared)) => shared.body_failed(&error),
+            (None, None) => {}
         }
         resumes += 1;
         if resumes > max_resumes {

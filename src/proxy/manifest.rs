@@ -133,6 +133,9 @@ async fn by_digest(
     let flag = Arc::clone(&went_upstream);
     let load = || async move {
         flag.store(true, Ordering::Relaxed);
+        if let Some(manifest) = from_shared_store(app, registry, repo, digest).await {
+            return Ok(manifest);
+        }
         let accept = canonical_accept();
         let reference = Reference::Digest(digest.clone());
         let request = UpstreamRequest::manifest(Method::GET, repo, &reference, &accept);
@@ -146,6 +149,21 @@ async fn by_digest(
         Outcome::Hit
     };
     Ok(manifest)
+}
+
+/// A manifest by digest from the shared store, checked there (it hashes to its name and is a
+/// manifest). Like a content-only endpoint's, its answer links nothing to the repository.
+async fn from_shared_store(
+    app: &App,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Option<Manifest> {
+    let manifest = app.shared()?.read_manifest(digest).await?;
+    app.cache().note_declared_sizes(&manifest.bytes);
+    let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
+    app.prefetcher().image_arrived(registry, repo, blobs);
+    Some(manifest)
 }
 
 /// A manifest by digest, for a caller that only needs it at hand.
@@ -272,6 +290,9 @@ pub(super) async fn fetch_manifest(
     };
     let (manifest, endpoint) = Box::pin(upstream.fetch_with(request, read)).await?;
     app.cache().note_declared_sizes(&manifest.bytes);
+    if let Some(shared) = app.shared() {
+        shared.upload_manifest(&manifest);
+    }
     if upstream.resolves_tags(endpoint) {
         let mut served = crate::oci::served_references(&manifest.bytes);
         served.push(manifest.digest.clone());

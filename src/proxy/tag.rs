@@ -29,7 +29,7 @@ pub(super) async fn revalidate(
 ) -> Result<TagAnswer, Error> {
     went_upstream.store(true, Ordering::Relaxed);
     let upstream = app.upstream(key.registry);
-    let Some(previous) = app.cache().tag_record(&upstream.name, &key).await? else {
+    let Some(previous) = known_record(app, &key).await? else {
         return fetch_tag(app, &key, false).await;
     };
     match confirm(app, &key, &previous).await {
@@ -83,10 +83,24 @@ fn not_yet_there(error: Error, digest: &Digest) -> Error {
     Error::Upstream(UpstreamError::outage(message).with_retry_after(Some(10)))
 }
 
-/// The tag's last known mapping, marked stale, if the cache has one.
-pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
+/// The tag's last known mapping: this replica's record, else the one the shared store holds
+/// (what another replica last had confirmed; it stands in for a record of our own, and is
+/// revalidated like one).
+async fn known_record(app: &App, key: &TagKey) -> Result<Option<TagRecord>, Error> {
     let registry = &app.upstream(key.registry).name;
-    let record = app.cache().tag_record(registry, key).await.ok()??;
+    if let Some(record) = app.cache().tag_record(registry, key).await? {
+        return Ok(Some(record));
+    }
+    let Some(shared) = app.shared() else {
+        return Ok(None);
+    };
+    let (repo, tag) = (key.repo.to_string(), key.tag.to_string());
+    Ok(shared.read_tag(registry, &repo, &tag).await)
+}
+
+/// The tag's last known mapping, marked stale, if there is one.
+pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
+    let record = known_record(app, key).await.ok()??;
     Some(TagAnswer {
         digest: record.digest.parse().ok()?,
         media_type: record.media_type,
@@ -144,6 +158,10 @@ async fn record(
         checked_at: unix_now(),
     };
     let registry = &app.upstream(key.registry).name;
+    if let Some(shared) = app.shared() {
+        let (repo, tag) = (key.repo.to_string(), key.tag.to_string());
+        shared.upload_tag(registry, &repo, &tag, record.clone());
+    }
     app.cache().put_tag_record(registry, key, record).await?;
     Ok(TagAnswer {
         digest: digest.clone(),

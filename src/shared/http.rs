@@ -15,14 +15,19 @@ use std::time::Duration;
 
 /// Idle connections kept to the bucket (uploads and reads of several blobs at once).
 const IDLE_CONNECTIONS: usize = 16;
+/// A request that sends a body (an upload's part) gets one more second per this many bytes.
+const UPLOAD_BYTES_PER_SECOND: u64 = 256 * 1024;
 
 /// Builds the bucket's HTTP client.
+/// Plain http is allowed at this level: the configured endpoint is checked against
+/// `allow_http` by the configuration, and the credential services of EC2 instances, ECS tasks
+/// and EKS pods (for a bucket on AWS without a key in the configuration) speak plain http.
 #[derive(Debug, Clone)]
 pub struct BucketConnector {
     pub tls: rustls::ClientConfig,
-    pub allow_http: bool,
     pub connect_timeout: Duration,
-    /// From sending a request (its body included) to its answer's headers.
+    /// From sending a request to its answer's headers (a body sent: one more second per
+    /// 256 KiB of it).
     pub timeout: Duration,
 }
 
@@ -32,14 +37,11 @@ impl HttpConnector for BucketConnector {
         tcp.enforce_http(false);
         tcp.set_connect_timeout(Some(self.connect_timeout));
         tcp.set_nodelay(true);
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(self.tls.clone());
-        let https = if self.allow_http {
-            builder.https_or_http()
-        } else {
-            builder.https_only()
-        }
-        .enable_http1()
-        .wrap_connector(tcp);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(IDLE_CONNECTIONS)
             .pool_idle_timeout(Duration::from_secs(30))
@@ -61,12 +63,14 @@ struct BucketHttp {
 #[async_trait::async_trait]
 impl HttpService for BucketHttp {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let answer = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let sending = request.body().content_length() as u64;
+        let limit = self.timeout + Duration::from_secs(sending / UPLOAD_BYTES_PER_SECOND);
+        let answer = tokio::time::timeout(limit, self.client.request(request)).await;
         let response = match answer {
             Err(_) => {
                 return Err(HttpError::new(
                     HttpErrorKind::Timeout,
-                    std::io::Error::other(format!("no answer within {:?}", self.timeout)),
+                    std::io::Error::other(format!("no answer within {limit:?}")),
                 ))
             }
             Ok(Err(e)) => {

@@ -8,40 +8,50 @@
 //! upload, which is completed only when the digest matches — a multipart upload is invisible
 //! until then, so no replica ever sees half an object.
 //!
-//! The bucket never holds a request up for long: its requests have their own time limits, a
-//! failure marks it down (logged once, shown by `/readyz` and the metrics), and a mirror whose
-//! bucket is down serves from its disk and upstream as a single node does.
+//! The bucket never holds a request up for long: its requests have their own time limits, and
+//! a failed read marks it down ([`health`]: logged once, shown by `/readyz`, the status page
+//! and the metrics); a replica whose bucket is down serves from its disk and upstream as a
+//! single node does.
 //!
-//! Keys, under the configured prefix: `blobs/sha256/<hex>`.
+//! Keys, under the configured prefix: `blobs/sha256/<hex>` ([`blobs`]), `manifests/sha256/<hex>`
+//! and `tags/<registry>/<repository>/<tag>` ([`documents`]).
 
+mod blobs;
+mod documents;
+mod health;
 mod http;
 
+pub use blobs::BucketBlob;
+
 use crate::config::SharedStoreConfig;
-use crate::digest::{Digest, Hasher};
 use crate::metrics::Metrics;
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use health::{Change, Health};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
-use object_store::{ObjectStoreExt, PutPayload};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use object_store::ObjectStoreExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
-/// Blobs up to this size are uploaded in one request; larger ones in parts of this size.
-const PART_SIZE: usize = 8 << 20;
-/// Uploads waiting for their turn, at most; more are dropped (the blob stays local only).
+/// Uploads waiting for their turn, at most; newer ones are dropped beyond it (the content
+/// stays local; the next replica to fetch it uploads it).
 const MAX_QUEUED_UPLOADS: usize = 1024;
 
-/// A blob as the bucket sends it.
-pub struct BucketBlob {
-    pub size: u64,
-    pub bytes: BoxStream<'static, Result<Bytes, String>>,
-}
+/// The variables that name credentials, read when the configuration names no key (as the
+/// AWS tools do; other `AWS_*` settings — endpoints, signing — are not taken from the
+/// environment: the configuration says where the bucket is).
+const CREDENTIAL_VARIABLES: [&str; 9] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+];
 
 /// The bucket and what this replica knows of it.
 pub struct SharedStore {
@@ -50,9 +60,11 @@ pub struct SharedStore {
     /// `s3://bucket/prefix`, for logs and metrics.
     label: String,
     config: SharedStoreConfig,
-    up: AtomicBool,
-    /// When its last request failed.
-    failed_at: Mutex<Option<Instant>>,
+    health: Health,
+    /// Asked once at least (by [`SharedStore::check`]).
+    checked: AtomicBool,
+    /// A refused read was logged (once: a key without `s3:ListBucket` is refused every miss).
+    denial_logged: AtomicBool,
     uploads: Arc<Semaphore>,
     queued: AtomicUsize,
     metrics: Arc<Metrics>,
@@ -63,6 +75,58 @@ pub struct SharedStore {
 pub enum SharedStoreError {
     #[error("shared_store: {0}")]
     Config(String),
+}
+
+/// How a request to the bucket went, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Missing,
+    Denied,
+    Error,
+}
+
+impl Outcome {
+    fn of<T>(result: &object_store::Result<T>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(object_store::Error::NotFound { .. }) => Outcome::Missing,
+            Err(
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ) => Outcome::Denied,
+            Err(_) => Outcome::Error,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Missing => "missing",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// What a request was, for the metrics and for health (only reads decide it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Get,
+    Head,
+    Put,
+    Delete,
+}
+
+impl Operation {
+    fn label(self) -> &'static str {
+        match self {
+            Operation::Get => "get",
+            Operation::Head => "head",
+            Operation::Put => "put",
+            Operation::Delete => "delete",
+        }
+    }
 }
 
 impl SharedStore {
@@ -78,16 +142,17 @@ impl SharedStore {
             .map_err(|e| SharedStoreError::Config(e.to_string()))?;
         let connector = http::BucketConnector {
             tls,
-            allow_http: config.allow_http,
             connect_timeout: config.connect_timeout,
             timeout: config.timeout,
         };
+        // One retry: a bucket that fails twice in a row is down, and downloads go on without
+        // it rather than wait.
         let retry = object_store::RetryConfig {
             backoff: object_store::BackoffConfig::default(),
-            max_retries: 2,
+            max_retries: 1,
             retry_timeout: config.timeout,
         };
-        let mut builder = AmazonS3Builder::from_env()
+        let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&bucket_name)
             .with_region(&config.region)
             .with_allow_http(config.allow_http)
@@ -98,11 +163,21 @@ impl SharedStore {
                 .with_endpoint(endpoint)
                 .with_virtual_hosted_style_request(false);
         }
-        // Without a key in the configuration: AWS_* variables, or an instance's role.
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret.expose());
+        match (&config.access_key_id, &config.secret_access_key) {
+            (Some(id), Some(secret)) => {
+                builder = builder
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret.expose());
+            }
+            // No key configured: the environment's credentials, else the instance's role.
+            _ => {
+                for variable in CREDENTIAL_VARIABLES {
+                    let key = variable.to_ascii_lowercase().parse::<AmazonS3ConfigKey>();
+                    if let (Ok(key), Ok(value)) = (key, std::env::var(variable)) {
+                        builder = builder.with_config(key, value);
+                    }
+                }
+            }
         }
         let bucket = builder
             .build()
@@ -117,9 +192,10 @@ impl SharedStore {
             bucket,
             prefix,
             label,
+            health: Health::new(config.recheck_after, 3 * config.timeout),
             config: config.clone(),
-            up: AtomicBool::new(true),
-            failed_at: Mutex::new(None),
+            checked: AtomicBool::new(false),
+            denial_logged: AtomicBool::new(false),
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             queued: AtomicUsize::new(0),
             metrics,
@@ -136,9 +212,9 @@ impl SharedStore {
         &self.config
     }
 
-    /// Whether its last request went through (or none was made yet).
+    /// Whether its last read went through (true until one failed).
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health.is_up()
     }
 
     /// Uploads waiting for their turn.
@@ -151,8 +227,8 @@ impl SharedStore {
         self.config.stall_timeout
     }
 
-    fn blob_key(&self, digest: &Digest) -> Key {
-        let key = format!("blobs/{}/{}", digest.algorithm(), digest.hex());
+    /// `key` under the prefix.
+    fn key(&self, key: String) -> Key {
         if self.prefix.is_empty() {
             Key::from(key)
         } else {
@@ -160,82 +236,69 @@ impl SharedStore {
         }
     }
 
-    /// Records how a request went: up or down (a change is logged once), and the counters.
-    fn outcome<T>(
-        &self,
-        operation: &'static str,
-        result: &object_store::Result<T>,
-    ) -> &'static str {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(object_store::Error::NotFound { .. }) => "missing",
-            Err(_) => "error",
+    /// Asks the bucket whether it answers, when it never was asked or a probe is due: called
+    /// every few seconds by the server, so its state is known before the first miss and a
+    /// bucket that came back is seen without waiting for traffic.
+    pub async fn check(&self) {
+        let first = !self.checked.swap(true, Ordering::Relaxed);
+        if !first && !self.health.probe_due() {
+            return;
+        }
+        let Some(_asking) = self.health.begin() else {
+            return;
         };
-        let up = outcome != "error";
-        if !up {
-            *self.failed_at.lock().expect("bucket state lock poisoned") = Some(Instant::now());
+        let probe = self.bucket.head(&self.key(".regmirror-probe".into())).await;
+        self.outcome(Operation::Head, &probe);
+    }
+
+    /// Records how a request went: the counters, and for reads, whether the bucket is up (a
+    /// change is logged once). A refusal is not an outage: it is logged once, and reads go on.
+    fn outcome<T>(&self, operation: Operation, result: &object_store::Result<T>) -> Outcome {
+        let outcome = Outcome::of(result);
+        self.metrics
+            .shared_store_request(operation.label(), outcome.label());
+        if !matches!(operation, Operation::Get | Operation::Head) {
+            return outcome;
         }
-        if self.up.swap(up, Ordering::Relaxed) != up {
-            match result {
-                Err(e) if !up => {
-                    tracing::warn!(bucket = %self.label, error = %e, "the shared store is down; serving from local disk and upstream")
-                }
-                _ => tracing::info!(bucket = %self.label, "the shared store is back"),
+        let change = if outcome == Outcome::Error {
+            self.health.failed()
+        } else {
+            self.health.succeeded()
+        };
+        match (change, result) {
+            (Change::WentDown, Err(e)) => {
+                tracing::warn!(bucket = %self.label, error = %e, "the shared store is down; serving from local disk and upstream")
             }
+            (Change::CameBack, _) => {
+                tracing::info!(bucket = %self.label, "the shared store is back")
+            }
+            _ => {}
         }
-        self.metrics.shared_store_request(operation, outcome);
+        if outcome == Outcome::Denied && !self.denial_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(bucket = %self.label, "the shared store refuses a read: check the key, and that it may list the bucket (S3 answers a missing object with 403 to a key that may not)");
+        }
         outcome
     }
 
-    /// Whether downloads should ask it now: it is up, or its last failure is `recheck_after`
-    /// old (so a bucket that hangs costs one miss its time limit, not every miss).
-    fn worth_asking(&self) -> bool {
-        let failed_at = *self.failed_at.lock().expect("bucket state lock poisoned");
-        self.is_up() || failed_at.is_none_or(|t| t.elapsed() >= self.config.recheck_after)
-    }
-
-    /// Starts reading a blob; `None` when the bucket does not hold it, cannot be reached, or
-    /// failed lately (within `recheck_after`).
-    pub async fn read_blob(&self, digest: &Digest) -> Option<BucketBlob> {
-        if !self.worth_asking() {
-            return None;
-        }
-        let key = self.blob_key(digest);
-        let result = self.bucket.get(&key).await;
-        if let ("error", Err(e)) = (self.outcome("get", &result), &result) {
-            tracing::debug!(bucket = %self.label, %digest, error = %e, "reading from the shared store failed");
-        }
-        let found = result.ok()?;
-        let size = found.meta.size;
-        let metrics = Arc::clone(&self.metrics);
-        let bytes = found
-            .into_stream()
-            .map(move |chunk| {
-                let chunk = chunk.map_err(|e| e.to_string())?;
-                metrics.shared_store_bytes("read", chunk.len() as u64);
-                Ok(chunk)
-            })
-            .boxed();
-        Some(BucketBlob { size, bytes })
-    }
-
-    /// Deletes a blob the bucket sent corrupt or short, so that a good copy replaces it.
-    pub async fn discard_blob(&self, digest: &Digest, why: &str) {
-        tracing::error!(bucket = %self.label, %digest, problem = why, "the shared store holds a bad copy of this blob; deleting it");
-        let result = self.bucket.delete(&self.blob_key(digest)).await;
-        self.outcome("delete", &result);
-        if let Err(e) = result {
-            tracing::warn!(bucket = %self.label, %digest, error = %e, "could not delete the bad copy");
+    /// A download reading from the bucket found its body failing (a stall, a reset): down,
+    /// as a failed request would have made it.
+    pub fn body_failed(&self, error: &str) {
+        if self.health.failed() == Change::WentDown {
+            tracing::warn!(bucket = %self.label, error, "the shared store is down; serving from local disk and upstream");
         }
     }
 
-    /// Uploads a verified local blob in the background, unless the bucket has it already;
-    /// read from `file` (its open handle: an eviction meanwhile does not matter) and verified
-    /// again on the way. Dropped when too many uploads are waiting.
-    pub fn upload_blob(self: &Arc<Self>, digest: Digest, file: File, size: u64) {
+    /// Runs an upload in the background when its turn comes (`max_uploads` at once); dropped
+    /// when too many are waiting, or when the bucket is down by then. `job` says whether it
+    /// wrote anything.
+    fn enqueue(
+        self: &Arc<Self>,
+        what: String,
+        job: impl std::future::Future<Output = Result<bool, String>> + Send + 'static,
+    ) {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED_UPLOADS {
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(bucket = %self.label, %digest, "too many uploads waiting; this blob stays local");
+            tracing::warn!(bucket = %self.label, what, "too many uploads waiting; this one stays local");
             return;
         }
         let store = Arc::clone(self);
@@ -243,86 +306,19 @@ impl SharedStore {
             let turn = Arc::clone(&store.uploads).acquire_owned().await;
             store.queued.fetch_sub(1, Ordering::SeqCst);
             let Ok(_turn) = turn else { return };
-            if !store.worth_asking() {
-                tracing::debug!(bucket = %store.label, %digest, "the shared store is down; this blob stays local");
+            if !store.is_up() {
+                tracing::debug!(bucket = %store.label, what, "the shared store is down; this stays local");
                 return;
             }
-            match store.upload(&digest, Arc::new(file), size).await {
+            match job.await {
                 Ok(true) => {
-                    tracing::info!(bucket = %store.label, %digest, size, "blob uploaded to the shared store")
+                    tracing::debug!(bucket = %store.label, what, "uploaded to the shared store")
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(bucket = %store.label, %digest, error = %e, "uploading to the shared store failed; the blob stays local")
+                    tracing::warn!(bucket = %store.label, what, error = %e, "uploading to the shared store failed; it stays local")
                 }
             }
         });
     }
-
-    /// Uploads unless present: `Ok(false)` when the bucket had it.
-    async fn upload(&self, digest: &Digest, file: Arc<File>, size: u64) -> Result<bool, String> {
-        let key = self.blob_key(digest);
-        let present = self.bucket.head(&key).await;
-        self.outcome("head", &present);
-        match present {
-            Ok(meta) if meta.size == size => return Ok(false),
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        let mut hasher = Hasher::default();
-        if size <= PART_SIZE as u64 {
-            let bytes = read_part(&file, 0, size as usize).await?;
-            hasher.update(&bytes);
-            verify(hasher, digest, size)?;
-            let result = self.bucket.put(&key, PutPayload::from(bytes)).await;
-            self.outcome("put", &result);
-            result.map_err(|e| e.to_string())?;
-        } else {
-            let started = self.bucket.put_multipart(&key).await;
-            self.outcome("put", &started);
-            let mut upload = started.map_err(|e| e.to_string())?;
-            let sent = async {
-                let mut offset = 0u64;
-                while offset < size {
-                    let len = (size - offset).min(PART_SIZE as u64) as usize;
-                    let bytes = read_part(&file, offset, len).await?;
-                    hasher.update(&bytes);
-                    offset += len as u64;
-                    let part = upload.put_part(PutPayload::from(bytes)).await;
-                    self.outcome("put", &part);
-                    part.map_err(|e| e.to_string())?;
-                }
-                verify(hasher, digest, size)?;
-                let done = upload.complete().await;
-                self.outcome("put", &done);
-                done.map(|_| ()).map_err(|e| e.to_string())
-            }
-            .await;
-            if let Err(e) = sent {
-                let _ = upload.abort().await;
-                return Err(e);
-            }
-        }
-        self.metrics.shared_store_bytes("written", size);
-        Ok(true)
-    }
-}
-
-/// `len` bytes of `file` from `offset`, read on the blocking pool.
-async fn read_part(file: &Arc<File>, offset: u64, len: usize) -> Result<Bytes, String> {
-    let file = Arc::clone(file);
-    tokio::task::spawn_blocking(move || {
-        let mut buffer = vec![0u8; len];
-        file.read_exact_at(&mut buffer, offset)
-            .map(|()| Bytes::from(buffer))
-            .map_err(|e| format!("reading the local copy: {e}"))
-    })
-    .await
-    .map_err(|e| format!("reading the local copy: {e}"))?
-}
-
-fn verify(hasher: Hasher, digest: &Digest, size: u64) -> Result<(), String> {
-    hasher
-        .verify(digest, Some(size))
-        .map_err(|m| format!("the local copy no longer matches its digest: {m}"))
 }

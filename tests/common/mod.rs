@@ -463,6 +463,20 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// Waits (bounded) for a condition that takes a request to check.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut condition: impl FnMut() -> F,
+) {
+    for _ in 0..500 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// A simple schema2 image manifest referencing a config and layers.
 pub fn schema2_manifest(config: &Digest, config_size: usize, layers: &[(Digest, usize)]) -> String {
     let layers: Vec<serde_json::Value> = layers

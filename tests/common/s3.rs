@@ -110,6 +110,15 @@ impl S3Server {
         std::fs::read(self.blob_file(digest)).ok()
     }
 
+    /// Files of multipart uploads not completed nor aborted (s3s-fs keeps them at its root,
+    /// beside the buckets).
+    pub fn unfinished_uploads(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        walk(&self.root, &self.root, &mut found);
+        found.retain(|f| f.contains(".upload"));
+        found
+    }
+
     /// Every object the bucket holds under the prefix (paths relative to it), sorted.
     pub fn objects(&self) -> Vec<String> {
         let base = self.root.join(BUCKET).join(PREFIX);
