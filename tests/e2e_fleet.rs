@@ -109,7 +109,7 @@ async fn a_second_replica_serves_what_the_first_pulled_from_the_bucket_with_the_
         first.output()
     );
     for tag in ["oci", "docker"] {
-        let object = format!("tags/docker.io/{REPO}/{tag}");
+        let object = format!("tags/docker.io/{REPO}/_tags/{tag}");
         assert!(s3.objects().contains(&object), "no {object}");
     }
 

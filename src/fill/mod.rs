@@ -282,8 +282,13 @@ fn share(job: &FillJob, digest: &Digest, size: u64, sources: &Sources) {
     if sources.endpoints.is_empty() {
         return;
     }
-    let (lifecycle, owned) = (Arc::clone(&job.lifecycle), digest.clone());
-    let open = Box::new(move || lifecycle.store().open_blob(&owned));
+    // Held weakly: a server that stops lets go of its store (and its directory's lock) with
+    // uploads still waiting.
+    let (lifecycle, owned) = (Arc::downgrade(&job.lifecycle), digest.clone());
+    let open = Box::new(move || match lifecycle.upgrade() {
+        Some(lifecycle) => lifecycle.store().open_blob(&owned),
+        None => Ok(None),
+    });
     shared.upload_blob(digest.clone(), size, open);
 }
 

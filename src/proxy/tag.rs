@@ -43,6 +43,10 @@ pub(super) async fn revalidate(
                 .is_some_and(|u| (u.authoritative && u.is_not_found()) || u.is_denial());
             if gone {
                 app.cache().remove_tag_record(&upstream.name, &key).await?;
+                if let Some(shared) = app.shared() {
+                    let (repo, tag) = (key.repo.to_string(), key.tag.to_string());
+                    shared.delete_tag(&upstream.name, &repo, &tag);
+                }
                 tracing::info!(repo = %key.repo, tag = %key.tag, error = %e, "upstream says the tag is gone or refused; its record is removed");
             }
             Err(e)
@@ -85,22 +89,25 @@ fn not_yet_there(error: Error, digest: &Digest) -> Error {
 
 /// The tag's last known mapping: this replica's record, else the one the shared store holds
 /// (what another replica last had confirmed; it stands in for a record of our own, and is
-/// revalidated like one).
+/// revalidated like one). With `[auth]` on, only this replica's own: a record from the bucket
+/// would name a manifest no endpoint trusted with tags confirmed for this repository here.
 async fn known_record(app: &App, key: &TagKey) -> Result<Option<TagRecord>, Error> {
     let registry = &app.upstream(key.registry).name;
     if let Some(record) = app.cache().tag_record(registry, key).await? {
         return Ok(Some(record));
     }
-    let Some(shared) = app.shared() else {
+    let Some(shared) = app.shared().filter(|_| app.access().is_none()) else {
         return Ok(None);
     };
     let (repo, tag) = (key.repo.to_string(), key.tag.to_string());
     Ok(shared.read_tag(registry, &repo, &tag).await)
 }
 
-/// The tag's last known mapping, marked stale, if there is one.
+/// The tag's last known mapping on this replica, marked stale, if there is one (asked before
+/// every pass-through of a narrower `Accept`: the bucket is not asked on that path).
 pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
-    let record = known_record(app, key).await.ok()??;
+    let registry = &app.upstream(key.registry).name;
+    let record = app.cache().tag_record(registry, key).await.ok()??;
     Some(TagAnswer {
         digest: record.digest.parse().ok()?,
         media_type: record.media_type,

@@ -11,6 +11,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Blobs up to this size are uploaded in one request; larger ones in parts of this size (at
 /// most 10,000 parts: 78 GiB).
@@ -31,14 +32,18 @@ impl SharedStore {
         self.key(format!("blobs/{}/{}", digest.algorithm(), digest.hex()))
     }
 
-    /// Starts reading a blob; `None` when the bucket does not hold it, cannot be reached, or is
-    /// down (see [`super::health`]). A blob larger than `at_most` (what manifests declared) is
-    /// not taken: that object is wrong, and is deleted.
+    /// Starts reading a blob; `None` when the bucket does not hold it, cannot be reached, is
+    /// down (see [`super::health`]), or sent it bad lately. A blob larger than `at_most` (what
+    /// manifests declared) is not taken (a manifest may lie about a layer's size: that is no
+    /// reason to delete the object).
     pub async fn read_blob(
         self: &Arc<Self>,
         digest: &Digest,
         at_most: Option<u64>,
     ) -> Option<BucketBlob> {
+        if self.bad_blobs.contains_key(digest) {
+            return None;
+        }
         let _asking = self.health.begin()?;
         let key = self.blob_key(digest);
         let result = self.bucket.get(&key).await;
@@ -71,10 +76,11 @@ impl SharedStore {
     pub fn discard_blob(self: &Arc<Self>, digest: &Digest, why: &str) {
         tracing::error!(bucket = %self.label, %digest, problem = why, "the shared store holds a bad copy of this blob; deleting it");
         self.metrics.digest_mismatch();
+        self.bad_blobs.insert(digest.clone(), ());
         let (store, digest) = (Arc::clone(self), digest.clone());
         tokio::spawn(async move {
             let result = store.bucket.delete(&store.blob_key(&digest)).await;
-            store.outcome(Operation::Delete, &result);
+            store.count(Operation::Delete, &result);
             if let Err(e) = result {
                 tracing::warn!(bucket = %store.label, %digest, error = %e, "could not delete the bad copy");
             }
@@ -86,7 +92,10 @@ impl SharedStore {
     /// uploaded), and hashed again on the way.
     pub fn upload_blob(self: &Arc<Self>, digest: Digest, size: u64, open: OpenLocal) {
         let store = Arc::clone(self);
-        self.enqueue(format!("blob {digest}"), async move {
+        // Its HEAD, each part at a quarter of the upload rate the time limits assume, and the
+        // completion.
+        let deadline = 8 * self.config.timeout + Duration::from_secs(4 * size / (256 * 1024));
+        self.enqueue(format!("blob {digest}"), deadline, async move {
             let opened = tokio::task::spawn_blocking(open)
                 .await
                 .map_err(|e| format!("opening the local copy: {e}"))?
@@ -104,8 +113,9 @@ impl SharedStore {
     async fn upload(&self, digest: &Digest, file: Arc<File>, size: u64) -> Result<bool, String> {
         let key = self.blob_key(digest);
         let present = self.bucket.head(&key).await;
-        match (self.outcome(Operation::Head, &present), present) {
-            (Outcome::Ok, Ok(meta)) if meta.size == size => return Ok(false),
+        let replace = self.bad_blobs.contains_key(digest);
+        match (self.count(Operation::Head, &present), present) {
+            (Outcome::Ok, Ok(meta)) if meta.size == size && !replace => return Ok(false),
             // Missing, the wrong size, or a key that may write but not look: upload.
             (Outcome::Ok | Outcome::Missing | Outcome::Denied, _) => {}
             (_, Err(e)) => return Err(e.to_string()),
@@ -117,11 +127,11 @@ impl SharedStore {
             (bytes, hasher) = read_part(&file, 0, size as usize, hasher).await?;
             verify(hasher, digest, size)?;
             let result = self.bucket.put(&key, PutPayload::from(bytes)).await;
-            self.outcome(Operation::Put, &result);
+            self.count(Operation::Put, &result);
             result.map_err(|e| e.to_string())?;
         } else {
             let started = self.bucket.put_multipart(&key).await;
-            self.outcome(Operation::Put, &started);
+            self.count(Operation::Put, &started);
             let mut upload = started.map_err(|e| e.to_string())?;
             let sent = async {
                 let mut offset = 0u64;
@@ -131,22 +141,23 @@ impl SharedStore {
                     (bytes, hasher) = read_part(&file, offset, len, hasher).await?;
                     offset += len as u64;
                     let part = upload.put_part(PutPayload::from(bytes)).await;
-                    self.outcome(Operation::Put, &part);
+                    self.count(Operation::Put, &part);
                     part.map_err(|e| e.to_string())?;
                 }
                 verify(hasher, digest, size)?;
                 let done = upload.complete().await;
-                self.outcome(Operation::Put, &done);
+                self.count(Operation::Put, &done);
                 done.map(|_| ()).map_err(|e| e.to_string())
             }
             .await;
             if let Err(e) = sent {
                 let aborted = upload.abort().await;
-                self.outcome(Operation::Delete, &aborted);
+                self.count(Operation::Delete, &aborted);
                 return Err(e);
             }
         }
         self.metrics.shared_store_bytes("written", size);
+        self.bad_blobs.invalidate(digest);
         tracing::info!(bucket = %self.label, %digest, size, "blob uploaded to the shared store");
         Ok(true)
     }

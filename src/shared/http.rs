@@ -15,6 +15,8 @@ use std::time::Duration;
 
 /// Idle connections kept to the bucket (uploads and reads of several blobs at once).
 const IDLE_CONNECTIONS: usize = 16;
+/// A POST (starting or completing a multipart upload) may take this many times the time limit.
+const COMPLETE_TIMES: u32 = 12;
 /// A request that sends a body (an upload's part) gets one more second per this many bytes.
 const UPLOAD_BYTES_PER_SECOND: u64 = 256 * 1024;
 
@@ -64,7 +66,12 @@ struct BucketHttp {
 impl HttpService for BucketHttp {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let sending = request.body().content_length() as u64;
-        let limit = self.timeout + Duration::from_secs(sending / UPLOAD_BYTES_PER_SECOND);
+        let mut limit = self.timeout + Duration::from_secs(sending / UPLOAD_BYTES_PER_SECOND);
+        // Completing a multipart upload makes the store assemble the object first: a
+        // multi-GiB one takes a while on some stores.
+        if request.method() == http::Method::POST {
+            limit = limit.max(COMPLETE_TIMES * self.timeout);
+        }
         let answer = tokio::time::timeout(limit, self.client.request(request)).await;
         let response = match answer {
             Err(_) => {
@@ -74,10 +81,13 @@ impl HttpService for BucketHttp {
                 ))
             }
             Ok(Err(e)) => {
+                // Not connected: safe to send again. Otherwise the request may have gone
+                // out: sent again only when it is idempotent (not a multipart start or
+                // completion).
                 let kind = if e.is_connect() {
                     HttpErrorKind::Connect
                 } else {
-                    HttpErrorKind::Request
+                    HttpErrorKind::Interrupted
                 };
                 return Err(HttpError::new(kind, e));
             }

@@ -67,6 +67,12 @@ pub struct SharedStore {
     denial_logged: AtomicBool,
     uploads: Arc<Semaphore>,
     queued: AtomicUsize,
+    /// Tag records this replica uploaded lately: key -> digest (see
+    /// [`SharedStore::upload_tag`]).
+    tags_shared: moka::sync::Cache<String, String>,
+    /// Blobs the bucket sent bad lately: downloads skip the bucket for them, and an upload
+    /// replaces the object even when its size looks right (its delete may have failed).
+    bad_blobs: moka::sync::Cache<crate::digest::Digest, ()>,
     metrics: Arc<Metrics>,
 }
 
@@ -198,6 +204,14 @@ impl SharedStore {
             denial_logged: AtomicBool::new(false),
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             queued: AtomicUsize::new(0),
+            tags_shared: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+            bad_blobs: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
             metrics,
         })
     }
@@ -251,12 +265,19 @@ impl SharedStore {
         self.outcome(Operation::Head, &probe);
     }
 
-    /// Records how a request went: the counters, and for reads, whether the bucket is up (a
-    /// change is logged once). A refusal is not an outage: it is logged once, and reads go on.
-    fn outcome<T>(&self, operation: Operation, result: &object_store::Result<T>) -> Outcome {
+    /// Counts a request that says nothing of whether reads work (writes, deletes, an upload's
+    /// look before it writes).
+    fn count<T>(&self, operation: Operation, result: &object_store::Result<T>) -> Outcome {
         let outcome = Outcome::of(result);
         self.metrics
             .shared_store_request(operation.label(), outcome.label());
+        outcome
+    }
+
+    /// Records how a request went: the counters, and for reads, whether the bucket is up (a
+    /// change is logged once). A refusal is not an outage: it is logged once, and reads go on.
+    fn outcome<T>(&self, operation: Operation, result: &object_store::Result<T>) -> Outcome {
+        let outcome = self.count(operation, result);
         if !matches!(operation, Operation::Get | Operation::Head) {
             return outcome;
         }
@@ -288,12 +309,13 @@ impl SharedStore {
         }
     }
 
-    /// Runs an upload in the background when its turn comes (`max_uploads` at once); dropped
-    /// when too many are waiting, or when the bucket is down by then. `job` says whether it
-    /// wrote anything.
+    /// Runs an upload in the background when its turn comes (`max_uploads` at once), for at
+    /// most `deadline`; dropped when too many are waiting, or when the bucket is down by then.
+    /// `job` says whether it wrote anything.
     fn enqueue(
         self: &Arc<Self>,
         what: String,
+        deadline: Duration,
         job: impl std::future::Future<Output = Result<bool, String>> + Send + 'static,
     ) {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED_UPLOADS {
@@ -310,7 +332,10 @@ impl SharedStore {
                 tracing::debug!(bucket = %store.label, what, "the shared store is down; this stays local");
                 return;
             }
-            match job.await {
+            let done = tokio::time::timeout(deadline, job)
+                .await
+                .unwrap_or_else(|_| Err(format!("not done within {deadline:?}")));
+            match done {
                 Ok(true) => {
                     tracing::debug!(bucket = %store.label, what, "uploaded to the shared store")
                 }
