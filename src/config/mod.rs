@@ -266,60 +266,6 @@ pub struct UpstreamConfig {
     pub tls_verify: bool,
 }
 
-/// A secret string: never printed, never logged.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret {
-    value: String,
-    /// Read from the file or variable a `*_file` / `*_env` key names, rather than written in
-    /// the configuration itself (so a configuration validated again after its secrets were
-    /// loaded, as on a reload, does not count it as a second source).
-    loaded: bool,
-}
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret {
-            value,
-            loaded: false,
-        }
-    }
-
-    /// A secret read from a file or an environment variable.
-    pub fn loaded(value: String) -> Secret {
-        Secret {
-            value,
-            loaded: true,
-        }
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.value
-    }
-
-    /// Whether it was written in the configuration itself.
-    pub fn is_inline(&self) -> bool {
-        !self.loaded
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
-        String::deserialize(d).map(Secret::new)
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
-
 /// A configuration that cannot be used, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -507,9 +453,11 @@ impl RegistryConfig {
     }
 }
 
+mod secret;
 mod shared;
 mod units;
 mod validate;
+pub use secret::Secret;
 pub use shared::{SharedStoreConfig, MAX_SHARED_UPLOADS};
 use units::{byte_size_opt, duration_text};
 pub use units::{format_byte_size, parse_byte_size};

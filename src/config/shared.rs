@@ -184,23 +184,12 @@ impl SharedStoreConfig {
     /// Replaces `secret_access_key_file` or `secret_access_key_env` by the secret it holds.
     pub(super) fn load_secret(&mut self) -> Result<(), ConfigError> {
         if let Some(file) = &self.secret_access_key_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                invalid(
-                    "shared_store.secret_access_key_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            let line = text.lines().next().unwrap_or("").trim_end().to_string();
-            self.secret_access_key = Some(Secret::loaded(line));
+            let key = "shared_store.secret_access_key_file";
+            self.secret_access_key = Some(Secret::from_file(key, file)?);
         }
         if let Some(variable) = &self.secret_access_key_env {
-            let value = std::env::var(variable).map_err(|e| {
-                invalid(
-                    "shared_store.secret_access_key_env",
-                    format!("environment variable {variable}: {e}"),
-                )
-            })?;
-            self.secret_access_key = Some(Secret::loaded(value));
+            let key = "shared_store.secret_access_key_env";
+            self.secret_access_key = Some(Secret::from_env(key, variable)?);
         }
         Ok(())
     }

@@ -155,24 +155,14 @@ impl Config {
         }
         for (i, registry) in self.registry.iter_mut().enumerate() {
             for (j, upstream) in registry.upstream.iter_mut().enumerate() {
+                let key = format!("registry[{i}].upstream[{j}]");
                 if let Some(file) = &upstream.password_file {
-                    let text = std::fs::read_to_string(file).map_err(|e| {
-                        invalid(
-                            format!("registry[{i}].upstream[{j}].password_file"),
-                            format!("cannot read {}: {e}", file.display()),
-                        )
-                    })?;
-                    let line = text.lines().next().unwrap_or("").trim_end().to_string();
-                    upstream.password = Some(Secret::loaded(line));
+                    let key = format!("{key}.password_file");
+                    upstream.password = Some(Secret::from_file(&key, file)?);
                 }
                 if let Some(variable) = &upstream.password_env {
-                    let value = std::env::var(variable).map_err(|e| {
-                        invalid(
-                            format!("registry[{i}].upstream[{j}].password_env"),
-                            format!("environment variable {variable}: {e}"),
-                        )
-                    })?;
-                    upstream.password = Some(Secret::loaded(value));
+                    let key = format!("{key}.password_env");
+                    upstream.password = Some(Secret::from_env(&key, variable)?);
                 }
             }
         }
