@@ -1,5 +1,6 @@
 //! Soak: a mixed workload against one mirror for a while (90 s; `SOAK_SECS` sets it):
-//! clients pulling whole blobs and ranges, leaving mid-body, asking HEADs and manifests, while
+//! clients pulling whole blobs and ranges, leaving mid-body, asking HEADs and manifests, and
+//! real skopeo pulls of whole images, while
 //! the upstream misbehaves at random (resets, stalls, 503s, corrupt bytes, a trickle), a small
 //! byte budget keeps evicting, and the configuration is reloaded every few seconds. At the end:
 //! every answer that arrived whole was byte-exact, every file in the store hashes to its name,
@@ -30,6 +31,9 @@ struct Seen {
     heads: AtomicUsize,
     manifests: AtomicUsize,
     errors: AtomicUsize,
+    /// skopeo pulls that completed (each checked byte for byte) and that failed.
+    skopeo_pulls: AtomicUsize,
+    skopeo_failures: AtomicUsize,
 }
 
 /// Open files, but `/dev/null`: the server opens it once, for its whole life, the first time
@@ -115,6 +119,57 @@ async fn client(
                 }
             }
         }
+    }
+}
+
+/// Real skopeo pulls of the images, one after another until `until`: each that completes must
+/// hold exactly the origin's manifest and blobs (skopeo checks digests too; this checks that
+/// what it wrote is the origin's content).
+async fn skopeo_pulls(
+    host: String,
+    blobs: Arc<Vec<(Digest, Vec<u8>)>>,
+    manifests: Arc<Vec<Digest>>,
+    random: Random,
+    seen: Arc<Seen>,
+    until: Instant,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pulls = 0;
+    while Instant::now() < until {
+        let i = random.below(manifests.len() as u64) as usize;
+        let into = dir.path().join(format!("pull-{pulls}"));
+        pulls += 1;
+        let (image, target) = (
+            format!("docker://{host}/library/app:{i}"),
+            format!("dir:{}", into.display()),
+        );
+        let pulled = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("skopeo")
+                .args(["--command-timeout", "60s", "copy", "--quiet"])
+                .args(["--src-tls-verify=false", "--retry-times", "0"])
+                .arg(image)
+                .arg(target)
+                .output()
+                .expect("skopeo runs (tests/run.sh installs it)")
+        })
+        .await
+        .unwrap();
+        if pulled.status.success() {
+            let manifest = std::fs::read(into.join("manifest.json")).unwrap();
+            assert_eq!(
+                Digest::of(&manifest),
+                manifests[i],
+                "skopeo got another manifest"
+            );
+            for (digest, bytes) in [&blobs[i], &blobs[i + 6]] {
+                let got = std::fs::read(into.join(digest.hex())).unwrap();
+                assert!(got == *bytes, "skopeo got another {digest}");
+            }
+            seen.skopeo_pulls.fetch_add(1, Ordering::Relaxed);
+        } else {
+            seen.skopeo_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = std::fs::remove_dir_all(&into);
     }
 }
 
@@ -210,6 +265,14 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
             ))
         })
         .collect();
+    let skopeo = tokio::spawn(skopeo_pulls(
+        mirror.url("").trim_start_matches("http://").to_string(),
+        Arc::clone(&blobs),
+        Arc::clone(&manifests),
+        random.clone(),
+        Arc::clone(&seen),
+        until,
+    ));
     // A reload every few seconds, as an operator's SIGHUP does.
     let reloads = tokio::spawn({
         let (live, config, random) = (
@@ -238,6 +301,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     for client in clients {
         client.await.expect("a client saw a wrong answer");
     }
+    skopeo.await.expect("skopeo got a wrong answer");
     let reloads = reloads.await.unwrap();
 
     // Quiet again: everything is committed or gone, and the store holds only whole blobs.
@@ -278,7 +342,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     let s = &seen;
     println!(
         "soak {lasting:?}: {} whole blobs, {} ranges, {} left mid-body, {} HEADs, {} manifests \
-         byte-exact; {} errors during {faults} upstream faults and {reloads} reloads; {} \
+         byte-exact; {} skopeo pulls byte-exact, {} failed; {} errors during {faults} upstream faults and {reloads} reloads; {} \
          evictions; {stored} blobs stored, all whole; threads {threads_before} -> \
          {threads_after}, open files {files_before} -> {files_after}, RSS {rss_before} -> peak \
          {rss_peak} MiB (test process and fake upstream included)",
@@ -287,10 +351,16 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
         s.left_mid_body.load(Ordering::Relaxed),
         s.heads.load(Ordering::Relaxed),
         s.manifests.load(Ordering::Relaxed),
+        s.skopeo_pulls.load(Ordering::Relaxed),
+        s.skopeo_failures.load(Ordering::Relaxed),
         s.errors.load(Ordering::Relaxed),
         mirror.app.cache().lifecycle().evictions(),
     );
     assert!(s.whole.load(Ordering::Relaxed) > 0 && s.ranges.load(Ordering::Relaxed) > 0);
+    assert!(
+        s.skopeo_pulls.load(Ordering::Relaxed) > 0,
+        "no skopeo pull completed"
+    );
     assert!(
         mirror.app.cache().lifecycle().evictions() > 0,
         "nothing was evicted"
