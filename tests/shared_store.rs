@@ -88,15 +88,15 @@ async fn a_replica_with_an_empty_disk_serves_what_another_fetched_with_the_origi
     assert_eq!(s3.objects(), expected);
     assert_eq!(s3.unfinished_uploads(), Vec::<String>::new());
     let written: usize = blobs.iter().map(|(_, b)| b.len()).sum();
-    let first_metric = first.url("/metrics");
-    eventually_async("every blob byte is counted as written", || async {
-        let text = get(&first_metric).await;
-        let text = String::from_utf8_lossy(text.bytes()).into_owned();
-        metric_value(
-            &text,
-            "regmirror_shared_store_bytes_total",
-            &[("direction", "written")],
-        ) == written as f64
+    let first = &first;
+    eventually_async("every blob byte is counted as written", || async move {
+        let counted = first
+            .metric(
+                "regmirror_shared_store_bytes_total",
+                &[("direction", "written")],
+            )
+            .await;
+        counted == written as f64
     })
     .await;
 
@@ -280,11 +280,9 @@ async fn a_bucket_that_never_answers_costs_a_miss_one_time_limit_at_most_then_is
         first < limit + Duration::from_secs(2),
         "the first miss waited {first:?}, over its one time limit of {limit:?}"
     );
-    let metric = mirror.url("/metrics");
-    eventually_async("the bucket is down", || async {
-        let text = get(&metric).await;
-        let text = String::from_utf8_lossy(text.bytes()).into_owned();
-        metric_value(&text, "regmirror_shared_store_up", &[]) == 0.0
+    let mirror = &mirror;
+    eventually_async("the bucket is down", || async move {
+        mirror.metric("regmirror_shared_store_up", &[]).await == 0.0
     })
     .await;
 

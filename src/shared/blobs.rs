@@ -36,11 +36,7 @@ impl SharedStore {
     /// down (see [`super::health`]), or sent it bad lately. A blob larger than `at_most` (what
     /// manifests declared) is not taken (a manifest may lie about a layer's size: that is no
     /// reason to delete the object).
-    pub async fn read_blob(
-        self: &Arc<Self>,
-        digest: &Digest,
-        at_most: Option<u64>,
-    ) -> Option<BucketBlob> {
+    pub async fn read_blob(&self, digest: &Digest, at_most: Option<u64>) -> Option<BucketBlob> {
         if self.bad_blobs.contains_key(digest) {
             return None;
         }
