@@ -301,3 +301,41 @@ async fn a_bucket_that_never_answers_costs_a_miss_one_time_limit_at_most_then_is
     );
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_understates_a_layer_never_costs_the_bucket_its_good_copy() {
+    let s3 = S3Server::start().await;
+    let origin = FakeRegistry::start().await;
+    let bytes = random_bytes(2 * MIB, 950);
+    let digest = origin.add_blob(bytes.clone());
+    let first = replica(&origin, &s3).await;
+    assert!(get(&blob_url(&first, &digest)).await.bytes()[..] == bytes[..]);
+    until_in_bucket(&s3, &digest, &bytes).await;
+
+    // Someone publishes a manifest that says the layer has 1 byte.
+    let config = origin.add_blob(b"{}".to_vec());
+    let lying = schema2_manifest(&config, 2, &[(digest.clone(), 1)]);
+    let lying_digest = origin.add_manifest("library/app", Some("lie"), DOCKER_MANIFEST, lying);
+    let second = replica(&origin, &s3).await;
+    let url = second.url(&format!("/v2/library/app/manifests/{lying_digest}"));
+    request(Method::GET, &url, &[("accept", ACCEPT_ALL)])
+        .await
+        .assert_content(&lying_digest);
+    // The bucket's copy is larger than that: not read, but not deleted either.
+    let _ = try_get(&blob_url(&second, &digest)).await;
+    second.settle().await;
+    assert!(
+        s3.blob(&digest).is_some_and(|b| b == bytes),
+        "a lying manifest cost the bucket its good copy"
+    );
+    assert_eq!(
+        second
+            .metric(
+                "regmirror_shared_store_bytes_total",
+                &[("direction", "read")]
+            )
+            .await,
+        0.0,
+        "a copy larger than declared was read"
+    );
+}

@@ -49,10 +49,7 @@ impl SharedStore {
         let found = result.ok()?;
         let size = found.meta.size;
         if at_most.is_some_and(|limit| size > limit) {
-            self.discard_blob(
-                digest,
-                &format!("{size} bytes, more than its manifests declare"),
-            );
+            tracing::warn!(bucket = %self.label, %digest, size, "the shared store's copy is larger than manifests declare; fetched from upstream");
             return None;
         }
         let metrics = Arc::clone(&self.metrics);
