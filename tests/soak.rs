@@ -1,6 +1,6 @@
 //! Soak: a mixed workload against one mirror for a while (90 s; `SOAK_SECS` sets it):
 //! clients pulling whole blobs and ranges, leaving mid-body, asking HEADs and manifests, and
-//! real skopeo pulls of whole images, while
+//! real skopeo pulls of whole images, and blobs new to the origin asked all along (misses), while
 //! the upstream misbehaves at random (resets, stalls, 503s, corrupt bytes, a trickle), a small
 //! byte budget keeps evicting, and the configuration is reloaded every few seconds. At the end:
 //! every answer that arrived whole was byte-exact, every file in the store hashes to its name,
@@ -15,7 +15,7 @@ use common::process::{open_files_described, rss_kib, threads};
 use common::*;
 use http::{Method, StatusCode};
 use regmirror::digest::Digest;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,13 @@ struct Seen {
     /// skopeo pulls that completed (each checked byte for byte) and that failed.
     skopeo_pulls: AtomicUsize,
     skopeo_failures: AtomicUsize,
+    /// Cold misses: blobs new to the origin, asked by two clients at once (one whole, one a
+    /// range); those that arrived whole and byte-exact and those that failed, and how many of
+    /// each while a fault was in force.
+    cold: AtomicUsize,
+    cold_failed: AtomicUsize,
+    cold_in_fault: AtomicUsize,
+    cold_failed_in_fault: AtomicUsize,
 }
 
 /// Open files, but `/dev/null`: the server opens it once, for its whole life, the first time
@@ -173,11 +180,81 @@ async fn skopeo_pulls(
     }
 }
 
-/// Changes the upstream's behaviour every half second to a second, at random; counts faults.
-async fn misbehave(origin: &FakeRegistry, random: Random, until: Instant) -> usize {
+/// Blobs the mirror has never seen, one after another until `until`, each asked whole and as a
+/// range by two clients at once: misses, whatever fault is in force, so that faults meet
+/// downloads all through the run (the clients above mostly hit: their blobs are cached, or
+/// verified and waiting for a pause in traffic to be committed). Each blob leaves the origin
+/// afterwards, so its memory stays flat.
+async fn cold_misses(
+    origin: &FakeRegistry,
+    mirror: String,
+    random: Random,
+    faulty: &AtomicBool,
+    seen: &Seen,
+    until: Instant,
+) {
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let bytes = random_bytes(20_000 + random.below(600_000) as usize, 90_000 + n);
+        let digest = origin.add_blob(bytes.clone());
+        let url = format!("{mirror}/v2/library/app/blobs/{digest}");
+        let in_fault = faulty.load(Ordering::Relaxed);
+        let start = random.below(bytes.len() as u64) as usize;
+        let range = format!("bytes={start}-");
+        let range = [("range", range.as_str())];
+        let (whole, part) = tokio::join!(try_get(&url), try_request(Method::GET, &url, &range));
+        let whole_ok = match whole {
+            Some(got) if got.status == StatusCode::OK && got.body.is_ok() => {
+                assert!(
+                    got.bytes()[..] == bytes[..],
+                    "a wrong cold blob arrived whole"
+                );
+                true
+            }
+            _ => false,
+        };
+        let part_ok = match part {
+            Some(got) if got.status == StatusCode::PARTIAL_CONTENT && got.body.is_ok() => {
+                assert!(
+                    got.bytes()[..] == bytes[start..],
+                    "a wrong cold range arrived"
+                );
+                true
+            }
+            Some(got) if got.status == StatusCode::OK && got.body.is_ok() => {
+                assert!(
+                    got.bytes()[..] == bytes[..],
+                    "a wrong cold blob arrived whole"
+                );
+                true
+            }
+            _ => false,
+        };
+        let counter = match (whole_ok && part_ok, in_fault) {
+            (true, false) => &seen.cold,
+            (true, true) => &seen.cold_in_fault,
+            (false, false) => &seen.cold_failed,
+            (false, true) => &seen.cold_failed_in_fault,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        origin.remove_blob(&digest);
+        tokio::time::sleep(Duration::from_millis(random.below(100))).await;
+    }
+}
+
+/// Changes the upstream's behaviour every half second to a second, at random; counts faults
+/// and says in `faulty` whether one is in force.
+async fn misbehave(
+    origin: &FakeRegistry,
+    random: Random,
+    faulty: &AtomicBool,
+    until: Instant,
+) -> usize {
     let mut faults = 0;
     while Instant::now() < until {
         let fault = random.below(8);
+        faulty.store(fault < 5, Ordering::Relaxed);
         origin.knobs(|k| {
             behave(k);
             match fault {
@@ -193,6 +270,7 @@ async fn misbehave(origin: &FakeRegistry, random: Random, until: Instant) -> usi
         tokio::time::sleep(Duration::from_millis(500 + random.below(500))).await;
     }
     origin.knobs(behave);
+    faulty.store(false, Ordering::Relaxed);
     faults
 }
 
@@ -297,7 +375,19 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    let (faults, ()) = tokio::join!(misbehave(&origin, random.clone(), until), watching);
+    let faulty = AtomicBool::new(false);
+    let (faults, (), ()) = tokio::join!(
+        misbehave(&origin, random.clone(), &faulty, until),
+        watching,
+        cold_misses(
+            &origin,
+            mirror.url(""),
+            random.clone(),
+            &faulty,
+            &seen,
+            until
+        )
+    );
     for client in clients {
         client.await.expect("a client saw a wrong answer");
     }
@@ -307,14 +397,25 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     // Quiet again: everything is committed or gone, and the store holds only whole blobs.
     mirror.settle().await;
     let cache = mirror.cache_dir();
+    // Every blob in the store, the cold ones included, hashes to its name.
     let mut stored = 0;
-    for (digest, _) in blobs.iter() {
-        let path = blob_path(&cache, digest);
-        if let Ok(bytes) = std::fs::read(&path) {
-            assert_eq!(Digest::of(&bytes), *digest, "a corrupt entry in the store");
+    for fan in std::fs::read_dir(cache.join("blobs/sha256")).unwrap() {
+        for file in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            if name.ends_with(".meta") {
+                continue; // what the store knows of the blob, beside it
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(
+                Digest::of(&bytes).hex(),
+                name,
+                "a corrupt entry in the store"
+            );
             stored += 1;
         }
     }
+    assert!(stored > 0, "nothing stored");
     assert_eq!(mirror.temp_files(), 0, "temp files left");
     // Everything is served right once the upstream behaves.
     for (digest, bytes) in blobs.iter().take(4) {
@@ -342,7 +443,9 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     let s = &seen;
     println!(
         "soak {lasting:?}: {} whole blobs, {} ranges, {} left mid-body, {} HEADs, {} manifests \
-         byte-exact; {} skopeo pulls byte-exact, {} failed; {} errors during {faults} upstream faults and {reloads} reloads; {} \
+         byte-exact; {} skopeo pulls byte-exact, {} failed; cold misses: {} byte-exact ({} while \
+         a fault was in force), {} failed ({} while a fault was in force); {} errors during \
+         {faults} upstream faults and {reloads} reloads; {} \
          evictions; {stored} blobs stored, all whole; threads {threads_before} -> \
          {threads_after}, open files {files_before} -> {files_after}, RSS {rss_before} -> peak \
          {rss_peak} MiB (test process and fake upstream included)",
@@ -353,10 +456,21 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
         s.manifests.load(Ordering::Relaxed),
         s.skopeo_pulls.load(Ordering::Relaxed),
         s.skopeo_failures.load(Ordering::Relaxed),
+        s.cold.load(Ordering::Relaxed) + s.cold_in_fault.load(Ordering::Relaxed),
+        s.cold_in_fault.load(Ordering::Relaxed),
+        s.cold_failed.load(Ordering::Relaxed) + s.cold_failed_in_fault.load(Ordering::Relaxed),
+        s.cold_failed_in_fault.load(Ordering::Relaxed),
         s.errors.load(Ordering::Relaxed),
         mirror.app.cache().lifecycle().evictions(),
     );
     assert!(s.whole.load(Ordering::Relaxed) > 0 && s.ranges.load(Ordering::Relaxed) > 0);
+    // Faults met downloads, and downloads still completed byte-exact.
+    assert!(
+        s.cold_in_fault.load(Ordering::Relaxed) + s.cold_failed_in_fault.load(Ordering::Relaxed)
+            > 0,
+        "no cold miss met a fault"
+    );
+    assert!(s.cold.load(Ordering::Relaxed) > 0, "no cold miss completed");
     assert!(
         s.skopeo_pulls.load(Ordering::Relaxed) > 0,
         "no skopeo pull completed"

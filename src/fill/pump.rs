@@ -65,6 +65,11 @@ pub struct Sources {
 /// the next endpoint with `Range: bytes=N-` (or, where ranges are not supported, from a full
 /// answer whose first N bytes are skipped), keeping the hash state. Readers never notice: bytes
 /// already delivered stay valid, and the digest check at the end covers every byte.
+///
+/// A resume that brought new bytes renews the budget: only [`max_resumes`] failures in a row
+/// without progress end the download (a connection that breaks every few hundred KiB still
+/// delivers the blob, as a client resuming on its own would get it), and the fill's timeout
+/// bounds the whole.
 pub async fn pump_with_resume(
     job: &FillJob,
     digest: &Digest,
@@ -76,7 +81,7 @@ pub async fn pump_with_resume(
     let mut received = 0u64;
     let mut skip = 0u64;
     let mut resumes = 0usize;
-    let max_resumes = 2 * job.upstream.len().max(1);
+    let mut received_at_last_failure = 0u64;
     loop {
         let failed_endpoint = source.endpoint;
         match failed_endpoint {
@@ -105,11 +110,17 @@ pub async fn pump_with_resume(
             (None, Some(shared)) => shared.body_failed(&error),
             (None, None) => {}
         }
+        if received > received_at_last_failure {
+            resumes = 0;
+        }
+        received_at_last_failure = received;
         resumes += 1;
-        if resumes > max_resumes {
+        if resumes > max_resumes(job.upstream.len()) {
             return Err(failure(
                 Code::Unavailable,
-                format!("giving up after {resumes} attempts: {error}"),
+                format!(
+                    "giving up after {resumes} attempts in a row that brought nothing: {error}"
+                ),
             ));
         }
         tracing::warn!(%digest, offset = received, error = %error, "a source failed mid-blob; resuming from upstream");
@@ -134,6 +145,11 @@ pub async fn pump_with_resume(
         };
         source = Source::upstream(answer);
     }
+}
+
+/// Failures in a row without a new byte that a download survives: two per endpoint.
+fn max_resumes(endpoints: usize) -> usize {
+    2 * endpoints.max(1)
 }
 
 /// Why a pump stopped early.

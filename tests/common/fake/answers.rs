@@ -337,6 +337,9 @@ fn blob_response(blob: Bytes, knobs: &Knobs, head: bool) -> Response<TestBody> {
                             &piece[..limit - sent],
                         ))))
                         .await;
+                    // Let those bytes reach the peer first: a reset also throws away what
+                    // its kernel has not handed to the reader yet.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     let _ = tx.send(Err(std::io::Error::other("injected reset"))).await;
                     return;
                 }

@@ -292,6 +292,11 @@ impl FakeRegistry {
         digest
     }
 
+    /// Removes a blob: upstream no longer has it.
+    pub fn remove_blob(&self, digest: &Digest) {
+        self.state.lock().unwrap().blobs.remove(&digest.to_string());
+    }
+
     /// Adds a manifest under its digest and, if given, a tag; returns its digest.
     pub fn add_manifest(
         &self,
