@@ -212,6 +212,10 @@ impl<I> Progressing<I> {
         Progressing { inner, progress }
     }
 
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
+
     fn note(&self, written: &Poll<io::Result<usize>>) {
         if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
             self.progress.wrote();

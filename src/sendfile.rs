@@ -188,6 +188,11 @@ impl SendfileStream {
         SendfileStream { inner, sent }
     }
 
+    /// The connection itself.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
+
     /// Sends `buf`, which shows `file` from `offset` on: by `sendfile` where it can, else by a
     /// plain write of the mapped bytes.
     fn poll_send_window(
