@@ -34,8 +34,10 @@ pub fn keep_freed_buffers() {
 /// How often a quiet server hands free memory back to the kernel.
 pub const QUIET_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Free memory the allocator may keep before a quiet server hands it back.
-pub const TRIM_ABOVE: usize = 32 << 20;
+/// Free memory the allocator may keep before a quiet server hands it back: small enough that a
+/// fleet of parked connections (a few KiB freed each) gets its memory back; a quiet server's
+/// next download faults in its few MiB of buffers once.
+pub const TRIM_ABOVE: usize = 8 << 20;
 
 /// Hands free heap memory back to the kernel when `quiet` says so and more than
 /// [`TRIM_ABOVE`] is free, checked every [`QUIET_TRIM_EVERY`]; runs until the task is dropped.

@@ -13,6 +13,10 @@
 //! When a body has waited `send_timeout` without progress, the client stopped reading (or keeps
 //! its window shut) and the connection is closed, its windows, streams and files let go. A body
 //! waiting on upstream is being asked (and answers "not yet"): a slow upstream never counts.
+//! The tail of a response, which hyper holds after its body handed everything over, is
+//! watched at the socket: writes that find it full for `send_timeout` close the connection too.
+//! [`Progressing`] also says whether everything written has been flushed (an HTTP/1.1
+//! connection is parked only then).
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -39,6 +43,12 @@ pub struct SendProgress {
     /// When each waiting body started waiting (milliseconds since `opened`), by body.
     waiting: Mutex<HashMap<u64, u64>>,
     next_body: AtomicU64,
+    /// Something was written since the connection's I/O last completed a flush: hyper may
+    /// still hold bytes to send.
+    unflushed: AtomicBool,
+    /// Milliseconds since `opened`, plus one, since which writes have found the socket full
+    /// without taking a byte; zero when they have not.
+    blocked_since_ms: AtomicU64,
 }
 
 impl SendProgress {
@@ -49,7 +59,55 @@ impl SendProgress {
             http2: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             next_body: AtomicU64::new(0),
+            unflushed: AtomicBool::new(false),
+            blocked_since_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether everything written has been flushed: hyper holds nothing more to send.
+    pub fn flushed(&self) -> bool {
+        !self.unflushed.load(Ordering::Acquire)
+    }
+
+    /// How long the socket has taken no byte of what waits to be written (the tail of a
+    /// response, once its body has handed hyper everything); zero when nothing waits.
+    pub fn blocked_for(&self) -> Duration {
+        match self.blocked_since_ms.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(self.now_ms().saturating_sub(since - 1)),
+        }
+    }
+
+    /// What one write to the connection's I/O did.
+    fn write_done(&self, written: &Poll<io::Result<usize>>) {
+        self.unflushed.store(true, Ordering::Release);
+        match written {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.blocked_since_ms.store(0, Ordering::Release);
+                self.wrote();
+            }
+            Poll::Pending => self.blocked(),
+            Poll::Ready(_) => {}
+        }
+    }
+
+    /// What one flush of the connection's I/O did.
+    fn flush_done(&self, flushed: &Poll<io::Result<()>>) {
+        match flushed {
+            Poll::Ready(Ok(())) => {
+                self.blocked_since_ms.store(0, Ordering::Release);
+                self.unflushed.store(false, Ordering::Release);
+            }
+            Poll::Pending => self.blocked(),
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+
+    fn blocked(&self) {
+        let now = self.now_ms() + 1;
+        let _ = self
+            .blocked_since_ms
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// How long a body has waited on the client without progress; zero when none waits.
@@ -217,9 +275,7 @@ impl<I> Progressing<I> {
     }
 
     fn note(&self, written: &Poll<io::Result<usize>>) {
-        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
-            self.progress.wrote();
-        }
+        self.progress.write_done(written);
     }
 }
 
@@ -259,7 +315,9 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Progressing<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress.flush_done(&flushed);
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -5,7 +5,7 @@
 //! first request in time. An HTTP/1.1 connection idle for [`PARK_AFTER`] lets go of hyper and
 //! its buffers until its client sends again (see [`super::parking`]).
 
-use super::parking::{sends_h2_preface, Parkable, Prefixed};
+use super::parking::{read_h2_preface, Parkable, Prefixed};
 use super::{Limits, Shared};
 use crate::body::{WindowSize, WithGuard};
 use crate::proxy;
@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,42 +32,59 @@ use tokio::sync::{watch, Notify};
 /// How long an HTTP/1.1 connection stays idle before it lets go of its buffers.
 pub const PARK_AFTER: Duration = Duration::from_secs(2);
 
+/// A connection as accepted: who, when, and how it is to be served.
+struct Accepted {
+    client: SocketAddr,
+    at: Instant,
+    /// Blob body windows its requests take.
+    window: WindowSize,
+    http2: bool,
+    /// Bytes read while telling the protocol, to be served first.
+    first: Vec<u8>,
+}
+
 pub(super) async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     shared: &Shared,
     stopping: watch::Receiver<bool>,
 ) {
+    let at = Instant::now();
     let header_timeout = shared.limits.header_timeout;
     let Some(tls) = &shared.tls else {
         // A client that sends nothing, or half an HTTP/2 preface, is dropped like a slow header.
-        let http2 = match tokio::time::timeout(header_timeout, sends_h2_preface(&stream)).await {
-            Ok(Ok(http2)) => http2,
-            Ok(Err(e)) => return tracing::debug!(error = %e, "connection failed"),
-            Err(_) => return tracing::debug!(?header_timeout, "no request in time"),
-        };
+        let (http2, first) =
+            match tokio::time::timeout(header_timeout, read_h2_preface(&mut stream)).await {
+                Ok(Ok(told)) => told,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "connection failed"),
+                Err(_) => return tracing::debug!(?header_timeout, "no request in time"),
+            };
         let sent = shared.live.get().metrics().sendfile_bytes_counter();
         let io = TokioIo::new(SendfileStream::new(stream, sent));
+        let accepted = Accepted {
+            client,
+            at,
+            window: WindowSize::PLAIN,
+            http2,
+            first,
+        };
         // Boxed, as the TLS path below: the task itself stays small while its connection is
         // parked, whichever path the connection took.
-        return Box::pin(drive(
-            io,
-            http2,
-            client,
-            WindowSize::PLAIN,
-            shared,
-            stopping,
-        ))
-        .await;
+        return Box::pin(drive(io, accepted, shared, stopping)).await;
     };
     Box::pin(async move {
         // A client that connects and never completes the handshake is dropped like a slow
         // header.
         match tokio::time::timeout(header_timeout, tls.acceptor().accept(stream)).await {
             Ok(Ok(stream)) => {
-                let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                let io = TokioIo::new(stream);
-                drive(io, http2, client, WindowSize::TLS, shared, stopping).await
+                let accepted = Accepted {
+                    client,
+                    at,
+                    window: WindowSize::TLS,
+                    http2: stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                    first: Vec::new(),
+                };
+                drive(TokioIo::new(stream), accepted, shared, stopping).await
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -76,46 +93,41 @@ pub(super) async fn serve_connection(
     .await
 }
 
-/// Serves one connection until it ends. Its requests carry the blob body windows it takes.
-async fn drive<I>(
-    io: I,
-    http2: bool,
-    client: SocketAddr,
-    window: WindowSize,
-    shared: &Shared,
-    mut stopping: watch::Receiver<bool>,
-) where
+/// Serves one connection until it ends.
+async fn drive<I>(io: I, accepted: Accepted, shared: &Shared, mut stopping: watch::Receiver<bool>)
+where
     I: Read + Write + Parkable + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let sending = SendProgress::new();
-    let service = service(shared, client, window, &activity, &sending);
-    let io = Progressing::new(io, Arc::clone(&sending));
+    let service = service(shared, &accepted, &activity, &sending);
+    let mut io = Prefixed::new(Progressing::new(io, Arc::clone(&sending))).replay(&accepted.first);
     let watch = Watch {
         shared,
-        client,
+        client: accepted.client,
         activity: &activity,
         sending: &sending,
-        opened: Instant::now(),
+        opened: accepted.at,
     };
-    if http2 {
+    if accepted.http2 {
         let mut connection = Box::pin(shared.http2.serve_connection(io, service));
         watch.run(&mut connection, &mut stopping, false).await;
         return;
     }
-    let mut io = Prefixed::new(io);
     loop {
         let mut connection = Box::new(shared.http1.serve_connection(io, service.clone()));
         let Some(served) = watch.run(&mut connection, &mut stopping, true).await else {
             return;
         };
-        // A request that came in while the connection was being parked was answered with
-        // `Connection: close`.
+        // Parking begins only with no request in progress, and hyper reads no new one after
+        // it: a guard, should that ever change.
         if activity.served() != served {
             return;
         }
         let parts = connection.into_parts();
-        io = parts.io.replay(parts.read_buf);
+        io = parts.io.replay(&parts.read_buf);
+        // The unread bytes are copied: hyper's whole read buffer goes now, not after parking.
+        drop(parts.read_buf);
         if io.has_prefix() {
             continue; // the next request has begun: serve it at once
         }
@@ -139,8 +151,7 @@ async fn drive<I>(
 /// The service every request of a connection goes to.
 fn service(
     shared: &Shared,
-    client: SocketAddr,
-    window: WindowSize,
+    accepted: &Accepted,
     activity: &Arc<Activity>,
     sending: &Arc<SendProgress>,
 ) -> impl HttpService<Incoming, ResBody = crate::body::ResponseBody, Future: Unpin + Send> + Clone + Unpin
@@ -151,8 +162,13 @@ fn service(
         Arc::clone(sending),
         shared.limits.max_requests,
     );
+    let (client, window) = (accepted.client, accepted.window);
     service_fn(move |mut request: http::Request<Incoming>| {
         let http1 = request.version() < http::Version::HTTP_2;
+        // A connection whose client or last answer ends it is never parked.
+        if http1 && asks_to_close(&request) {
+            activity.closes();
+        }
         // HTTP/2 frames are copied, never sent by `sendfile`: its windows stay small.
         request
             .extensions_mut()
@@ -160,6 +176,9 @@ fn service(
         // Each request runs on the configuration generation current when it arrived.
         let app = live.get();
         let (busy, last) = activity.begin(max_requests);
+        if last {
+            activity.closes();
+        }
         let sending = Arc::clone(&sending);
         let answer: Pin<Box<dyn Future<Output = _> + Send>> =
             Box::pin(async move {
@@ -177,10 +196,24 @@ fn service(
     })
 }
 
+/// Whether an HTTP/1.x request ends its connection: `Connection: close`, or HTTP/1.0 (which
+/// keeps a connection only when asked, and is never parked).
+fn asks_to_close(request: &http::Request<Incoming>) -> bool {
+    request.version() < http::Version::HTTP_11
+        || request
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
 /// A hyper connection as [`Watch`] drives it.
 trait Served {
-    /// Serves until the connection is done; an HTTP/1.1 connection's I/O is kept for parking.
-    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>>;
+    /// Serves until the connection is done: flushed and shut down, or (`keep_io`, an HTTP/1.1
+    /// connection being parked) with its I/O kept.
+    fn poll_served(&mut self, cx: &mut Context<'_>, keep_io: bool) -> Poll<hyper::Result<()>>;
     fn shut_gracefully(&mut self);
 }
 
@@ -190,8 +223,12 @@ where
     S: HttpService<Incoming, ResBody = crate::body::ResponseBody> + Unpin,
     S::Future: Unpin,
 {
-    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        self.poll_without_shutdown(cx)
+    fn poll_served(&mut self, cx: &mut Context<'_>, keep_io: bool) -> Poll<hyper::Result<()>> {
+        if keep_io {
+            self.poll_without_shutdown(cx)
+        } else {
+            Pin::new(&mut **self).poll(cx)
+        }
     }
 
     fn shut_gracefully(&mut self) {
@@ -205,7 +242,7 @@ where
     S: HttpService<Incoming, ResBody = crate::body::ResponseBody> + Send + 'static,
     S::Future: Send + 'static,
 {
-    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+    fn poll_served(&mut self, cx: &mut Context<'_>, _keep_io: bool) -> Poll<hyper::Result<()>> {
         self.as_mut().poll(cx)
     }
 
@@ -243,16 +280,19 @@ impl Watch<'_> {
         } = self.shared.limits;
         let activity = self.activity;
         let served_before = activity.served();
-        let mut checks = tokio::time::interval(
-            (idle_timeout.min(header_timeout).min(send_timeout) / 4)
-                .min(PARK_AFTER / 2)
-                .clamp(Duration::from_millis(50), Duration::from_secs(5)),
-        );
+        let every = idle_timeout.min(header_timeout).min(send_timeout) / 4;
+        let every = if may_park {
+            every.min(PARK_AFTER / 2)
+        } else {
+            every
+        };
+        let mut checks =
+            tokio::time::interval(every.clamp(Duration::from_millis(50), Duration::from_secs(5)));
         let mut closing = false;
         let mut parking = None;
         loop {
             tokio::select! {
-                result = std::future::poll_fn(|cx| connection.poll_served(cx)) => {
+                result = std::future::poll_fn(|cx| connection.poll_served(cx, parking.is_some())) => {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "connection ended with an error");
                         return None;
@@ -272,7 +312,9 @@ impl Watch<'_> {
                     // Bodies wait to be sent and the client takes nothing: it stopped reading.
                     // Closed at once, closing gracefully or not (that would wait on those very
                     // bodies).
-                    if self.sending.stalled_for() >= send_timeout {
+                    if self.sending.stalled_for() >= send_timeout
+                        || self.sending.blocked_for() >= send_timeout
+                    {
                         tracing::info!(client = %self.client, ?send_timeout, "the client stopped reading; closing the connection");
                         return None;
                     }
@@ -290,9 +332,16 @@ impl Watch<'_> {
                         tracing::debug!(?idle_timeout, "closing an idle connection");
                         connection.shut_gracefully();
                         (closing, parking) = (true, None);
-                    } else if may_park && idle >= PARK_AFTER && activity.served() > served_before {
-                        // hyper closes an idle HTTP/1.1 connection at once; one whose next
-                        // request has begun goes on, answered with `Connection: close`.
+                    } else if may_park
+                        && idle >= PARK_AFTER
+                        && activity.served() > served_before
+                        && !activity.closing()
+                        && self.sending.flushed()
+                    {
+                        // Neither side asked to close, and everything written is flushed
+                        // (hyper would flush before ending; parking does not even begin while
+                        // a client that paused holds part of an answer up): hyper ends the
+                        // idle connection at once, keeping its I/O.
                         parking = Some(activity.served());
                         connection.shut_gracefully();
                         closing = true;
@@ -308,6 +357,8 @@ impl Watch<'_> {
 struct Activity {
     in_flight: AtomicUsize,
     served: AtomicU64,
+    /// A request or answer said the connection ends with it.
+    closing: AtomicBool,
     quiet_since: Mutex<Instant>,
     exhausted: Notify,
 }
@@ -317,6 +368,7 @@ impl Activity {
         Activity {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             quiet_since: Mutex::new(Instant::now()),
             exhausted: Notify::new(),
         }
@@ -332,6 +384,15 @@ impl Activity {
             self.exhausted.notify_one();
         }
         (Busy(Arc::clone(self)), last)
+    }
+
+    /// The connection ends after its current request.
+    fn closes(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Requests begun on this connection.

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// A connection that can wait for its peer to send something without a buffer.
@@ -60,14 +61,11 @@ impl<I> Prefixed<I> {
     }
 
     /// Puts `read` (bytes read from the connection but not used) before what is left to
-    /// replay.
-    pub fn replay(mut self, read: Bytes) -> Prefixed<I> {
+    /// replay. They are copied: `read` may be a view into a whole read buffer, which a parked
+    /// connection must not keep.
+    pub fn replay(mut self, read: &[u8]) -> Prefixed<I> {
         if !read.is_empty() {
-            self.prefix = if self.prefix.is_empty() {
-                read
-            } else {
-                [&read[..], &self.prefix[..]].concat().into()
-            };
+            self.prefix = [read, &self.prefix[..]].concat().into();
         }
         self
     }
@@ -94,6 +92,9 @@ impl<I: Read + Unpin> Read for Prefixed<I> {
         let n = self.prefix.len().min(buf.remaining());
         buf.put_slice(&self.prefix[..n]);
         self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            self.prefix = Bytes::new(); // lets go of the copy
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -129,21 +130,31 @@ impl<I: Write + Unpin> Write for Prefixed<I> {
 }
 
 /// Whether a plain connection speaks HTTP/2 with prior knowledge: its first bytes are the
-/// HTTP/2 preface. Waits (without reading anything away) until they match it or cannot.
-pub async fn sends_h2_preface(stream: &TcpStream) -> io::Result<bool> {
+/// HTTP/2 preface. Nearly every connection tells at once, and its bytes are left on the socket
+/// for hyper to read whole; only a preface that arrives in pieces is read away (peeking again
+/// would answer at once, and spin) and returned, to be replayed.
+pub async fn read_h2_preface(stream: &mut TcpStream) -> io::Result<(bool, Vec<u8>)> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut seen = [0u8; PREFACE.len()];
-    loop {
-        let n = stream.peek(&mut seen).await?;
-        if n == 0 || seen[..n] != PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == PREFACE.len() {
-            return Ok(true);
-        }
-        // Part of the preface: the rest is on its way (peek would answer at once again).
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let peeked = stream.peek(&mut seen).await?;
+    if peeked == 0 || seen[..peeked] != PREFACE[..peeked] {
+        return Ok((false, Vec::new()));
     }
+    if peeked == PREFACE.len() {
+        return Ok((true, Vec::new()));
+    }
+    let mut n = 0;
+    while n < PREFACE.len() {
+        let read = stream.read(&mut seen[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if seen[..n] != PREFACE[..n] {
+            break;
+        }
+    }
+    Ok((seen[..n] == *PREFACE, seen[..n].to_vec()))
 }
 
 #[cfg(test)]
@@ -152,10 +163,10 @@ mod tests {
 
     #[test]
     fn replayed_bytes_come_before_those_still_to_replay() {
-        let io = Prefixed::new(()).replay(Bytes::from_static(b"world"));
-        let io = io.replay(Bytes::from_static(b"hello "));
+        let io = Prefixed::new(()).replay(b"world");
+        let io = io.replay(b"hello ");
         assert_eq!(&io.prefix[..], b"hello world");
         assert!(io.has_prefix());
-        assert!(!Prefixed::new(()).replay(Bytes::new()).has_prefix());
+        assert!(!Prefixed::new(()).replay(b"").has_prefix());
     }
 }

@@ -45,6 +45,32 @@ pub fn issue(dir: &Path, prefix: &str) -> Issued {
     issued
 }
 
+/// A TLS client configuration that trusts only `ca_pem`.
+fn trusting(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// A TLS connection to `localhost` at `addr`, trusting only `ca_pem`, offering no ALPN
+/// protocol (HTTP/1.1 follows).
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(trusting(ca_pem)));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
 /// One HTTPS request trusting only `ca_pem`; `h2` offers only HTTP/2 by ALPN, else only
 /// HTTP/1.1. Returns the HTTP version spoken too.
 pub async fn https_request(
@@ -53,18 +79,8 @@ pub async fn https_request(
     h2: bool,
     headers: &[(&str, &str)],
 ) -> Result<(Version, Got), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
+        .with_tls_config(trusting(ca_pem))
         .https_only();
     let connector = if h2 {
         builder.enable_http2().build()
