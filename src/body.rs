@@ -9,6 +9,7 @@
 use crate::cache::inflight::{FillError, FillState};
 use crate::digest::{Digest, Hasher};
 use crate::sendfile::Registration;
+use crate::window_budget::{self, READ_CHUNK};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::Frame;
@@ -25,28 +26,7 @@ use tokio::sync::watch;
 /// Every response body the server sends.
 pub type ResponseBody = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Largest single read from a blob file into memory, and the window a blob's body starts with.
-const READ_CHUNK: u64 = 1024 * 1024;
-
-/// How much of a blob file one window of a response body shows: what each trip to the blocking
-/// pool loads and maps. A request carries it as an extension set by its connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WindowSize(pub u64);
-
-impl WindowSize {
-    /// Under TLS (and HTTP/2, whose frames are copied), every byte of a window is read by the
-    /// process, so the whole window is resident while it is sent: kept small.
-    pub const TLS: WindowSize = WindowSize(READ_CHUNK);
-    /// On a plain HTTP/1 connection windows go out by `sendfile` and the process never touches
-    /// their pages; larger windows mean fewer loads, mappings and wake-ups per byte served.
-    pub const PLAIN: WindowSize = WindowSize(4 * READ_CHUNK);
-}
-
-impl Default for WindowSize {
-    fn default() -> WindowSize {
-        WindowSize::TLS
-    }
-}
+pub use crate::window_budget::WindowSize;
 
 pub fn empty() -> ResponseBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -244,7 +224,10 @@ impl Chunks for Follower {
         if let Some(upstream) = &mut self.upstream {
             return upstream.next_chunk().await;
         }
-        if let Some(bytes) = self.ready.take().filter(|b| !b.is_empty()) {
+        // The first bytes, read with the lookup, go first if they fit the budget now; else they
+        // are let go, to be read again once they fit.
+        let ready = self.ready.take().filter(|b| !b.is_empty());
+        if let Some(bytes) = ready.and_then(|b| self.window.try_charge(b)) {
             self.pos += bytes.len() as u64;
             return Ok(Some(bytes));
         }
@@ -258,8 +241,16 @@ impl Chunks for Follower {
                 Limit::Failed(e) => return Err(io::Error::other(e.message)),
             };
             if self.pos < upto {
-                let len = (upto - self.pos).min(self.window.0);
-                let bytes = read_at(Arc::clone(&self.file), self.pos, len).await?;
+                let len = (upto - self.pos).min(self.window.bytes());
+                // Charged before it is loaded: a window waiting for its budget holds nothing.
+                let charge = match self.window.budget() {
+                    Some(budget) => Some(budget.charge(len).await),
+                    None => None,
+                };
+                let mut bytes = read_at(Arc::clone(&self.file), self.pos, len).await?;
+                if let Some(charge) = charge {
+                    bytes = window_budget::charged(bytes, charge);
+                }
                 self.pos += bytes.len() as u64;
                 return Ok(Some(bytes));
             }

@@ -60,3 +60,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod warm;
+pub mod window_budget;

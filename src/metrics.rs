@@ -62,6 +62,8 @@ pub struct Metrics {
     pub(crate) commits_waiting: IntGauge,
     pub(crate) connections_open: IntGauge,
     pub(crate) connections_max: IntGauge,
+    pub(crate) h2_window_bytes: IntGauge,
+    pub(crate) h2_window_waits: IntCounter,
     fill_joins: IntCounter,
     prefetches: IntCounter,
     digest_mismatches: IntCounter,
@@ -199,6 +201,18 @@ impl Metrics {
                 &r,
                 "regmirror_connections_max",
                 "The ceiling on client connections at once (server.max_connections).",
+            ),
+            h2_window_bytes: gauge(
+                &r,
+                "regmirror_h2_window_bytes",
+                "Bytes of blob file windows HTTP/2 response bodies hold now, every connection \
+                 together; each connection's within server.h2_window_memory.",
+            ),
+            h2_window_waits: counter(
+                &r,
+                "regmirror_h2_window_waits_total",
+                "HTTP/2 body windows that waited for their connection's server.h2_window_memory \
+                 (the client had not yet taken the windows its other streams hold).",
             ),
             commits_waiting: gauge(
                 &r,

@@ -1,7 +1,7 @@
 //! Hostile and idle clients against a mirror process of its own (so its memory is measured
 //! alone): HTTP/2 connections that open every stream they may and never read a byte of them (a
-//! zero flow-control window) are closed by `server.send_timeout`, the mirror's memory stays
-//! bounded meanwhile and comes back after, and a normal client is served throughout; an idle
+//! zero flow-control window) are closed by `server.send_timeout`, each one's windows stay within
+//! `server.h2_window_memory` and the mirror's memory stays bounded meanwhile and comes back after, and a normal client is served throughout; an idle
 //! fleet of keep-alive connections costs what the README says, and memory comes back once it
 //! leaves.
 
@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const CONNECTIONS: usize = 200;
 const STREAMS: usize = 100;
 const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+/// `server.h2_window_memory`: four of a stream's 1 MiB windows per connection.
+const H2_WINDOW_MIB: usize = 4;
 
 /// The mirror process's resident memory in KiB, and its memory mappings.
 fn memory_of(pid: u32) -> (u64, usize) {
@@ -32,6 +34,7 @@ fn start_mirror(dir: &Path, origin: &str) -> (Process, u16) {
     spawn_regmirror(dir, "hostile", |port| {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\n\
+             h2_window_memory = \"{H2_WINDOW_MIB}MiB\"\n\
              [cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n\
              [[registry.upstream]]\nurl = \"{origin}\"\n",
             SEND_TIMEOUT.as_secs(),
@@ -114,6 +117,30 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
     }
     let opened_in = started.elapsed();
     let (rss_peak, maps_peak) = memory_of(pid);
+    // Each connection's windows stay within its budget; its other streams wait for it.
+    let metrics = String::from_utf8_lossy(
+        get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .bytes(),
+    )
+    .into_owned();
+    let held = metric_value(&metrics, "regmirror_h2_window_bytes", &[]) as usize;
+    let waits = metric_value(&metrics, "regmirror_h2_window_waits_total", &[]) as usize;
+    println!("h2 windows held: {} MiB, waits: {waits}", held >> 20);
+    assert!(
+        held > 0 && held <= (CONNECTIONS * H2_WINDOW_MIB) << 20,
+        "{held} bytes of windows held"
+    );
+    assert!(
+        waits >= CONNECTIONS * (STREAMS - H2_WINDOW_MIB),
+        "{waits} waits"
+    );
+    // One map per window held, and up to two per blocking thread (a stack and its guard):
+    // without the budget, every stream's window was a map of its own.
+    assert!(
+        maps_peak < maps_before + CONNECTIONS * H2_WINDOW_MIB + 2 * 512 + 64,
+        "memory maps {maps_before} -> {maps_peak}"
+    );
     // A normal client is served meanwhile, byte-exact.
     get(&url).await.assert_content(&digest);
 

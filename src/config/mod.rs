@@ -137,6 +137,10 @@ pub struct ServerConfig {
     /// Requests one connection may carry before it is closed (gracefully: the client reconnects).
     #[serde(default = "default_max_requests_per_connection")]
     pub max_requests_per_connection: u64,
+    /// What the blob body windows of one HTTP/2 connection may hold at once (its streams
+    /// share it; a window that does not fit waits until the client takes another's).
+    #[serde(default = "default_h2_window_memory", with = "byte_size")]
+    pub h2_window_memory: u64,
     /// Serve HTTPS with these PEM files instead of plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -311,6 +315,7 @@ impl Default for ServerConfig {
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_requests_per_connection: default_max_requests_per_connection(),
+            h2_window_memory: default_h2_window_memory(),
             tls: None,
         }
     }
@@ -428,6 +433,9 @@ fn default_max_connections() -> usize {
 fn default_max_requests_per_connection() -> u64 {
     10_000
 }
+fn default_h2_window_memory() -> u64 {
+    16 << 20
+}
 fn default_registries() -> Vec<RegistryConfig> {
     vec![RegistryConfig::new(
         "docker.io",
@@ -459,7 +467,7 @@ mod units;
 mod validate;
 pub use secret::Secret;
 pub use shared::{SharedStoreConfig, MAX_SHARED_UPLOADS};
-use units::{byte_size_opt, duration_text};
+use units::{byte_size, byte_size_opt, duration_text};
 pub use units::{format_byte_size, parse_byte_size};
 
 #[cfg(test)]

@@ -71,6 +71,19 @@ pub(super) mod byte_size_opt {
     }
 }
 
+/// Byte sizes as human text (`"16MiB"`) or a number of bytes.
+pub(super) mod byte_size {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(size: &u64, s: S) -> Result<S::Ok, S::Error> {
+        super::byte_size_opt::serialize(&Some(*size), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        super::byte_size_opt::deserialize(d).map(|size| size.unwrap_or_default())
+    }
+}
+
 /// Durations as human text (`"60s"`, `"5m"`, `"1h 30m"`).
 pub(super) mod duration_text {
     use serde::{Deserialize, Deserializer, Serializer};

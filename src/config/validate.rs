@@ -75,6 +75,12 @@ impl Config {
                 format!("must be at most {MAX_PREFETCH_DOWNLOADS}"),
             ));
         }
+        if self.server.h2_window_memory < 1 << 20 {
+            return Err(invalid(
+                "server.h2_window_memory",
+                "must be at least 1MiB (one window)",
+            ));
+        }
         if self.server.max_requests_per_connection == 0 {
             return Err(invalid(
                 "server.max_requests_per_connection",

@@ -70,12 +70,12 @@ pub async fn serve(
             Role::Hit(hit) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Hit);
                 confirm(app, registry, repo, digest, Content::Blob).await?;
-                return Ok(respond_hit(app, digest, hit, range, window));
+                return Ok(respond_hit(app, digest, hit, range, window.clone()));
             }
             Role::Follower(fill) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Join);
                 confirm(app, registry, repo, digest, Content::Blob).await?;
-                follow_fill(app, registry, repo, digest, fill, range, window).await?
+                follow_fill(app, registry, repo, digest, fill, range, window.clone()).await?
             }
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
@@ -83,7 +83,7 @@ pub async fn serve(
                 let download = fill.progress.clone();
                 app.prefetcher()
                     .layer_missed(app, registry, repo, digest, download);
-                follow_fill(app, registry, repo, digest, fill, range, window).await?
+                follow_fill(app, registry, repo, digest, fill, range, window.clone()).await?
             }
         };
         if let Some(response) = followed {

@@ -94,7 +94,7 @@ pub async fn handle<B>(
                 Ok(()) => {
                     // Boxed: every await point in `dispatch` would otherwise be carried (and
                     // moved, several times) by each request's future.
-                    let window = request.extensions().get().copied().unwrap_or_default();
+                    let window = request.extensions().get().cloned().unwrap_or_default();
                     let dispatched = Box::pin(dispatch(
                         &app,
                         &route,

@@ -11,6 +11,7 @@ use crate::body::{WindowSize, WithGuard};
 use crate::proxy;
 use crate::send_watch::{Progressing, SendProgress, Watched};
 use crate::sendfile::SendfileStream;
+use crate::window_budget::WindowBudget;
 use http::HeaderValue;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -162,17 +163,26 @@ fn service(
         Arc::clone(sending),
         shared.limits.max_requests,
     );
-    let (client, window) = (accepted.client, accepted.window);
+    let client = accepted.client;
+    // The windows of an HTTP/2 connection's streams share one budget.
+    let window = if accepted.http2 {
+        let app = live.get();
+        let metrics = app.metrics();
+        WindowSize::shared(WindowBudget::new(
+            shared.limits.h2_window_memory,
+            metrics.h2_window_bytes.clone(),
+            metrics.h2_window_waits.clone(),
+        ))
+    } else {
+        accepted.window.clone()
+    };
     service_fn(move |mut request: http::Request<Incoming>| {
         let http1 = request.version() < http::Version::HTTP_2;
         // A connection whose client or last answer ends it is never parked.
         if http1 && asks_to_close(&request) {
             activity.closes();
         }
-        // HTTP/2 frames are copied, never sent by `sendfile`: its windows stay small.
-        request
-            .extensions_mut()
-            .insert(if http1 { window } else { WindowSize::TLS });
+        request.extensions_mut().insert(window.clone());
         // Each request runs on the configuration generation current when it arrived.
         let app = live.get();
         let (busy, last) = activity.begin(max_requests);

@@ -52,6 +52,8 @@ struct Limits {
     idle_timeout: Duration,
     send_timeout: Duration,
     max_requests: u64,
+    /// What the body windows of one HTTP/2 connection may hold at once.
+    h2_window_memory: u64,
 }
 
 /// What every connection task shares.
@@ -78,6 +80,7 @@ pub async fn run(
         idle_timeout: settings.idle_timeout,
         send_timeout: settings.send_timeout,
         max_requests: settings.max_requests_per_connection,
+        h2_window_memory: settings.h2_window_memory,
     };
     let shared = Arc::new(Shared {
         live,
