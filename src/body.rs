@@ -9,7 +9,7 @@
 use crate::cache::inflight::{FillError, FillState};
 use crate::digest::{Digest, Hasher};
 use crate::sendfile::Registration;
-use crate::window_budget::{self, READ_CHUNK};
+use crate::window_budget::{self, Charge, READ_CHUNK};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::Frame;
@@ -205,6 +205,9 @@ struct Follower {
     window: WindowSize,
     /// Bytes from `pos` on, already read.
     ready: Option<Bytes>,
+    /// On HTTP/2, this body's share of its connection's window budget, taken with its first
+    /// window (or before the first bytes, if they fit at once: else they are let go).
+    charge: Option<Arc<Charge>>,
     continuation: Option<Continuation>,
     /// Set once the body carries on from upstream.
     upstream: Option<Verifying>,
@@ -226,10 +229,14 @@ impl Chunks for Follower {
         }
         // The first bytes, read with the lookup, go first if they fit the budget now; else they
         // are let go, to be read again once they fit.
-        let ready = self.ready.take().filter(|b| !b.is_empty());
-        if let Some(bytes) = ready.and_then(|b| self.window.try_charge(b)) {
-            self.pos += bytes.len() as u64;
-            return Ok(Some(bytes));
+        if let Some(bytes) = self.ready.take().filter(|b| !b.is_empty()) {
+            if self.window.budget().is_some() && self.charge.is_none() {
+                self.charge = self.window.try_charge();
+            }
+            if self.window.budget().is_none() || self.charge.is_some() {
+                self.pos += bytes.len() as u64;
+                return Ok(Some(self.held(bytes)));
+            }
         }
         loop {
             let (upto, last) = match self.limit() {
@@ -242,17 +249,14 @@ impl Chunks for Follower {
             };
             if self.pos < upto {
                 let len = (upto - self.pos).min(self.window.bytes());
-                // Charged before it is loaded: a window waiting for its budget holds nothing.
-                let charge = match self.window.budget() {
-                    Some(budget) => Some(budget.charge(len).await),
-                    None => None,
-                };
-                let mut bytes = read_at(Arc::clone(&self.file), self.pos, len).await?;
-                if let Some(charge) = charge {
-                    bytes = window_budget::charged(bytes, charge);
+                // The body's share is taken before its first window is loaded: a body
+                // waiting for it holds nothing.
+                if self.charge.is_none() {
+                    self.charge = self.window.charge().await;
                 }
+                let bytes = read_at(Arc::clone(&self.file), self.pos, len).await?;
                 self.pos += bytes.len() as u64;
-                return Ok(Some(bytes));
+                return Ok(Some(self.held(bytes)));
             }
             if last {
                 return Ok(None);
@@ -277,6 +281,7 @@ impl Follower {
             end,
             window,
             ready: None,
+            charge: None,
             continuation: None,
             upstream: None,
         }
@@ -301,6 +306,14 @@ impl Follower {
             stall,
         });
         self.upstream.as_mut().expect("just set").next_chunk().await
+    }
+
+    /// `bytes`, holding this body's share of the budget while they live.
+    fn held(&self, bytes: Bytes) -> Bytes {
+        match &self.charge {
+            Some(charge) => window_budget::charged(bytes, charge),
+            None => bytes,
+        }
     }
 
     fn limit(&self) -> Limit {

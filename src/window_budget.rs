@@ -13,7 +13,9 @@
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Largest single read from a blob file into memory, and the window a blob's body starts with.
@@ -56,17 +58,19 @@ impl WindowSize {
     }
 
     /// The budget this connection's windows share, if they share one.
-    pub fn budget(&self) -> Option<&WindowBudget> {
-        self.budget.as_deref()
+    pub fn budget(&self) -> Option<&Arc<WindowBudget>> {
+        self.budget.as_ref()
     }
 
-    /// `bytes` as a window: charged to the budget, if there is one, when they fit now.
-    pub fn try_charge(&self, bytes: Bytes) -> Option<Bytes> {
-        let Some(budget) = &self.budget else {
-            return Some(bytes);
-        };
-        let charge = budget.try_charge(bytes.len() as u64)?;
-        Some(charged(bytes, charge))
+    /// A body's share of the budget, one window's worth, if it fits now.
+    pub fn try_charge(&self) -> Option<Arc<Charge>> {
+        self.budget.as_ref()?.try_charge(self.bytes)
+    }
+
+    /// A body's share of the budget, one window's worth, once it fits; `None` without a
+    /// budget.
+    pub async fn charge(&self) -> Option<Arc<Charge>> {
+        Some(self.budget.as_ref()?.charge(self.bytes).await)
     }
 }
 
@@ -79,18 +83,28 @@ impl Default for WindowSize {
 /// The budget's unit: windows are charged in whole KiB.
 const UNIT: u64 = 1024;
 
-/// The window bytes one connection's bodies may hold at once.
+/// The window bytes one connection's bodies may hold at once. A body takes its share, one
+/// window's worth, with its first window and keeps it until it and its windows are gone: so a
+/// stream the client reads never waits again (it holds its last window and its next, two
+/// windows at most), and only streams not yet begun wait, in order.
 #[derive(Debug)]
 pub struct WindowBudget {
     units: Arc<Semaphore>,
     max_units: u32,
     held: IntGauge,
     waits: IntCounter,
+    opened: Instant,
+    /// Bodies waiting for their share now.
+    waiting: AtomicUsize,
+    /// Milliseconds since `opened` at which bodies began to wait (the oldest of those waiting).
+    waiting_since_ms: AtomicU64,
+    /// Milliseconds since `opened` at which a window last went (was sent, or let go).
+    progress_ms: AtomicU64,
 }
 
 impl WindowBudget {
     /// A budget of `max_bytes` (at least one KiB), counted into `held` (bytes held now, every
-    /// connection together) and `waits` (windows that had to wait for it).
+    /// connection together) and `waits` (bodies that had to wait for their share).
     pub fn new(max_bytes: u64, held: IntGauge, waits: IntCounter) -> Arc<WindowBudget> {
         let max_units = (max_bytes / UNIT).clamp(1, u64::from(u32::MAX >> 4)) as u32;
         Arc::new(WindowBudget {
@@ -98,28 +112,51 @@ impl WindowBudget {
             max_units,
             held,
             waits,
+            opened: Instant::now(),
+            waiting: AtomicUsize::new(0),
+            waiting_since_ms: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
         })
     }
 
-    /// Takes `len` bytes of the budget, waiting until they fit (a window larger than the whole
-    /// budget waits for all of it).
-    pub async fn charge(&self, len: u64) -> Charge {
-        let units = self.units_for(len);
-        let permit = match Arc::clone(&self.units).try_acquire_many_owned(units) {
-            Ok(permit) => permit,
-            Err(_) => {
-                self.waits.inc();
-                Arc::clone(&self.units)
-                    .acquire_many_owned(units)
-                    .await
-                    .expect("the budget's semaphore is never closed")
-            }
-        };
+    /// How long bodies have waited for their share while no window of the connection went:
+    /// the client takes nothing of what the budget holds. Zero when none waits.
+    pub fn starved_for(&self) -> Duration {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return Duration::ZERO;
+        }
+        let since = self
+            .waiting_since_ms
+            .load(Ordering::Acquire)
+            .max(self.progress_ms.load(Ordering::Acquire));
+        Duration::from_millis(self.now_ms().saturating_sub(since))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// Takes `len` bytes of the budget, waiting until they fit (more than the whole budget
+    /// waits for all of it).
+    async fn charge(self: &Arc<Self>, len: u64) -> Arc<Charge> {
+        if let Some(charge) = self.try_charge(len) {
+            return charge;
+        }
+        self.waits.inc();
+        if self.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.waiting_since_ms
+                .store(self.now_ms(), Ordering::Release);
+        }
+        let _waiting = Waiting(self);
+        let permit = Arc::clone(&self.units)
+            .acquire_many_owned(self.units_for(len))
+            .await
+            .expect("the budget's semaphore is never closed");
         self.charged(len, permit)
     }
 
     /// Takes `len` bytes of the budget if they fit now.
-    pub fn try_charge(&self, len: u64) -> Option<Charge> {
+    fn try_charge(self: &Arc<Self>, len: u64) -> Option<Arc<Charge>> {
         let permit = Arc::clone(&self.units)
             .try_acquire_many_owned(self.units_for(len))
             .ok()?;
@@ -130,41 +167,58 @@ impl WindowBudget {
         len.div_ceil(UNIT).clamp(1, u64::from(self.max_units)) as u32
     }
 
-    fn charged(&self, len: u64, permit: OwnedSemaphorePermit) -> Charge {
+    fn charged(self: &Arc<Self>, len: u64, permit: OwnedSemaphorePermit) -> Arc<Charge> {
         self.held.add(len as i64);
-        Charge {
+        Arc::new(Charge {
             _permit: permit,
             len,
-            held: self.held.clone(),
-        }
+            budget: Arc::clone(self),
+        })
     }
 }
 
-/// Part of a budget, held until dropped.
+/// One body waiting for its share, counted while it waits (and when its wait is dropped).
+struct Waiting<'a>(&'a WindowBudget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A body's share of a budget, held until the body and every window it sent are gone.
 #[derive(Debug)]
 pub struct Charge {
     _permit: OwnedSemaphorePermit,
     len: u64,
-    held: IntGauge,
+    budget: Arc<WindowBudget>,
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.held.sub(self.len as i64);
+        self.budget.held.sub(self.len as i64);
     }
 }
 
-/// `bytes`, holding `charge` for as long as any view of them lives.
-pub fn charged(bytes: Bytes, charge: Charge) -> Bytes {
+/// `bytes`, holding `charge` for as long as any view of them lives; their going counts as
+/// progress.
+pub fn charged(bytes: Bytes, charge: &Arc<Charge>) -> Bytes {
     Bytes::from_owner(Charged {
         bytes,
-        _charge: charge,
+        charge: Arc::clone(charge),
     })
 }
 
 struct Charged {
     bytes: Bytes,
-    _charge: Charge,
+    charge: Arc<Charge>,
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        let budget = &self.charge.budget;
+        budget.progress_ms.store(budget.now_ms(), Ordering::Release);
+    }
 }
 
 impl AsRef<[u8]> for Charged {
@@ -176,47 +230,48 @@ impl AsRef<[u8]> for Charged {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
-    async fn a_window_that_does_not_fit_waits_until_another_is_let_go() {
+    async fn a_body_keeps_its_share_and_those_not_begun_wait_until_one_is_let_go() {
         let held = IntGauge::new("held", "held").unwrap();
         let waits = IntCounter::new("waits", "waits").unwrap();
-        let budget = WindowBudget::new(3 << 20, held.clone(), waits.clone());
-        let first = charged(
-            Bytes::from(vec![7u8; 1 << 20]),
-            budget.charge(2 << 20).await,
-        );
+        let budget = WindowBudget::new(2 << 20, held.clone(), waits.clone());
+        let window = WindowSize::shared(Arc::clone(&budget));
+        let first = window.charge().await.expect("a budget");
+        let second = window.try_charge().expect("a 1 MiB share of 2 MiB");
         assert_eq!(held.get(), 2 << 20);
         assert!(
-            budget.try_charge(2 << 20).is_none(),
-            "2 + 2 MiB exceed 3 MiB"
+            window.try_charge().is_none(),
+            "a third share would exceed 2 MiB"
         );
+        // The first body's windows come and go under its one share.
+        let sent = charged(Bytes::from(vec![7u8; 4096]), &first);
+        let view = sent.slice(10..20);
+        drop(sent);
         let waiting = {
-            let budget = Arc::clone(&budget);
-            tokio::spawn(async move { budget.charge(2 << 20).await })
+            let window = window.clone();
+            tokio::spawn(async move { window.charge().await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !waiting.is_finished(),
-            "it waits while the first window lives"
-        );
-        let view = first.slice(10..20);
-        drop(first);
+        assert!(!waiting.is_finished(), "it waits while two shares are held");
+        assert!(budget.starved_for() > Duration::ZERO);
+        drop(view); // a window went: progress
+        assert!(budget.starved_for() < Duration::from_millis(20));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !waiting.is_finished(),
-            "a view of the window still holds it"
+            "the share is the body's: its windows going do not let it go"
         );
-        drop(view);
-        let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        drop(first); // the body ends
+        let third = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
-            .expect("the window fits once the first is let go")
+            .expect("the share fits once another is let go")
             .unwrap();
         assert_eq!((held.get(), waits.get()), (2 << 20, 1));
-        drop(second);
+        assert_eq!(budget.starved_for(), Duration::ZERO, "none waits");
+        drop((second, third));
         assert_eq!(held.get(), 0);
-        // Larger than the whole budget: takes all of it.
+        // More than the whole budget takes all of it.
         let all = budget
             .try_charge(8 << 20)
             .expect("the whole budget is free");

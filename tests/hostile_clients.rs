@@ -187,6 +187,17 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
         "RSS {rss_before} -> {rss_after} KiB once they are gone"
     );
     get(&url).await.assert_content(&digest);
+    let metrics = String::from_utf8_lossy(
+        get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .bytes(),
+    )
+    .into_owned();
+    assert_eq!(
+        metric_value(&metrics, "regmirror_h2_window_bytes", &[]),
+        0.0,
+        "every window's share is let go with its connection"
+    );
     assert!(mirror.output().contains("the client stopped reading"));
 }
 

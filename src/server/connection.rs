@@ -101,13 +101,27 @@ where
 {
     let activity = Arc::new(Activity::new());
     let sending = SendProgress::new();
-    let service = service(shared, &accepted, &activity, &sending);
+    // The windows of an HTTP/2 connection's streams share one budget.
+    let window = if accepted.http2 {
+        let app = shared.live.get();
+        let metrics = app.metrics();
+        WindowSize::shared(WindowBudget::new(
+            shared.limits.h2_window_memory,
+            metrics.h2_window_bytes.clone(),
+            metrics.h2_window_waits.clone(),
+        ))
+    } else {
+        accepted.window.clone()
+    };
+    let budget = window.budget().cloned();
+    let service = service(shared, &accepted, window, &activity, &sending);
     let mut io = Prefixed::new(Progressing::new(io, Arc::clone(&sending))).replay(&accepted.first);
     let watch = Watch {
         shared,
         client: accepted.client,
         activity: &activity,
         sending: &sending,
+        budget: budget.as_deref(),
         opened: accepted.at,
     };
     if accepted.http2 {
@@ -153,6 +167,7 @@ where
 fn service(
     shared: &Shared,
     accepted: &Accepted,
+    window: WindowSize,
     activity: &Arc<Activity>,
     sending: &Arc<SendProgress>,
 ) -> impl HttpService<Incoming, ResBody = crate::body::ResponseBody, Future: Unpin + Send> + Clone + Unpin
@@ -164,18 +179,6 @@ fn service(
         shared.limits.max_requests,
     );
     let client = accepted.client;
-    // The windows of an HTTP/2 connection's streams share one budget.
-    let window = if accepted.http2 {
-        let app = live.get();
-        let metrics = app.metrics();
-        WindowSize::shared(WindowBudget::new(
-            shared.limits.h2_window_memory,
-            metrics.h2_window_bytes.clone(),
-            metrics.h2_window_waits.clone(),
-        ))
-    } else {
-        accepted.window.clone()
-    };
     service_fn(move |mut request: http::Request<Incoming>| {
         let http1 = request.version() < http::Version::HTTP_2;
         // A connection whose client or last answer ends it is never parked.
@@ -267,6 +270,8 @@ struct Watch<'a> {
     client: SocketAddr,
     activity: &'a Arc<Activity>,
     sending: &'a Arc<SendProgress>,
+    /// An HTTP/2 connection's window budget.
+    budget: Option<&'a WindowBudget>,
     opened: Instant,
 }
 
@@ -322,8 +327,16 @@ impl Watch<'_> {
                     // Bodies wait to be sent and the client takes nothing: it stopped reading.
                     // Closed at once, closing gracefully or not (that would wait on those very
                     // bodies).
+                    // Or streams wait for window budget while no window of the connection
+                    // goes (their windows may be queued whole, their bodies ended): at the
+                    // pace `send_timeout` asks of a stream (one H2_FRAME per send_timeout), a
+                    // window goes within `window / H2_FRAME` of them.
+                    let starved_after = send_timeout
+                        * (crate::window_budget::READ_CHUNK as usize / crate::send_watch::H2_FRAME)
+                            as u32;
                     if self.sending.stalled_for() >= send_timeout
                         || self.sending.blocked_for() >= send_timeout
+                        || self.budget.is_some_and(|b| b.starved_for() >= starved_after)
                     {
                         tracing::info!(client = %self.client, ?send_timeout, "the client stopped reading; closing the connection");
                         return None;
