@@ -206,7 +206,8 @@ struct Follower {
     /// Bytes from `pos` on, already read.
     ready: Option<Bytes>,
     /// On HTTP/2, this body's share of its connection's window budget, taken with its first
-    /// window (or before the first bytes, if they fit at once: else they are let go).
+    /// window (or before the first bytes, if they fit at once: else they are let go), and let
+    /// go while it waits on upstream with no window left unsent.
     charge: Option<Arc<Charge>>,
     continuation: Option<Continuation>,
     /// Set once the body carries on from upstream.
@@ -260,6 +261,15 @@ impl Chunks for Follower {
             }
             if last {
                 return Ok(None);
+            }
+            // Waiting on upstream with every window sent, the share goes to streams that can
+            // send: a slow upstream never holds up a hit on the same connection.
+            if self
+                .charge
+                .as_ref()
+                .is_some_and(|c| Arc::strong_count(c) == 1)
+            {
+                self.charge = None;
             }
             self.wait_for_progress().await?;
         }

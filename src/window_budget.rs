@@ -5,11 +5,15 @@
 //! [`crate::body`]) that live until the client has taken them. An HTTP/1.1 connection sends one
 //! response at a time and so holds one window at most; an HTTP/2 connection runs up to 100
 //! streams, and a client that keeps their flow-control windows shut would have each hold one.
-//! So the windows of one HTTP/2 connection share a budget (`server.h2_window_memory`): a body
-//! whose next window does not fit waits until the connection's other bodies have handed theirs
-//! to the client — its own streams, never another client's. A client that takes none of them
-//! has stopped reading, and `send_timeout` closes its connection as any other's. The bytes
-//! held, over every connection, and the waits are exported.
+//! So the windows of one HTTP/2 connection share a budget (`server.h2_window_memory`): each
+//! body takes one window's share with its first window and keeps it to its end (letting it go
+//! while it waits on a slow upstream with nothing unsent), and a body not
+//! yet begun waits, in order, until another's share is let go — its own connection's streams,
+//! never another client's. A body already sending never waits again, whichever stream the
+//! client reads first. A connection whose waiting bodies see none of its windows go for as long
+//! as `send_timeout` gives a whole window is closed (the connection watch asks
+//! [`WindowBudget::starved_for`]). The shares held, over every connection, and the waits are
+//! exported.
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};

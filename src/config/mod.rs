@@ -137,8 +137,8 @@ pub struct ServerConfig {
     /// Requests one connection may carry before it is closed (gracefully: the client reconnects).
     #[serde(default = "default_max_requests_per_connection")]
     pub max_requests_per_connection: u64,
-    /// What the blob body windows of one HTTP/2 connection may hold at once (its streams
-    /// share it; a window that does not fit waits until the client takes another's).
+    /// What the blob body windows of one HTTP/2 connection may hold at once: each stream takes
+    /// one window's share for its whole life; a stream not yet begun waits for one.
     #[serde(default = "default_h2_window_memory", with = "byte_size")]
     pub h2_window_memory: u64,
     /// Serve HTTPS with these PEM files instead of plain HTTP.
