@@ -29,6 +29,12 @@ fn memory_of(pid: u32) -> (u64, usize) {
     (rss_kib(&pid), memory_maps(&pid))
 }
 
+/// The mirror's `/metrics` text.
+async fn scrape(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    String::from_utf8_lossy(get(&url).await.bytes()).into_owned()
+}
+
 /// The mirror in front of `origin`, with the default `max_connections` (4096).
 fn start_mirror(dir: &Path, origin: &str) -> (Process, u16) {
     spawn_regmirror(dir, "hostile", |port| {
@@ -118,12 +124,7 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
     let opened_in = started.elapsed();
     let (rss_peak, maps_peak) = memory_of(pid);
     // Each connection's windows stay within its budget; its other streams wait for it.
-    let metrics = String::from_utf8_lossy(
-        get(&format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .bytes(),
-    )
-    .into_owned();
+    let metrics = scrape(port).await;
     let held = metric_value(&metrics, "regmirror_h2_window_bytes", &[]) as usize;
     let waits = metric_value(&metrics, "regmirror_h2_window_waits_total", &[]) as usize;
     println!("h2 windows held: {} MiB, waits: {waits}", held >> 20);
@@ -187,12 +188,7 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
         "RSS {rss_before} -> {rss_after} KiB once they are gone"
     );
     get(&url).await.assert_content(&digest);
-    let metrics = String::from_utf8_lossy(
-        get(&format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .bytes(),
-    )
-    .into_owned();
+    let metrics = scrape(port).await;
     assert_eq!(
         metric_value(&metrics, "regmirror_h2_window_bytes", &[]),
         0.0,
@@ -269,9 +265,8 @@ async fn an_idle_fleet_costs_what_the_readme_says_and_memory_comes_back() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_half, _) = memory_of(pid);
-    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     let open = |text: &str| metric_value(text, "regmirror_connections_open", &[]) as usize;
-    let scrape = || async { String::from_utf8_lossy(get(&metrics_url).await.bytes()).into_owned() };
+    let scrape = || scrape(port);
     let metrics = scrape().await;
     // Every one is counted, and the scrape's own connection.
     assert_eq!(open(&metrics), IDLE + HALF_SENT + 1);
