@@ -54,7 +54,7 @@ pub mod send_watch;
 pub mod sendfile;
 pub mod server;
 pub mod shared;
-pub mod shutdown;
+pub mod signals;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

@@ -7,7 +7,7 @@ use regmirror::app::{App, Live};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
 use regmirror::tls::ServerTls;
 use regmirror::warm::{self, Platforms};
-use regmirror::{cache::store::Store, ops, server, shutdown, telemetry};
+use regmirror::{cache::store::Store, ops, server, signals, telemetry};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -282,8 +282,12 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     if let Some(tls) = &tls {
         tokio::spawn(Arc::clone(tls).watch(CERTIFICATE_CHECK_EVERY));
     }
-    tokio::spawn(reload_on_sighup(Arc::clone(&live), tls.clone(), path));
-    server::run(listener, live, tls, shutdown::signal(), grace).await;
+    tokio::spawn(signals::reload_on_hangup(
+        Arc::clone(&live),
+        tls.clone(),
+        move || load(path.as_ref()),
+    ));
+    server::run(listener, live, tls, signals::shutdown(), grace).await;
     Ok(())
 }
 
@@ -329,38 +333,6 @@ async fn warm_command(
     let _ = stop.send(());
     let _ = server.await;
     result.map(|_| ())
-}
-
-/// SIGHUP re-reads the configuration file (and the certificate); an invalid one is refused and
-/// the running one stays.
-async fn reload_on_sighup(live: Arc<Live>, tls: Option<Arc<ServerTls>>, path: Option<PathBuf>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::error!("cannot listen for SIGHUP; live reload is off");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::info!("SIGHUP received; reloading the configuration");
-        let config = match load(path.as_ref()) {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
-                continue;
-            }
-        };
-        match (&tls, &config.server.tls) {
-            (Some(tls), Some(files)) => {
-                if let Err(e) = tls.refresh(files) {
-                    tracing::error!(error = %e, "new TLS certificate refused; the running one stays");
-                }
-            }
-            (None, None) => {}
-            _ => tracing::warn!("turning TLS on or off takes a restart"),
-        }
-        if let Err(e) = live.reload(config) {
-            tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
-        }
-    }
 }
 
 /// Checks what `serve` would load besides the file itself: the certificate, the auth files, the

@@ -205,8 +205,9 @@ impl Metrics {
             h2_window_bytes: gauge(
                 &r,
                 "regmirror_h2_window_bytes",
-                "Bytes of blob file windows HTTP/2 response bodies hold now, every connection \
-                 together; each connection's within server.h2_window_memory.",
+                "Bytes of blob file windows and whole answers (manifests, tags lists) HTTP/2 \
+                 responses hold now, every connection together; each connection's within \
+                 server.h2_window_memory.",
             ),
             h2_window_waits: counter(
                 &r,

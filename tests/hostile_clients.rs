@@ -37,9 +37,14 @@ async fn scrape(port: u16) -> String {
 
 /// The mirror in front of `origin`, with the default `max_connections` (4096).
 fn start_mirror(dir: &Path, origin: &str) -> (Process, u16) {
+    start_mirror_with(dir, origin, "")
+}
+
+/// The mirror in front of `origin` with more `[server]` settings.
+fn start_mirror_with(dir: &Path, origin: &str, server: &str) -> (Process, u16) {
     spawn_regmirror(dir, "hostile", |port| {
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nsend_timeout = \"{}s\"\n{server}\
              h2_window_memory = \"{H2_WINDOW_MIB}MiB\"\n\
              [cache]\ndir = {:?}\n[[registry]]\nname = \"docker.io\"\ndefault = true\n\
              [[registry.upstream]]\nurl = \"{origin}\"\n",
@@ -65,11 +70,24 @@ async fn shut_window_connection(
     tokio::task::JoinHandle<()>,
     hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>,
 ) {
+    h2_connection(port, 0).await
+}
+
+/// An h2c connection (prior knowledge) whose client opens each stream with a flow-control
+/// window of `stream_window` bytes and never widens it (it reads no body).
+async fn h2_connection(
+    port: u16,
+    stream_window: u32,
+) -> (
+    tokio::task::JoinHandle<()>,
+    hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>,
+) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(65_535)
         .adaptive_window(false)
         .handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
         .await
@@ -195,6 +213,107 @@ async fn http2_clients_that_never_read_are_closed_and_memory_stays_bounded() {
         "every window's share is let go with its connection"
     );
     assert!(mirror.output().contains("the client stopped reading"));
+}
+
+/// A 200 KiB manifest: each answer is one frame, handed to h2 whole.
+fn large_manifest(origin: &FakeRegistry) -> regmirror::digest::Digest {
+    let config = origin.add_blob(b"{}".to_vec());
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&schema2_manifest(&config, 2, &[])).unwrap();
+    manifest["annotations"] = serde_json::json!({ "padding": "x".repeat(200 * 1024) });
+    origin.add_manifest(
+        "library/big",
+        Some("v1"),
+        DOCKER_MANIFEST,
+        manifest.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_held_whole_share_the_window_budget_and_their_unsent_tails_end_the_connection(
+) {
+    let origin = FakeRegistry::start().await;
+    let digest = large_manifest(&origin);
+    let dir = tempfile::tempdir().unwrap();
+    let (mirror, port) = start_mirror_with(dir.path(), &origin.url(), "idle_timeout = \"2s\"\n");
+    wait_until_up(&format!("http://127.0.0.1:{port}/v2/"), &mirror).await;
+    let path = format!("/v2/library/big/manifests/{digest}");
+    get(&format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .assert_content(&digest);
+    let held = |metrics: &str| metric_value(metrics, "regmirror_h2_window_bytes", &[]) as usize;
+
+    // 100 streams asking the manifest with their windows shut: the budget holds 20 of them,
+    // the rest wait, and the connection is closed as starved.
+    let (driver, _sender, _responses) = {
+        let (driver, mut sender) = shut_window_connection(port).await;
+        let mut pending = Vec::new();
+        for _ in 0..STREAMS {
+            sender.ready().await.unwrap();
+            let request = Request::get(format!("http://127.0.0.1:{port}{path}"))
+                .body(Empty::new())
+                .unwrap();
+            pending.push(tokio::spawn(sender.send_request(request)));
+        }
+        (driver, sender, pending)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = scrape(port).await;
+    let waits = metric_value(&metrics, "regmirror_h2_window_waits_total", &[]) as usize;
+    println!(
+        "{STREAMS} streams of a 200 KiB manifest, never read: {} KiB held, {waits} waits",
+        held(&metrics) >> 10
+    );
+    assert!(
+        held(&metrics) > (H2_WINDOW_MIB << 20) / 2 && held(&metrics) <= H2_WINDOW_MIB << 20,
+        "{} bytes of answers held",
+        held(&metrics)
+    );
+    assert!(waits >= STREAMS - 20, "{waits} waits");
+    tokio::time::timeout(SEND_TIMEOUT * 4 + Duration::from_secs(10), driver)
+        .await
+        .expect("a connection whose streams wait on the budget for ever is still open")
+        .unwrap();
+
+    // 16 streams whose windows take one KiB each: every answer is handed over whole and its
+    // request ends, but its client takes nothing more. Idle, the connection closes gracefully,
+    // which would wait on those streams for ever: it is closed once they have sat a send
+    // timeout.
+    let (driver, mut sender) = h2_connection(port, 1024).await;
+    let mut responses = Vec::new();
+    for _ in 0..16 {
+        sender.ready().await.unwrap();
+        let request = Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .body(Empty::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        responses.push(response);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = scrape(port).await;
+    assert!(
+        held(&metrics) >= 16 * 200 * 1024,
+        "each answer queued holds its size of the budget: {}",
+        held(&metrics)
+    );
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(2) + SEND_TIMEOUT * 2 + Duration::from_secs(5),
+        driver,
+    )
+    .await
+    .expect("an idle connection holding answers its client never takes is still open")
+    .unwrap();
+    println!(
+        "closed {:?} after its answers were queued",
+        started.elapsed()
+    );
+    drop((responses, sender));
+    assert_eq!(held(&scrape(port).await), 0, "every share is let go");
+    assert!(mirror
+        .output()
+        .contains("takes nothing of what it was sent"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

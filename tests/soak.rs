@@ -2,7 +2,7 @@
 //! clients pulling whole blobs and ranges, leaving mid-body, asking HEADs and manifests, and
 //! real skopeo pulls of whole images, and blobs new to the origin asked all along (misses), while
 //! the upstream misbehaves at random (resets, stalls, 503s, corrupt bytes, a trickle), a small
-//! byte budget keeps evicting, and the configuration is reloaded every few seconds. At the end:
+//! byte budget keeps evicting, and a SIGHUP every few seconds reloads the configuration. At the end:
 //! every answer that arrived whole was byte-exact, every file in the store hashes to its name,
 //! no temp file is left, and once idle, threads and open files are back where they were
 //! (upstream connections and small blobs kept open for hits are let go). The figures are
@@ -325,6 +325,21 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
         c.registry[0].failover_cooldown = Duration::from_secs(1);
     })
     .await;
+    // A SIGHUP every few seconds, handled as the command handles it: the configuration is
+    // loaded again and a new generation takes over.
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(regmirror::signals::reload_on_hangup(
+        Arc::clone(&mirror.live),
+        None,
+        {
+            let (config, loads) = (mirror.app.config().clone(), Arc::clone(&loads));
+            move || {
+                loads.fetch_add(1, Ordering::AcqRel);
+                Ok(config.clone())
+            }
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await; // the handler (and its descriptors) in place
     let (threads_before, files_before, rss_before) =
         (threads(), open_files(), (rss_kib("self") / 1024));
     let files_before_described = open_files_described();
@@ -351,18 +366,25 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
         Arc::clone(&seen),
         until,
     ));
-    // A reload every few seconds, as an operator's SIGHUP does.
+    // A SIGHUP every few seconds (below).
     let reloads = tokio::spawn({
-        let (live, config, random) = (
-            Arc::clone(&mirror.live),
-            mirror.app.config().clone(),
-            random.clone(),
-        );
+        let (live, loads, random) = (Arc::clone(&mirror.live), Arc::clone(&loads), random.clone());
         async move {
             let mut reloads = 0;
             while Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(2000 + random.below(2000))).await;
-                live.reload(config.clone()).expect("the same configuration");
+                let running = live.get();
+                // SAFETY: kill(2) with this process's own id and a signal it handles.
+                assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+                let asked = Instant::now();
+                while loads.load(Ordering::Acquire) == reloads || Arc::ptr_eq(&live.get(), &running)
+                {
+                    assert!(
+                        asked.elapsed() < Duration::from_secs(10),
+                        "SIGHUP not acted on"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 reloads += 1;
             }
             reloads

@@ -315,6 +315,52 @@ async fn dispatch(
     user: &Principal,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
+    if matches!(route.target, Target::Blob { .. }) {
+        return answer(app, route, headers, window, user, outcome).await;
+    }
+    let response = answer(app, route, headers, window.clone(), user, outcome).await?;
+    Ok(charged_whole(&window, response).await)
+}
+
+/// On HTTP/2, an answer held whole in memory (a manifest, a tags list) takes a share of its
+/// connection's window budget as large as itself, held until its last byte is sent: a client
+/// that opens 100 streams for large manifests and reads none holds its connection's budget,
+/// not 100 manifests, and its streams wait for the budget (and are closed as starved) like
+/// those of blobs.
+async fn charged_whole(
+    window: &WindowSize,
+    response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let Some(len) = http_body::Body::size_hint(response.body())
+        .exact()
+        .filter(|&len| len > 0)
+    else {
+        return response;
+    };
+    let Some(charge) = window.charge_bytes(len).await else {
+        return response;
+    };
+    let (parts, whole) = response.into_parts();
+    let body = match whole.collect().await {
+        Ok(collected) => body::full(crate::window_budget::charged(collected.to_bytes(), &charge)),
+        // Whole answers are in memory and cannot fail; were one to, its stream is aborted.
+        Err(e) => http_body_util::StreamBody::new(futures_util::stream::once(async move {
+            Err::<http_body::Frame<bytes::Bytes>, _>(e)
+        }))
+        .boxed_unsync(),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Answers a routed request; see [`dispatch`].
+async fn answer(
+    app: &App,
+    route: &Route,
+    headers: &http::HeaderMap,
+    window: WindowSize,
+    user: &Principal,
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, Error> {
     let head = route.head;
     match &route.target {
         Target::ApiBase => Ok(misc::json(StatusCode::OK, "{}".into(), head)),
@@ -344,6 +390,7 @@ async fn dispatch(
             Ok(response)
         }
         Target::Blob { repo, digest } => {
+            // A blob's body takes its own share of the budget, window by window.
             let registry = route.registry.expect("blobs route to a registry");
             let request = blob::BlobRequest {
                 registry,
