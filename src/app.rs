@@ -4,6 +4,7 @@
 
 use crate::access::{Access, Sessions};
 use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics};
 use crate::proxy::Prefetcher;
@@ -32,6 +33,8 @@ pub struct App {
     /// The bucket shared with other replicas, when `[shared_store]` is configured (opened at
     /// start; a reload keeps it).
     shared: Option<Arc<SharedStore>>,
+    /// The other replicas, when `[cluster]` is configured (a reload keeps them).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl App {
@@ -48,6 +51,11 @@ impl App {
             .map(|c| SharedStore::open(c, Arc::clone(&metrics)).map(Arc::new))
             .transpose()
             .map_err(|e| e.to_string())?;
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| Cluster::new(c, Arc::clone(&metrics)).map(Arc::new))
+            .transpose()?;
         Ok(Arc::new(App::assemble(
             config,
             cache,
@@ -55,7 +63,7 @@ impl App {
             Arc::default(),
             Arc::default(),
             &[],
-            shared,
+            (shared, cluster),
         )?))
     }
 
@@ -66,7 +74,7 @@ impl App {
         popularity: Arc<Popularity>,
         sessions: Arc<Sessions>,
         known_endpoints: &[Arc<Memory>],
-        shared: Option<Arc<SharedStore>>,
+        (shared, cluster): (Option<Arc<SharedStore>>, Option<Arc<Cluster>>),
     ) -> Result<App, String> {
         let routes = config
             .registry
@@ -98,6 +106,7 @@ impl App {
             access,
             sessions,
             shared,
+            cluster,
         })
     }
 
@@ -119,6 +128,10 @@ impl App {
             tracing::warn!("shared_store changes only on restart");
             config.shared_store = self.shared.as_ref().map(|s| s.config().clone());
         }
+        if config.cluster.as_ref() != self.cluster.as_ref().map(|c| c.config()) {
+            tracing::warn!("cluster changes only on restart");
+            config.cluster = self.cluster.as_ref().map(|c| c.config().clone());
+        }
         let cache_config = config.cache.clone();
         let labels = endpoint_labels(&config);
         // What upstream endpoints taught (health, rate-limit pauses, tokens) carries over to
@@ -132,7 +145,7 @@ impl App {
             Arc::clone(&self.popularity),
             Arc::clone(&self.sessions),
             &known,
-            self.shared.clone(),
+            (self.shared.clone(), self.cluster.clone()),
         )?;
         self.cache
             .reconfigure(&cache_config)
@@ -173,6 +186,11 @@ impl App {
     /// The bucket shared with other replicas, if any.
     pub fn shared(&self) -> Option<&Arc<SharedStore>> {
         self.shared.as_ref()
+    }
+
+    /// The other replicas, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Pull counts per image, for the status page.

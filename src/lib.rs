@@ -40,6 +40,7 @@ pub mod allocator;
 pub mod app;
 pub mod body;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod digest;
 pub mod error;

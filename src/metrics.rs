@@ -74,6 +74,9 @@ pub struct Metrics {
     shared_store_requests: IntCounterVec,
     shared_store_bytes: IntCounterVec,
     pub(crate) shared_store_up: IntGauge,
+    pub(crate) peer_up: IntGaugeVec,
+    peer_requests_sent: IntCounterVec,
+    peer_requests_served: IntCounterVec,
     pub(crate) upstream_up: IntGaugeVec,
     pub(crate) ratelimit_remaining: IntGaugeVec,
 }
@@ -205,9 +208,8 @@ impl Metrics {
             h2_window_bytes: gauge(
                 &r,
                 "regmirror_h2_window_bytes",
-                "Bytes of blob file windows and whole answers (manifests, tags lists) HTTP/2 \
-                 responses hold now, every connection together; each connection's within \
-                 server.h2_window_memory.",
+                "Bytes of blob file windows HTTP/2 response bodies hold now, every connection \
+                 together; each connection's within server.h2_window_memory.",
             ),
             h2_window_waits: counter(
                 &r,
@@ -273,6 +275,24 @@ impl Metrics {
                 &r,
                 "regmirror_shared_store_up",
                 "1 when the shared store's last request went through, 0 when it failed, -1 without a shared store.",
+            ),
+            peer_up: gauge_vec(
+                &r,
+                "regmirror_peer_up",
+                "1 when a peer of the cluster answered its last request, 0 while it is skipped after a failure.",
+                &["peer"],
+            ),
+            peer_requests_sent: counter_vec(
+                &r,
+                "regmirror_peer_requests_sent_total",
+                "Blob requests sent to the peer that owns the digest, by outcome (ok: it sent the blob; refused: it answered otherwise; failed: no answer in time, or its body broke; corrupt: what it sent did not verify).",
+                &["peer", "outcome"],
+            ),
+            peer_requests_served: counter_vec(
+                &r,
+                "regmirror_peer_requests_served_total",
+                "Cluster requests from peers, by outcome (served, refused: unsigned or badly signed, or not a blob).",
+                &["outcome"],
             ),
             upstream_up: gauge_vec(
                 &r,
@@ -411,6 +431,32 @@ impl Metrics {
         for direction in ["read", "written"] {
             self.shared_store_bytes.with_label_values(&[direction]);
         }
+    }
+
+    /// Starts the cluster's series at zero, so they exist from start-up.
+    pub fn cluster_configured(&self, peers: &[String]) {
+        for peer in peers {
+            self.peer_up.with_label_values(&[peer.as_str()]).set(1);
+            for outcome in ["ok", "refused", "failed", "corrupt"] {
+                self.peer_requests_sent
+                    .with_label_values(&[peer.as_str(), outcome]);
+            }
+        }
+        for outcome in ["served", "refused"] {
+            self.peer_requests_served.with_label_values(&[outcome]);
+        }
+    }
+
+    pub fn peer_request_sent(&self, peer: &str, outcome: &str) {
+        self.peer_requests_sent
+            .with_label_values(&[peer, outcome])
+            .inc();
+    }
+
+    pub fn peer_request_served(&self, outcome: &str) {
+        self.peer_requests_served
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     pub fn shared_store_request(&self, operation: &str, outcome: &str) {

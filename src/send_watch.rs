@@ -6,9 +6,12 @@
 //! - HTTP/1.1 sends one response at a time: any byte written to the socket (counted by
 //!   [`Progressing`], around the connection's I/O) is progress, so a slow but steady reader of a
 //!   large window is never cut off.
-//! - HTTP/2 shares the socket between streams: a stream progresses only when its own body is
-//!   asked for its next frame, so frames are handed out at most [`H2_FRAME`] at a time. A client
-//!   that reads one stream cannot keep its other, never-read streams alive.
+//! - HTTP/2 shares the socket between streams: a stream progresses only when one of its own
+//!   frames is taken (h2 lets go of a frame once it is written, which the client's flow-control
+//!   window allows), so frames are handed out at most [`H2_FRAME`] at a time. A stream waits on
+//!   the client while its body waits to be asked for a frame or any frame it handed out is
+//!   unsent, after its body ended too: the last frame of an answer queued behind a shut window
+//!   counts. A client that reads one stream cannot keep its other, never-read streams alive.
 //!
 //! When a body has waited `send_timeout` without progress, the client stopped reading (or keeps
 //! its window shut) and the connection is closed, its windows, streams and files let go. A body
@@ -40,8 +43,8 @@ pub struct SendProgress {
     last_write_ms: AtomicU64,
     /// The connection speaks HTTP/2: progress is per stream.
     http2: AtomicBool,
-    /// When each waiting body started waiting (milliseconds since `opened`), by body.
-    waiting: Mutex<HashMap<u64, u64>>,
+    /// The bodies waiting on the client, by body.
+    waiting: Mutex<HashMap<u64, Waiting>>,
     next_body: AtomicU64,
     /// Something was written since the connection's I/O last completed a flush: hyper may
     /// still hold bytes to send.
@@ -114,8 +117,8 @@ impl SendProgress {
     pub fn stalled_for(&self) -> Duration {
         let oldest = {
             let waiting = self.waiting.lock().expect("send progress lock");
-            match waiting.values().min() {
-                Some(&oldest) => oldest,
+            match waiting.values().map(|w| w.since_ms).min() {
+                Some(oldest) => oldest,
                 None => return Duration::ZERO,
             }
         };
@@ -135,19 +138,80 @@ impl SendProgress {
         self.last_write_ms.store(self.now_ms(), Ordering::Release);
     }
 
+    /// `body` waits to be asked for its next frame, from now.
     fn start_waiting(&self, body: u64) {
         let now = self.now_ms();
-        self.waiting
-            .lock()
-            .expect("send progress lock")
-            .insert(body, now);
+        let mut waiting = self.waiting.lock().expect("send progress lock");
+        let entry = waiting.entry(body).or_default();
+        (entry.since_ms, entry.asked) = (now, false);
     }
 
+    /// `body` was asked for its next frame (or is gone); it still waits for the frames it
+    /// handed out.
     fn stop_waiting(&self, body: u64) {
-        self.waiting
-            .lock()
-            .expect("send progress lock")
-            .remove(&body);
+        let mut waiting = self.waiting.lock().expect("send progress lock");
+        if let Some(entry) = waiting.get_mut(&body) {
+            entry.asked = true;
+            if entry.frames == 0 {
+                waiting.remove(&body);
+            }
+        }
+    }
+
+    /// `body` handed out a frame (HTTP/2): it waits until the frame is taken.
+    fn handed_out(&self, body: u64) {
+        let now = self.now_ms();
+        let mut waiting = self.waiting.lock().expect("send progress lock");
+        let entry = waiting.entry(body).or_insert(Waiting {
+            since_ms: now,
+            frames: 0,
+            asked: true,
+        });
+        entry.frames += 1;
+    }
+
+    /// A frame of `body` was taken: progress for it.
+    fn taken(&self, body: u64) {
+        let now = self.now_ms();
+        let mut waiting = self.waiting.lock().expect("send progress lock");
+        if let Some(entry) = waiting.get_mut(&body) {
+            entry.frames -= 1;
+            entry.since_ms = now;
+            if entry.frames == 0 && entry.asked {
+                waiting.remove(&body);
+            }
+        }
+    }
+}
+
+/// One body waiting on the client.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Milliseconds since the connection opened at which it began waiting, or last progressed.
+    since_ms: u64,
+    /// Frames it handed out that are not yet taken (HTTP/2).
+    frames: usize,
+    /// It was asked for its next frame, or has none: only its frames keep it waiting.
+    asked: bool,
+}
+
+/// A frame handed out on HTTP/2: its being let go (once h2 wrote it) is its stream's
+/// progress.
+struct Outgoing {
+    bytes: Bytes,
+    progress: Arc<SendProgress>,
+    body: u64,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        self.progress.taken(self.body);
     }
 }
 
@@ -193,12 +257,21 @@ impl<B: Body> Watched<B> {
         }
     }
 
-    /// Hands out at most [`H2_FRAME`] of `data` when slicing, keeping the rest.
+    /// Hands out at most [`H2_FRAME`] of `data` when slicing (HTTP/2), keeping the rest and
+    /// watching the frame until it is taken.
     fn hand_out(&mut self, mut data: Bytes) -> Bytes {
-        if self.sliced && data.len() > H2_FRAME {
+        if !self.sliced || data.is_empty() {
+            return data;
+        }
+        if data.len() > H2_FRAME {
             self.rest = Some(data.split_off(H2_FRAME));
         }
-        data
+        self.progress.handed_out(self.id);
+        Bytes::from_owner(Outgoing {
+            bytes: data,
+            progress: Arc::clone(&self.progress),
+            body: self.id,
+        })
     }
 }
 
@@ -391,11 +464,40 @@ mod tests {
         assert_eq!((frames, &got[..]), (4, &whole[..]));
     }
 
+    #[tokio::test]
+    async fn on_http2_a_frame_handed_out_waits_until_taken_after_its_body_ended() {
+        let progress = SendProgress::new();
+        let full =
+            Full::new(Bytes::from_static(b"{}")).map_err(|never| -> io::Error { match never {} });
+        let mut body = Watched::new(full, Arc::clone(&progress), true);
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(body.frame().await.is_none());
+        drop(body);
+        // The body ended, but its last frame is not taken: the stream waits on the client.
+        assert_eq!(waiting(&progress), 1);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(progress.stalled_for() >= Duration::from_millis(30));
+        let view = frame.slice(1..);
+        drop(frame);
+        assert_eq!(waiting(&progress), 1, "a view of it is still unsent");
+        drop(view);
+        assert_eq!(
+            (waiting(&progress), progress.stalled_for()),
+            (0, Duration::ZERO)
+        );
+    }
+
     #[test]
     fn on_http1_a_byte_written_is_progress_and_on_http2_it_is_not() {
         let progress = SendProgress::new();
         progress.start_waiting(1);
-        progress.waiting.lock().unwrap().insert(1, 0);
+        progress
+            .waiting
+            .lock()
+            .unwrap()
+            .get_mut(&1)
+            .unwrap()
+            .since_ms = 0;
         std::thread::sleep(Duration::from_millis(30));
         progress.wrote();
         assert!(progress.stalled_for() < Duration::from_millis(20));

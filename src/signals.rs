@@ -24,17 +24,30 @@ pub async fn shutdown() {
 
 /// On each SIGHUP, `load`s the configuration again (the file, for the command) and applies it
 /// to `live`, and re-reads the certificate `tls` serves; an invalid configuration or
-/// certificate is refused and the running one stays.
-pub async fn reload_on_hangup(
+/// certificate is refused and the running one stays. SIGHUP is taken over when this is
+/// called (within the runtime), not when the returned future first runs.
+pub fn reload_on_hangup(
     live: Arc<Live>,
     tls: Option<Arc<ServerTls>>,
     load: impl Fn() -> Result<Config, String>,
-) {
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; live reload is off");
-        return;
-    };
+    let hangups = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hangups) = hangups else {
+            tracing::error!("cannot listen for SIGHUP; live reload is off");
+            return;
+        };
+        reload_on_each(&mut hangups, &live, tls.as_deref(), load).await
+    }
+}
+
+async fn reload_on_each(
+    hangups: &mut tokio::signal::unix::Signal,
+    live: &Live,
+    tls: Option<&ServerTls>,
+    load: impl Fn() -> Result<Config, String>,
+) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP received; reloading the configuration");
         let config = match load() {
@@ -44,7 +57,7 @@ pub async fn reload_on_hangup(
                 continue;
             }
         };
-        match (&tls, &config.server.tls) {
+        match (tls, &config.server.tls) {
             (Some(tls), Some(files)) => {
                 if let Err(e) = tls.refresh(files) {
                     tracing::error!(error = %e, "new TLS certificate refused; the running one stays");

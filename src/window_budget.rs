@@ -10,8 +10,7 @@
 //! while it waits on a slow upstream with nothing unsent), and a body not
 //! yet begun waits, in order, until another's share is let go — its own connection's streams,
 //! never another client's. A body already sending never waits again, whichever stream the
-//! client reads first. An answer held whole in memory (a manifest, a tags list) takes a share
-//! of its own size until its last byte is sent ([`WindowSize::charge_bytes`]). A connection whose waiting bodies see none of its windows go for as long
+//! client reads first. A connection whose waiting bodies see none of its windows go for as long
 //! as `send_timeout` gives a whole window is closed (the connection watch asks
 //! [`WindowBudget::starved_for`]). The shares held, over every connection, and the waits are
 //! exported.
@@ -76,12 +75,6 @@ impl WindowSize {
     /// budget.
     pub async fn charge(&self) -> Option<Arc<Charge>> {
         Some(self.budget.as_ref()?.charge(self.bytes).await)
-    }
-
-    /// A share of the budget as large as an answer held whole in memory (`len` bytes, or the
-    /// whole budget if larger), once it fits; `None` without a budget.
-    pub async fn charge_bytes(&self, len: u64) -> Option<Arc<Charge>> {
-        Some(self.budget.as_ref()?.charge(len).await)
     }
 }
 

@@ -328,7 +328,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     // A SIGHUP every few seconds, handled as the command handles it: the configuration is
     // loaded again and a new generation takes over.
     let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(regmirror::signals::reload_on_hangup(
+    let hangup_handler = tokio::spawn(regmirror::signals::reload_on_hangup(
         Arc::clone(&mirror.live),
         None,
         {
@@ -339,7 +339,6 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
             }
         },
     ));
-    tokio::time::sleep(Duration::from_millis(100)).await; // the handler (and its descriptors) in place
     let (threads_before, files_before, rss_before) =
         (threads(), open_files(), (rss_kib("self") / 1024));
     let files_before_described = open_files_described();
@@ -381,7 +380,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
                 {
                     assert!(
                         asked.elapsed() < Duration::from_secs(10),
-                        "SIGHUP not acted on"
+                        "SIGHUP not acted on, or its reload refused (see the log)"
                     );
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -415,6 +414,7 @@ async fn a_mixed_workload_with_faults_stays_exact_and_bounded() {
     }
     skopeo.await.expect("skopeo got a wrong answer");
     let reloads = reloads.await.unwrap();
+    hangup_handler.abort();
 
     // Quiet again: everything is committed or gone, and the store holds only whole blobs.
     mirror.settle().await;

@@ -30,6 +30,10 @@ pub struct Config {
     /// the mirror is a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_store: Option<SharedStoreConfig>,
+    /// The other replicas sharing the bucket, so that each digest is fetched from upstream
+    /// once for all of them; absent, this replica fetches its own misses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Who may pull what. Clients log in with Basic (an htpasswd user, or a token as the
@@ -300,6 +304,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: None,
             shared_store: None,
+            cluster: None,
         }
     }
 }
@@ -461,10 +466,12 @@ impl RegistryConfig {
     }
 }
 
+mod cluster;
 mod secret;
 mod shared;
 mod units;
 mod validate;
+pub use cluster::{peer_address, ClusterConfig};
 pub use secret::Secret;
 pub use shared::{SharedStoreConfig, MAX_SHARED_UPLOADS};
 use units::{byte_size, byte_size_opt, duration_text};

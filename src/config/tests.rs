@@ -121,6 +121,30 @@ fn example_shared_store_parses() {
     assert!(c.allow_http && c.ca_file.is_some() && c.secret_access_key_file.is_some());
 }
 
+/// The commented `[cluster]` block of `config.example.toml`, uncommented: every key it
+/// documents parses and validates.
+#[test]
+fn example_cluster_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "# [cluster]")
+        .skip(1)
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let c: ClusterConfig = toml::from_str(&block.join("\n")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        (c.self_url.as_str(), c.peers.len()),
+        ("http://10.0.0.11:5000", 3)
+    );
+    assert!(c.secret_file.is_some());
+    assert_eq!(c.timeout, std::time::Duration::from_secs(10));
+}
+
 #[test]
 fn example_config_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");

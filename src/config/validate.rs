@@ -93,6 +93,9 @@ impl Config {
         if let Some(shared) = &self.shared_store {
             shared.validate()?;
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
         if !(low > 0.0 && low < high && high <= 1.0) {
             return Err(invalid(
@@ -158,6 +161,9 @@ impl Config {
     pub fn load_secrets(mut self) -> Result<Config, ConfigError> {
         if let Some(shared) = &mut self.shared_store {
             shared.load_secret()?;
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.load_secret()?;
         }
         for (i, registry) in self.registry.iter_mut().enumerate() {
             for (j, upstream) in registry.upstream.iter_mut().enumerate() {

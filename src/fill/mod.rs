@@ -13,6 +13,7 @@ use crate::cache::lifecycle::Lifecycle;
 use crate::cache::pacer::CommitPacer;
 use crate::cache::slots::DownloadSlots;
 use crate::cache::store::TempBlob;
+use crate::cluster::Cluster;
 use crate::digest::Digest;
 use crate::digest::Hasher;
 use crate::error::Code;
@@ -59,6 +60,9 @@ pub struct FillJob {
     /// The bucket shared with other replicas: asked before upstream, and given what upstream
     /// sent once it is committed.
     pub shared: Option<Arc<SharedStore>>,
+    /// The other replicas: the owner of the digest is asked after the bucket and before
+    /// upstream. `None` for a download started for a peer (which never asks another).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
@@ -171,7 +175,8 @@ struct Downloaded {
     sources: Sources,
 }
 
-/// The first source of a blob: the shared bucket when it holds the blob, else upstream.
+/// The first source of a blob: the shared bucket when it holds the blob, else the peer that
+/// owns it (unless this replica does), else upstream.
 async fn first_source(
     job: &FillJob,
     permit: &FillPermit,
@@ -185,6 +190,16 @@ async fn first_source(
                 Source::bucket(blob, shared.label(), shared.stall_timeout()),
                 total,
             ));
+        }
+    }
+    if let Some(cluster) = &job.cluster {
+        if let Some(blob) = cluster
+            .read_blob(&job.upstream.name, &job.repo, digest)
+            .await
+        {
+            permit.set_source(&blob.label);
+            let total = Some(blob.size);
+            return Ok((Source::peer(blob, cluster.stall_timeout()), total));
         }
     }
     let answer = job
@@ -254,6 +269,9 @@ async fn download(
         if let (true, Some(shared)) = (sources.bucket, &job.shared) {
             shared.discard_blob(&digest, &m.to_string());
         }
+        if let (Some(peer), Some(cluster)) = (sources.peer, &job.cluster) {
+            cluster.sent_corrupt(peer, &digest, &m.to_string());
+        }
         return Err(failure(
             Code::Unavailable,
             format!("a source sent a corrupt blob: {m}"),
@@ -261,9 +279,10 @@ async fn download(
     }
     // Verified: readers may send the last byte now; the commit (an fsync of a large file takes
     // a while) comes later, and a client need not wait for the cache's own safety. The bucket
-    // answers by digest for any repository: what it sent says nothing of this one.
+    // and peers answer by digest for any repository: what they sent says nothing of this one.
     permit.publish(FillState::Complete { size });
     let trusted = !sources.bucket
+        && sources.peer.is_none()
         && sources
             .endpoints
             .iter()
@@ -276,7 +295,8 @@ async fn download(
     })
 }
 
-/// Offers a blob just committed to the shared bucket, unless the bucket alone sent it.
+/// Offers a blob just committed to the shared bucket, unless the bucket or a peer (which
+/// offers it itself) alone sent it.
 fn share(job: &FillJob, digest: &Digest, size: u64, sources: &Sources) {
     let Some(shared) = &job.shared else { return };
     if sources.endpoints.is_empty() {

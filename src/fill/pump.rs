@@ -1,9 +1,10 @@
 //! Where a download's bytes come from and how they reach the writer and the hasher: the shared
-//! bucket or an upstream endpoint first, then, when a source fails mid-body, the next endpoint
-//! from the byte it stopped at.
+//! bucket, the peer that owns the digest, or an upstream endpoint first, then, when a source
+//! fails mid-body, the next endpoint from the byte it stopped at.
 
 use super::{failure, upstream_failure, FillJob};
 use crate::cache::inflight::FillError;
+use crate::cluster::PeerBlob;
 use crate::digest::Digest;
 use crate::error::Code;
 use crate::shared::BucketBlob;
@@ -19,12 +20,22 @@ use tokio::sync::mpsc;
 /// One source of a blob's bytes.
 pub struct Source {
     bytes: BoxStream<'static, Result<Bytes, String>>,
-    /// For logs: the endpoint's URL or the bucket's.
+    /// For logs: the endpoint's URL, the bucket's or the peer's.
     label: String,
     /// How long it may go without a byte.
     stall: Duration,
-    /// The upstream endpoint's index; `None` for the shared bucket.
-    endpoint: Option<usize>,
+    kind: SourceKind,
+}
+
+/// What kind of source sends a download's bytes.
+#[derive(Debug, Clone, Copy)]
+enum SourceKind {
+    /// An upstream endpoint, by index.
+    Endpoint(usize),
+    /// The shared bucket.
+    Bucket,
+    /// A peer of the cluster, by index.
+    Peer(usize),
 }
 
 impl Source {
@@ -32,7 +43,7 @@ impl Source {
         Source {
             label: answer.endpoint,
             stall: answer.stall_timeout,
-            endpoint: Some(answer.endpoint_index),
+            kind: SourceKind::Endpoint(answer.endpoint_index),
             bytes: answer
                 .response
                 .into_body()
@@ -47,7 +58,16 @@ impl Source {
             bytes: blob.bytes,
             label: label.to_string(),
             stall,
-            endpoint: None,
+            kind: SourceKind::Bucket,
+        }
+    }
+
+    pub fn peer(blob: PeerBlob, stall: Duration) -> Source {
+        Source {
+            bytes: blob.bytes,
+            label: blob.label,
+            stall,
+            kind: SourceKind::Peer(blob.peer),
         }
     }
 }
@@ -59,6 +79,8 @@ pub struct Sources {
     pub endpoints: Vec<usize>,
     /// The shared bucket.
     pub bucket: bool,
+    /// The peer that owns the digest, by index.
+    pub peer: Option<usize>,
 }
 
 /// Feeds the writer and the hasher from `source`; when a source fails mid-body, continues from
@@ -83,10 +105,11 @@ pub async fn pump_with_resume(
     let mut resumes = 0usize;
     let mut received_at_last_failure = 0u64;
     loop {
-        let failed_endpoint = source.endpoint;
-        match failed_endpoint {
-            Some(index) => sources.endpoints.push(index),
-            None => sources.bucket = true,
+        let failed_source = source.kind;
+        match failed_source {
+            SourceKind::Endpoint(index) => sources.endpoints.push(index),
+            SourceKind::Bucket => sources.bucket = true,
+            SourceKind::Peer(index) => sources.peer = Some(index),
         }
         let error = match pump(
             source,
@@ -103,12 +126,13 @@ pub async fn pump_with_resume(
             Err(Stop::TooLong(message)) => return Err(failure(Code::Unavailable, message)),
             Err(Stop::Source(message)) => message,
         };
-        match (failed_endpoint, &job.shared) {
-            (Some(index), _) => job
+        match (failed_source, &job.shared, &job.cluster) {
+            (SourceKind::Endpoint(index), _, _) => job
                 .upstream
                 .note_failure(index, &UpstreamError::outage(error.clone())),
-            (None, Some(shared)) => shared.body_failed(&error),
-            (None, None) => {}
+            (SourceKind::Bucket, Some(shared), _) => shared.body_failed(&error),
+            (SourceKind::Peer(index), _, Some(cluster)) => cluster.failed(index, &error),
+            _ => {}
         }
         if received > received_at_last_failure {
             resumes = 0;

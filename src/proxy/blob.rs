@@ -26,6 +26,9 @@ pub struct BlobRequest<'a> {
     pub headers: &'a HeaderMap,
     pub head: bool,
     pub window: WindowSize,
+    /// Asked by a peer of the cluster: the download never asks another peer, and the
+    /// repository's membership is the asking replica's to confirm.
+    pub from_peer: bool,
 }
 
 pub async fn serve(
@@ -40,7 +43,9 @@ pub async fn serve(
         headers,
         head,
         window,
+        from_peer,
     } = request;
+
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     if head {
         return serve_head(app, registry, repo, digest, range, outcome).await;
@@ -48,13 +53,13 @@ pub async fn serve(
     if app.cache().lifecycle().disk_full() {
         if let Some(hit) = app.cache().stored_blob(digest).await? {
             *outcome = Outcome::Hit;
-            confirm(app, registry, repo, digest, Content::Blob).await?;
+            confirm_blob(app, from_peer, registry, repo, digest).await?;
             return Ok(respond_hit(app, digest, hit, range, window));
         }
         // Verified and waiting for its commit: its bytes are on the disk already.
         if let Some(fill) = app.cache().verified_download(digest) {
             *outcome = Outcome::Join;
-            confirm(app, registry, repo, digest, Content::Blob).await?;
+            confirm_blob(app, from_peer, registry, repo, digest).await?;
             if let Some(response) =
                 follow_fill(app, registry, repo, digest, fill, range, window).await?
             {
@@ -69,17 +74,21 @@ pub async fn serve(
         let followed = match app.cache().blob(digest).await? {
             Role::Hit(hit) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Hit);
-                confirm(app, registry, repo, digest, Content::Blob).await?;
+                confirm_blob(app, from_peer, registry, repo, digest).await?;
                 return Ok(respond_hit(app, digest, hit, range, window.clone()));
             }
             Role::Follower(fill) => {
                 *outcome = first_client_of_prefetch(app, digest).unwrap_or(Outcome::Join);
-                confirm(app, registry, repo, digest, Content::Blob).await?;
+                confirm_blob(app, from_peer, registry, repo, digest).await?;
                 follow_fill(app, registry, repo, digest, fill, range, window.clone()).await?
             }
             Role::Leader(permit, fill, temp) => {
                 *outcome = Outcome::Miss;
-                fill::spawn(fill_job(app, registry, repo, digest), permit, temp);
+                let mut job = fill_job(app, registry, repo, digest);
+                if from_peer {
+                    job.cluster = None;
+                }
+                fill::spawn(job, permit, temp);
                 let download = fill.progress.clone();
                 app.prefetcher()
                     .layer_missed(app, registry, repo, digest, download);
@@ -103,6 +112,21 @@ fn first_client_of_prefetch(app: &App, digest: &Digest) -> Option<Outcome> {
     app.prefetcher().claim(digest).then_some(Outcome::Miss)
 }
 
+/// Confirms `repo` holds the blob (see [`confirm`]), unless a peer asks: the replica that
+/// asks confirms it for its own client.
+async fn confirm_blob(
+    app: &App,
+    from_peer: bool,
+    registry: usize,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<(), Error> {
+    if from_peer {
+        return Ok(());
+    }
+    confirm(app, registry, repo, digest, Content::Blob).await
+}
+
 /// What the download of `digest` for `repo` needs.
 pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Digest) -> FillJob {
     FillJob {
@@ -115,6 +139,7 @@ pub(super) fn fill_job(app: &App, registry: usize, repo: &RepoName, digest: &Dig
         slots: Arc::clone(app.cache().download_slots()),
         ahead_of_clients: false,
         shared: app.shared().cloned(),
+        cluster: app.cluster().cloned(),
     }
 }
 

@@ -81,14 +81,22 @@ pub async fn handle<B>(
         Ok(route) => {
             let kind = route.kind();
             let registry = route.registry.map(|i| app.routes()[i].name.clone());
-            let allowed = match app.access() {
-                Some(access) => {
+            // A peer's request (signed with the cluster secret) was authorized by the replica
+            // that asks; anything else signed, or badly signed, is refused.
+            let from_peer = request
+                .headers()
+                .get(crate::cluster::signature::PEER_HEADER)
+                .map(|signed| peer_request(&app, &route, &method, &uri, signed));
+            let peer_signed = from_peer.is_some();
+            let allowed = match (from_peer, app.access()) {
+                (Some(checked), _) => checked,
+                (None, Some(access)) => {
                     let (who, allowed) =
                         authorize(access, &route, registry.as_deref(), request.headers()).await;
                     user = who;
                     allowed
                 }
-                None => Ok(()),
+                (None, None) => Ok(()),
             };
             let result = match allowed {
                 Ok(()) => {
@@ -101,6 +109,7 @@ pub async fn handle<B>(
                         request.headers(),
                         window,
                         &user,
+                        peer_signed,
                         &mut outcome,
                     ));
                     let (result, answered_by) = crate::upstream::noting_endpoint(dispatched).await;
@@ -167,6 +176,32 @@ pub async fn handle<B>(
         error = failure.as_deref().unwrap_or(""),
     );
     record(&app, kind, &method, status, outcome, started, response)
+}
+
+/// Whether a request signed as a peer's may be served as one: only a blob, only with a
+/// cluster, only signed with its secret. Never an open proxy: a peer may ask what any client
+/// may, by digest, and nothing more.
+fn peer_request(
+    app: &App,
+    route: &Route,
+    method: &http::Method,
+    uri: &http::Uri,
+    signed: &HeaderValue,
+) -> Result<(), Error> {
+    let checked = match (app.cluster(), &route.target) {
+        (None, _) => Err("this replica has no [cluster]"),
+        (Some(_), target) if !matches!(target, Target::Blob { .. }) => {
+            Err("peers ask only for blobs")
+        }
+        (Some(cluster), _) => {
+            let path = uri.path_and_query().map_or("", |p| p.as_str());
+            cluster.signer().verify(method, path, signed)
+        }
+    };
+    if let Some(cluster) = app.cluster() {
+        cluster.served(if checked.is_ok() { "served" } else { "refused" });
+    }
+    checked.map_err(|why| Error::coded(Code::Denied, format!("cluster request refused: {why}")))
 }
 
 /// Checks the client may make this request: pulls by the access rules, the API base with any
@@ -313,52 +348,7 @@ async fn dispatch(
     headers: &http::HeaderMap,
     window: WindowSize,
     user: &Principal,
-    outcome: &mut Outcome,
-) -> Result<Response<ResponseBody>, Error> {
-    if matches!(route.target, Target::Blob { .. }) {
-        return answer(app, route, headers, window, user, outcome).await;
-    }
-    let response = answer(app, route, headers, window.clone(), user, outcome).await?;
-    Ok(charged_whole(&window, response).await)
-}
-
-/// On HTTP/2, an answer held whole in memory (a manifest, a tags list) takes a share of its
-/// connection's window budget as large as itself, held until its last byte is sent: a client
-/// that opens 100 streams for large manifests and reads none holds its connection's budget,
-/// not 100 manifests, and its streams wait for the budget (and are closed as starved) like
-/// those of blobs.
-async fn charged_whole(
-    window: &WindowSize,
-    response: Response<ResponseBody>,
-) -> Response<ResponseBody> {
-    let Some(len) = http_body::Body::size_hint(response.body())
-        .exact()
-        .filter(|&len| len > 0)
-    else {
-        return response;
-    };
-    let Some(charge) = window.charge_bytes(len).await else {
-        return response;
-    };
-    let (parts, whole) = response.into_parts();
-    let body = match whole.collect().await {
-        Ok(collected) => body::full(crate::window_budget::charged(collected.to_bytes(), &charge)),
-        // Whole answers are in memory and cannot fail; were one to, its stream is aborted.
-        Err(e) => http_body_util::StreamBody::new(futures_util::stream::once(async move {
-            Err::<http_body::Frame<bytes::Bytes>, _>(e)
-        }))
-        .boxed_unsync(),
-    };
-    Response::from_parts(parts, body)
-}
-
-/// Answers a routed request; see [`dispatch`].
-async fn answer(
-    app: &App,
-    route: &Route,
-    headers: &http::HeaderMap,
-    window: WindowSize,
-    user: &Principal,
+    from_peer: bool,
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
     let head = route.head;
@@ -390,7 +380,6 @@ async fn answer(
             Ok(response)
         }
         Target::Blob { repo, digest } => {
-            // A blob's body takes its own share of the budget, window by window.
             let registry = route.registry.expect("blobs route to a registry");
             let request = blob::BlobRequest {
                 registry,
@@ -399,6 +388,7 @@ async fn answer(
                 headers,
                 head,
                 window,
+                from_peer,
             };
             blob::serve(app, request, outcome).await
         }

@@ -33,10 +33,6 @@ use tokio::sync::{watch, Notify};
 /// How long an HTTP/1.1 connection stays idle before it lets go of its buffers.
 pub const PARK_AFTER: Duration = Duration::from_secs(2);
 
-/// How long a connection closing gracefully is given before what its client has not taken may
-/// close it: the GOAWAY's round trip.
-const CLOSING_GRACE: Duration = Duration::from_secs(1);
-
 /// A connection as accepted: who, when, and how it is to be served.
 struct Accepted {
     client: SocketAddr,
@@ -307,8 +303,7 @@ impl Watch<'_> {
         };
         let mut checks =
             tokio::time::interval(every.clamp(Duration::from_millis(50), Duration::from_secs(5)));
-        // Since when the connection has been closing gracefully.
-        let mut closing = None;
+        let mut closing = false;
         let mut parking = None;
         loop {
             tokio::select! {
@@ -319,14 +314,14 @@ impl Watch<'_> {
                     }
                     return parking;
                 }
-                _ = stopping.changed(), if closing.is_none() => {
+                _ = stopping.changed(), if !closing => {
                     connection.shut_gracefully();
-                    (closing, parking) = (Some(Instant::now()), None);
+                    (closing, parking) = (true, None);
                 }
-                _ = activity.exhausted.notified(), if closing.is_none() => {
+                _ = activity.exhausted.notified(), if !closing => {
                     tracing::debug!(max = self.shared.limits.max_requests, "connection carried its share of requests; closing it");
                     connection.shut_gracefully();
-                    (closing, parking) = (Some(Instant::now()), None);
+                    (closing, parking) = (true, None);
                 }
                 _ = checks.tick() => {
                     // Bodies wait to be sent and the client takes nothing: it stopped reading.
@@ -346,19 +341,7 @@ impl Watch<'_> {
                         tracing::info!(client = %self.client, ?send_timeout, "the client stopped reading; closing the connection");
                         return None;
                     }
-                    if let Some(since) = closing {
-                        // An HTTP/2 connection closing with no request in progress waits only
-                        // for what its client has not taken of ended answers (their last
-                        // frames, queued while the streams' windows stay shut): at the pace
-                        // `send_timeout` asks of a stream they go within it. Closing gracefully
-                        // would wait on them for ever.
-                        if self.budget.is_some()
-                            && activity.idle_for() >= send_timeout
-                            && since.elapsed() >= CLOSING_GRACE
-                        {
-                            tracing::info!(client = %self.client, ?send_timeout, "the client takes nothing of what it was sent; closing the connection");
-                            return None;
-                        }
+                    if closing {
                         continue;
                     }
                     // No first request within the header timeout (a client that sends nothing
@@ -371,7 +354,7 @@ impl Watch<'_> {
                     if idle >= idle_timeout {
                         tracing::debug!(?idle_timeout, "closing an idle connection");
                         connection.shut_gracefully();
-                        (closing, parking) = (Some(Instant::now()), None);
+                        (closing, parking) = (true, None);
                     } else if may_park
                         && idle >= PARK_AFTER
                         && activity.served() > served_before
@@ -384,7 +367,7 @@ impl Watch<'_> {
                         // idle connection at once, keeping its I/O.
                         parking = Some(activity.served());
                         connection.shut_gracefully();
-                        closing = Some(Instant::now());
+                        closing = true;
                     }
                 }
             }

@@ -19,6 +19,7 @@ mod transport;
 pub use endpoint::Memory;
 pub use failure::{Failure, UpstreamError};
 pub use request::{content_length, Answer, Resource, UpstreamRequest};
+pub(crate) use transport::{error_chain, http_client, HttpClient, USER_AGENT};
 pub use transport::{IDLE_CONNECTIONS_PER_HOST, IDLE_CONNECTION_TIMEOUT};
 
 use crate::config::RegistryConfig;

@@ -160,7 +160,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
+pub(crate) fn http_client(connect_timeout: Duration, tls: rustls::ClientConfig) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));

@@ -8,6 +8,7 @@ mod fake;
 pub mod login;
 pub mod pki;
 pub mod process;
+pub mod relay;
 pub mod s3;
 pub mod small_image;
 pub mod token_service;

@@ -230,17 +230,26 @@ pub fn spawn_regmirror(
     config: impl FnOnce(u16) -> String,
 ) -> (Process, u16) {
     let port = free_port();
+    (spawn_regmirror_on(dir, name, port, config), port)
+}
+
+/// As [`spawn_regmirror`], on `port` (chosen beforehand: replicas that name each other).
+pub fn spawn_regmirror_on(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    config: impl FnOnce(u16) -> String,
+) -> Process {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config(port)).unwrap();
-    let process = Process::spawn(
+    Process::spawn(
         "regmirror",
         Command::new(env!("CARGO_BIN_EXE_regmirror"))
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info"),
         dir.join(format!("{name}.log")),
-    );
-    (process, port)
+    )
 }
 
 /// The regmirror binary, configured as users do, in front of `upstream`.

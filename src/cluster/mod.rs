@@ -1,0 +1,299 @@
+//! The cluster: replicas sharing one bucket that know each other (`[cluster]`), so that each
+//! digest is fetched from upstream by one of them for the whole fleet. This module owns who
+//! owns what, asking the owner, and the peers' health.
+//!
+//! Each digest has an owner, chosen by rendezvous hashing over the peers (every replica
+//! computes the same order from the same list, with no coordination): on a miss in its disk
+//! and the bucket, a replica that does not own the digest asks its owner, which runs the
+//! single-flight download and streams the blob to it as it streams to its own clients. What a
+//! peer sends is verified like any source's bytes. A peer that does not answer in time is
+//! skipped for `recheck_after`, and the next in the order is asked (every replica skips it
+//! alike, so the next is the owner for all): availability first, deduplication second. When
+//! this replica comes first among the live peers, it owns the digest and asks upstream.
+//!
+//! Peer requests are signed with the cluster secret ([`signature`]); the signature is also the
+//! hop marker: a download started for a peer never asks another peer.
+
+pub mod signature;
+
+use crate::config::{peer_address, ClusterConfig};
+use crate::digest::Digest;
+use crate::metrics::Metrics;
+use crate::oci::RepoName;
+use crate::upstream::{http_client, HttpClient, USER_AGENT};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use sha2::{Digest as _, Sha256};
+use signature::{Signer, PEER_HEADER};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One peer and what this replica knows of it.
+struct Peer {
+    /// Its address without a trailing slash, as configured.
+    address: String,
+    /// Skipped until then after it failed to answer.
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Peer {
+    fn is_up(&self) -> bool {
+        let mut down = self.down_until.lock().expect("peer lock");
+        match *down {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                *down = None;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+/// This replica's peers and how to ask them.
+pub struct Cluster {
+    config: ClusterConfig,
+    peers: Vec<Peer>,
+    /// This replica's index in `peers`.
+    own: usize,
+    signer: Signer,
+    http: HttpClient,
+    metrics: Arc<Metrics>,
+}
+
+/// A blob as a peer sends it: its bytes, unverified, and its declared size.
+pub struct PeerBlob {
+    pub bytes: BoxStream<'static, Result<Bytes, String>>,
+    pub size: u64,
+    /// The peer's index, for [`Cluster::failed`] and [`Cluster::sent_corrupt`].
+    pub peer: usize,
+    /// The peer's address, for logs.
+    pub label: String,
+}
+
+impl Cluster {
+    /// The cluster of a validated configuration whose secret is loaded.
+    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Cluster, String> {
+        let secret = config
+            .secret
+            .as_ref()
+            .ok_or("cluster: the secret is not loaded")?;
+        let mut peers: Vec<Peer> = Vec::new();
+        for peer in &config.peers {
+            let address = peer_address(peer).to_string();
+            if !peers.iter().any(|p| p.address == address) {
+                peers.push(Peer {
+                    address,
+                    down_until: Mutex::new(None),
+                });
+            }
+        }
+        let own = peers
+            .iter()
+            .position(|p| p.address == peer_address(&config.self_url))
+            .ok_or("cluster.self is not one of cluster.peers")?;
+        let tls = crate::tls::client_config(None, true).map_err(|e| format!("cluster: {e}"))?;
+        let addresses: Vec<String> = peers.iter().map(|p| p.address.clone()).collect();
+        metrics.cluster_configured(&addresses);
+        Ok(Cluster {
+            config: config.clone(),
+            peers,
+            own,
+            signer: Signer::new(secret.expose()),
+            http: http_client(CONNECT_TIMEOUT, tls),
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// What signs and checks peer requests.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// How long a blob from a peer may go without a byte.
+    pub fn stall_timeout(&self) -> Duration {
+        self.config.stall_timeout
+    }
+
+    /// Every peer's address and whether it is up (this replica always is).
+    pub fn peers(&self) -> Vec<(String, bool)> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.address.clone(), i == self.own || p.is_up()))
+            .collect()
+    }
+
+    /// The peers in the order they own `key`: highest rendezvous score first.
+    fn owners(&self, key: &str) -> Vec<usize> {
+        let mut scored: Vec<(u64, usize)> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, peer)| (rendezvous_score(&peer.address, key), i))
+            .collect();
+        scored.sort_unstable_by(|a, b| b.cmp(a));
+        scored.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// The blob from the live peer that owns it, unless this replica does (then `None`: it
+    /// asks upstream itself). A peer that does not answer in time is skipped from now on
+    /// and the next owner asked; one that answers otherwise than with the blob (it does not
+    /// have it, upstream refused it) is taken at its word: `None`, and upstream is asked
+    /// directly.
+    pub async fn read_blob(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<PeerBlob> {
+        for peer in self.owners(&digest.to_string()) {
+            if peer == self.own {
+                return None;
+            }
+            if !self.peers[peer].is_up() {
+                continue;
+            }
+            match self.ask(peer, registry, repo, digest).await {
+                Ok(Some(blob)) => return Some(blob),
+                Ok(None) => return None,
+                Err(e) => self.failed(peer, &e),
+            }
+        }
+        None
+    }
+
+    /// One blob request to `peer`: the blob, `None` when it answered otherwise, or why it
+    /// did not answer.
+    async fn ask(
+        &self,
+        peer: usize,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<PeerBlob>, String> {
+        let address = &self.peers[peer].address;
+        let path = format!(
+            "/v2/{repo}/blobs/{digest}?ns={}",
+            registry.replace(':', "%3A")
+        );
+        let request = Request::get(format!("{address}{path}"))
+            .header(header::USER_AGENT, USER_AGENT)
+            .header(PEER_HEADER, self.signer.sign(&Method::GET, &path))
+            .body(Empty::new())
+            .map_err(|e| format!("cannot build a request to {address}: {e}"))?;
+        let response = tokio::time::timeout(self.config.timeout, self.http.request(request))
+            .await
+            .map_err(|_| format!("{address} did not answer within {:?}", self.config.timeout))?
+            .map_err(|e| format!("{address}: {}", crate::upstream::error_chain(&e)))?;
+        self.peers[peer]
+            .down_until
+            .lock()
+            .expect("peer lock")
+            .take();
+        self.metrics.peer_up.with_label_values(&[address]).set(1);
+        let size = crate::upstream::content_length(response.headers());
+        let (StatusCode::OK, Some(size)) = (response.status(), size) else {
+            tracing::debug!(peer = %address, %digest, status = %response.status(), "the owner did not send the blob; asking upstream");
+            self.metrics.peer_request_sent(address, "refused");
+            return Ok(None);
+        };
+        self.metrics.peer_request_sent(address, "ok");
+        Ok(Some(PeerBlob {
+            bytes: response
+                .into_body()
+                .into_data_stream()
+                .map_err(|e| e.to_string())
+                .boxed(),
+            size,
+            peer,
+            label: address.clone(),
+        }))
+    }
+
+    /// `peer` did not answer, or its body broke: it is skipped for `recheck_after`.
+    pub fn failed(&self, peer: usize, error: &str) {
+        let address = &self.peers[peer].address;
+        let mut down = self.peers[peer].down_until.lock().expect("peer lock");
+        if down.is_none() {
+            tracing::warn!(peer = %address, %error, recheck_after = ?self.config.recheck_after, "peer unreachable; skipping it");
+        }
+        *down = Some(Instant::now() + self.config.recheck_after);
+        self.metrics.peer_up.with_label_values(&[address]).set(0);
+        self.metrics.peer_request_sent(address, "failed");
+    }
+
+    /// What `peer` sent did not verify.
+    pub fn sent_corrupt(&self, peer: usize, digest: &Digest, error: &str) {
+        let address = &self.peers[peer].address;
+        tracing::error!(peer = %address, %digest, %error, "a peer sent a blob that does not verify");
+        self.metrics.peer_request_sent(address, "corrupt");
+    }
+
+    /// Counts a request from a peer.
+    pub fn served(&self, outcome: &str) {
+        self.metrics.peer_request_served(outcome);
+    }
+}
+
+/// A peer's rendezvous score for `key`: the first 8 bytes of sha256(address, key).
+fn rendezvous_score(address: &str, key: &str) -> u64 {
+    let mut hasher = Sha256::new();
+    hasher.update(address.as_bytes());
+    hasher.update([0]);
+    hasher.update(key.as_bytes());
+    let hash = hasher.finalize();
+    u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(own: &str, peers: &[&str]) -> Cluster {
+        let config: ClusterConfig = toml::from_str(&format!(
+            "self = {own:?}\npeers = {peers:?}\nsecret = \"a-cluster-secret-of-some-length\""
+        ))
+        .unwrap();
+        Cluster::new(&config, Arc::new(Metrics::new(&[]))).unwrap()
+    }
+
+    #[test]
+    fn every_replica_agrees_on_owners_and_a_lost_peer_moves_only_its_own_keys() {
+        let peers = [
+            "http://10.0.0.11:5000",
+            "http://10.0.0.12:5000",
+            "http://10.0.0.13:5000",
+        ];
+        let replicas: Vec<Cluster> = peers.iter().map(|own| cluster(own, &peers)).collect();
+        let keys: Vec<String> = (0..3000).map(|i| format!("sha256:{i:064x}")).collect();
+        let mut owned = [0usize; 3];
+        for key in &keys {
+            let order = replicas[0].owners(key);
+            for replica in &replicas[1..] {
+                assert_eq!(replica.owners(key), order, "replicas disagree on {key}");
+            }
+            owned[order[0]] += 1;
+        }
+        // Spread evenly: each owns about a third.
+        assert!(owned.iter().all(|&n| (800..1200).contains(&n)), "{owned:?}");
+        // Without the third peer, keys it did not own keep their owner.
+        let two = cluster(peers[0], &peers[..2]);
+        for key in &keys {
+            let order = replicas[0].owners(key);
+            if order[0] != 2 {
+                assert_eq!(two.owners(key)[0], order[0]);
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! `[cluster]`: the replicas that share one bucket and know each other, so that each digest is
+//! fetched from upstream by one of them (its owner) for the whole fleet. The keys `self`,
+//! `peers` and `secret_file` are a stable contract.
+
+use super::{duration_text, invalid, ConfigError, Secret};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The shortest cluster secret accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// This replica and its peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's own address as its peers reach it (`http://10.0.0.11:5000`); one of
+    /// `peers`.
+    #[serde(rename = "self")]
+    pub self_url: String,
+    /// Every replica's address, this one's included; the same list on every replica.
+    pub peers: Vec<String>,
+    /// A file holding the secret peers sign their requests with (its first line; at least 16
+    /// bytes): peers accept cluster requests only when signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// The secret itself (prefer `secret_file` or `secret_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// An environment variable holding the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// How long a peer may take to answer a request's headers (the owner of a blob answers
+    /// once upstream has); a peer that does not is skipped, and the next owner or upstream
+    /// asked.
+    #[serde(default = "default_timeout", with = "duration_text")]
+    pub timeout: Duration,
+    /// How long a blob from a peer may go without a byte before the rest comes from upstream.
+    #[serde(default = "default_stall_timeout", with = "duration_text")]
+    pub stall_timeout: Duration,
+    /// After a peer failed to answer, it is skipped this long before it is asked again.
+    #[serde(default = "default_recheck_after", with = "duration_text")]
+    pub recheck_after: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_recheck_after() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A peer's address as compared and hashed: without a trailing slash.
+pub fn peer_address(url: &str) -> &str {
+    url.trim_end_matches('/')
+}
+
+impl ClusterConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (i, peer) in self.peers.iter().enumerate() {
+            let uri: http::Uri = peer.parse().map_err(|e| {
+                invalid(
+                    format!("cluster.peers[{i}]"),
+                    format!("{peer:?} is not a URL: {e}"),
+                )
+            })?;
+            let plain = matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+                && uri.query().is_none()
+                && matches!(uri.path(), "" | "/");
+            if !plain {
+                return Err(invalid(
+                    format!("cluster.peers[{i}]"),
+                    format!("{peer:?} must be http(s)://host:port, nothing more"),
+                ));
+            }
+        }
+        let own = peer_address(&self.self_url);
+        if !self.peers.iter().any(|p| peer_address(p) == own) {
+            return Err(invalid(
+                "cluster.self",
+                format!("{own:?} is not one of cluster.peers"),
+            ));
+        }
+        let secrets = [
+            self.secret.as_ref().is_some_and(Secret::is_inline),
+            self.secret_file.is_some(),
+            self.secret_env.is_some(),
+        ];
+        match secrets.iter().filter(|s| **s).count() {
+            0 if self.secret.is_none() => {
+                return Err(invalid(
+                    "cluster.secret_file",
+                    "peers need a shared secret: set secret_file (or secret_env)",
+                ))
+            }
+            0 | 1 => {}
+            _ => {
+                return Err(invalid(
+                    "cluster.secret",
+                    "set one of secret, secret_file and secret_env",
+                ))
+            }
+        }
+        if let Some(secret) = &self.secret {
+            if secret.expose().len() < MIN_SECRET_BYTES {
+                return Err(invalid(
+                    "cluster.secret",
+                    format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("cluster.timeout", self.timeout),
+            ("cluster.stall_timeout", self.stall_timeout),
+            ("cluster.recheck_after", self.recheck_after),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `secret_file` or `secret_env` by the secret it holds.
+    pub(super) fn load_secret(&mut self) -> Result<(), ConfigError> {
+        if let Some(file) = &self.secret_file {
+            self.secret = Some(Secret::from_file("cluster.secret_file", file)?);
+        }
+        if let Some(variable) = &self.secret_env {
+            self.secret = Some(Secret::from_env("cluster.secret_env", variable)?);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> ClusterConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn self_is_a_peer_and_a_long_enough_secret_is_required() {
+        let peers = "peers = [\"http://10.0.0.11:5000\", \"http://10.0.0.12:5000/\"]\n";
+        let ok = parsed(&format!(
+            "self = \"http://10.0.0.12:5000\"\n{peers}secret = \"0123456789abcdef\""
+        ));
+        ok.validate().unwrap();
+        for (bad, key) in [
+            (
+                format!("self = \"http://10.0.0.13:5000\"\n{peers}secret = \"0123456789abcdef\""),
+                "cluster.self",
+            ),
+            (
+                format!("self = \"http://10.0.0.11:5000\"\n{peers}"),
+                "cluster.secret_file",
+            ),
+            (
+                format!("self = \"http://10.0.0.11:5000\"\n{peers}secret = \"short\""),
+                "cluster.secret",
+            ),
+            (
+                "self = \"http://a:1\"\npeers = [\"http://a:1/v2\"]\nsecret = \"0123456789abcdef\""
+                    .to_string(),
+                "cluster.peers[0]",
+            ),
+            (
+                "self = \"ftp://a:1\"\npeers = [\"ftp://a:1\"]\nsecret = \"0123456789abcdef\""
+                    .to_string(),
+                "cluster.peers[0]",
+            ),
+        ] {
+            let e = parsed(&bad).validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_secret_comes_from_a_file_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.secret");
+        std::fs::write(&file, "a-cluster-secret-of-some-length\n").unwrap();
+        let mut c = parsed(&format!(
+            "self = \"http://a:1\"\npeers = [\"http://a:1\"]\nsecret_file = {file:?}"
+        ));
+        c.validate().unwrap();
+        c.load_secret().unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.secret.as_ref().map(Secret::expose),
+            Some("a-cluster-secret-of-some-length")
+        );
+        let shown = format!("{c:?} {}", toml::to_string(&c).unwrap());
+        assert!(!shown.contains("a-cluster-secret"), "{shown}");
+    }
+}

@@ -1,0 +1,159 @@
+//! Three replicas that know each other (`[cluster]`) and share one bucket, with real parts:
+//! Debian's `docker-registry` as the origin (behind a relay that counts what it sends),
+//! `s3s-fs` as the S3 server, and the regmirror binary three times (own ports, own disks).
+//! Clients spread over the replicas pull the same cold blob at once: the origin sends it once
+//! for the whole fleet, every client gets it byte-exact and starts receiving it while the
+//! origin is still sending. Peers refuse cluster requests not signed with the secret.
+
+mod common;
+
+use common::e2e::*;
+use common::relay::Relay;
+use common::s3::S3Server;
+use common::{metric_value, random_bytes};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use regmirror::digest::{Digest, Hasher};
+use std::path::Path;
+use std::time::Instant;
+
+const SECRET: &str = "a-cluster-secret-for-the-tests";
+const CLIENTS: usize = 24;
+const BLOB_MIB: usize = 256;
+
+/// Three replicas of the Docker Hub mirror in front of `origin`, sharing `s3`, each naming
+/// the three as its peers.
+async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
+    let secret_file = dir.join("cluster.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .map(|port| format!("http://127.0.0.1:{port}"))
+        .collect();
+    let shared = s3.config();
+    let mut replicas = Vec::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let name = format!("replica{i}");
+        let cache = dir.join(format!("{name}-cache"));
+        let process = spawn_regmirror_on(dir, &name, port, |port| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
+                 [[registry]]\nname = \"docker.io\"\ndefault = true\n\
+                 [[registry.upstream]]\nurl = \"{origin}\"\n\
+                 [shared_store]\nurl = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = true\n\
+                 access_key_id = {:?}\nsecret_access_key = {:?}\n\
+                 [cluster]\nself = {:?}\npeers = {peers:?}\nsecret_file = {:?}\n",
+                cache.display().to_string(),
+                shared.url,
+                shared.endpoint.clone().unwrap(),
+                shared.region,
+                shared.access_key_id.clone().unwrap(),
+                shared.secret_access_key.as_ref().unwrap().expose(),
+                peers[i],
+                secret_file.display().to_string(),
+            )
+        });
+        replicas.push((process, port));
+    }
+    for (process, port) in &replicas {
+        wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), process).await;
+    }
+    replicas
+}
+
+/// One client's pull: when its first body byte came, and the digest and length of what it got.
+async fn pull(url: String) -> (Instant, Digest, u64) {
+    let response = common::client().get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{url}");
+    let mut body = response.into_body();
+    let (mut hasher, mut first_byte) = (Hasher::default(), None);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            first_byte.get_or_insert_with(Instant::now);
+            hasher.update(&data);
+        }
+    }
+    let length = hasher.len();
+    (first_byte.unwrap(), hasher.finish(), length)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry and s3s-fs: run tests/run.sh"]
+async fn clients_of_three_replicas_pulling_one_cold_blob_leave_the_origin_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(&dir.path().join("origin")).await;
+    let blob = random_bytes(BLOB_MIB << 20, 2026);
+    let digest = push_blob(&origin, REPO, &blob).await;
+    drop(blob);
+    let relay = Relay::start(origin.port).await;
+    let s3 = S3Server::start().await;
+    let replicas = fleet(dir.path(), &relay.url(), &s3).await;
+
+    let started = Instant::now();
+    let pulls: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let port = replicas[i % replicas.len()].1;
+            tokio::spawn(pull(format!(
+                "http://127.0.0.1:{port}/v2/{REPO}/blobs/{digest}"
+            )))
+        })
+        .collect();
+    let mut first_bytes = Vec::new();
+    for pull in pulls {
+        let (first_byte, got, length) = pull.await.unwrap();
+        assert_eq!((&got, length), (&digest, (BLOB_MIB << 20) as u64));
+        first_bytes.push(first_byte);
+    }
+    let done = started.elapsed();
+    let origin_sent = relay.sent();
+    let origin_done = relay.last_sent_at().unwrap();
+    let latest_first_byte = first_bytes.iter().max().unwrap();
+    println!(
+        "{CLIENTS} clients over 3 replicas, one cold {BLOB_MIB} MiB blob: origin sent {:.2} \
+         times its size; last first byte {:?} after the start, origin done {:?} after it; \
+         all byte-exact {done:?} after the start",
+        origin_sent as f64 / (BLOB_MIB << 20) as f64,
+        latest_first_byte.duration_since(started),
+        origin_done.duration_since(started),
+    );
+    assert!(
+        origin_sent >= (BLOB_MIB << 20) as u64 && origin_sent < (BLOB_MIB << 20) as u64 * 3 / 2,
+        "the origin sent {origin_sent} bytes for one {BLOB_MIB} MiB blob"
+    );
+    assert!(
+        *latest_first_byte < origin_done,
+        "a client's first byte came after the origin had sent everything"
+    );
+    // Each replica that does not own the digest asked its owner once, and nobody else.
+    let mut asked = 0.0;
+    for (_, port) in &replicas {
+        let text = common::get(&format!("http://127.0.0.1:{port}/metrics")).await;
+        let text = String::from_utf8_lossy(text.bytes()).into_owned();
+        for (_, peer) in &replicas {
+            let peer = format!("http://127.0.0.1:{peer}");
+            asked += metric_value(
+                &text,
+                "regmirror_peer_requests_sent_total",
+                &[("peer", &peer), ("outcome", "ok")],
+            );
+        }
+    }
+    assert_eq!(asked, 2.0, "peer requests sent");
+
+    // A cluster request not signed with the secret is refused, whatever it asks.
+    let port = replicas[0].1;
+    for signature in ["1.00", "not a signature"] {
+        let request = Request::get(format!("http://127.0.0.1:{port}/v2/{REPO}/blobs/{digest}"))
+            .header("x-regmirror-peer", signature)
+            .body(Empty::new())
+            .unwrap();
+        let response = common::client().request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("DENIED"),
+            "{body:?}"
+        );
+    }
+}
