@@ -54,7 +54,9 @@ impl App {
         let cluster = config
             .cluster
             .as_ref()
-            .map(|c| Cluster::new(c, Arc::clone(&metrics)).map(Arc::new))
+            .map(|c| {
+                Cluster::new(c, config.cache.max_downloads, Arc::clone(&metrics)).map(Arc::new)
+            })
             .transpose()?;
         Ok(Arc::new(App::assemble(
             config,

@@ -285,7 +285,7 @@ impl Metrics {
             peer_requests_sent: counter_vec(
                 &r,
                 "regmirror_peer_requests_sent_total",
-                "Blob requests sent to the peer that owns the digest, by outcome (ok: it sent the blob; refused: it answered otherwise; failed: no answer in time, or its body broke; corrupt: what it sent did not verify).",
+                "Blob requests sent to the peer that owns the digest, by outcome (ok: it sent the blob; declined: it answered without it; slow: no answer within cluster.timeout; refused: it refused this replica (401, 403, 409); failed: it could not be reached, or its body broke; corrupt: what it sent did not verify).",
                 &["peer", "outcome"],
             ),
             peer_requests_served: counter_vec(
@@ -437,7 +437,7 @@ impl Metrics {
     pub fn cluster_configured(&self, peers: &[String]) {
         for peer in peers {
             self.peer_up.with_label_values(&[peer.as_str()]).set(1);
-            for outcome in ["ok", "refused", "failed", "corrupt"] {
+            for outcome in ["ok", "declined", "slow", "refused", "failed", "corrupt"] {
                 self.peer_requests_sent
                     .with_label_values(&[peer.as_str(), outcome]);
             }

@@ -1,7 +1,7 @@
 //! The status page at `GET /`: server-rendered HTML for people who would rather look than read
 //! metrics. Cache use against the budget, hit ratio and bytes saved, upstream endpoints with
-//! their health and rate limits, the shared store, downloads in progress, and the most pulled
-//! images.
+//! their health and rate limits, the shared store, the cluster's peers, downloads in progress,
+//! and the most pulled images.
 //!
 //! Reads the same state `/metrics` exposes; no JavaScript.
 
@@ -166,6 +166,20 @@ pub fn render(app: &App, visible: impl Fn(&str, &str) -> bool) -> String {
             escape(shared.label()),
             shared.uploads_waiting()
         );
+    }
+    if let Some(cluster) = app.cluster() {
+        html.push_str("<h2>Cluster</h2><table id=\"peers\"><tr><th>peer</th><th>state</th></tr>");
+        for (peer, own, up) in cluster.peers() {
+            let state = match (own, up) {
+                (true, _) => "this replica",
+                (false, true) => "<span class=\"up\">up</span>",
+                (false, false) => {
+                    "<span class=\"down\">down</span> (skipped: its blobs come from the next owner or upstream)"
+                }
+            };
+            let _ = write!(html, "<tr><td>{}</td><td>{state}</td></tr>", escape(&peer));
+        }
+        html.push_str("</table>");
     }
     // Popular images.
     html.push_str("<h2>Most pulled</h2><table id=\"popular\"><tr><th>image</th><th class=\"num\">pulls</th></tr>");

@@ -46,6 +46,32 @@ fn every_shipped_configuration_is_valid() {
     assert!(read("deploy/kubernetes/regmirror.yaml").contains("containerPort: 5000"));
 }
 
+/// The replicated examples (Kubernetes and Compose): valid configurations in which every
+/// replica, named as its orchestrator names it, finds itself among the peers.
+#[test]
+fn every_replica_of_the_replicated_examples_finds_itself_among_its_peers() {
+    let manifest = read("deploy/kubernetes/regmirror-replicated.yaml");
+    let compose = read("deploy/compose/compose-replicated.yaml");
+    for (what, text) in [
+        ("kubernetes", configmap_toml(&manifest)),
+        ("compose", read("deploy/compose/replicated.toml")),
+    ] {
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(config.shared_store.is_some(), "{what}: no shared store");
+        let cluster = config.cluster.expect("a [cluster]");
+        assert_eq!(cluster.peers.len(), 3, "{what}");
+        for (i, peer) in cluster.peers.iter().enumerate() {
+            let name = format!("regmirror-{i}");
+            assert_eq!(cluster.own_address(&name).unwrap(), peer, "{what}: {name}");
+        }
+    }
+    assert!(manifest.contains("replicas: 3") && manifest.contains("serviceName: regmirror-peers"));
+    assert!(manifest.contains("clusterIP: None") && manifest.contains("readinessProbe"));
+    for i in 0..3 {
+        assert!(compose.contains(&format!("hostname: regmirror-{i}")));
+    }
+}
+
 #[test]
 fn the_systemd_unit_verifies() {
     let dir = tempfile::tempdir().unwrap();

@@ -31,7 +31,6 @@ async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
         .iter()
         .map(|port| format!("http://127.0.0.1:{port}"))
         .collect();
-    let shared = s3.config();
     let mut replicas = Vec::new();
     for (i, &port) in ports.iter().enumerate() {
         let name = format!("replica{i}");
@@ -40,16 +39,10 @@ async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
                  [[registry]]\nname = \"docker.io\"\ndefault = true\n\
-                 [[registry.upstream]]\nurl = \"{origin}\"\n\
-                 [shared_store]\nurl = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = true\n\
-                 access_key_id = {:?}\nsecret_access_key = {:?}\n\
+                 [[registry.upstream]]\nurl = \"{origin}\"\n{}\
                  [cluster]\nself = {:?}\npeers = {peers:?}\nsecret_file = {:?}\n",
                 cache.display().to_string(),
-                shared.url,
-                shared.endpoint.clone().unwrap(),
-                shared.region,
-                shared.access_key_id.clone().unwrap(),
-                shared.secret_access_key.as_ref().unwrap().expose(),
+                s3.config_section(),
                 peers[i],
                 secret_file.display().to_string(),
             )
@@ -64,18 +57,31 @@ async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
 
 /// One client's pull: when its first body byte came, and the digest and length of what it got.
 async fn pull(url: String) -> (Instant, Digest, u64) {
-    let response = common::client().get(url.parse().unwrap()).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "{url}");
+    try_pull(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// [`pull`], or why it failed.
+async fn try_pull(url: &str) -> Result<(Instant, Digest, u64), String> {
+    let response = common::client()
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
     let mut body = response.into_body();
     let (mut hasher, mut first_byte) = (Hasher::default(), None);
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
+        if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
             first_byte.get_or_insert_with(Instant::now);
             hasher.update(&data);
         }
     }
     let length = hasher.len();
-    (first_byte.unwrap(), hasher.finish(), length)
+    let first_byte = first_byte.ok_or("an empty body")?;
+    Ok((first_byte, hasher.finish(), length))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,4 +162,126 @@ async fn clients_of_three_replicas_pulling_one_cold_blob_leave_the_origin_once()
             "{body:?}"
         );
     }
+}
+
+/// The replica whose metrics say it served a peer's request: the owner of what was asked.
+async fn owner(replicas: &[(Process, u16)]) -> Option<usize> {
+    for (i, (_, port)) in replicas.iter().enumerate() {
+        let text = common::get(&format!("http://127.0.0.1:{port}/metrics")).await;
+        let text = String::from_utf8_lossy(text.bytes()).into_owned();
+        let served = metric_value(
+            &text,
+            "regmirror_peer_requests_served_total",
+            &[("outcome", "served")],
+        );
+        if served > 0.0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry and s3s-fs: run tests/run.sh"]
+async fn when_the_owner_is_killed_mid_download_the_other_replicas_clients_still_complete() {
+    const MIB: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(&dir.path().join("origin")).await;
+    let blob = random_bytes(MIB << 20, 2027);
+    let digest = push_blob(&origin, REPO, &blob).await;
+    drop(blob);
+    // A slow origin: the download takes about 4 s.
+    let relay = Relay::paced(origin.port, Some(((MIB as u64) << 20) / 4)).await;
+    let s3 = S3Server::start().await;
+    let mut replicas = fleet(dir.path(), &relay.url(), &s3).await;
+
+    let pulls: Vec<_> = replicas
+        .iter()
+        .map(|(_, port)| {
+            let url = format!("http://127.0.0.1:{port}/v2/{REPO}/blobs/{digest}");
+            tokio::spawn(async move { try_pull(&url).await })
+        })
+        .collect();
+    let mut owner_index = None;
+    for _ in 0..100 {
+        owner_index = owner(&replicas).await;
+        if owner_index.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let owner_index = owner_index.expect("no replica served a peer's request");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        relay.sent() < (MIB << 20) as u64,
+        "the download ended before the kill"
+    );
+    replicas[owner_index].0.kill();
+
+    for (i, pull) in pulls.into_iter().enumerate() {
+        if i == owner_index {
+            // Its own client lost its connection with it.
+            let _ = pull.await;
+            continue;
+        }
+        let (_, got, length) = pull
+            .await
+            .unwrap()
+            .expect("a client of a surviving replica failed");
+        assert_eq!((&got, length), (&digest, (MIB << 20) as u64));
+    }
+    // The survivors resumed from upstream where the owner left off, and skip it from now on.
+    let survivor = replicas
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != owner_index)
+        .unwrap()
+        .1;
+    let text = common::get(&format!("http://127.0.0.1:{}/metrics", survivor.1)).await;
+    let text = String::from_utf8_lossy(text.bytes()).into_owned();
+    let dead = format!("http://127.0.0.1:{}", replicas[owner_index].1);
+    assert_eq!(
+        metric_value(&text, "regmirror_peer_up", &[("peer", &dead)]),
+        0.0,
+        "the killed owner is not marked down"
+    );
+    // Readiness and the status page say so; the replica stays ready.
+    let ready = common::get(&format!("http://127.0.0.1:{}/readyz", survivor.1)).await;
+    let ready = String::from_utf8_lossy(ready.bytes()).into_owned();
+    assert!(
+        ready.starts_with("ready (peers down: ") && ready.contains(&dead),
+        "{ready}"
+    );
+    let page = common::get(&format!("http://127.0.0.1:{}/", survivor.1)).await;
+    let page = String::from_utf8_lossy(page.bytes()).into_owned();
+    assert!(
+        page.contains(&format!("<tr><td>{dead}</td><td><span class=\"down\">")),
+        "{page}"
+    );
+    println!(
+        "owner killed 1 s into a {MIB} MiB download: the two other replicas' clients complete \
+         byte-exact; the origin sent {:.2} times the blob",
+        relay.sent() as f64 / (MIB << 20) as f64
+    );
+    // Nothing partial is visible in the bucket: the blob is whole or absent.
+    for _ in 0..300 {
+        if s3.blob(&digest).is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if let Some(object) = s3.blob(&digest) {
+        assert_eq!(
+            Digest::of(&object),
+            digest,
+            "a partial object in the bucket"
+        );
+    }
+    // A new pull through a survivor is a hit or comes whole from the bucket or upstream.
+    let (_, got, _) = pull(format!(
+        "http://127.0.0.1:{}/v2/{REPO}/blobs/{digest}",
+        survivor.1
+    ))
+    .await;
+    assert_eq!(got, digest);
 }

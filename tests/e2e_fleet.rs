@@ -13,21 +13,14 @@ use std::process::Command;
 
 /// A replica of the Docker Hub mirror in front of `origin`, with `s3` as its shared store.
 async fn replica(dir: &Path, name: &str, origin: &str, s3: &S3Server) -> (Process, u16) {
-    let shared = s3.config();
     let cache = dir.join(format!("{name}-cache"));
     let (process, port) = spawn_regmirror(dir, name, |port| {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
              [[registry]]\nname = \"docker.io\"\ndefault = true\n\
-             [[registry.upstream]]\nurl = \"{origin}\"\nstall_timeout = \"3s\"\n\
-             [shared_store]\nurl = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = true\n\
-             access_key_id = {:?}\nsecret_access_key = {:?}\nrecheck_after = \"1s\"\n",
+             [[registry.upstream]]\nurl = \"{origin}\"\nstall_timeout = \"3s\"\n{}",
             cache.display().to_string(),
-            shared.url,
-            shared.endpoint.clone().unwrap(),
-            shared.region,
-            shared.access_key_id.clone().unwrap(),
-            shared.secret_access_key.as_ref().unwrap().expose(),
+            s3.config_section(),
         )
     });
     wait_until_up(&format!("http://127.0.0.1:{port}/healthz"), &process).await;

@@ -16,6 +16,7 @@
 
 pub mod signature;
 
+use crate::cache::slots::DownloadSlots;
 use crate::config::{peer_address, ClusterConfig};
 use crate::digest::Digest;
 use crate::metrics::Metrics;
@@ -27,7 +28,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use sha2::{Digest as _, Sha256};
-use signature::{Signer, PEER_HEADER};
+use signature::{Signer, INSTANCE_HEADER, PEER_HEADER};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,17 @@ pub struct Cluster {
     signer: Signer,
     http: HttpClient,
     metrics: Arc<Metrics>,
+    slots: Arc<DownloadSlots>,
+    instance: String,
+}
+
+/// How one request to a peer went.
+enum Asked {
+    Blob(PeerBlob),
+    /// It answered without the blob, or did not in time: upstream is asked directly.
+    Declined,
+    /// It could not be reached: the next owner is asked.
+    Unreachable(String),
 }
 
 /// A blob as a peer sends it: its bytes, unverified, and its declared size.
@@ -78,8 +90,13 @@ pub struct PeerBlob {
 }
 
 impl Cluster {
-    /// The cluster of a validated configuration whose secret is loaded.
-    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Cluster, String> {
+    /// The cluster of a validated configuration whose secret is loaded; downloads read from
+    /// peers take `max_downloads` slots of their own.
+    pub fn new(
+        config: &ClusterConfig,
+        max_downloads: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cluster, String> {
         let secret = config
             .secret
             .as_ref()
@@ -94,10 +111,16 @@ impl Cluster {
                 });
             }
         }
+        let hostname = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        let own_address = config.own_address(&hostname).map_err(|e| e.to_string())?;
         let own = peers
             .iter()
-            .position(|p| p.address == peer_address(&config.self_url))
+            .position(|p| p.address == own_address)
             .ok_or("cluster.self is not one of cluster.peers")?;
+        tracing::info!(own = %own_address, peers = peers.len(), "cluster: peers known");
         let tls = crate::tls::client_config(None, true).map_err(|e| format!("cluster: {e}"))?;
         let addresses: Vec<String> = peers.iter().map(|p| p.address.clone()).collect();
         metrics.cluster_configured(&addresses);
@@ -108,6 +131,8 @@ impl Cluster {
             signer: Signer::new(secret.expose()),
             http: http_client(CONNECT_TIMEOUT, tls),
             metrics,
+            slots: Arc::new(DownloadSlots::new(max_downloads)),
+            instance: instance_id(),
         })
     }
 
@@ -125,12 +150,13 @@ impl Cluster {
         self.config.stall_timeout
     }
 
-    /// Every peer's address and whether it is up (this replica always is).
-    pub fn peers(&self) -> Vec<(String, bool)> {
+    /// Every peer's address, whether it is this replica, and whether it is up (this replica
+    /// always is).
+    pub fn peers(&self) -> Vec<(String, bool, bool)> {
         self.peers
             .iter()
             .enumerate()
-            .map(|(i, p)| (p.address.clone(), i == self.own || p.is_up()))
+            .map(|(i, p)| (p.address.clone(), i == self.own, i == self.own || p.is_up()))
             .collect()
     }
 
@@ -165,23 +191,38 @@ impl Cluster {
                 continue;
             }
             match self.ask(peer, registry, repo, digest).await {
-                Ok(Some(blob)) => return Some(blob),
-                Ok(None) => return None,
-                Err(e) => self.failed(peer, &e),
+                Asked::Blob(blob) => return Some(blob),
+                Asked::Declined => return None,
+                Asked::Unreachable(e) => self.failed(peer, &e),
             }
         }
         None
     }
 
-    /// One blob request to `peer`: the blob, `None` when it answered otherwise, or why it
-    /// did not answer.
-    async fn ask(
-        &self,
-        peer: usize,
-        registry: &str,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Option<PeerBlob>, String> {
+    /// Whether another live peer owns `digest`: this replica's download of it reads from
+    /// that peer, under [`Cluster::slots`].
+    pub fn owned_elsewhere(&self, digest: &Digest) -> bool {
+        self.owners(&digest.to_string())
+            .into_iter()
+            .find(|&peer| peer == self.own || self.peers[peer].is_up())
+            .is_some_and(|owner| owner != self.own)
+    }
+
+    /// The download slots of downloads read from the owner, apart from those that read from
+    /// the bucket or upstream: a replica's slots never wait on another's, so two replicas
+    /// each waiting on the other for a slot cannot happen.
+    pub fn slots(&self) -> &Arc<DownloadSlots> {
+        &self.slots
+    }
+
+    /// This process's instance: a peer request carrying it came from this very replica (a
+    /// peer listed twice under other names).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// One blob request to `peer`.
+    async fn ask(&self, peer: usize, registry: &str, repo: &RepoName, digest: &Digest) -> Asked {
         let address = &self.peers[peer].address;
         let path = format!(
             "/v2/{repo}/blobs/{digest}?ns={}",
@@ -190,12 +231,38 @@ impl Cluster {
         let request = Request::get(format!("{address}{path}"))
             .header(header::USER_AGENT, USER_AGENT)
             .header(PEER_HEADER, self.signer.sign(&Method::GET, &path))
-            .body(Empty::new())
-            .map_err(|e| format!("cannot build a request to {address}: {e}"))?;
-        let response = tokio::time::timeout(self.config.timeout, self.http.request(request))
+            .header(INSTANCE_HEADER, &self.instance)
+            .body(Empty::new());
+        let Ok(request) = request else {
+            return Asked::Unreachable(format!("cannot build a request to {address}"));
+        };
+        let response = match tokio::time::timeout(self.config.timeout, self.http.request(request))
             .await
-            .map_err(|_| format!("{address} did not answer within {:?}", self.config.timeout))?
-            .map_err(|e| format!("{address}: {}", crate::upstream::error_chain(&e)))?;
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                let e = crate::upstream::error_chain(&e);
+                return Asked::Unreachable(format!("{address}: {e}"));
+            }
+            // Up but slow (its upstream is, or its downloads are all busy): this blob
+            // comes from upstream directly, and the owner stays in use.
+            Err(_) => {
+                tracing::info!(peer = %address, %digest, timeout = ?self.config.timeout, "the owner did not answer in time; asking upstream directly");
+                self.metrics.peer_request_sent(address, "slow");
+                return Asked::Declined;
+            }
+        };
+        let status = response.status();
+        if matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::CONFLICT
+        ) {
+            // It refuses this replica: another secret, clocks apart, or this very replica
+            // under another name.
+            self.metrics.peer_request_sent(address, "refused");
+            self.mark_down(peer, &format!("it refused a cluster request: {status}"));
+            return Asked::Declined;
+        }
         self.peers[peer]
             .down_until
             .lock()
@@ -203,13 +270,13 @@ impl Cluster {
             .take();
         self.metrics.peer_up.with_label_values(&[address]).set(1);
         let size = crate::upstream::content_length(response.headers());
-        let (StatusCode::OK, Some(size)) = (response.status(), size) else {
-            tracing::debug!(peer = %address, %digest, status = %response.status(), "the owner did not send the blob; asking upstream");
-            self.metrics.peer_request_sent(address, "refused");
-            return Ok(None);
+        let (StatusCode::OK, Some(size)) = (status, size) else {
+            tracing::debug!(peer = %address, %digest, %status, "the owner did not send the blob; asking upstream");
+            self.metrics.peer_request_sent(address, "declined");
+            return Asked::Declined;
         };
         self.metrics.peer_request_sent(address, "ok");
-        Ok(Some(PeerBlob {
+        Asked::Blob(PeerBlob {
             bytes: response
                 .into_body()
                 .into_data_stream()
@@ -218,32 +285,53 @@ impl Cluster {
             size,
             peer,
             label: address.clone(),
-        }))
+        })
     }
 
-    /// `peer` did not answer, or its body broke: it is skipped for `recheck_after`.
+    /// `peer` could not be reached, or its body broke: it is skipped for `recheck_after`.
     pub fn failed(&self, peer: usize, error: &str) {
+        self.metrics
+            .peer_request_sent(&self.peers[peer].address, "failed");
+        self.mark_down(peer, error);
+    }
+
+    fn mark_down(&self, peer: usize, why: &str) {
         let address = &self.peers[peer].address;
         let mut down = self.peers[peer].down_until.lock().expect("peer lock");
         if down.is_none() {
-            tracing::warn!(peer = %address, %error, recheck_after = ?self.config.recheck_after, "peer unreachable; skipping it");
+            tracing::warn!(peer = %address, %why, recheck_after = ?self.config.recheck_after, "skipping a peer");
         }
         *down = Some(Instant::now() + self.config.recheck_after);
         self.metrics.peer_up.with_label_values(&[address]).set(0);
-        self.metrics.peer_request_sent(address, "failed");
     }
 
-    /// What `peer` sent did not verify.
+    /// What `peer` sent did not verify: it is skipped as if it had not answered.
     pub fn sent_corrupt(&self, peer: usize, digest: &Digest, error: &str) {
         let address = &self.peers[peer].address;
         tracing::error!(peer = %address, %digest, %error, "a peer sent a blob that does not verify");
         self.metrics.peer_request_sent(address, "corrupt");
+        self.mark_down(peer, "it sent a blob that does not verify");
     }
 
     /// Counts a request from a peer.
     pub fn served(&self, outcome: &str) {
         self.metrics.peer_request_served(outcome);
     }
+}
+
+/// A random name for this process.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        bytes = (std::process::id() as u64 ^ now_nanos()).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A peer's rendezvous score for `key`: the first 8 bytes of sha256(address, key).
@@ -265,7 +353,7 @@ mod tests {
             "self = {own:?}\npeers = {peers:?}\nsecret = \"a-cluster-secret-of-some-length\""
         ))
         .unwrap();
-        Cluster::new(&config, Arc::new(Metrics::new(&[]))).unwrap()
+        Cluster::new(&config, 4, Arc::new(Metrics::new(&[]))).unwrap()
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The header a peer request carries: `<unix seconds>.<hex signature>`.
 pub const PEER_HEADER: &str = "x-regmirror-peer";
 
+/// The header naming the process a peer request comes from: a replica refuses its own.
+pub const INSTANCE_HEADER: &str = "x-regmirror-instance";
+
 /// How far a signature's time may be from this replica's clock.
 pub const MAX_SKEW: Duration = Duration::from_secs(300);
 

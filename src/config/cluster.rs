@@ -15,9 +15,11 @@ pub const MIN_SECRET_BYTES: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This replica's own address as its peers reach it (`http://10.0.0.11:5000`); one of
-    /// `peers`.
-    #[serde(rename = "self")]
-    pub self_url: String,
+    /// `peers`. Without it, the peer whose host name begins with this machine's host name
+    /// (`regmirror-0` in `http://regmirror-0.regmirror-peers:5000`, as a StatefulSet's pods
+    /// are named): one configuration for every replica.
+    #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
+    pub self_url: Option<String>,
     /// Every replica's address, this one's included; the same list on every replica.
     pub peers: Vec<String>,
     /// A file holding the secret peers sign their requests with (its first line; at least 16
@@ -78,12 +80,20 @@ impl ClusterConfig {
                 ));
             }
         }
-        let own = peer_address(&self.self_url);
-        if !self.peers.iter().any(|p| peer_address(p) == own) {
+        if self.peers.is_empty() {
             return Err(invalid(
-                "cluster.self",
-                format!("{own:?} is not one of cluster.peers"),
+                "cluster.peers",
+                "lists every replica, this one's included",
             ));
+        }
+        if let Some(own) = &self.self_url {
+            let own = peer_address(own);
+            if !self.peers.iter().any(|p| peer_address(p) == own) {
+                return Err(invalid(
+                    "cluster.self",
+                    format!("{own:?} is not one of cluster.peers"),
+                ));
+            }
         }
         let secrets = [
             self.secret.as_ref().is_some_and(Secret::is_inline),
@@ -123,6 +133,37 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// This replica's address among the peers: `self`, or the one peer named after
+    /// `hostname` (its host's first label).
+    pub fn own_address(&self, hostname: &str) -> Result<&str, ConfigError> {
+        if let Some(own) = &self.self_url {
+            return Ok(peer_address(own));
+        }
+        let named: Vec<&str> = self
+            .peers
+            .iter()
+            .map(|p| peer_address(p))
+            .filter(|p| {
+                let host = p.split("://").nth(1).unwrap_or("");
+                let first = host.split(['.', ':']).next().unwrap_or("");
+                !hostname.is_empty() && first.eq_ignore_ascii_case(hostname)
+            })
+            .collect();
+        match named[..] {
+            [own] => Ok(own),
+            _ => {
+                Err(invalid(
+                    "cluster.self",
+                    format!(
+                    "not set, and {} of cluster.peers is named after this host ({hostname:?}): \
+                     set it to this replica's address",
+                    if named.is_empty() { "none" } else { "more than one" }
+                ),
+                ))
+            }
+        }
     }
 
     /// Replaces `secret_file` or `secret_env` by the secret it holds.
@@ -182,6 +223,24 @@ mod tests {
     }
 
     #[test]
+    fn without_self_the_peer_named_after_this_host_is_this_replica() {
+        let c = parsed(
+            "peers = [\"http://regmirror-0.peers:5000\", \"http://regmirror-1.peers:5000\", \
+             \"http://regmirror-10.peers:5000\"]\nsecret = \"0123456789abcdef\"",
+        );
+        c.validate().unwrap();
+        assert_eq!(
+            c.own_address("regmirror-1").unwrap(),
+            "http://regmirror-1.peers:5000"
+        );
+        let e = c.own_address("elsewhere").unwrap_err().to_string();
+        assert!(e.contains("cluster.self") && e.contains("none"), "{e}");
+        let twice =
+            parsed("peers = [\"http://a:1\", \"http://a:2\"]\nsecret = \"0123456789abcdef\"");
+        assert!(twice.own_address("a").is_err());
+    }
+
+    #[test]
     fn the_secret_comes_from_a_file_and_is_never_printed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cluster.secret");
@@ -189,6 +248,7 @@ mod tests {
         let mut c = parsed(&format!(
             "self = \"http://a:1\"\npeers = [\"http://a:1\"]\nsecret_file = {file:?}"
         ));
+        assert_eq!(c.own_address("whatever").unwrap(), "http://a:1");
         c.validate().unwrap();
         c.load_secret().unwrap();
         c.validate().unwrap();

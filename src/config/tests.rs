@@ -100,21 +100,32 @@ fn secrets_are_redacted() {
     assert!(!format!("{c:?}").contains("hunter2"));
 }
 
-/// The commented `[shared_store]` block of `config.example.toml`, uncommented: every key it
-/// documents parses and validates.
-#[test]
-fn example_shared_store_parses() {
+/// The commented block of `config.example.toml` below the line `header`, uncommented (lines
+/// that are comments there too left out).
+fn example_block(header: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let text = std::fs::read_to_string(path).unwrap();
     let block: Vec<&str> = text
         .lines()
-        .skip_while(|l| *l != "# [shared_store]")
+        .skip_while(|l| *l != header)
         .skip(1)
         .take_while(|l| l.starts_with('#'))
         .map(|l| l.trim_start_matches('#').trim_start())
+        .filter(|l| !l.starts_with('#'))
         .collect();
-    assert!(block.len() > 10, "no [shared_store] block in the example");
-    let c: SharedStoreConfig = toml::from_str(&block.join("\n")).unwrap();
+    block.join("\n")
+}
+
+/// The commented `[shared_store]` block of `config.example.toml`, uncommented: every key it
+/// documents parses and validates.
+#[test]
+fn example_shared_store_parses() {
+    let block = example_block("# [shared_store]");
+    assert!(
+        block.lines().count() > 10,
+        "no [shared_store] block in the example"
+    );
+    let c: SharedStoreConfig = toml::from_str(&block).unwrap();
     c.validate().unwrap();
     assert_eq!(c.url, "s3://regmirror-cache/prod");
     assert_eq!(c.max_uploads, 4);
@@ -125,21 +136,11 @@ fn example_shared_store_parses() {
 /// documents parses and validates.
 #[test]
 fn example_cluster_parses() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
-    let text = std::fs::read_to_string(path).unwrap();
-    let block: Vec<&str> = text
-        .lines()
-        .skip_while(|l| *l != "# [cluster]")
-        .skip(1)
-        .take_while(|l| l.starts_with('#'))
-        .map(|l| l.trim_start_matches('#').trim_start())
-        .filter(|l| !l.starts_with('#'))
-        .collect();
-    let c: ClusterConfig = toml::from_str(&block.join("\n")).unwrap();
+    let c: ClusterConfig = toml::from_str(&example_block("# [cluster]")).unwrap();
     c.validate().unwrap();
     assert_eq!(
-        (c.self_url.as_str(), c.peers.len()),
-        ("http://10.0.0.11:5000", 3)
+        (c.self_url.as_deref(), c.peers.len()),
+        (Some("http://10.0.0.11:5000"), 3)
     );
     assert!(c.secret_file.is_some());
     assert_eq!(c.timeout, std::time::Duration::from_secs(10));

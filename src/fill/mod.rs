@@ -73,7 +73,12 @@ pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
         let digest = permit.digest().clone();
         let started = Instant::now();
         job.pacer.traffic();
-        let slot = tokio::time::timeout(job.timeout, job.slots.acquire()).await;
+        // A download read from the peer that owns the blob takes a slot of the cluster's.
+        let slots = match &job.cluster {
+            Some(cluster) if cluster.owned_elsewhere(&digest) => cluster.slots(),
+            _ => &job.slots,
+        };
+        let slot = tokio::time::timeout(job.timeout, slots.acquire()).await;
         let Ok(slot) = slot else {
             let waited = format!("no download slot came free within {:?}", job.timeout);
             tracing::error!(%digest, "{waited}");
@@ -193,10 +198,15 @@ async fn first_source(
         }
     }
     if let Some(cluster) = &job.cluster {
-        if let Some(blob) = cluster
+        let from_peer = cluster
             .read_blob(&job.upstream.name, &job.repo, digest)
             .await
-        {
+            // Longer than a manifest declared: not this blob (the bucket's rule too).
+            .filter(|blob| {
+                job.declared_size
+                    .is_none_or(|declared| blob.size <= declared)
+            });
+        if let Some(blob) = from_peer {
             permit.set_source(&blob.label);
             let total = Some(blob.size);
             return Ok((Source::peer(blob, cluster.stall_timeout()), total));
@@ -269,7 +279,12 @@ async fn download(
         if let (true, Some(shared)) = (sources.bucket, &job.shared) {
             shared.discard_blob(&digest, &m.to_string());
         }
-        if let (Some(peer), Some(cluster)) = (sources.peer, &job.cluster) {
+        // A peer is blamed only when it sent every byte.
+        if let (Some(peer), Some(cluster), true) = (
+            sources.peer,
+            &job.cluster,
+            sources.endpoints.is_empty() && !sources.bucket,
+        ) {
             cluster.sent_corrupt(peer, &digest, &m.to_string());
         }
         return Err(failure(

@@ -64,16 +64,32 @@ pub fn metrics(app: &App) -> Response<ResponseBody> {
 /// Ready when the store accepts writes.
 pub fn readiness(app: &App) -> Response<ResponseBody> {
     if app.cache().store().is_writable() {
-        // A shared store that is down degrades the replica to a single node: still ready.
-        match app.shared() {
-            Some(shared) if !shared.is_up() => text(
-                StatusCode::OK,
-                format!(
-                    "ready (the shared store {} is down: serving from local disk and upstream)\n",
-                    shared.label()
-                ),
-            ),
-            _ => text(StatusCode::OK, "ready\n"),
+        // A shared store or peers that are down degrade the replica to a single node: still
+        // ready.
+        let mut degraded = Vec::new();
+        if let Some(shared) = app.shared().filter(|shared| !shared.is_up()) {
+            degraded.push(format!(
+                "the shared store {} is down: serving from local disk and upstream",
+                shared.label()
+            ));
+        }
+        if let Some(cluster) = app.cluster() {
+            let down: Vec<String> = cluster
+                .peers()
+                .into_iter()
+                .filter_map(|(peer, _, up)| (!up).then_some(peer))
+                .collect();
+            if !down.is_empty() {
+                degraded.push(format!(
+                    "peers down: {}: their blobs come from the next owner or upstream",
+                    down.join(", ")
+                ));
+            }
+        }
+        if degraded.is_empty() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::OK, format!("ready ({})\n", degraded.join("; ")))
         }
     } else {
         text(

@@ -86,7 +86,7 @@ pub async fn handle<B>(
             let from_peer = request
                 .headers()
                 .get(crate::cluster::signature::PEER_HEADER)
-                .map(|signed| peer_request(&app, &route, &method, &uri, signed));
+                .map(|signed| peer_request(&app, &route, &method, &uri, request.headers(), signed));
             let peer_signed = from_peer.is_some();
             let allowed = match (from_peer, app.access()) {
                 (Some(checked), _) => checked,
@@ -186,12 +186,20 @@ fn peer_request(
     route: &Route,
     method: &http::Method,
     uri: &http::Uri,
+    headers: &http::HeaderMap,
     signed: &HeaderValue,
 ) -> Result<(), Error> {
+    use crate::cluster::signature::INSTANCE_HEADER;
     let checked = match (app.cluster(), &route.target) {
         (None, _) => Err("this replica has no [cluster]"),
         (Some(_), target) if !matches!(target, Target::Blob { .. }) => {
             Err("peers ask only for blobs")
+        }
+        (Some(cluster), _)
+            if headers.get(INSTANCE_HEADER).map(HeaderValue::as_bytes)
+                == Some(cluster.instance().as_bytes()) =>
+        {
+            Err("it comes from this very replica (listed among the peers under another name?)")
         }
         (Some(cluster), _) => {
             let path = uri.path_and_query().map_or("", |p| p.as_str());

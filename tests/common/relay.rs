@@ -18,6 +18,12 @@ pub struct Relay {
 impl Relay {
     /// Relays every connection to `127.0.0.1:<target>`.
     pub async fn start(target: u16) -> Relay {
+        Relay::paced(target, None).await
+    }
+
+    /// As [`Relay::start`], sending what the server sends at `pace` bytes per second (per
+    /// connection) if given: a slow origin.
+    pub async fn paced(target: u16, pace: Option<u64>) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (sent, last_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(None)));
@@ -31,7 +37,7 @@ impl Relay {
                         let Ok(server) = TcpStream::connect(target).await else {
                             return;
                         };
-                        relay(client, server, &sent, &last_sent).await;
+                        relay(client, server, pace, &sent, &last_sent).await;
                     });
                 }
             }
@@ -68,6 +74,7 @@ impl Drop for Relay {
 async fn relay(
     client: TcpStream,
     server: TcpStream,
+    pace: Option<u64>,
     sent: &AtomicU64,
     last_sent: &Mutex<Option<Instant>>,
 ) {
@@ -78,8 +85,15 @@ async fn relay(
         let _ = server_write.shutdown().await;
     };
     let downward = async {
-        let mut buffer = vec![0u8; 256 * 1024];
+        let mut buffer = vec![0u8; 64 * 1024];
+        let started = Instant::now();
+        let mut relayed = 0u64;
         while let Ok(read) = server_read.read(&mut buffer).await {
+            if let Some(pace) = pace {
+                let due = std::time::Duration::from_secs_f64(relayed as f64 / pace as f64);
+                tokio::time::sleep_until((started + due).into()).await;
+            }
+            relayed += read as u64;
             if read == 0 || client_write.write_all(&buffer[..read]).await.is_err() {
                 break;
             }

@@ -96,6 +96,17 @@ impl S3Server {
         config
     }
 
+    /// The `[shared_store]` section of a mirror process's configuration file using this
+    /// server.
+    pub fn config_section(&self) -> String {
+        format!(
+            "[shared_store]\nurl = \"s3://{BUCKET}/{PREFIX}\"\nendpoint = \"{}\"\n\
+             region = \"us-east-1\"\nallow_http = true\naccess_key_id = \"{ACCESS_KEY}\"\n\
+             secret_access_key = \"{SECRET_KEY}\"\nrecheck_after = \"1s\"\n",
+            self.endpoint()
+        )
+    }
+
     /// Where the bucket keeps a blob.
     pub fn blob_file(&self, digest: &Digest) -> PathBuf {
         self.root
