@@ -1,9 +1,10 @@
 //! Three replicas that know each other (`[cluster]`) and share one bucket, with real parts:
 //! Debian's `docker-registry` as the origin (behind a relay that counts what it sends),
 //! `s3s-fs` as the S3 server, and the regmirror binary three times (own ports, own disks).
-//! Clients spread over the replicas pull the same cold blob at once: the origin sends it once
-//! for the whole fleet, every client gets it byte-exact and starts receiving it while the
-//! origin is still sending. Peers refuse cluster requests not signed with the secret.
+//! Clients spread over the replicas pull the same cold blob (or manifest) at once: the origin
+//! sends it once for the whole fleet, every client gets it byte-exact and starts receiving it
+//! while the origin is still sending. An owner killed mid-download costs the others' clients
+//! nothing. Peers refuse cluster requests not signed with the secret.
 
 mod common;
 
@@ -284,4 +285,43 @@ async fn when_the_owner_is_killed_mid_download_the_other_replicas_clients_still_
     ))
     .await;
     assert_eq!(got, digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry and s3s-fs: run tests/run.sh"]
+async fn a_manifest_asked_of_three_replicas_at_once_is_fetched_from_the_origin_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(&dir.path().join("origin")).await;
+    let seeded = seed(&origin).await;
+    let relay = Relay::start(origin.port).await;
+    let s3 = S3Server::start().await;
+    let replicas = fleet(dir.path(), &relay.url(), &s3).await;
+
+    // The index, then its manifests: each asked of the three replicas at once.
+    let mut asked = vec![seeded.oci_index.clone()];
+    asked.extend(seeded.oci_manifests.iter().cloned());
+    for digest in &asked {
+        let gets: Vec<_> = replicas
+            .iter()
+            .map(|(_, port)| {
+                let url = format!("http://127.0.0.1:{port}/v2/{REPO}/manifests/{digest}");
+                tokio::spawn(async move { common::get(&url).await })
+            })
+            .collect();
+        for get in gets {
+            let got = get.await.unwrap();
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(&Digest::of(got.bytes()), digest);
+        }
+        let line = format!("GET /v2/{REPO}/manifests/{digest}");
+        assert_eq!(
+            relay.requests(&line),
+            1,
+            "{line}: the origin was asked more than once"
+        );
+    }
+    println!(
+        "{} manifests, each asked of 3 replicas at once: the origin was asked each once",
+        asked.len()
+    );
 }

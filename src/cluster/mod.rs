@@ -14,6 +14,7 @@
 //! Peer requests are signed with the cluster secret ([`signature`]); the signature is also the
 //! hop marker: a download started for a peer never asks another peer.
 
+mod manifests;
 pub mod signature;
 
 use crate::cache::slots::DownloadSlots;
@@ -25,8 +26,9 @@ use crate::upstream::{http_client, HttpClient, USER_AGENT};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use http::{header, Method, Request, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 use signature::{Signer, INSTANCE_HEADER, PEER_HEADER};
 use std::sync::{Arc, Mutex};
@@ -71,12 +73,22 @@ pub struct Cluster {
 }
 
 /// How one request to a peer went.
-enum Asked {
-    Blob(PeerBlob),
-    /// It answered without the blob, or did not in time: upstream is asked directly.
+pub(crate) enum Asked<T> {
+    Got(T),
+    /// It answered without it, or did not in time: upstream is asked directly.
     Declined,
     /// It could not be reached: the next owner is asked.
     Unreachable(String),
+}
+
+impl Asked<()> {
+    /// The same outcome, for an answer that brought nothing.
+    fn nothing<T>(self) -> Asked<T> {
+        match self {
+            Asked::Got(()) | Asked::Declined => Asked::Declined,
+            Asked::Unreachable(e) => Asked::Unreachable(e),
+        }
+    }
 }
 
 /// A blob as a peer sends it: its bytes, unverified, and its declared size.
@@ -173,16 +185,26 @@ impl Cluster {
     }
 
     /// The blob from the live peer that owns it, unless this replica does (then `None`: it
-    /// asks upstream itself). A peer that does not answer in time is skipped from now on
-    /// and the next owner asked; one that answers otherwise than with the blob (it does not
-    /// have it, upstream refused it) is taken at its word: `None`, and upstream is asked
-    /// directly.
+    /// asks upstream itself). A peer that cannot be reached is skipped from now on and the
+    /// next owner asked; one that answers otherwise than with the blob (it does not have it,
+    /// upstream refused it) is taken at its word: `None`, and upstream is asked directly.
     pub async fn read_blob(
         &self,
         registry: &str,
         repo: &RepoName,
         digest: &Digest,
     ) -> Option<PeerBlob> {
+        let path = peer_path(registry, &format!("{repo}/blobs/{digest}"));
+        self.ask_owner(digest, |peer| self.ask_blob(peer, &path, digest))
+            .await
+    }
+
+    /// What `ask` gets from the live peer that owns `digest`, unless this replica does.
+    pub(crate) async fn ask_owner<T, F: std::future::Future<Output = Asked<T>>>(
+        &self,
+        digest: &Digest,
+        ask: impl Fn(usize) -> F,
+    ) -> Option<T> {
         for peer in self.owners(&digest.to_string()) {
             if peer == self.own {
                 return None;
@@ -190,8 +212,8 @@ impl Cluster {
             if !self.peers[peer].is_up() {
                 continue;
             }
-            match self.ask(peer, registry, repo, digest).await {
-                Asked::Blob(blob) => return Some(blob),
+            match ask(peer).await {
+                Asked::Got(got) => return Some(got),
                 Asked::Declined => return None,
                 Asked::Unreachable(e) => self.failed(peer, &e),
             }
@@ -221,35 +243,30 @@ impl Cluster {
         &self.instance
     }
 
-    /// One blob request to `peer`.
-    async fn ask(&self, peer: usize, registry: &str, repo: &RepoName, digest: &Digest) -> Asked {
+    /// A signed GET of `path` to `peer`: its answer, or how it went otherwise (a peer that
+    /// refuses this replica is skipped from now on).
+    async fn get(&self, peer: usize, path: &str) -> Result<Response<Incoming>, Asked<()>> {
         let address = &self.peers[peer].address;
-        let path = format!(
-            "/v2/{repo}/blobs/{digest}?ns={}",
-            registry.replace(':', "%3A")
-        );
         let request = Request::get(format!("{address}{path}"))
             .header(header::USER_AGENT, USER_AGENT)
-            .header(PEER_HEADER, self.signer.sign(&Method::GET, &path))
+            .header(PEER_HEADER, self.signer.sign(&Method::GET, path))
             .header(INSTANCE_HEADER, &self.instance)
-            .body(Empty::new());
-        let Ok(request) = request else {
-            return Asked::Unreachable(format!("cannot build a request to {address}"));
-        };
+            .body(Empty::new())
+            .map_err(|_| Asked::Unreachable(format!("cannot build a request to {address}")))?;
         let response = match tokio::time::timeout(self.config.timeout, self.http.request(request))
             .await
         {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 let e = crate::upstream::error_chain(&e);
-                return Asked::Unreachable(format!("{address}: {e}"));
+                return Err(Asked::Unreachable(format!("{address}: {e}")));
             }
-            // Up but slow (its upstream is, or its downloads are all busy): this blob
+            // Up but slow (its upstream is, or its downloads are all busy): this one
             // comes from upstream directly, and the owner stays in use.
             Err(_) => {
-                tracing::info!(peer = %address, %digest, timeout = ?self.config.timeout, "the owner did not answer in time; asking upstream directly");
+                tracing::info!(peer = %address, %path, timeout = ?self.config.timeout, "the owner did not answer in time; asking upstream directly");
                 self.metrics.peer_request_sent(address, "slow");
-                return Asked::Declined;
+                return Err(Asked::Declined);
             }
         };
         let status = response.status();
@@ -261,7 +278,7 @@ impl Cluster {
             // under another name.
             self.metrics.peer_request_sent(address, "refused");
             self.mark_down(peer, &format!("it refused a cluster request: {status}"));
-            return Asked::Declined;
+            return Err(Asked::Declined);
         }
         self.peers[peer]
             .down_until
@@ -269,14 +286,28 @@ impl Cluster {
             .expect("peer lock")
             .take();
         self.metrics.peer_up.with_label_values(&[address]).set(1);
-        let size = crate::upstream::content_length(response.headers());
-        let (StatusCode::OK, Some(size)) = (status, size) else {
-            tracing::debug!(peer = %address, %digest, %status, "the owner did not send the blob; asking upstream");
+        if status != StatusCode::OK {
+            tracing::debug!(peer = %address, %path, %status, "the owner did not send it; asking upstream");
+            self.metrics.peer_request_sent(address, "declined");
+            return Err(Asked::Declined);
+        }
+        Ok(response)
+    }
+
+    /// One blob request to `peer`.
+    async fn ask_blob(&self, peer: usize, path: &str, digest: &Digest) -> Asked<PeerBlob> {
+        let response = match self.get(peer, path).await {
+            Ok(response) => response,
+            Err(asked) => return asked.nothing(),
+        };
+        let address = &self.peers[peer].address;
+        let Some(size) = crate::upstream::content_length(response.headers()) else {
+            tracing::debug!(peer = %address, %digest, "the owner sent no length; asking upstream");
             self.metrics.peer_request_sent(address, "declined");
             return Asked::Declined;
         };
         self.metrics.peer_request_sent(address, "ok");
-        Asked::Blob(PeerBlob {
+        Asked::Got(PeerBlob {
             bytes: response
                 .into_body()
                 .into_data_stream()
@@ -286,6 +317,12 @@ impl Cluster {
             peer,
             label: address.clone(),
         })
+    }
+
+    /// Counts what a peer sent.
+    pub(crate) fn sent(&self, peer: usize, outcome: &str) {
+        self.metrics
+            .peer_request_sent(&self.peers[peer].address, outcome);
     }
 
     /// `peer` could not be reached, or its body broke: it is skipped for `recheck_after`.
@@ -317,6 +354,11 @@ impl Cluster {
     pub fn served(&self, outcome: &str) {
         self.metrics.peer_request_served(outcome);
     }
+}
+
+/// The path of a peer request for `what` (`<repo>/blobs/<digest>`) of `registry`.
+fn peer_path(registry: &str, what: &str) -> String {
+    format!("/v2/{what}?ns={}", registry.replace(':', "%3A"))
 }
 
 /// A random name for this process.

@@ -39,11 +39,16 @@ pub async fn serve(
             head_by_digest(app, registry, repo, digest, outcome).await
         }
         Reference::Digest(digest) => {
-            let manifest = by_digest(app, registry, repo, digest, outcome).await?;
+            // A peer's request never goes on to another peer.
+            let from_peer = headers.contains_key(crate::cluster::signature::PEER_HEADER);
+            let manifest = by_digest(app, registry, repo, digest, !from_peer, outcome).await?;
             // Stored, or fetched from a content-only endpoint (which answers by digest for any
             // repository): served here only if the repository holds it. A trusted endpoint's
-            // answer was linked to the repository as it came.
-            confirm(app, registry, repo, digest, Content::Manifest).await?;
+            // answer was linked to the repository as it came. A peer confirms it for its
+            // own client.
+            if !from_peer {
+                confirm(app, registry, repo, digest, Content::Manifest).await?;
+            }
             Ok(respond(
                 &manifest.digest,
                 &manifest.media_type,
@@ -121,12 +126,14 @@ async fn answer_tag(
     ))
 }
 
-/// A manifest by digest: memory, disk, or upstream (verified), one load for all waiters.
+/// A manifest by digest: memory, disk, the bucket, the peer that owns it (with `ask_peers`),
+/// or upstream (verified), one load for all waiters.
 async fn by_digest(
     app: &App,
     registry: usize,
     repo: &RepoName,
     digest: &Digest,
+    ask_peers: bool,
     outcome: &mut Outcome,
 ) -> Result<Arc<Manifest>, Error> {
     let went_upstream = Arc::new(AtomicBool::new(false));
@@ -135,6 +142,13 @@ async fn by_digest(
         flag.store(true, Ordering::Relaxed);
         if let Some(manifest) = from_shared_store(app, registry, repo, digest).await {
             return Ok(manifest);
+        }
+        if let (true, Some(cluster)) = (ask_peers, app.cluster()) {
+            let name = &app.routes()[registry].name;
+            if let Some(manifest) = cluster.read_manifest(name, repo, digest).await {
+                arrived(app, registry, repo, &manifest);
+                return Ok(manifest);
+            }
         }
         let accept = canonical_accept();
         let reference = Reference::Digest(digest.clone());
@@ -160,10 +174,16 @@ async fn from_shared_store(
     digest: &Digest,
 ) -> Option<Manifest> {
     let manifest = app.shared()?.read_manifest(digest).await?;
+    arrived(app, registry, repo, &manifest);
+    Some(manifest)
+}
+
+/// What a manifest from the bucket or a peer sets going: the sizes it declares are
+/// remembered, and its blobs may be fetched ahead of the client.
+fn arrived(app: &App, registry: usize, repo: &RepoName, manifest: &Manifest) {
     app.cache().note_declared_sizes(&manifest.bytes);
     let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
     app.prefetcher().image_arrived(registry, repo, blobs);
-    Some(manifest)
 }
 
 /// A manifest by digest, for a caller that only needs it at hand.
@@ -173,7 +193,7 @@ pub(super) async fn by_digest_quietly(
     repo: &RepoName,
     digest: &Digest,
 ) -> Result<Arc<Manifest>, Error> {
-    by_digest(app, registry, repo, digest, &mut Outcome::None).await
+    by_digest(app, registry, repo, digest, true, &mut Outcome::None).await
 }
 
 /// A HEAD by digest: from the cache, else a HEAD to the endpoints trusted with tags (which,
@@ -216,7 +236,7 @@ async fn head_by_digest(
         // Not said, or not said enough (no trusted endpoint answered, or its HEAD lacks a
         // header): fetch, verify and store the manifest instead, from any endpoint.
         Ok(None) | Err(_) => {
-            let m = by_digest(app, registry, repo, digest, outcome).await?;
+            let m = by_digest(app, registry, repo, digest, true, outcome).await?;
             confirm(app, registry, repo, digest, Content::Manifest).await?;
             Ok(respond_head(&m.digest, &m.media_type, m.bytes.len(), false))
         }

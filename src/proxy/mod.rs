@@ -178,8 +178,8 @@ pub async fn handle<B>(
     record(&app, kind, &method, status, outcome, started, response)
 }
 
-/// Whether a request signed as a peer's may be served as one: only a blob, only with a
-/// cluster, only signed with its secret. Never an open proxy: a peer may ask what any client
+/// Whether a request signed as a peer's may be served as one: only a blob or a manifest by
+/// digest, only with a cluster, only signed with its secret. Never an open proxy: a peer may ask what any client
 /// may, by digest, and nothing more.
 fn peer_request(
     app: &App,
@@ -192,8 +192,20 @@ fn peer_request(
     use crate::cluster::signature::INSTANCE_HEADER;
     let checked = match (app.cluster(), &route.target) {
         (None, _) => Err("this replica has no [cluster]"),
-        (Some(_), target) if !matches!(target, Target::Blob { .. }) => {
-            Err("peers ask only for blobs")
+        (Some(_), target)
+            if !matches!(target, Target::Blob { .. })
+                && !matches!(
+                    (target, method),
+                    (
+                        Target::Manifest {
+                            reference: crate::oci::Reference::Digest(_),
+                            ..
+                        },
+                        &http::Method::GET
+                    )
+                ) =>
+        {
+            Err("peers ask only for blobs and manifests by digest")
         }
         (Some(cluster), _)
             if headers.get(INSTANCE_HEADER).map(HeaderValue::as_bytes)

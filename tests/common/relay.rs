@@ -12,6 +12,8 @@ pub struct Relay {
     pub port: u16,
     sent: Arc<AtomicU64>,
     last_sent: Arc<Mutex<Option<Instant>>>,
+    /// Everything clients sent: their requests.
+    asked: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,17 +29,31 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (sent, last_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(None)));
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn({
-            let (sent, last_sent) = (Arc::clone(&sent), Arc::clone(&last_sent));
+            let (sent, last_sent, asked) = (
+                Arc::clone(&sent),
+                Arc::clone(&last_sent),
+                Arc::clone(&asked),
+            );
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let target = SocketAddr::from(([127, 0, 0, 1], target));
-                    let (sent, last_sent) = (Arc::clone(&sent), Arc::clone(&last_sent));
+                    let (sent, last_sent, asked) = (
+                        Arc::clone(&sent),
+                        Arc::clone(&last_sent),
+                        Arc::clone(&asked),
+                    );
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(target).await else {
                             return;
                         };
-                        relay(client, server, pace, &sent, &last_sent).await;
+                        let counts = Counts {
+                            sent: &sent,
+                            last_sent: &last_sent,
+                            asked: &asked,
+                        };
+                        relay(client, server, pace, counts).await;
                     });
                 }
             }
@@ -46,6 +62,7 @@ impl Relay {
             port,
             sent,
             last_sent,
+            asked,
             task,
         }
     }
@@ -57,6 +74,13 @@ impl Relay {
     /// Bytes the server sent, every connection together.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Acquire)
+    }
+
+    /// How many requests clients sent that begin with `line` (`GET /v2/...`).
+    pub fn requests(&self, line: &str) -> usize {
+        let asked = self.asked.lock().unwrap();
+        let text = String::from_utf8_lossy(&asked);
+        text.matches(&format!("{line} HTTP/1.1\r\n")).count()
     }
 
     /// When the server last sent a byte.
@@ -71,17 +95,29 @@ impl Drop for Relay {
     }
 }
 
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    pace: Option<u64>,
-    sent: &AtomicU64,
-    last_sent: &Mutex<Option<Instant>>,
-) {
+/// What a relayed connection adds to.
+struct Counts<'a> {
+    sent: &'a AtomicU64,
+    last_sent: &'a Mutex<Option<Instant>>,
+    asked: &'a Mutex<Vec<u8>>,
+}
+
+async fn relay(client: TcpStream, server: TcpStream, pace: Option<u64>, counts: Counts<'_>) {
+    let Counts {
+        sent,
+        last_sent,
+        asked,
+    } = counts;
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upward = async {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(read) = client_read.read(&mut buffer).await {
+            if read == 0 || server_write.write_all(&buffer[..read]).await.is_err() {
+                break;
+            }
+            asked.lock().unwrap().extend_from_slice(&buffer[..read]);
+        }
         let _ = server_write.shutdown().await;
     };
     let downward = async {

@@ -1,0 +1,57 @@
+//! Manifests by digest from the peer that owns them: each is fetched from upstream once for
+//! the fleet (Docker Hub counts every manifest GET as a pull). What a peer sends is checked as
+//! upstream's answer is: at most 4 MiB, hashing to the digest asked for, and a manifest.
+
+use super::{peer_path, Asked, Cluster};
+use crate::cache::Manifest;
+use crate::digest::Digest;
+use crate::oci::{self, RepoName};
+use http::header;
+use http_body_util::{BodyExt, Limited};
+
+impl Cluster {
+    /// The manifest `digest` of `repo` from the live peer that owns it, unless this replica
+    /// does (then `None`: it asks upstream itself), checked.
+    pub async fn read_manifest(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<Manifest> {
+        let path = peer_path(registry, &format!("{repo}/manifests/{digest}"));
+        self.ask_owner(digest, |peer| self.ask_manifest(peer, &path, digest))
+            .await
+    }
+
+    async fn ask_manifest(&self, peer: usize, path: &str, digest: &Digest) -> Asked<Manifest> {
+        let response = match self.get(peer, path).await {
+            Ok(response) => response,
+            Err(asked) => return asked.nothing(),
+        };
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .filter(|t| oci::is_media_type(t) && !oci::is_generic_type(t));
+        let body = Limited::new(response.into_body(), oci::MAX_MANIFEST_BYTES);
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return Asked::Unreachable(format!("its manifest {digest}: {e}")),
+        };
+        if &Digest::of(&bytes) != digest || !oci::is_manifest_document(&bytes) {
+            self.sent(peer, "corrupt");
+            self.mark_down(peer, "it sent a manifest that does not verify");
+            return Asked::Declined;
+        }
+        self.sent(peer, "ok");
+        let media_type = content_type
+            .or_else(|| oci::sniff_manifest_type(&bytes))
+            .unwrap_or_else(|| oci::OCI_MANIFEST.to_string());
+        Asked::Got(Manifest {
+            digest: digest.clone(),
+            media_type,
+            bytes,
+        })
+    }
+}
