@@ -285,7 +285,7 @@ impl Metrics {
             peer_requests_sent: counter_vec(
                 &r,
                 "regmirror_peer_requests_sent_total",
-                "Blob requests sent to the peer that owns the digest, by outcome (ok: it sent the blob; declined: it answered without it; slow: no answer within cluster.timeout; refused: it refused this replica (401, 403, 409); failed: it could not be reached, or its body broke; corrupt: what it sent did not verify).",
+                "Requests (blobs, manifests by digest) sent to the peer that owns the digest, by outcome (ok: it sent it; declined: it answered without it; slow: no answer within cluster.timeout; refused: it refused this replica's cluster request; failed: it could not be reached, or its body broke; corrupt: what it sent did not verify).",
                 &["peer", "outcome"],
             ),
             peer_requests_served: counter_vec(

@@ -157,6 +157,8 @@ async fn clients_of_three_replicas_pulling_one_cold_blob_leave_the_origin_once()
             .unwrap();
         let response = common::client().request(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        // Said to be the cluster's refusal: the asking replica stops asking this peer.
+        assert!(response.headers().contains_key("x-regmirror-peer-refused"));
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert!(
             String::from_utf8_lossy(&body).contains("DENIED"),

@@ -35,15 +35,19 @@ impl Cluster {
             .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
             .filter(|t| oci::is_media_type(t) && !oci::is_generic_type(t));
         let body = Limited::new(response.into_body(), oci::MAX_MANIFEST_BYTES);
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => return Asked::Unreachable(format!("its manifest {digest}: {e}")),
+        let bytes = match tokio::time::timeout(self.stall_timeout(), body.collect()).await {
+            Ok(Ok(collected)) => Some(collected.to_bytes()),
+            // Over 4 MiB: not the manifest asked for.
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => None,
+            Ok(Err(e)) => return Asked::Unreachable(format!("its manifest {digest}: {e}")),
+            Err(_) => return Asked::Unreachable(format!("its manifest {digest} stalled")),
         };
-        if &Digest::of(&bytes) != digest || !oci::is_manifest_document(&bytes) {
+        let verified = bytes.filter(|b| &Digest::of(b) == digest && oci::is_manifest_document(b));
+        let Some(bytes) = verified else {
             self.sent(peer, "corrupt");
             self.mark_down(peer, "it sent a manifest that does not verify");
             return Asked::Declined;
-        }
+        };
         self.sent(peer, "ok");
         let media_type = content_type
             .or_else(|| oci::sniff_manifest_type(&bytes))

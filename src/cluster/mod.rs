@@ -30,7 +30,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
-use signature::{Signer, INSTANCE_HEADER, PEER_HEADER};
+use signature::{Signer, INSTANCE_HEADER, PEER_HEADER, REFUSED_HEADER};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -270,12 +270,10 @@ impl Cluster {
             }
         };
         let status = response.status();
-        if matches!(
-            status,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::CONFLICT
-        ) {
+        if response.headers().contains_key(REFUSED_HEADER) {
             // It refuses this replica: another secret, clocks apart, or this very replica
-            // under another name.
+            // under another name. (A 401 or 403 without the header is upstream's refusal,
+            // passed on: declined, the peer stays in use.)
             self.metrics.peer_request_sent(address, "refused");
             self.mark_down(peer, &format!("it refused a cluster request: {status}"));
             return Err(Asked::Declined);

@@ -15,6 +15,11 @@ pub const PEER_HEADER: &str = "x-regmirror-peer";
 /// The header naming the process a peer request comes from: a replica refuses its own.
 pub const INSTANCE_HEADER: &str = "x-regmirror-instance";
 
+/// The header of a peer's answer that refuses a cluster request (bad signature, another
+/// secret, clocks apart, this very replica): unlike a refusal upstream passed on, it says the
+/// peer is not to be asked.
+pub const REFUSED_HEADER: &str = "x-regmirror-peer-refused";
+
 /// How far a signature's time may be from this replica's clock.
 pub const MAX_SKEW: Duration = Duration::from_secs(300);
 

@@ -15,7 +15,7 @@ pub const MIN_SECRET_BYTES: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This replica's own address as its peers reach it (`http://10.0.0.11:5000`); one of
-    /// `peers`. Without it, the peer whose host name begins with this machine's host name
+    /// `peers`. Without it, the peer whose host's first label is this machine's host name's
     /// (`regmirror-0` in `http://regmirror-0.regmirror-peers:5000`, as a StatefulSet's pods
     /// are named): one configuration for every replica.
     #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
@@ -136,11 +136,12 @@ impl ClusterConfig {
     }
 
     /// This replica's address among the peers: `self`, or the one peer named after
-    /// `hostname` (its host's first label).
+    /// `hostname` (their hosts' first labels equal).
     pub fn own_address(&self, hostname: &str) -> Result<&str, ConfigError> {
         if let Some(own) = &self.self_url {
             return Ok(peer_address(own));
         }
+        let hostname = hostname.split('.').next().unwrap_or("");
         let named: Vec<&str> = self
             .peers
             .iter()
@@ -232,6 +233,11 @@ mod tests {
         assert_eq!(
             c.own_address("regmirror-1").unwrap(),
             "http://regmirror-1.peers:5000"
+        );
+        // A host name given whole (an FQDN) is the same host.
+        assert_eq!(
+            c.own_address("regmirror-10.example.internal").unwrap(),
+            "http://regmirror-10.peers:5000"
         );
         let e = c.own_address("elsewhere").unwrap_err().to_string();
         assert!(e.contains("cluster.self") && e.contains("none"), "{e}");

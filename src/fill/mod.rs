@@ -68,15 +68,25 @@ pub struct FillJob {
 /// Starts the download of `permit.digest()` into `temp`; readers follow through the permit's
 /// progress. A verified blob is committed once blob traffic pauses (see [`CommitPacer`]); it
 /// stays in the single-flight table, served from its download file, until then.
-pub fn spawn(job: FillJob, permit: FillPermit, temp: TempBlob) {
+pub fn spawn(mut job: FillJob, permit: FillPermit, temp: TempBlob) {
     tokio::spawn(async move {
         let digest = permit.digest().clone();
         let started = Instant::now();
         job.pacer.traffic();
-        // A download read from the peer that owns the blob takes a slot of the cluster's.
+        // Whether the owner is asked is decided once, here: a download meant for the owner
+        // takes a slot of the cluster's (it may end up reading the bucket or, declined,
+        // upstream: downloads from upstream then reach twice `max_downloads` at most); one
+        // this replica owns never asks a peer, so it never waits on another replica's slots.
+        if !job
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.owned_elsewhere(&digest))
+        {
+            job.cluster = None;
+        }
         let slots = match &job.cluster {
-            Some(cluster) if cluster.owned_elsewhere(&digest) => cluster.slots(),
-            _ => &job.slots,
+            Some(cluster) => cluster.slots(),
+            None => &job.slots,
         };
         let slot = tokio::time::timeout(job.timeout, slots.acquire()).await;
         let Ok(slot) = slot else {

@@ -89,9 +89,12 @@ pub async fn serve(
                     job.cluster = None;
                 }
                 fill::spawn(job, permit, temp);
-                let download = fill.progress.clone();
-                app.prefetcher()
-                    .layer_missed(app, registry, repo, digest, download);
+                // The asking replica's clients pull the image: it prefetches, not this one.
+                if !from_peer {
+                    let download = fill.progress.clone();
+                    app.prefetcher()
+                        .layer_missed(app, registry, repo, digest, download);
+                }
                 follow_fill(app, registry, repo, digest, fill, range, window.clone()).await?
             }
         };

@@ -88,6 +88,7 @@ pub async fn handle<B>(
                 .get(crate::cluster::signature::PEER_HEADER)
                 .map(|signed| peer_request(&app, &route, &method, &uri, request.headers(), signed));
             let peer_signed = from_peer.is_some();
+            let peer_refused = matches!(from_peer, Some(Err(_)));
             let allowed = match (from_peer, app.access()) {
                 (Some(checked), _) => checked,
                 (None, Some(access)) => {
@@ -125,6 +126,13 @@ pub async fn handle<B>(
                     (e.into_response(head), Some(text))
                 }
             };
+            if peer_refused {
+                // What tells a peer that the cluster refused it (a 403 from upstream does not).
+                response.headers_mut().insert(
+                    crate::cluster::signature::REFUSED_HEADER,
+                    HeaderValue::from_static("1"),
+                );
+            }
             if let (StatusCode::UNAUTHORIZED, Some(access)) = (response.status(), app.access()) {
                 let value = challenge(&app, access, Some(&route.target), request.headers(), &uri);
                 response
