@@ -285,7 +285,7 @@ impl Metrics {
             peer_requests_sent: counter_vec(
                 &r,
                 "regmirror_peer_requests_sent_total",
-                "Requests (blobs, manifests by digest) sent to the peer that owns the digest, by outcome (ok: it sent it; declined: it answered without it; slow: no answer within cluster.timeout; refused: it refused this replica's cluster request; failed: it could not be reached, or its body broke; corrupt: what it sent did not verify).",
+                "Requests (blobs, manifests by digest, tags) sent to the peer that owns them, by outcome (ok: it sent it, or said the tag is unchanged; declined: it answered without it; slow: no answer within cluster.timeout; refused: it refused this replica's cluster request; failed: it could not be reached, or its body broke; corrupt: what it sent did not verify).",
                 &["peer", "outcome"],
             ),
             peer_requests_served: counter_vec(

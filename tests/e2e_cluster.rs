@@ -4,7 +4,9 @@
 //! Clients spread over the replicas pull the same cold blob (or manifest) at once: the origin
 //! sends it once for the whole fleet, every client gets it byte-exact and starts receiving it
 //! while the origin is still sending. An owner killed mid-download costs the others' clients
-//! nothing. Peers refuse cluster requests not signed with the secret.
+//! nothing. A tag is revalidated with the origin once per TTL for the whole fleet, and a tag
+//! moved at the origin reaches every replica within the TTL. Peers refuse cluster requests not
+//! signed with the secret.
 
 mod common;
 
@@ -25,6 +27,16 @@ const BLOB_MIB: usize = 256;
 /// Three replicas of the Docker Hub mirror in front of `origin`, sharing `s3`, each naming
 /// the three as its peers.
 async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
+    fleet_with(dir, origin, s3, "").await
+}
+
+/// [`fleet`], with `cache_extra` added to each replica's `[cache]` section.
+async fn fleet_with(
+    dir: &Path,
+    origin: &str,
+    s3: &S3Server,
+    cache_extra: &str,
+) -> Vec<(Process, u16)> {
     let secret_file = dir.join("cluster.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -38,7 +50,7 @@ async fn fleet(dir: &Path, origin: &str, s3: &S3Server) -> Vec<(Process, u16)> {
         let cache = dir.join(format!("{name}-cache"));
         let process = spawn_regmirror_on(dir, &name, port, |port| {
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n{cache_extra}\n\
                  [[registry]]\nname = \"docker.io\"\ndefault = true\n\
                  [[registry.upstream]]\nurl = \"{origin}\"\n{}\
                  [cluster]\nself = {:?}\npeers = {peers:?}\nsecret_file = {:?}\n",
@@ -325,5 +337,92 @@ async fn a_manifest_asked_of_three_replicas_at_once_is_fetched_from_the_origin_o
     println!(
         "{} manifests, each asked of 3 replicas at once: the origin was asked each once",
         asked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs docker-registry and s3s-fs: run tests/run.sh"]
+async fn a_tag_is_revalidated_once_per_ttl_for_the_whole_fleet_and_its_move_reaches_every_replica()
+{
+    const TTL_SECS: f64 = 2.0;
+    const RUN_SECS: f64 = 8.0;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start(&dir.path().join("origin")).await;
+    let seeded = seed(&origin).await;
+    // `rolling` points to the OCI index first, then (half way) to the Docker list.
+    let manifest_of = |digest: &Digest| {
+        let url = format!("{}/v2/{REPO}/manifests/{digest}", origin.url());
+        async move { common::get_manifest(&url).await }
+    };
+    let (oci, docker) = (
+        manifest_of(&seeded.oci_index).await,
+        manifest_of(&seeded.docker_list).await,
+    );
+    let tag = |got: &common::Got| {
+        let media_type = got.header("content-type").unwrap().to_string();
+        (media_type, got.bytes().to_vec())
+    };
+    let ((oci_type, oci_bytes), (docker_type, docker_bytes)) = (tag(&oci), tag(&docker));
+    push_manifest(&origin, REPO, "rolling", &oci_type, oci_bytes).await;
+    let relay = Relay::start(origin.port).await;
+    let s3 = S3Server::start().await;
+    let ttl = format!("tag_ttl = \"{TTL_SECS}s\"");
+    let replicas = fleet_with(dir.path(), &relay.url(), &s3, &ttl).await;
+
+    // Clients of every replica ask for the tag every 100 ms.
+    let started = Instant::now();
+    let mut moved_at = None;
+    let mut answers = Vec::new();
+    while started.elapsed().as_secs_f64() < RUN_SECS {
+        if moved_at.is_none() && started.elapsed().as_secs_f64() >= RUN_SECS / 2.0 {
+            push_manifest(&origin, REPO, "rolling", &docker_type, docker_bytes.clone()).await;
+            moved_at = Some(Instant::now());
+        }
+        for (_, port) in &replicas {
+            let got = common::get_manifest(&format!(
+                "http://127.0.0.1:{port}/v2/{REPO}/manifests/rolling"
+            ))
+            .await;
+            assert_eq!(got.status, StatusCode::OK);
+            let digest = Digest::of(got.bytes());
+            assert_eq!(
+                got.header("docker-content-digest"),
+                Some(digest.to_string().as_str())
+            );
+            answers.push((Instant::now(), digest));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let moved_at = moved_at.unwrap();
+
+    // Every answer is the tag's digest at the origin then, or, within a TTL (and a second of
+    // rounding) of the move, the one before.
+    let grace = std::time::Duration::from_secs_f64(TTL_SECS + 1.0);
+    for (at, digest) in &answers {
+        if *at < moved_at {
+            assert_eq!(digest, &seeded.oci_index, "before the move");
+        } else if *at > moved_at + grace {
+            assert_eq!(digest, &seeded.docker_list, "a TTL after the move");
+        } else {
+            assert!(digest == &seeded.oci_index || digest == &seeded.docker_list);
+        }
+    }
+    let tag_requests = relay.requests(&format!("HEAD /v2/{REPO}/manifests/rolling"))
+        + relay.requests(&format!("GET /v2/{REPO}/manifests/rolling"));
+    let new_manifest = relay.requests(&format!("GET /v2/{REPO}/manifests/{}", seeded.docker_list));
+    println!(
+        "{} tag answers from 3 replicas over {RUN_SECS} s, tag TTL {TTL_SECS} s: the origin was \
+         asked for the tag {tag_requests} times, for the manifest it moved to {new_manifest}",
+        answers.len()
+    );
+    // Once at the start, then once per TTL at most (3 replicas each asking would be 3 times).
+    let most = (RUN_SECS / TTL_SECS).ceil() as usize + 1;
+    assert!(
+        tag_requests <= most,
+        "{tag_requests} tag requests, at most {most} expected"
+    );
+    assert!(
+        new_manifest <= 1,
+        "the new manifest was fetched {new_manifest} times"
     );
 }

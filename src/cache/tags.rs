@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a tag resolves to, and whether upstream confirmed it recently.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub struct TagAnswer {
     /// For a stale answer: when upstream may answer again (the end of its back-off or of its
     /// rate-limit pause), so that it is asked again then, not before.
     pub recheck_after: Option<Duration>,
+    /// When upstream confirmed it (here, or at the tag's owner in a cluster): a fresh answer
+    /// lives for the tag TTL from then.
+    pub confirmed_at: Instant,
 }
 
 /// A tag of a repository of a registry: the index of a configured registry, and its name,
@@ -63,7 +66,8 @@ pub(super) struct TagTtl(pub(super) Arc<AtomicU64>);
 
 /// How long a stale tag answer (upstream could not confirm it) is kept at least before it is
 /// asked again; it is kept until upstream may answer again (`recheck_after`), and never beyond
-/// the tag TTL: an upstream that is back is noticed soon.
+/// the tag TTL: an upstream that is back is noticed soon. Also the least a fresh answer
+/// confirmed almost a TTL ago (by the tag's owner) is kept.
 const STALE_TAG_TTL: Duration = Duration::from_secs(1);
 
 /// Tag answers live for the tag TTL; stale ones briefly.
@@ -78,7 +82,12 @@ impl moka::Expiry<TagKey, TagAnswer> for TagAnswerTtl {
     ) -> Option<Duration> {
         let ttl = Duration::from_millis(self.0.load(Ordering::Relaxed).max(1));
         let recheck = answer.recheck_after.unwrap_or_default().max(STALE_TAG_TTL);
-        Some(if answer.stale { ttl.min(recheck) } else { ttl })
+        let left = ttl.saturating_sub(answer.confirmed_at.elapsed());
+        Some(if answer.stale {
+            ttl.min(recheck)
+        } else {
+            ttl.min(left.max(STALE_TAG_TTL))
+        })
     }
 }
 

@@ -6,8 +6,9 @@ use super::{peer_path, Asked, Cluster};
 use crate::cache::Manifest;
 use crate::digest::Digest;
 use crate::oci::{self, RepoName};
-use http::header;
+use http::{header, Response};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 
 impl Cluster {
     /// The manifest `digest` of `repo` from the live peer that owns it, unless this replica
@@ -19,15 +20,26 @@ impl Cluster {
         digest: &Digest,
     ) -> Option<Manifest> {
         let path = peer_path(registry, &format!("{repo}/manifests/{digest}"));
-        self.ask_owner(digest, |peer| self.ask_manifest(peer, &path, digest))
-            .await
+        self.ask_owner(&digest.to_string(), |peer| {
+            self.ask_manifest(peer, &path, digest)
+        })
+        .await
     }
 
     async fn ask_manifest(&self, peer: usize, path: &str, digest: &Digest) -> Asked<Manifest> {
-        let response = match self.get(peer, path).await {
-            Ok(response) => response,
-            Err(asked) => return asked.nothing(),
-        };
+        match self.get(peer, path).await {
+            Ok(response) => self.manifest_body(peer, response, digest).await,
+            Err(asked) => asked.nothing(),
+        }
+    }
+
+    /// The manifest `digest` that `peer` answered with, checked.
+    pub(super) async fn manifest_body(
+        &self,
+        peer: usize,
+        response: Response<Incoming>,
+        digest: &Digest,
+    ) -> Asked<Manifest> {
         let content_type = response
             .headers()
             .get(header::CONTENT_TYPE)

@@ -15,6 +15,8 @@
 //! hop marker: a download started for a peer never asks another peer.
 
 mod manifests;
+mod tags;
+pub use tags::{OwnerTag, TagFromOwner};
 pub mod signature;
 
 use crate::cache::slots::DownloadSlots;
@@ -26,7 +28,7 @@ use crate::upstream::{http_client, HttpClient, USER_AGENT};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
@@ -195,17 +197,23 @@ impl Cluster {
         digest: &Digest,
     ) -> Option<PeerBlob> {
         let path = peer_path(registry, &format!("{repo}/blobs/{digest}"));
-        self.ask_owner(digest, |peer| self.ask_blob(peer, &path, digest))
-            .await
+        self.ask_owner(&digest.to_string(), |peer| {
+            self.ask_blob(peer, &path, digest)
+        })
+        .await
     }
 
-    /// What `ask` gets from the live peer that owns `digest`, unless this replica does.
+    /// What `ask` gets from the live peer that owns `key` (a digest, or a tag), unless this
+    /// replica does.
+    ///
+    /// Asking never goes round in a circle: a replica asks only a peer that comes before it
+    /// in the key's order (the same for all replicas), whatever each believes is down.
     pub(crate) async fn ask_owner<T, F: std::future::Future<Output = Asked<T>>>(
         &self,
-        digest: &Digest,
+        key: &str,
         ask: impl Fn(usize) -> F,
     ) -> Option<T> {
-        for peer in self.owners(&digest.to_string()) {
+        for peer in self.owners(key) {
             if peer == self.own {
                 return None;
             }
@@ -246,10 +254,26 @@ impl Cluster {
     /// A signed GET of `path` to `peer`: its answer, or how it went otherwise (a peer that
     /// refuses this replica is skipped from now on).
     async fn get(&self, peer: usize, path: &str) -> Result<Response<Incoming>, Asked<()>> {
+        self.send(peer, Request::get(path)).await
+    }
+
+    /// `request` (its method and path), signed, to `peer`: its answer if it is a 200 (or a
+    /// 304).
+    async fn send(
+        &self,
+        peer: usize,
+        request: http::request::Builder,
+    ) -> Result<Response<Incoming>, Asked<()>> {
         let address = &self.peers[peer].address;
-        let request = Request::get(format!("{address}{path}"))
+        let method = request.method_ref().cloned().unwrap_or_default();
+        let path = request
+            .uri_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let request = request
+            .uri(format!("{address}{path}"))
             .header(header::USER_AGENT, USER_AGENT)
-            .header(PEER_HEADER, self.signer.sign(&Method::GET, path))
+            .header(PEER_HEADER, self.signer.sign(&method, &path))
             .header(INSTANCE_HEADER, &self.instance)
             .body(Empty::new())
             .map_err(|_| Asked::Unreachable(format!("cannot build a request to {address}")))?;
@@ -284,7 +308,8 @@ impl Cluster {
             .expect("peer lock")
             .take();
         self.metrics.peer_up.with_label_values(&[address]).set(1);
-        if status != StatusCode::OK {
+        // Not modified: a tag still points to the manifest the asking replica has.
+        if status != StatusCode::OK && status != StatusCode::NOT_MODIFIED {
             tracing::debug!(peer = %address, %path, %status, "the owner did not send it; asking upstream");
             self.metrics.peer_request_sent(address, "declined");
             return Err(Asked::Declined);

@@ -34,13 +34,13 @@ pub async fn serve(
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, Error> {
     let accept = AcceptSet::from_headers(headers);
+    // A peer's request never goes on to another peer for what was asked.
+    let from_peer = headers.contains_key(crate::cluster::signature::PEER_HEADER);
     match reference {
         Reference::Digest(digest) if head => {
             head_by_digest(app, registry, repo, digest, outcome).await
         }
         Reference::Digest(digest) => {
-            // A peer's request never goes on to another peer.
-            let from_peer = headers.contains_key(crate::cluster::signature::PEER_HEADER);
             let manifest = by_digest(app, registry, repo, digest, !from_peer, outcome).await?;
             // Stored, or fetched from a content-only endpoint (which answers by digest for any
             // repository): served here only if the repository holds it. A trusted endpoint's
@@ -63,7 +63,8 @@ pub async fn serve(
             let answer = app
                 .cache()
                 .tag(&key, || {
-                    super::tag::revalidate(app, key.clone(), Arc::clone(&went_upstream))
+                    let went_upstream = Arc::clone(&went_upstream);
+                    super::tag::revalidate(app, key.clone(), went_upstream, !from_peer)
                 })
                 .await?;
             *outcome = match (answer.stale, went_upstream.load(Ordering::Relaxed)) {
@@ -71,7 +72,15 @@ pub async fn serve(
                 (false, true) => Outcome::Miss,
                 (false, false) => Outcome::Hit,
             };
-            answer_tag(app, registry, repo, &answer, head).await
+            if !head && names_etag(headers, &answer.digest) {
+                return Ok(not_modified(&answer));
+            }
+            let mut response = answer_tag(app, registry, repo, &answer, head, !from_peer).await?;
+            if !answer.stale {
+                let age = answer.confirmed_at.elapsed().as_secs();
+                response.headers_mut().insert(header::AGE, age.into());
+            }
+            Ok(response)
         }
         Reference::Tag(tag) => {
             // A narrower Accept gets what upstream gives every client when the tag's current
@@ -80,7 +89,7 @@ pub async fn serve(
             if let Some(answer) = app.cache().peek_tag(&key).await {
                 if !answer.stale && accept.accepts(&answer.media_type) {
                     *outcome = Outcome::Hit;
-                    return answer_tag(app, registry, repo, &answer, head).await;
+                    return answer_tag(app, registry, repo, &answer, head, !from_peer).await;
                 }
             }
             *outcome = Outcome::Bypass;
@@ -95,12 +104,37 @@ pub async fn serve(
                     let answer = fallback.expect("checked");
                     tracing::warn!(%repo, %tag, digest = %answer.digest, error = %e, "upstream unreachable; serving the last known tag mapping");
                     *outcome = Outcome::Stale;
-                    answer_tag(app, registry, repo, &answer, head).await
+                    answer_tag(app, registry, repo, &answer, head, !from_peer).await
                 }
                 answered => answered,
             }
         }
     }
+}
+
+/// Whether the client's `If-None-Match` names `digest` (it has that manifest).
+fn names_etag(headers: &HeaderMap, digest: &Digest) -> bool {
+    let digest = digest.to_string();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim().trim_start_matches("W/").trim_matches('"') == digest)
+}
+
+/// `304 Not Modified` for a client that has the manifest the tag points to (as distribution
+/// answers): the headers of the answer, no body.
+fn not_modified(answer: &TagAnswer) -> Response<ResponseBody> {
+    let age = answer.confirmed_at.elapsed().as_secs();
+    let mut response = respond_head(&answer.digest, &answer.media_type, 0, answer.stale);
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    let headers = response.headers_mut();
+    headers.remove(header::CONTENT_LENGTH);
+    if !answer.stale {
+        headers.insert(header::AGE, age.into());
+    }
+    response
 }
 
 /// The answer for a tag that resolves to `answer` (marked stale if it is).
@@ -110,13 +144,14 @@ async fn answer_tag(
     repo: &RepoName,
     answer: &TagAnswer,
     head: bool,
+    ask_peers: bool,
 ) -> Result<Response<ResponseBody>, Error> {
     let (digest, media_type) = (&answer.digest, &answer.media_type);
     if head {
         let size = answer.size as usize;
         return Ok(respond_head(digest, media_type, size, answer.stale));
     }
-    let manifest = by_digest_quietly(app, registry, repo, digest).await?;
+    let manifest = by_digest_quietly(app, registry, repo, digest, ask_peers).await?;
     Ok(respond(
         &manifest.digest,
         &manifest.media_type,
@@ -180,7 +215,7 @@ async fn from_shared_store(
 
 /// What a manifest from the bucket or a peer sets going: the sizes it declares are
 /// remembered, and its blobs may be fetched ahead of the client.
-fn arrived(app: &App, registry: usize, repo: &RepoName, manifest: &Manifest) {
+pub(super) fn arrived(app: &App, registry: usize, repo: &RepoName, manifest: &Manifest) {
     app.cache().note_declared_sizes(&manifest.bytes);
     let blobs = crate::oci::image_blobs(&manifest.media_type, &manifest.bytes);
     app.prefetcher().image_arrived(registry, repo, blobs);
@@ -192,8 +227,9 @@ pub(super) async fn by_digest_quietly(
     registry: usize,
     repo: &RepoName,
     digest: &Digest,
+    ask_peers: bool,
 ) -> Result<Arc<Manifest>, Error> {
-    by_digest(app, registry, repo, digest, true, &mut Outcome::None).await
+    by_digest(app, registry, repo, digest, ask_peers, &mut Outcome::None).await
 }
 
 /// A HEAD by digest: from the cache, else a HEAD to the endpoints trusted with tags (which,

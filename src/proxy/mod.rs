@@ -186,9 +186,9 @@ pub async fn handle<B>(
     record(&app, kind, &method, status, outcome, started, response)
 }
 
-/// Whether a request signed as a peer's may be served as one: only a blob or a manifest by
-/// digest, only with a cluster, only signed with its secret. Never an open proxy: a peer may ask what any client
-/// may, by digest, and nothing more.
+/// Whether a request signed as a peer's may be served as one: only a blob, or a manifest GET
+/// (by digest, or by tag for a tag's owner), only with a cluster, only signed with its secret.
+/// Never an open proxy: a peer may ask what any client may pull, and nothing more.
 fn peer_request(
     app: &App,
     route: &Route,
@@ -201,19 +201,10 @@ fn peer_request(
     let checked = match (app.cluster(), &route.target) {
         (None, _) => Err("this replica has no [cluster]"),
         (Some(_), target)
-            if !matches!(target, Target::Blob { .. })
-                && !matches!(
-                    (target, method),
-                    (
-                        Target::Manifest {
-                            reference: crate::oci::Reference::Digest(_),
-                            ..
-                        },
-                        &http::Method::GET
-                    )
-                ) =>
+            if !(matches!(target, Target::Blob { .. })
+                || matches!(target, Target::Manifest { .. }) && method == http::Method::GET) =>
         {
-            Err("peers ask only for blobs and manifests by digest")
+            Err("peers ask only for blobs, and manifests by digest or tag")
         }
         (Some(cluster), _)
             if headers.get(INSTANCE_HEADER).map(HeaderValue::as_bytes)

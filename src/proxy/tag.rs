@@ -2,37 +2,49 @@
 //! the TTL (HEADs do not count against Docker Hub's pull limit), and what happens when upstream
 //! cannot confirm it.
 //!
+//! In a cluster, a tag's owner among the peers asks upstream for the fleet, and the others ask
+//! it ([`from_owner`]); a replica that owns the tag, or whose owner cannot say, asks upstream.
+//!
 //! The last known mapping answers (stale, with a `Warning`) only when upstream could not be
 //! asked: an outage or a rate limit. When the endpoints trusted with tags answer that the tag
 //! is gone (404) or that the repository is refused (401, 403), the client is told so and the
 //! record goes. A tag that moved while upstream cannot hand over the new manifest (a 429 pause
 //! on manifest GETs, say) keeps its previous mapping until it can.
 
-use super::manifest::{by_digest_quietly, canonical_accept, described, fetch_manifest};
+use super::manifest::{arrived, by_digest_quietly, canonical_accept, described, fetch_manifest};
 use crate::app::App;
 use crate::cache::store::TagRecord;
 use crate::cache::{TagAnswer, TagKey};
+use crate::cluster::OwnerTag;
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::oci::Reference;
 use crate::upstream::{UpstreamError, UpstreamRequest};
-use http::Method;
+use http::{header, Method};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Loads a tag's answer after its TTL: a HEAD upstream when a previous mapping is known, a GET
-/// otherwise; the previous mapping, stale, when upstream cannot be asked.
+/// Loads a tag's answer after its TTL: from the tag's owner (with `ask_owner`, in a cluster),
+/// else a HEAD upstream when a previous mapping is known, a GET otherwise; the previous
+/// mapping, stale, when upstream cannot be asked.
 pub(super) async fn revalidate(
     app: &App,
     key: TagKey,
     went_upstream: Arc<AtomicBool>,
+    ask_owner: bool,
 ) -> Result<TagAnswer, Error> {
     went_upstream.store(true, Ordering::Relaxed);
+    if ask_owner {
+        if let Some(answer) = from_owner(app, &key).await {
+            return Ok(answer);
+        }
+    }
     let upstream = app.upstream(key.registry);
     let Some(previous) = known_record(app, &key).await? else {
         return fetch_tag(app, &key, false).await;
     };
-    match confirm(app, &key, &previous).await {
+    match confirm(app, &key, &previous, ask_owner).await {
         Ok(answer) => Ok(answer),
         Err(e) if e.serves_stale() => stale(previous, e, &key),
         Err(e) => {
@@ -55,8 +67,14 @@ pub(super) async fn revalidate(
 }
 
 /// Asks upstream what the tag points to now (a HEAD; a GET when the HEAD's headers do not
-/// say), with the previous mapping as the fallback for an unreachable upstream.
-async fn confirm(app: &App, key: &TagKey, previous: &TagRecord) -> Result<TagAnswer, Error> {
+/// say), with the previous mapping as the fallback for an unreachable upstream. A moved tag's
+/// manifest is asked of its owner only with `ask_peers`.
+async fn confirm(
+    app: &App,
+    key: &TagKey,
+    previous: &TagRecord,
+    ask_peers: bool,
+) -> Result<TagAnswer, Error> {
     let upstream = app.upstream(key.registry);
     let (reference, accept) = (Reference::Tag(key.tag.clone()), canonical_accept());
     let request =
@@ -68,12 +86,77 @@ async fn confirm(app: &App, key: &TagKey, previous: &TagRecord) -> Result<TagAns
     if previous.digest != digest.to_string() {
         // Moved: the new manifest must be at hand before the tag points to it (a client told
         // the new digest would otherwise be refused the manifest while upstream pauses GETs).
-        by_digest_quietly(app, key.registry, &key.repo, &digest)
+        by_digest_quietly(app, key.registry, &key.repo, &digest, ask_peers)
             .await
             .map_err(|e| not_yet_there(e, &digest))?;
         tracing::info!(repo = %key.repo, tag = %key.tag, from = %previous.digest, to = %digest, "tag moved upstream");
     }
     record(app, key, &digest, &media_type, size).await
+}
+
+/// What the tag's owner in the cluster says the tag points to, with the manifest now at hand
+/// and the mapping recorded here, confirmed when the owner's was (so that it runs out when the
+/// owner's does). `None` when this replica owns the tag, or the owner could not say for sure
+/// (it could not reach upstream either — this replica may — or sent nothing usable): upstream
+/// is asked directly then. Not with `[auth]` on, for the reason the bucket's tag records are
+/// not used then ([`known_record`]).
+async fn from_owner(app: &App, key: &TagKey) -> Option<TagAnswer> {
+    let cluster = app.cluster().filter(|_| app.access().is_none())?;
+    let registry = &app.upstream(key.registry).name;
+    // The manifest the tag pointed to here, if it is at hand: the owner then only says
+    // whether it still does.
+    let known = match app.cache().tag_record(registry, key).await.ok().flatten() {
+        Some(record) => match record.digest.parse::<Digest>() {
+            Ok(digest) => app.cache().cached_manifest(&digest).await.ok().flatten(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let accept = canonical_accept().join(", ");
+    let known_digest = known.as_ref().map(|m| &m.digest);
+    let told = cluster
+        .read_tag(registry, &key.repo, &key.tag, &accept, known_digest)
+        .await?;
+    if told.headers.contains_key(header::WARNING) {
+        return None;
+    }
+    let manifest = match told.answer {
+        OwnerTag::Unchanged(_) => known?,
+        OwnerTag::Points(manifest) => {
+            if let Err(e) = app.cache().put_manifest(&manifest).await {
+                tracing::warn!(digest = %manifest.digest, error = %e, "cannot store a manifest from the tag's owner");
+                return None;
+            }
+            arrived(app, key.registry, &key.repo, &manifest);
+            Arc::new(manifest)
+        }
+    };
+    let age = told
+        .headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let size = manifest.bytes.len() as u64;
+    let record = TagRecord {
+        digest: manifest.digest.to_string(),
+        media_type: manifest.media_type.clone(),
+        size,
+        checked_at: unix_now().saturating_sub(age),
+    };
+    // Kept for when neither the owner nor upstream can be asked; the owner put it in the bucket.
+    if let Err(e) = app.cache().put_tag_record(registry, key, record).await {
+        tracing::warn!(repo = %key.repo, tag = %key.tag, error = %e, "cannot record a tag");
+    }
+    tracing::debug!(repo = %key.repo, tag = %key.tag, digest = %manifest.digest, age, "tag confirmed by its owner");
+    let now = Instant::now();
+    Some(TagAnswer {
+        digest: manifest.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        size,
+        stale: false,
+        recheck_after: None,
+        confirmed_at: now.checked_sub(Duration::from_secs(age)).unwrap_or(now),
+    })
 }
 
 /// A tag that moved to a manifest upstream cannot hand over yet (replicas lagging behind the
@@ -114,6 +197,7 @@ pub(super) async fn last_known(app: &App, key: &TagKey) -> Option<TagAnswer> {
         size: record.size,
         stale: true,
         recheck_after: None,
+        confirmed_at: Instant::now(),
     })
 }
 
@@ -131,7 +215,8 @@ fn stale(previous: TagRecord, error: Error, key: &TagKey) -> Result<TagAnswer, E
         recheck_after: error
             .upstream()
             .and_then(|e| e.retry_after)
-            .map(std::time::Duration::from_secs),
+            .map(Duration::from_secs),
+        confirmed_at: Instant::now(),
     })
 }
 
@@ -176,6 +261,7 @@ async fn record(
         size,
         stale: false,
         recheck_after: None,
+        confirmed_at: Instant::now(),
     })
 }
 

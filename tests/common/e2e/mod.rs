@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod seed;
 #[allow(unused_imports)]
-pub use seed::{push_blob, seed, seed_repo, Seeded, REPO};
+pub use seed::{push_blob, push_manifest, seed, seed_repo, Seeded, REPO};
 
 /// A child process killed (and reaped) on drop.
 pub struct Process {

@@ -180,6 +180,22 @@ pub async fn seed(origin: &Origin) -> Seeded {
     seed_repo(origin, REPO).await
 }
 
+/// Pushes `bytes` (a manifest of `media_type`) to `repo` as `reference` (a tag: moves it).
+pub async fn push_manifest(
+    origin: &Origin,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: Vec<u8>,
+) -> Digest {
+    let pusher = Pusher {
+        base: origin.url(),
+        repo: repo.to_string(),
+        http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+    };
+    pusher.manifest(reference, media_type, bytes).await
+}
+
 /// Pushes one blob of `size` random bytes to `repo`; returns its digest.
 pub async fn push_blob(origin: &Origin, repo: &str, bytes: &[u8]) -> Digest {
     let pusher = Pusher {
