@@ -66,8 +66,7 @@ pub(super) struct TagTtl(pub(super) Arc<AtomicU64>);
 
 /// How long a stale tag answer (upstream could not confirm it) is kept at least before it is
 /// asked again; it is kept until upstream may answer again (`recheck_after`), and never beyond
-/// the tag TTL: an upstream that is back is noticed soon. Also the least a fresh answer
-/// confirmed almost a TTL ago (by the tag's owner) is kept.
+/// the tag TTL: an upstream that is back is noticed soon.
 const STALE_TAG_TTL: Duration = Duration::from_secs(1);
 
 /// Tag answers live for the tag TTL; stale ones briefly.
@@ -86,7 +85,7 @@ impl moka::Expiry<TagKey, TagAnswer> for TagAnswerTtl {
         Some(if answer.stale {
             ttl.min(recheck)
         } else {
-            ttl.min(left.max(STALE_TAG_TTL))
+            ttl.min(left)
         })
     }
 }

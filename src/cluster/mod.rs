@@ -207,7 +207,10 @@ impl Cluster {
     /// replica does.
     ///
     /// Asking never goes round in a circle: a replica asks only a peer that comes before it
-    /// in the key's order (the same for all replicas), whatever each believes is down.
+    /// in the key's order (the same for all replicas), whatever each believes is down. A
+    /// peer's request may join a load the asked replica started for its own client, which
+    /// asks a peer further ahead; loads for a peer never ask (the hop rule), and a tag's load
+    /// may wait on a manifest's, never the other way round.
     pub(crate) async fn ask_owner<T, F: std::future::Future<Output = Asked<T>>>(
         &self,
         key: &str,
@@ -254,18 +257,21 @@ impl Cluster {
     /// A signed GET of `path` to `peer`: its answer, or how it went otherwise (a peer that
     /// refuses this replica is skipped from now on).
     async fn get(&self, peer: usize, path: &str) -> Result<Response<Incoming>, Asked<()>> {
-        self.send(peer, Request::get(path)).await
+        let signature = self.signer.sign(&http::Method::GET, path);
+        self.send(peer, Request::get(path), &signature, true).await
     }
 
-    /// `request` (its method and path), signed, to `peer`: its answer if it is a 200 (or a
-    /// 304).
+    /// `request` (a method and a path) to `peer` with `signature` (of that method and path):
+    /// its answer if it is a 200 (or a 304). A refusal by the cluster marks the peer down when
+    /// `refusal_marks_down` (a request every version of a peer accepts).
     async fn send(
         &self,
         peer: usize,
         request: http::request::Builder,
+        signature: &http::HeaderValue,
+        refusal_marks_down: bool,
     ) -> Result<Response<Incoming>, Asked<()>> {
         let address = &self.peers[peer].address;
-        let method = request.method_ref().cloned().unwrap_or_default();
         let path = request
             .uri_ref()
             .map(ToString::to_string)
@@ -273,7 +279,7 @@ impl Cluster {
         let request = request
             .uri(format!("{address}{path}"))
             .header(header::USER_AGENT, USER_AGENT)
-            .header(PEER_HEADER, self.signer.sign(&method, &path))
+            .header(PEER_HEADER, signature)
             .header(INSTANCE_HEADER, &self.instance)
             .body(Empty::new())
             .map_err(|_| Asked::Unreachable(format!("cannot build a request to {address}")))?;
@@ -299,7 +305,9 @@ impl Cluster {
             // under another name. (A 401 or 403 without the header is upstream's refusal,
             // passed on: declined, the peer stays in use.)
             self.metrics.peer_request_sent(address, "refused");
-            self.mark_down(peer, &format!("it refused a cluster request: {status}"));
+            if refusal_marks_down {
+                self.mark_down(peer, &format!("it refused a cluster request: {status}"));
+            }
             return Err(Asked::Declined);
         }
         self.peers[peer]

@@ -4,14 +4,17 @@
 //! owner's does.
 //!
 //! The owner's answer is its answer to a GET of the tag: the manifest, or `304 Not Modified`
-//! when it is still the one the asking replica names in `If-None-Match`; `Age` says how long ago
-//! upstream confirmed it, `Warning` that upstream could not.
+//! when it is still the one the asking replica names in `If-None-Match`. What cannot be checked
+//! by its bytes — which digest, how long ago upstream confirmed it, whether upstream could be
+//! asked at all — the owner signs ([`ANSWER_HEADER`]); an answer not so signed is not the
+//! owner's. A peer that refuses tag requests (one of an older version) is only declined.
 
+use super::signature::{SignedAnswer, ANSWER_HEADER};
 use super::{peer_path, Asked, Cluster};
 use crate::cache::Manifest;
 use crate::digest::Digest;
 use crate::oci::{RepoName, Tag, DOCKER_CONTENT_DIGEST};
-use http::{header, HeaderMap, Request, StatusCode};
+use http::{header, HeaderMap, Method, Request, StatusCode};
 
 /// What the owner says a tag points to.
 pub enum OwnerTag {
@@ -21,10 +24,10 @@ pub enum OwnerTag {
     Points(Manifest),
 }
 
-/// The owner's answer for a tag, with its headers (`Age`, `Warning`).
+/// The owner's answer for a tag, and what it signed besides the digest.
 pub struct TagFromOwner {
     pub answer: OwnerTag,
-    pub headers: HeaderMap,
+    pub signed: SignedAnswer,
 }
 
 impl Cluster {
@@ -47,16 +50,30 @@ impl Cluster {
             if let Some(known) = known {
                 request = request.header(header::IF_NONE_MATCH, format!("\"{known}\""));
             }
-            let response = match self.send(peer, request).await {
+            let signature = self.signer.sign(&Method::GET, path);
+            let response = match self.send(peer, request, &signature, false).await {
                 Ok(response) => response,
                 Err(asked) => return asked.nothing(),
             };
-            let headers = response.headers().clone();
-            let Some(digest) = header_digest(&headers) else {
-                self.sent(peer, "declined");
+            let headers = response.headers();
+            let status = response.status();
+            let signed = header_digest(headers).and_then(|digest| {
+                let answer = headers.get(ANSWER_HEADER)?;
+                let digest_text = digest.to_string();
+                let checked =
+                    self.signer
+                        .verify_answer(&signature, status.as_u16(), &digest_text, answer);
+                Some((digest, checked.ok()?))
+            });
+            let Some((digest, signed)) = signed else {
+                self.sent(peer, "corrupt");
+                self.mark_down(
+                    peer,
+                    "its answer for a tag is not signed with the cluster secret",
+                );
                 return Asked::Declined;
             };
-            let answer = if response.status() == StatusCode::NOT_MODIFIED {
+            let answer = if status == StatusCode::NOT_MODIFIED {
                 if Some(&digest) != known {
                     self.sent(peer, "declined");
                     return Asked::Declined;
@@ -70,7 +87,7 @@ impl Cluster {
                     Asked::Unreachable(e) => return Asked::Unreachable(e),
                 }
             };
-            Asked::Got(TagFromOwner { answer, headers })
+            Asked::Got(TagFromOwner { answer, signed })
         })
         .await
     }

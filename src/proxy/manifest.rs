@@ -72,13 +72,19 @@ pub async fn serve(
                 (false, true) => Outcome::Miss,
                 (false, false) => Outcome::Hit,
             };
-            if !head && names_etag(headers, &answer.digest) {
-                return Ok(not_modified(&answer));
-            }
-            let mut response = answer_tag(app, registry, repo, &answer, head, !from_peer).await?;
+            let mut response = if !head && names_etag(headers, &answer.digest) {
+                not_modified(&answer)
+            } else {
+                answer_tag(app, registry, repo, &answer, head, !from_peer).await?
+            };
+            let age = answer.confirmed_at.elapsed();
             if !answer.stale {
-                let age = answer.confirmed_at.elapsed().as_secs();
-                response.headers_mut().insert(header::AGE, age.into());
+                response
+                    .headers_mut()
+                    .insert(header::AGE, age.as_secs().into());
+            }
+            if let (true, Some(cluster)) = (from_peer, app.cluster()) {
+                sign_for_peer(cluster, headers, &mut response, &answer, age);
             }
             Ok(response)
         }
@@ -126,15 +132,34 @@ fn names_etag(headers: &HeaderMap, digest: &Digest) -> bool {
 /// `304 Not Modified` for a client that has the manifest the tag points to (as distribution
 /// answers): the headers of the answer, no body.
 fn not_modified(answer: &TagAnswer) -> Response<ResponseBody> {
-    let age = answer.confirmed_at.elapsed().as_secs();
     let mut response = respond_head(&answer.digest, &answer.media_type, 0, answer.stale);
     *response.status_mut() = StatusCode::NOT_MODIFIED;
-    let headers = response.headers_mut();
-    headers.remove(header::CONTENT_LENGTH);
-    if !answer.stale {
-        headers.insert(header::AGE, age.into());
-    }
+    response.headers_mut().remove(header::CONTENT_LENGTH);
     response
+}
+
+/// Signs a tag's answer for the peer that asked (its digest, age and staleness cannot be
+/// checked by its bytes).
+fn sign_for_peer(
+    cluster: &crate::cluster::Cluster,
+    request: &HeaderMap,
+    response: &mut Response<ResponseBody>,
+    answer: &TagAnswer,
+    age: std::time::Duration,
+) {
+    use crate::cluster::signature::{SignedAnswer, ANSWER_HEADER, PEER_HEADER};
+    let Some(signature) = request.get(PEER_HEADER) else {
+        return;
+    };
+    let signed = SignedAnswer {
+        age,
+        stale: answer.stale,
+    };
+    let (status, digest) = (response.status().as_u16(), answer.digest.to_string());
+    let value = cluster
+        .signer()
+        .sign_answer(signature, status, &digest, &signed);
+    response.headers_mut().insert(ANSWER_HEADER, value);
 }
 
 /// The answer for a tag that resolves to `answer` (marked stale if it is).

@@ -206,6 +206,19 @@ fn peer_request(
         {
             Err("peers ask only for blobs, and manifests by digest or tag")
         }
+        // Tags only as peers ask for them: never with [auth] on (a peer's request skips it),
+        // and with every manifest type accepted (anything narrower is passed through upstream).
+        (
+            Some(_),
+            Target::Manifest {
+                reference: crate::oci::Reference::Tag(_),
+                ..
+            },
+        ) if app.access().is_some()
+            || !crate::oci::AcceptSet::from_headers(headers).is_canonical() =>
+        {
+            Err("peers ask for tags only without [auth], with every manifest type accepted")
+        }
         (Some(cluster), _)
             if headers.get(INSTANCE_HEADER).map(HeaderValue::as_bytes)
                 == Some(cluster.instance().as_bytes()) =>

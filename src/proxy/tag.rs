@@ -20,7 +20,7 @@ use crate::digest::Digest;
 use crate::error::Error;
 use crate::oci::Reference;
 use crate::upstream::{UpstreamError, UpstreamRequest};
-use http::{header, Method};
+use http::Method;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,8 +97,8 @@ async fn confirm(
 /// What the tag's owner in the cluster says the tag points to, with the manifest now at hand
 /// and the mapping recorded here, confirmed when the owner's was (so that it runs out when the
 /// owner's does). `None` when this replica owns the tag, or the owner could not say for sure
-/// (it could not reach upstream either — this replica may — or sent nothing usable): upstream
-/// is asked directly then. Not with `[auth]` on, for the reason the bucket's tag records are
+/// (it could not reach upstream either — this replica may —, its confirmation is older than
+/// this replica's TTL, or it sent nothing usable or unsigned): upstream is asked directly then. Not with `[auth]` on, for the reason the bucket's tag records are
 /// not used then ([`known_record`]).
 async fn from_owner(app: &App, key: &TagKey) -> Option<TagAnswer> {
     let cluster = app.cluster().filter(|_| app.access().is_none())?;
@@ -117,7 +117,10 @@ async fn from_owner(app: &App, key: &TagKey) -> Option<TagAnswer> {
     let told = cluster
         .read_tag(registry, &key.repo, &key.tag, &accept, known_digest)
         .await?;
-    if told.headers.contains_key(header::WARNING) {
+    // Not believed: an owner that could not confirm the tag (this replica may reach upstream),
+    // or whose confirmation is older than this replica's TTL (its own TTL is longer).
+    let ttl = app.config().cache.tag_ttl;
+    if told.signed.stale || told.signed.age >= ttl {
         return None;
     }
     let manifest = match told.answer {
@@ -131,31 +134,27 @@ async fn from_owner(app: &App, key: &TagKey) -> Option<TagAnswer> {
             Arc::new(manifest)
         }
     };
-    let age = told
-        .headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let age = told.signed.age;
+    let confirmed_at = Instant::now().checked_sub(age)?;
     let size = manifest.bytes.len() as u64;
     let record = TagRecord {
         digest: manifest.digest.to_string(),
         media_type: manifest.media_type.clone(),
         size,
-        checked_at: unix_now().saturating_sub(age),
+        checked_at: unix_now().saturating_sub(age.as_secs()),
     };
     // Kept for when neither the owner nor upstream can be asked; the owner put it in the bucket.
     if let Err(e) = app.cache().put_tag_record(registry, key, record).await {
         tracing::warn!(repo = %key.repo, tag = %key.tag, error = %e, "cannot record a tag");
     }
-    tracing::debug!(repo = %key.repo, tag = %key.tag, digest = %manifest.digest, age, "tag confirmed by its owner");
-    let now = Instant::now();
+    tracing::debug!(repo = %key.repo, tag = %key.tag, digest = %manifest.digest, ?age, "tag confirmed by its owner");
     Some(TagAnswer {
         digest: manifest.digest.clone(),
         media_type: manifest.media_type.clone(),
         size,
         stale: false,
         recheck_after: None,
-        confirmed_at: now.checked_sub(Duration::from_secs(age)).unwrap_or(now),
+        confirmed_at,
     })
 }
 
