@@ -10,8 +10,10 @@
 //!
 //! Reported per subject (medians over rounds, every round cold: fresh disks and bucket):
 //! origin bytes sent per image byte (the goal for a fleet is 1.0), wall time until the last
-//! client is done, clients' first layer byte after the start (median and slowest), the
-//! mirrors' CPU seconds (all processes together) and the largest peak RSS of one process.
+//! client is done, clients' first layer byte after the start (median and slowest), CPU seconds
+//! of every process (mirrors and S3 server together) and the largest peak RSS of one mirror
+//! process. Every process runs on this one machine: the replicas share its cores and disk, so
+//! wall time measures the cost of the cluster, not what three machines would add.
 //!
 //! Run with: `benches/fleet.sh`. Environment: `ROUNDS` (default 3), `CLIENTS` (default 12),
 //! `LAYERS` x `LAYER_MIB` (default 6 x 64).
@@ -70,7 +72,7 @@ fn main() {
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
         for subject in Subject::ALL {
-            let subject_dir = dir.join(format!("{}-{round}", subject.name()));
+            let subject_dir = dir.join(format!("subject{}-{round}", subject as usize));
             let fleet = Fleet::start(subject, &subject_dir, origin.port);
             let before: u64 = blobs.iter().map(|b| origin_log.sum(&blob_path(b))).sum();
             quiesce();
@@ -103,7 +105,7 @@ fn main() {
                 (image_bytes * clients as u64) as f64 / MIB as f64 / pull.wall,
             );
             if subject != Subject::Direct {
-                record("mirror CPU s", cpu);
+                record("CPU s (mirrors and S3 server)", cpu);
                 record("peak RSS MiB (largest process)", fleet.peak_rss_mib());
             }
             println!(
@@ -155,7 +157,10 @@ impl Subject {
 
 /// The processes of one subject and the ports clients pull from.
 struct Fleet {
+    /// What clients pull from.
     services: Vec<Service>,
+    /// The S3 server the replicas share.
+    s3: Option<Service>,
     ports: Vec<u16>,
 }
 
@@ -188,8 +193,11 @@ impl Fleet {
                     }
                     services.push(Service::regmirror(&replica_dir, port, &config));
                 }
-                services.push(s3);
-                Fleet { services, ports }
+                Fleet {
+                    services,
+                    s3: Some(s3),
+                    ports,
+                }
             }
             Subject::Single => {
                 let port = free_port();
@@ -197,6 +205,7 @@ impl Fleet {
                 let service = Service::regmirror(dir, port, &config);
                 Fleet {
                     services: vec![service],
+                    s3: None,
                     ports: vec![port],
                 }
             }
@@ -205,18 +214,25 @@ impl Fleet {
                 let port = service.port;
                 Fleet {
                     services: vec![service],
+                    s3: None,
                     ports: vec![port],
                 }
             }
             Subject::Direct => Fleet {
                 services: Vec::new(),
+                s3: None,
                 ports: vec![origin],
             },
         }
     }
 
+    /// CPU seconds of every process, the S3 server's included.
     fn cpu_seconds(&self) -> f64 {
-        self.services.iter().map(Service::cpu_seconds).sum()
+        self.services
+            .iter()
+            .chain(&self.s3)
+            .map(Service::cpu_seconds)
+            .sum()
     }
 
     fn peak_rss_mib(&self) -> f64 {
