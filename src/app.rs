@@ -55,7 +55,12 @@ impl App {
             .cluster
             .as_ref()
             .map(|c| {
-                Cluster::new(c, config.cache.max_downloads, Arc::clone(&metrics)).map(Arc::new)
+                let cluster = Cluster::new(c, config.cache.max_downloads, Arc::clone(&metrics));
+                cluster.map(|cluster| {
+                    let cluster = Arc::new(cluster);
+                    cluster.follow_dns();
+                    cluster
+                })
             })
             .transpose()?;
         Ok(Arc::new(App::assemble(

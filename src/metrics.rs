@@ -125,6 +125,9 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     metric
 }
 
+/// How a request to a peer went.
+const PEER_OUTCOMES: [&str; 6] = ["ok", "declined", "slow", "refused", "failed", "corrupt"];
+
 impl Metrics {
     /// Registers every metric and creates its series for the configured endpoints.
     pub fn new(endpoints: &[EndpointLabels]) -> Metrics {
@@ -434,10 +437,20 @@ impl Metrics {
     }
 
     /// Starts the cluster's series at zero, so they exist from start-up.
+    /// A peer left the cluster (looked up again): its series go.
+    pub fn peer_gone(&self, peer: &str) {
+        let _ = self.peer_up.remove_label_values(&[peer]);
+        for outcome in PEER_OUTCOMES {
+            let _ = self
+                .peer_requests_sent
+                .remove_label_values(&[peer, outcome]);
+        }
+    }
+
     pub fn cluster_configured(&self, peers: &[String]) {
         for peer in peers {
             self.peer_up.with_label_values(&[peer.as_str()]).set(1);
-            for outcome in ["ok", "declined", "slow", "refused", "failed", "corrupt"] {
+            for outcome in PEER_OUTCOMES {
                 self.peer_requests_sent
                     .with_label_values(&[peer.as_str(), outcome]);
             }

@@ -444,3 +444,39 @@ async fn a_tag_is_revalidated_once_per_ttl_for_the_whole_fleet_and_its_move_reac
         assert!(got.header("age").is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_given_peers_by_dns_finds_itself_among_the_addresses_the_name_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cache = dir.path().join("cache");
+    let process = spawn_regmirror_on(dir.path(), "dns", port, |port| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n\
+             [[registry]]\nname = \"docker.io\"\ndefault = true\n\
+             [[registry.upstream]]\nurl = \"http://127.0.0.1:1\"\n\
+             [cluster]\npeers_dns = \"localhost:{port}\"\nsecret = {SECRET:?}\n",
+            cache.display().to_string(),
+        )
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until_up(&format!("{base}/healthz"), &process).await;
+    // `localhost` is 127.0.0.1 here: the one peer, this replica, found without `self`.
+    let own = format!("http://127.0.0.1:{port}");
+    common::eventually_async("the name is looked up", || {
+        let url = format!("{base}/metrics");
+        let own = own.clone();
+        async move {
+            let metrics = common::get(&url).await;
+            let text = String::from_utf8_lossy(metrics.bytes()).to_string();
+            metric_value(&text, "regmirror_peer_up", &[("peer", own.as_str())]) == 1.0
+        }
+    })
+    .await;
+    let status = common::get(&format!("{base}/")).await;
+    let page = String::from_utf8_lossy(status.bytes()).to_string();
+    assert!(
+        page.contains(&own) && page.contains("this replica"),
+        "{page}"
+    );
+}

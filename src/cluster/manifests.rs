@@ -2,13 +2,14 @@
 //! the fleet (Docker Hub counts every manifest GET as a pull). What a peer sends is checked as
 //! upstream's answer is: at most 4 MiB, hashing to the digest asked for, and a manifest.
 
-use super::{peer_path, Asked, Cluster};
+use super::{peer_path, Asked, Cluster, Peer};
 use crate::cache::Manifest;
 use crate::digest::Digest;
 use crate::oci::{self, RepoName};
 use http::{header, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use std::sync::Arc;
 
 impl Cluster {
     /// The manifest `digest` of `repo` from the live peer that owns it, unless this replica
@@ -26,9 +27,9 @@ impl Cluster {
         .await
     }
 
-    async fn ask_manifest(&self, peer: usize, path: &str, digest: &Digest) -> Asked<Manifest> {
-        match self.get(peer, path).await {
-            Ok(response) => self.manifest_body(peer, response, digest).await,
+    async fn ask_manifest(&self, peer: Arc<Peer>, path: &str, digest: &Digest) -> Asked<Manifest> {
+        match self.get(&peer, path).await {
+            Ok(response) => self.manifest_body(&peer, response, digest).await,
             Err(asked) => asked.nothing(),
         }
     }
@@ -36,7 +37,7 @@ impl Cluster {
     /// The manifest `digest` that `peer` answered with, checked.
     pub(super) async fn manifest_body(
         &self,
-        peer: usize,
+        peer: &Peer,
         response: Response<Incoming>,
         digest: &Digest,
     ) -> Asked<Manifest> {

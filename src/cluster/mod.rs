@@ -15,12 +15,14 @@
 //! hop marker: a download started for a peer never asks another peer.
 
 mod manifests;
+mod membership;
 mod tags;
+pub use membership::Peer;
 pub use tags::{OwnerTag, TagFromOwner};
 pub mod signature;
 
 use crate::cache::slots::DownloadSlots;
-use crate::config::{peer_address, ClusterConfig};
+use crate::config::ClusterConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
@@ -31,42 +33,20 @@ use futures_util::{StreamExt, TryStreamExt};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use membership::Members;
 use sha2::{Digest as _, Sha256};
 use signature::{Signer, INSTANCE_HEADER, PEER_HEADER, REFUSED_HEADER};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One peer and what this replica knows of it.
-struct Peer {
-    /// Its address without a trailing slash, as configured.
-    address: String,
-    /// Skipped until then after it failed to answer.
-    down_until: Mutex<Option<Instant>>,
-}
-
-impl Peer {
-    fn is_up(&self) -> bool {
-        let mut down = self.down_until.lock().expect("peer lock");
-        match *down {
-            Some(until) if Instant::now() < until => false,
-            Some(_) => {
-                *down = None;
-                true
-            }
-            None => true,
-        }
-    }
-}
-
 /// This replica's peers and how to ask them.
 pub struct Cluster {
     config: ClusterConfig,
-    peers: Vec<Peer>,
-    /// This replica's index in `peers`.
-    own: usize,
+    /// The peers now (a list, or what `peers_dns` named when last looked up).
+    members: RwLock<Arc<Members>>,
     signer: Signer,
     http: HttpClient,
     metrics: Arc<Metrics>,
@@ -97,8 +77,8 @@ impl Asked<()> {
 pub struct PeerBlob {
     pub bytes: BoxStream<'static, Result<Bytes, String>>,
     pub size: u64,
-    /// The peer's index, for [`Cluster::failed`] and [`Cluster::sent_corrupt`].
-    pub peer: usize,
+    /// The peer, for [`Cluster::failed`] and [`Cluster::sent_corrupt`].
+    pub peer: Arc<Peer>,
     /// The peer's address, for logs.
     pub label: String,
 }
@@ -115,33 +95,17 @@ impl Cluster {
             .secret
             .as_ref()
             .ok_or("cluster: the secret is not loaded")?;
-        let mut peers: Vec<Peer> = Vec::new();
-        for peer in &config.peers {
-            let address = peer_address(peer).to_string();
-            if !peers.iter().any(|p| p.address == address) {
-                peers.push(Peer {
-                    address,
-                    down_until: Mutex::new(None),
-                });
-            }
-        }
-        let hostname = rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned();
-        let own_address = config.own_address(&hostname).map_err(|e| e.to_string())?;
-        let own = peers
-            .iter()
-            .position(|p| p.address == own_address)
-            .ok_or("cluster.self is not one of cluster.peers")?;
-        tracing::info!(own = %own_address, peers = peers.len(), "cluster: peers known");
+        // With peers_dns, the peers come with the first look-up ([`Cluster::follow_dns`]).
+        let members = match config.peers_dns {
+            Some(_) => Members::default(),
+            None => membership::listed(config)?,
+        };
         let tls = crate::tls::client_config(None, true).map_err(|e| format!("cluster: {e}"))?;
-        let addresses: Vec<String> = peers.iter().map(|p| p.address.clone()).collect();
+        let addresses: Vec<String> = members.peers.iter().map(|p| p.address().into()).collect();
         metrics.cluster_configured(&addresses);
         Ok(Cluster {
             config: config.clone(),
-            peers,
-            own,
+            members: RwLock::new(Arc::new(members)),
             signer: Signer::new(secret.expose()),
             http: http_client(CONNECT_TIMEOUT, tls),
             metrics,
@@ -167,23 +131,19 @@ impl Cluster {
     /// Every peer's address, whether it is this replica, and whether it is up (this replica
     /// always is).
     pub fn peers(&self) -> Vec<(String, bool, bool)> {
-        self.peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.address.clone(), i == self.own, i == self.own || p.is_up()))
-            .collect()
-    }
-
-    /// The peers in the order they own `key`: highest rendezvous score first.
-    fn owners(&self, key: &str) -> Vec<usize> {
-        let mut scored: Vec<(u64, usize)> = self
+        let members = self.members();
+        let own = |i| members.own == Some(i);
+        members
             .peers
             .iter()
             .enumerate()
-            .map(|(i, peer)| (rendezvous_score(&peer.address, key), i))
-            .collect();
-        scored.sort_unstable_by(|a, b| b.cmp(a));
-        scored.into_iter().map(|(_, i)| i).collect()
+            .map(|(i, p)| (p.address().to_string(), own(i), own(i) || p.is_up()))
+            .collect()
+    }
+
+    /// The peers now.
+    fn members(&self) -> Arc<Members> {
+        Arc::clone(&self.members.read().expect("members lock"))
     }
 
     /// The blob from the live peer that owns it, unless this replica does (then `None`: it
@@ -214,16 +174,18 @@ impl Cluster {
     pub(crate) async fn ask_owner<T, F: std::future::Future<Output = Asked<T>>>(
         &self,
         key: &str,
-        ask: impl Fn(usize) -> F,
+        ask: impl Fn(Arc<Peer>) -> F,
     ) -> Option<T> {
-        for peer in self.owners(key) {
-            if peer == self.own {
+        let members = self.members();
+        for i in members.owners(key) {
+            if members.own == Some(i) {
                 return None;
             }
-            if !self.peers[peer].is_up() {
+            let peer = &members.peers[i];
+            if !peer.is_up() {
                 continue;
             }
-            match ask(peer).await {
+            match ask(Arc::clone(peer)).await {
                 Asked::Got(got) => return Some(got),
                 Asked::Declined => return None,
                 Asked::Unreachable(e) => self.failed(peer, &e),
@@ -235,10 +197,12 @@ impl Cluster {
     /// Whether another live peer owns `digest`: this replica's download of it reads from
     /// that peer, under [`Cluster::slots`].
     pub fn owned_elsewhere(&self, digest: &Digest) -> bool {
-        self.owners(&digest.to_string())
+        let members = self.members();
+        members
+            .owners(&digest.to_string())
             .into_iter()
-            .find(|&peer| peer == self.own || self.peers[peer].is_up())
-            .is_some_and(|owner| owner != self.own)
+            .find(|&i| members.own == Some(i) || members.peers[i].is_up())
+            .is_some_and(|owner| members.own != Some(owner))
     }
 
     /// The download slots of downloads read from the owner, apart from those that read from
@@ -256,7 +220,7 @@ impl Cluster {
 
     /// A signed GET of `path` to `peer`: its answer, or how it went otherwise (a peer that
     /// refuses this replica is skipped from now on).
-    async fn get(&self, peer: usize, path: &str) -> Result<Response<Incoming>, Asked<()>> {
+    async fn get(&self, peer: &Peer, path: &str) -> Result<Response<Incoming>, Asked<()>> {
         let signature = self.signer.sign(&http::Method::GET, path);
         self.send(peer, Request::get(path), &signature, true).await
     }
@@ -266,12 +230,12 @@ impl Cluster {
     /// `refusal_marks_down` (a request every version of a peer accepts).
     async fn send(
         &self,
-        peer: usize,
+        peer: &Peer,
         request: http::request::Builder,
         signature: &http::HeaderValue,
         refusal_marks_down: bool,
     ) -> Result<Response<Incoming>, Asked<()>> {
-        let address = &self.peers[peer].address;
+        let address = peer.address();
         let path = request
             .uri_ref()
             .map(ToString::to_string)
@@ -310,11 +274,7 @@ impl Cluster {
             }
             return Err(Asked::Declined);
         }
-        self.peers[peer]
-            .down_until
-            .lock()
-            .expect("peer lock")
-            .take();
+        peer.answered();
         self.metrics.peer_up.with_label_values(&[address]).set(1);
         // Not modified: a tag still points to the manifest the asking replica has.
         if status != StatusCode::OK && status != StatusCode::NOT_MODIFIED {
@@ -326,18 +286,18 @@ impl Cluster {
     }
 
     /// One blob request to `peer`.
-    async fn ask_blob(&self, peer: usize, path: &str, digest: &Digest) -> Asked<PeerBlob> {
-        let response = match self.get(peer, path).await {
+    async fn ask_blob(&self, peer: Arc<Peer>, path: &str, digest: &Digest) -> Asked<PeerBlob> {
+        let response = match self.get(&peer, path).await {
             Ok(response) => response,
             Err(asked) => return asked.nothing(),
         };
-        let address = &self.peers[peer].address;
+        let address = peer.address().to_string();
         let Some(size) = crate::upstream::content_length(response.headers()) else {
             tracing::debug!(peer = %address, %digest, "the owner sent no length; asking upstream");
-            self.metrics.peer_request_sent(address, "declined");
+            self.metrics.peer_request_sent(&address, "declined");
             return Asked::Declined;
         };
-        self.metrics.peer_request_sent(address, "ok");
+        self.metrics.peer_request_sent(&address, "ok");
         Asked::Got(PeerBlob {
             bytes: response
                 .into_body()
@@ -346,36 +306,32 @@ impl Cluster {
                 .boxed(),
             size,
             peer,
-            label: address.clone(),
+            label: address,
         })
     }
 
     /// Counts what a peer sent.
-    pub(crate) fn sent(&self, peer: usize, outcome: &str) {
-        self.metrics
-            .peer_request_sent(&self.peers[peer].address, outcome);
+    pub(crate) fn sent(&self, peer: &Peer, outcome: &str) {
+        self.metrics.peer_request_sent(peer.address(), outcome);
     }
 
     /// `peer` could not be reached, or its body broke: it is skipped for `recheck_after`.
-    pub fn failed(&self, peer: usize, error: &str) {
-        self.metrics
-            .peer_request_sent(&self.peers[peer].address, "failed");
+    pub fn failed(&self, peer: &Peer, error: &str) {
+        self.metrics.peer_request_sent(peer.address(), "failed");
         self.mark_down(peer, error);
     }
 
-    fn mark_down(&self, peer: usize, why: &str) {
-        let address = &self.peers[peer].address;
-        let mut down = self.peers[peer].down_until.lock().expect("peer lock");
-        if down.is_none() {
+    fn mark_down(&self, peer: &Peer, why: &str) {
+        let address = peer.address();
+        if peer.down_until(Instant::now() + self.config.recheck_after) {
             tracing::warn!(peer = %address, %why, recheck_after = ?self.config.recheck_after, "skipping a peer");
         }
-        *down = Some(Instant::now() + self.config.recheck_after);
         self.metrics.peer_up.with_label_values(&[address]).set(0);
     }
 
     /// What `peer` sent did not verify: it is skipped as if it had not answered.
-    pub fn sent_corrupt(&self, peer: usize, digest: &Digest, error: &str) {
-        let address = &self.peers[peer].address;
+    pub fn sent_corrupt(&self, peer: &Peer, digest: &Digest, error: &str) {
+        let address = peer.address();
         tracing::error!(peer = %address, %digest, %error, "a peer sent a blob that does not verify");
         self.metrics.peer_request_sent(address, "corrupt");
         self.mark_down(peer, "it sent a blob that does not verify");
@@ -440,9 +396,13 @@ mod tests {
         let keys: Vec<String> = (0..3000).map(|i| format!("sha256:{i:064x}")).collect();
         let mut owned = [0usize; 3];
         for key in &keys {
-            let order = replicas[0].owners(key);
+            let order = replicas[0].members().owners(key);
             for replica in &replicas[1..] {
-                assert_eq!(replica.owners(key), order, "replicas disagree on {key}");
+                assert_eq!(
+                    replica.members().owners(key),
+                    order,
+                    "replicas disagree on {key}"
+                );
             }
             owned[order[0]] += 1;
         }
@@ -451,9 +411,9 @@ mod tests {
         // Without the third peer, keys it did not own keep their owner.
         let two = cluster(peers[0], &peers[..2]);
         for key in &keys {
-            let order = replicas[0].owners(key);
+            let order = replicas[0].members().owners(key);
             if order[0] != 2 {
-                assert_eq!(two.owners(key)[0], order[0]);
+                assert_eq!(two.members().owners(key)[0], order[0]);
             }
         }
     }

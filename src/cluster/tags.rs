@@ -51,7 +51,7 @@ impl Cluster {
                 request = request.header(header::IF_NONE_MATCH, format!("\"{known}\""));
             }
             let signature = self.signer.sign(&Method::GET, path);
-            let response = match self.send(peer, request, &signature, false).await {
+            let response = match self.send(&peer, request, &signature, false).await {
                 Ok(response) => response,
                 Err(asked) => return asked.nothing(),
             };
@@ -66,22 +66,22 @@ impl Cluster {
                 Some((digest, checked.ok()?))
             });
             let Some((digest, signed)) = signed else {
-                self.sent(peer, "corrupt");
+                self.sent(&peer, "corrupt");
                 self.mark_down(
-                    peer,
+                    &peer,
                     "its answer for a tag is not signed with the cluster secret",
                 );
                 return Asked::Declined;
             };
             let answer = if status == StatusCode::NOT_MODIFIED {
                 if Some(&digest) != known {
-                    self.sent(peer, "declined");
+                    self.sent(&peer, "declined");
                     return Asked::Declined;
                 }
-                self.sent(peer, "ok");
+                self.sent(&peer, "ok");
                 OwnerTag::Unchanged(digest)
             } else {
-                match self.manifest_body(peer, response, &digest).await {
+                match self.manifest_body(&peer, response, &digest).await {
                     Asked::Got(manifest) => OwnerTag::Points(manifest),
                     Asked::Declined => return Asked::Declined,
                     Asked::Unreachable(e) => return Asked::Unreachable(e),

@@ -1,6 +1,6 @@
 //! `[cluster]`: the replicas that share one bucket and know each other, so that each digest is
 //! fetched from upstream by one of them (its owner) for the whole fleet. The keys `self`,
-//! `peers` and `secret_file` are a stable contract.
+//! `peers`, `peers_dns` and `secret_file` are a stable contract.
 
 use super::{duration_text, invalid, ConfigError, Secret};
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,14 @@ pub struct ClusterConfig {
     #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
     pub self_url: Option<String>,
     /// Every replica's address, this one's included; the same list on every replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// Instead of `peers`: a name and port (`regmirror-peers.cache.svc.cluster.local:5000`,
+    /// or with `http://` or `https://` before it) whose every address is a peer, looked up
+    /// again every `recheck_after` (a Kubernetes headless Service). Without `self`, this
+    /// replica is the address that is one of this machine's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_dns: Option<String>,
     /// A file holding the secret peers sign their requests with (its first line; at least 16
     /// bytes): peers accept cluster requests only when signed with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,13 +87,32 @@ impl ClusterConfig {
                 ));
             }
         }
-        if self.peers.is_empty() {
-            return Err(invalid(
-                "cluster.peers",
-                "lists every replica, this one's included",
-            ));
+        match (&self.peers_dns, self.peers.is_empty()) {
+            (Some(_), false) => {
+                return Err(invalid(
+                    "cluster.peers_dns",
+                    "set either peers or peers_dns, not both",
+                ))
+            }
+            (Some(name), true) => {
+                self.dns_name().ok_or_else(|| {
+                    invalid(
+                        "cluster.peers_dns",
+                        format!(
+                            "{name:?} must be host:port (http:// or https:// before it at most)"
+                        ),
+                    )
+                })?;
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "cluster.peers",
+                    "lists every replica, this one's included (or set peers_dns)",
+                ))
+            }
+            (None, false) => {}
         }
-        if let Some(own) = &self.self_url {
+        if let (Some(own), None) = (&self.self_url, &self.peers_dns) {
             let own = peer_address(own);
             if !self.peers.iter().any(|p| peer_address(p) == own) {
                 return Err(invalid(
@@ -133,6 +159,22 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// `peers_dns` taken apart: the scheme (`http` unless given), the host name and the port.
+    pub fn dns_name(&self) -> Option<(&str, &str, u16)> {
+        let text = self.peers_dns.as_deref()?.trim_end_matches('/');
+        let (scheme, rest) = match text.split_once("://") {
+            Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+            Some(_) => return None,
+            None => ("http", text),
+        };
+        let (host, port) = rest.rsplit_once(':')?;
+        let plain = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+        Some((scheme, host, port.parse().ok()?)).filter(|_| plain)
     }
 
     /// This replica's address among the peers: `self`, or the one peer named after

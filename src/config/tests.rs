@@ -146,6 +146,32 @@ fn example_cluster_parses() {
     assert_eq!(c.timeout, std::time::Duration::from_secs(10));
 }
 
+/// `peers_dns` instead of `peers`: a host name and port, an optional scheme, never both keys.
+#[test]
+fn peers_by_dns_are_a_name_and_a_port_instead_of_a_list() {
+    let parse = |keys: &str| {
+        let text = format!("{keys}\nsecret = \"a-cluster-secret-of-some-length\"");
+        let c: ClusterConfig = toml::from_str(&text).unwrap();
+        c.validate().map(|()| c)
+    };
+    let c = parse("peers_dns = \"regmirror-peers.cache.svc.cluster.local:5000\"").unwrap();
+    assert_eq!(
+        c.dns_name(),
+        Some(("http", "regmirror-peers.cache.svc.cluster.local", 5000))
+    );
+    let c = parse("peers_dns = \"https://peers:8443\"").unwrap();
+    assert_eq!(c.dns_name(), Some(("https", "peers", 8443)));
+    for bad in [
+        "peers_dns = \"peers\"",
+        "peers_dns = \"ftp://peers:21\"",
+        "peers_dns = \"peers:port\"",
+        "peers_dns = \"user@peers:5000\"",
+        "peers_dns = \"peers:5000\"\npeers = [\"http://10.0.0.1:5000\"]",
+    ] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn example_config_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");

@@ -295,7 +295,7 @@ async fn download(
             &job.cluster,
             sources.endpoints.is_empty() && !sources.bucket,
         ) {
-            cluster.sent_corrupt(peer, &digest, &m.to_string());
+            cluster.sent_corrupt(&peer, &digest, &m.to_string());
         }
         return Err(failure(
             Code::Unavailable,

@@ -4,7 +4,7 @@
 
 use super::{failure, upstream_failure, FillJob};
 use crate::cache::inflight::FillError;
-use crate::cluster::PeerBlob;
+use crate::cluster::{Peer, PeerBlob};
 use crate::digest::Digest;
 use crate::error::Code;
 use crate::shared::BucketBlob;
@@ -14,6 +14,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{header, Method, StatusCode};
 use http_body_util::BodyExt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -28,14 +29,14 @@ pub struct Source {
 }
 
 /// What kind of source sends a download's bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 enum SourceKind {
     /// An upstream endpoint, by index.
     Endpoint(usize),
     /// The shared bucket.
     Bucket,
-    /// A peer of the cluster, by index.
-    Peer(usize),
+    /// A peer of the cluster.
+    Peer(Arc<Peer>),
 }
 
 impl Source {
@@ -79,8 +80,8 @@ pub struct Sources {
     pub endpoints: Vec<usize>,
     /// The shared bucket.
     pub bucket: bool,
-    /// The peer that owns the digest, by index.
-    pub peer: Option<usize>,
+    /// The peer that owns the digest.
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// Feeds the writer and the hasher from `source`; when a source fails mid-body, continues from
@@ -105,11 +106,11 @@ pub async fn pump_with_resume(
     let mut resumes = 0usize;
     let mut received_at_last_failure = 0u64;
     loop {
-        let failed_source = source.kind;
-        match failed_source {
-            SourceKind::Endpoint(index) => sources.endpoints.push(index),
+        let failed_source = source.kind.clone();
+        match &failed_source {
+            SourceKind::Endpoint(index) => sources.endpoints.push(*index),
             SourceKind::Bucket => sources.bucket = true,
-            SourceKind::Peer(index) => sources.peer = Some(index),
+            SourceKind::Peer(peer) => sources.peer = Some(Arc::clone(peer)),
         }
         let error = match pump(
             source,
@@ -131,7 +132,7 @@ pub async fn pump_with_resume(
                 .upstream
                 .note_failure(index, &UpstreamError::outage(error.clone())),
             (SourceKind::Bucket, Some(shared), _) => shared.body_failed(&error),
-            (SourceKind::Peer(index), _, Some(cluster)) => cluster.failed(index, &error),
+            (SourceKind::Peer(peer), _, Some(cluster)) => cluster.failed(&peer, &error),
             _ => {}
         }
         if received > received_at_last_failure {
