@@ -436,7 +436,6 @@ impl Metrics {
         }
     }
 
-    /// Starts the cluster's series at zero, so they exist from start-up.
     /// A peer left the cluster (looked up again): its series go.
     pub fn peer_gone(&self, peer: &str) {
         let _ = self.peer_up.remove_label_values(&[peer]);
@@ -447,6 +446,8 @@ impl Metrics {
         }
     }
 
+    /// Starts the cluster's series at zero, so they exist from start-up (or from when a peer
+    /// is looked up).
     pub fn cluster_configured(&self, peers: &[String]) {
         for peer in peers {
             self.peer_up.with_label_values(&[peer.as_str()]).set(1);

@@ -2,10 +2,15 @@
 //! again every `recheck_after` — which of them is this replica, and what this replica knows of
 //! each (skipped until when). A lookup that fails keeps the peers known; a peer that leaves
 //! takes its health and its metrics with it.
+//!
+//! This replica may have several addresses among the peers (a name with an IPv4 and an IPv6
+//! address for every pod): all of them are its own, so that it never asks itself, and asking
+//! still only goes up the order every replica computes alike.
 
 use super::Cluster;
 use crate::config::{peer_address, ClusterConfig};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -16,6 +21,8 @@ pub struct Peer {
     address: String,
     /// Skipped until then after it failed to answer.
     down_until: Mutex<Option<Instant>>,
+    /// No longer a peer (a request that started before may still hold it).
+    left: AtomicBool,
 }
 
 impl Peer {
@@ -23,7 +30,13 @@ impl Peer {
         Peer {
             address,
             down_until: Mutex::new(None),
+            left: AtomicBool::new(false),
         }
+    }
+
+    /// Whether it left the peers (its metrics series are gone, and stay gone).
+    pub(super) fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
     }
 
     pub fn address(&self) -> &str {
@@ -60,15 +73,15 @@ impl Peer {
 #[derive(Default)]
 pub(super) struct Members {
     pub peers: Vec<Arc<Peer>>,
-    /// This replica's index in `peers`; `None` while it does not know its own address (the
-    /// name was not looked up yet), when it asks peers as one outside the fleet would.
-    pub own: Option<usize>,
+    /// This replica's indices in `peers`: none while it is not among them (the name was not
+    /// looked up yet, or does not name it yet), when it asks peers as one outside would.
+    own: Vec<usize>,
 }
 
 impl Members {
-    /// `addresses` (duplicates once) with `own` among them, keeping what `previous` knew of
-    /// the peers still there.
-    pub fn new(addresses: &[String], own: Option<&str>, previous: &Members) -> Members {
+    /// `addresses` (duplicates once), `own` those of them that are this replica's, keeping
+    /// what `previous` knew of the peers still there.
+    pub fn new(addresses: &[String], own: &[String], previous: &Members) -> Members {
         let mut peers: Vec<Arc<Peer>> = Vec::new();
         for address in addresses.iter().map(|a| peer_address(a)) {
             if peers.iter().any(|p| p.address == address) {
@@ -77,8 +90,15 @@ impl Members {
             let known = previous.peers.iter().find(|p| p.address == address);
             peers.push(known.map_or_else(|| Arc::new(Peer::new(address.to_string())), Arc::clone));
         }
-        let own = own.and_then(|own| peers.iter().position(|p| p.address == peer_address(own)));
+        let own = (0..peers.len())
+            .filter(|&i| own.iter().any(|o| peer_address(o) == peers[i].address))
+            .collect();
         Members { peers, own }
+    }
+
+    /// Whether `peers[index]` is this replica.
+    pub fn is_own(&self, index: usize) -> bool {
+        self.own.contains(&index)
     }
 
     /// The peers in the order they own `key`: highest rendezvous score first.
@@ -106,8 +126,8 @@ pub(super) fn listed(config: &ClusterConfig) -> Result<Members, String> {
         .to_string_lossy()
         .into_owned();
     let own = config.own_address(&hostname).map_err(|e| e.to_string())?;
-    let members = Members::new(&config.peers, Some(own), &Members::default());
-    if members.own.is_none() {
+    let members = Members::new(&config.peers, &[own.to_string()], &Members::default());
+    if members.own.is_empty() {
         return Err("cluster.self is not one of cluster.peers".into());
     }
     tracing::info!(own, peers = members.peers.len(), "cluster: peers known");
@@ -122,6 +142,7 @@ impl Cluster {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("cluster: no runtime to look the peers up from; asking upstream only");
             return;
         };
         let (scheme, host) = (scheme.to_string(), host.to_string());
@@ -148,40 +169,57 @@ impl Cluster {
         });
     }
 
-    /// The peers are now the addresses `ips` (with this replica, whether or not it is
-    /// among them yet).
+    /// The peers are now the addresses `ips`, this replica those that are its own (`self`'s,
+    /// or those it can bind).
     fn looked_up(&self, scheme: &str, port: u16, ips: &[IpAddr]) {
         let url = |ip: &IpAddr| match ip {
             IpAddr::V4(ip) => format!("{scheme}://{ip}:{port}"),
             IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{port}"),
         };
-        let mut addresses: Vec<String> = ips.iter().map(url).collect();
-        let own = match &self.config.self_url {
-            Some(own) => Some(peer_address(own).to_string()),
-            None => ips.iter().find(|ip| is_local(ip)).map(url),
-        };
-        addresses.extend(own.clone());
-        addresses.sort();
+        let mut ips = ips.to_vec();
+        ips.sort();
+        ips.dedup();
+        if ips.len() > MAX_PEERS {
+            // Every replica keeps the same ones: the lowest addresses.
+            tracing::warn!(
+                found = ips.len(),
+                kept = MAX_PEERS,
+                "cluster: more peers than kept"
+            );
+            ips.truncate(MAX_PEERS);
+        }
+        let own_ip = self.config.dns_self_ip();
+        let own: Vec<String> = ips
+            .iter()
+            .filter(|ip| own_ip.map_or_else(|| is_local(ip), |own| **ip == own))
+            .map(url)
+            .collect();
+        let addresses: Vec<String> = ips.iter().map(url).collect();
         let previous = self.members();
-        let members = Members::new(&addresses, own.as_deref(), &previous);
-        let (before, after) = (previous.addresses(), members.addresses());
-        if before == after && previous.own == members.own {
+        let members = Arc::new(Members::new(&addresses, &own, &previous));
+        let before = previous.addresses();
+        if before == addresses && previous.own == members.own {
             return;
         }
-        let gone: Vec<&String> = before.iter().filter(|a| !after.contains(a)).collect();
-        let new: Vec<String> = after
+        *self.members.write().expect("members lock") = Arc::clone(&members);
+        let new: Vec<String> = addresses
             .iter()
             .filter(|a| !before.contains(a))
             .cloned()
             .collect();
-        for address in &gone {
-            self.metrics.peer_gone(address);
-        }
         self.metrics.cluster_configured(&new);
-        tracing::info!(peers = ?after, own = own.as_deref().unwrap_or("-"), "cluster: peers looked up");
-        *self.members.write().expect("members lock") = Arc::new(members);
+        for peer in &previous.peers {
+            if !addresses.iter().any(|a| a == peer.address()) {
+                peer.left.store(true, Ordering::Relaxed);
+                self.metrics.peer_gone(peer.address());
+            }
+        }
+        tracing::info!(peers = ?addresses, own = ?own, "cluster: peers looked up");
     }
 }
+
+/// The most peers a look-up keeps (each request hashes every peer's address).
+const MAX_PEERS: usize = 256;
 
 /// Whether `ip` is one of this machine's addresses (it can be bound).
 fn is_local(ip: &IpAddr) -> bool {
@@ -199,17 +237,17 @@ mod tests {
                 "http://10.0.0.1:5000".into(),
                 "http://10.0.0.2:5000/".into(),
             ],
-            Some("http://10.0.0.2:5000"),
+            &["http://10.0.0.2:5000".into()],
             &Members::default(),
         );
-        assert_eq!(first.own, Some(1));
+        assert_eq!(first.own, [1]);
         first.peers[0].down_until(Instant::now() + std::time::Duration::from_secs(60));
         let second = Members::new(
             &["http://10.0.0.3:5000".into(), "http://10.0.0.1:5000".into()],
-            None,
+            &[],
             &first,
         );
-        assert_eq!(second.own, None);
+        assert!(second.own.is_empty());
         assert_eq!(
             second.addresses(),
             ["http://10.0.0.3:5000", "http://10.0.0.1:5000"]
@@ -255,6 +293,34 @@ mod tests {
         cluster.looked_up("http", 5000, &[ip("10.9.9.8"), ip("127.0.0.1")]);
         assert_eq!(cluster.peers().len(), 2);
         assert!(!metrics.render().contains(gone), "its series are gone");
+        // A request that outlived its peer's membership brings no series back.
+        cluster.failed(far, "late");
+        assert!(!metrics.render().contains(gone));
+        // Every address of this machine is this replica (a name with IPv4 and IPv6 for it).
+        cluster.looked_up("http", 5000, &[ip("::1"), ip("10.9.9.8"), ip("127.0.0.1")]);
+        let own: Vec<String> = cluster
+            .peers()
+            .into_iter()
+            .filter(|p| p.1)
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(own, ["http://127.0.0.1:5000", "http://[::1]:5000"]);
+    }
+
+    #[test]
+    fn with_self_only_that_address_is_this_replica() {
+        let config: ClusterConfig = toml::from_str(
+            "peers_dns = \"peers.example:5000\"\nself = \"http://10.9.9.7:5000\"\n\
+             secret = \"a-cluster-secret-of-some-length\"",
+        )
+        .unwrap();
+        let cluster =
+            Cluster::new(&config, 4, Arc::new(crate::metrics::Metrics::new(&[]))).unwrap();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        cluster.looked_up("http", 5000, &[ip("127.0.0.1"), ip("10.9.9.7")]);
+        let peers = cluster.peers();
+        assert!(peers.contains(&("http://10.9.9.7:5000".into(), true, true)));
+        assert!(peers.contains(&("http://127.0.0.1:5000".into(), false, true)));
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl Cluster {
     /// always is).
     pub fn peers(&self) -> Vec<(String, bool, bool)> {
         let members = self.members();
-        let own = |i| members.own == Some(i);
+        let own = |i| members.is_own(i);
         members
             .peers
             .iter()
@@ -178,7 +178,7 @@ impl Cluster {
     ) -> Option<T> {
         let members = self.members();
         for i in members.owners(key) {
-            if members.own == Some(i) {
+            if members.is_own(i) {
                 return None;
             }
             let peer = &members.peers[i];
@@ -201,8 +201,8 @@ impl Cluster {
         members
             .owners(&digest.to_string())
             .into_iter()
-            .find(|&i| members.own == Some(i) || members.peers[i].is_up())
-            .is_some_and(|owner| members.own != Some(owner))
+            .find(|&i| members.is_own(i) || members.peers[i].is_up())
+            .is_some_and(|owner| !members.is_own(owner))
     }
 
     /// The download slots of downloads read from the owner, apart from those that read from
@@ -259,7 +259,7 @@ impl Cluster {
             // comes from upstream directly, and the owner stays in use.
             Err(_) => {
                 tracing::info!(peer = %address, %path, timeout = ?self.config.timeout, "the owner did not answer in time; asking upstream directly");
-                self.metrics.peer_request_sent(address, "slow");
+                self.sent(peer, "slow");
                 return Err(Asked::Declined);
             }
         };
@@ -268,18 +268,18 @@ impl Cluster {
             // It refuses this replica: another secret, clocks apart, or this very replica
             // under another name. (A 401 or 403 without the header is upstream's refusal,
             // passed on: declined, the peer stays in use.)
-            self.metrics.peer_request_sent(address, "refused");
+            self.sent(peer, "refused");
             if refusal_marks_down {
                 self.mark_down(peer, &format!("it refused a cluster request: {status}"));
             }
             return Err(Asked::Declined);
         }
         peer.answered();
-        self.metrics.peer_up.with_label_values(&[address]).set(1);
+        self.set_up(peer, true);
         // Not modified: a tag still points to the manifest the asking replica has.
         if status != StatusCode::OK && status != StatusCode::NOT_MODIFIED {
             tracing::debug!(peer = %address, %path, %status, "the owner did not send it; asking upstream");
-            self.metrics.peer_request_sent(address, "declined");
+            self.sent(peer, "declined");
             return Err(Asked::Declined);
         }
         Ok(response)
@@ -294,10 +294,10 @@ impl Cluster {
         let address = peer.address().to_string();
         let Some(size) = crate::upstream::content_length(response.headers()) else {
             tracing::debug!(peer = %address, %digest, "the owner sent no length; asking upstream");
-            self.metrics.peer_request_sent(&address, "declined");
+            self.sent(&peer, "declined");
             return Asked::Declined;
         };
-        self.metrics.peer_request_sent(&address, "ok");
+        self.sent(&peer, "ok");
         Asked::Got(PeerBlob {
             bytes: response
                 .into_body()
@@ -312,12 +312,22 @@ impl Cluster {
 
     /// Counts what a peer sent.
     pub(crate) fn sent(&self, peer: &Peer, outcome: &str) {
-        self.metrics.peer_request_sent(peer.address(), outcome);
+        // A peer that left keeps no series (a request may outlive its membership).
+        if !peer.has_left() {
+            self.metrics.peer_request_sent(peer.address(), outcome);
+        }
+    }
+
+    fn set_up(&self, peer: &Peer, up: bool) {
+        if !peer.has_left() {
+            let gauge = self.metrics.peer_up.with_label_values(&[peer.address()]);
+            gauge.set(i64::from(up));
+        }
     }
 
     /// `peer` could not be reached, or its body broke: it is skipped for `recheck_after`.
     pub fn failed(&self, peer: &Peer, error: &str) {
-        self.metrics.peer_request_sent(peer.address(), "failed");
+        self.sent(peer, "failed");
         self.mark_down(peer, error);
     }
 
@@ -326,14 +336,14 @@ impl Cluster {
         if peer.down_until(Instant::now() + self.config.recheck_after) {
             tracing::warn!(peer = %address, %why, recheck_after = ?self.config.recheck_after, "skipping a peer");
         }
-        self.metrics.peer_up.with_label_values(&[address]).set(0);
+        self.set_up(peer, false);
     }
 
     /// What `peer` sent did not verify: it is skipped as if it had not answered.
     pub fn sent_corrupt(&self, peer: &Peer, digest: &Digest, error: &str) {
         let address = peer.address();
         tracing::error!(peer = %address, %digest, %error, "a peer sent a blob that does not verify");
-        self.metrics.peer_request_sent(address, "corrupt");
+        self.sent(peer, "corrupt");
         self.mark_down(peer, "it sent a blob that does not verify");
     }
 

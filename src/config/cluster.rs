@@ -103,6 +103,13 @@ impl ClusterConfig {
                         ),
                     )
                 })?;
+                if self.self_url.is_some() && self.dns_self_ip().is_none() {
+                    return Err(invalid(
+                        "cluster.self",
+                        "with peers_dns, it is this replica's address as the name gives it: \
+                         the same scheme and port, and an IP address (http://10.0.0.11:5000)",
+                    ));
+                }
             }
             (None, true) => {
                 return Err(invalid(
@@ -173,8 +180,20 @@ impl ClusterConfig {
         let plain = !host.is_empty()
             && host
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-        Some((scheme, host, port.parse().ok()?)).filter(|_| plain)
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            && port.bytes().all(|b| b.is_ascii_digit());
+        let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+        Some((scheme, host, port)).filter(|_| plain)
+    }
+
+    /// With `peers_dns`, the address `self` names (`http://10.0.0.11:5000`): which of the
+    /// addresses looked up is this replica. `None` without `self` (or when it is not that).
+    pub fn dns_self_ip(&self) -> Option<std::net::IpAddr> {
+        let (scheme, _, port) = self.dns_name()?;
+        let uri: http::Uri = peer_address(self.self_url.as_deref()?).parse().ok()?;
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let same = uri.scheme_str() == Some(scheme) && uri.port_u16() == Some(port);
+        host.parse().ok().filter(|_| same)
     }
 
     /// This replica's address among the peers: `self`, or the one peer named after

@@ -161,12 +161,21 @@ fn peers_by_dns_are_a_name_and_a_port_instead_of_a_list() {
     );
     let c = parse("peers_dns = \"https://peers:8443\"").unwrap();
     assert_eq!(c.dns_name(), Some(("https", "peers", 8443)));
+    let c = parse("peers_dns = \"peers:5000\"\nself = \"http://[fd00::1]:5000/\"").unwrap();
+    assert_eq!(c.dns_self_ip(), Some("fd00::1".parse().unwrap()));
     for bad in [
         "peers_dns = \"peers\"",
         "peers_dns = \"ftp://peers:21\"",
         "peers_dns = \"peers:port\"",
         "peers_dns = \"user@peers:5000\"",
         "peers_dns = \"peers:5000\"\npeers = [\"http://10.0.0.1:5000\"]",
+        "peers_dns = \"peers:0\"",
+        "peers_dns = \"peers:+5000\"",
+        // With peers_dns, self is one of the addresses the name gives: an IP, same scheme and port.
+        "peers_dns = \"peers:5000\"\nself = \"http://regmirror-0.peers:5000\"",
+        "peers_dns = \"peers:5000\"\nself = \"http://10.0.0.1:5001\"",
+        "peers_dns = \"peers:5000\"\nself = \"https://10.0.0.1:5000\"",
+        "peers_dns = \"peers:5000\"\nself = \"10.0.0.1:5000\"",
     ] {
         assert!(parse(bad).is_err(), "{bad}");
     }
