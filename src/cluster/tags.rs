@@ -13,8 +13,8 @@ use super::signature::{SignedAnswer, ANSWER_HEADER};
 use super::{peer_path, Asked, Cluster};
 use crate::cache::Manifest;
 use crate::digest::Digest;
-use crate::oci::{RepoName, Tag, DOCKER_CONTENT_DIGEST};
-use http::{header, HeaderMap, Method, Request, StatusCode};
+use crate::oci::{self, RepoName, Tag};
+use http::{header, Method, Request, StatusCode};
 
 /// What the owner says a tag points to.
 pub enum OwnerTag {
@@ -57,7 +57,7 @@ impl Cluster {
             };
             let headers = response.headers();
             let status = response.status();
-            let signed = header_digest(headers).and_then(|digest| {
+            let signed = oci::content_digest(headers).and_then(|digest| {
                 let answer = headers.get(ANSWER_HEADER)?;
                 let digest_text = digest.to_string();
                 let checked =
@@ -91,13 +91,4 @@ impl Cluster {
         })
         .await
     }
-}
-
-fn header_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers
-        .get(DOCKER_CONTENT_DIGEST)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }

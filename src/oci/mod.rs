@@ -14,6 +14,16 @@ pub use document::{
 
 /// `Docker-Content-Digest`, set on every manifest and blob answer.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// The digest an answer's `Docker-Content-Digest` header names, if it is one.
+pub fn content_digest(headers: &http::HeaderMap) -> Option<Digest> {
+    headers
+        .get(DOCKER_CONTENT_DIGEST)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
 /// `Docker-Distribution-API-Version: registry/2.0`, set on every answer.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 

@@ -395,7 +395,7 @@ async fn read_manifest(
     upstream: &RegistryUpstream,
 ) -> Result<Manifest, UpstreamError> {
     let endpoint = answer.endpoint.clone();
-    let claimed = header_digest(answer.headers());
+    let claimed = oci::content_digest(answer.headers());
     let content_type = media_type_of(answer.headers());
     let bytes = answer
         .bytes(oci::MAX_MANIFEST_BYTES)
@@ -433,19 +433,10 @@ async fn read_manifest(
 
 /// Digest, media type and size from an upstream manifest answer's headers, when all are there.
 pub(super) fn described(headers: &HeaderMap) -> Option<(Digest, String, u64)> {
-    let digest = header_digest(headers)?;
+    let digest = oci::content_digest(headers)?;
     let media_type = media_type_of(headers)?;
     let size = crate::upstream::content_length(headers)?;
     Some((digest, media_type, size))
-}
-
-fn header_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers
-        .get(DOCKER_CONTENT_DIGEST)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn media_type_of(headers: &HeaderMap) -> Option<String> {

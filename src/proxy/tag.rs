@@ -98,8 +98,9 @@ async fn confirm(
 /// and the mapping recorded here, confirmed when the owner's was (so that it runs out when the
 /// owner's does). `None` when this replica owns the tag, or the owner could not say for sure
 /// (it could not reach upstream either — this replica may —, its confirmation is older than
-/// this replica's TTL, or it sent nothing usable or unsigned): upstream is asked directly then. Not with `[auth]` on, for the reason the bucket's tag records are
-/// not used then ([`known_record`]).
+/// this replica's TTL, or it sent nothing usable or unsigned): upstream is asked directly
+/// then. Not with `[auth]` on, for the reason the bucket's tag records are not used then
+/// ([`known_record`]).
 async fn from_owner(app: &App, key: &TagKey) -> Option<TagAnswer> {
     let cluster = app.cluster().filter(|_| app.access().is_none())?;
     let registry = &app.upstream(key.registry).name;
