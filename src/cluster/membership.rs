@@ -10,8 +10,7 @@
 use super::Cluster;
 use crate::config::{peer_address, ClusterConfig};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 /// One peer and what this replica knows of it.
@@ -21,8 +20,9 @@ pub struct Peer {
     address: String,
     /// Skipped until then after it failed to answer.
     down_until: Mutex<Option<Instant>>,
-    /// No longer a peer (a request that started before may still hold it).
-    left: AtomicBool,
+    /// No longer a peer (a request that started before may still hold it); held while its
+    /// metrics series are written or removed, so that none comes back once it left.
+    left: Mutex<bool>,
 }
 
 impl Peer {
@@ -30,13 +30,23 @@ impl Peer {
         Peer {
             address,
             down_until: Mutex::new(None),
-            left: AtomicBool::new(false),
+            left: Mutex::new(false),
         }
     }
 
-    /// Whether it left the peers (its metrics series are gone, and stay gone).
-    pub(super) fn has_left(&self) -> bool {
-        self.left.load(Ordering::Relaxed)
+    /// Runs `update` (of its metrics series) unless it left the peers.
+    pub(super) fn while_member(&self, update: impl FnOnce()) {
+        let left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*left {
+            update();
+        }
+    }
+
+    /// It left the peers: `remove` (its metrics series) runs, and no update after it.
+    fn leave(&self, remove: impl FnOnce()) {
+        let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        *left = true;
+        remove();
     }
 
     pub fn address(&self) -> &str {
@@ -201,17 +211,18 @@ impl Cluster {
         if before == addresses && previous.own == members.own {
             return;
         }
-        *self.members.write().expect("members lock") = Arc::clone(&members);
+        // New peers' series first: a request that marks one down once it is published
+        // is not undone.
         let new: Vec<String> = addresses
             .iter()
             .filter(|a| !before.contains(a))
             .cloned()
             .collect();
         self.metrics.cluster_configured(&new);
+        *self.members.write().expect("members lock") = Arc::clone(&members);
         for peer in &previous.peers {
             if !addresses.iter().any(|a| a == peer.address()) {
-                peer.left.store(true, Ordering::Relaxed);
-                self.metrics.peer_gone(peer.address());
+                peer.leave(|| self.metrics.peer_gone(peer.address()));
             }
         }
         tracing::info!(peers = ?addresses, own = ?own, "cluster: peers looked up");
@@ -296,15 +307,19 @@ mod tests {
         // A request that outlived its peer's membership brings no series back.
         cluster.failed(far, "late");
         assert!(!metrics.render().contains(gone));
-        // Every address of this machine is this replica (a name with IPv4 and IPv6 for it).
-        cluster.looked_up("http", 5000, &[ip("::1"), ip("10.9.9.8"), ip("127.0.0.1")]);
+        // Every address of this machine is this replica (a name with two addresses for it).
+        cluster.looked_up(
+            "http",
+            5000,
+            &[ip("127.0.0.2"), ip("10.9.9.8"), ip("127.0.0.1")],
+        );
         let own: Vec<String> = cluster
             .peers()
             .into_iter()
             .filter(|p| p.1)
             .map(|p| p.0)
             .collect();
-        assert_eq!(own, ["http://127.0.0.1:5000", "http://[::1]:5000"]);
+        assert_eq!(own, ["http://127.0.0.1:5000", "http://127.0.0.2:5000"]);
     }
 
     #[test]

@@ -313,16 +313,14 @@ impl Cluster {
     /// Counts what a peer sent.
     pub(crate) fn sent(&self, peer: &Peer, outcome: &str) {
         // A peer that left keeps no series (a request may outlive its membership).
-        if !peer.has_left() {
-            self.metrics.peer_request_sent(peer.address(), outcome);
-        }
+        peer.while_member(|| self.metrics.peer_request_sent(peer.address(), outcome));
     }
 
     fn set_up(&self, peer: &Peer, up: bool) {
-        if !peer.has_left() {
+        peer.while_member(|| {
             let gauge = self.metrics.peer_up.with_label_values(&[peer.address()]);
             gauge.set(i64::from(up));
-        }
+        });
     }
 
     /// `peer` could not be reached, or its body broke: it is skipped for `recheck_after`.

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The longest `timeout`, `stall_timeout` and `recheck_after` accepted.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// The shortest cluster secret accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -161,8 +164,8 @@ impl ClusterConfig {
             ("cluster.stall_timeout", self.stall_timeout),
             ("cluster.recheck_after", self.recheck_after),
         ] {
-            if value.is_zero() {
-                return Err(invalid(key, "must be greater than zero"));
+            if value.is_zero() || value > MAX_DURATION {
+                return Err(invalid(key, "must be greater than zero, and a day at most"));
             }
         }
         Ok(())

@@ -176,6 +176,7 @@ fn peers_by_dns_are_a_name_and_a_port_instead_of_a_list() {
         "peers_dns = \"peers:5000\"\nself = \"http://10.0.0.1:5001\"",
         "peers_dns = \"peers:5000\"\nself = \"https://10.0.0.1:5000\"",
         "peers_dns = \"peers:5000\"\nself = \"10.0.0.1:5000\"",
+        "peers_dns = \"peers:5000\"\nrecheck_after = \"2days\"",
     ] {
         assert!(parse(bad).is_err(), "{bad}");
     }
