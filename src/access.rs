@@ -67,7 +67,7 @@ pub enum Need<'a> {
     /// The API base and catalog: valid credentials of any kind (an anonymous token too), so
     /// that a client without any is challenged and fetches a token.
     Credentials,
-    /// The status page: a signed-in user.
+    /// The console: a signed-in user.
     SignedIn,
 }
 
@@ -276,7 +276,7 @@ impl Access {
         })
     }
 
-    /// The Basic challenge (the status page in a browser, the token service itself).
+    /// The Basic challenge (the console in a browser, the token service itself).
     pub fn basic_challenge(&self) -> HeaderValue {
         self.challenge.clone()
     }

@@ -6,11 +6,11 @@ use crate::access::{Access, Sessions};
 use crate::cache::Cache;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::console::Console;
 use crate::metrics::{EndpointLabels, Metrics};
 use crate::proxy::Prefetcher;
 use crate::route::RegistryName;
 use crate::shared::SharedStore;
-use crate::status::Popularity;
 use crate::upstream::{Memory, RegistryUpstream};
 use std::sync::{Arc, RwLock};
 
@@ -23,7 +23,8 @@ pub struct App {
     /// Shared by every configuration generation (one store, one set of counters).
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
-    popularity: Arc<Popularity>,
+    /// The operator console's own state (pull counts, the last hour).
+    console: Arc<Console>,
     /// Client authentication and access rules, when `[auth]` is configured.
     access: Option<Access>,
     /// Logins and tokens, kept across reloads.
@@ -63,11 +64,12 @@ impl App {
                 })
             })
             .transpose()?;
+        let console = Console::start(&metrics);
         Ok(Arc::new(App::assemble(
             config,
             cache,
             metrics,
-            Arc::default(),
+            console,
             Arc::default(),
             &[],
             (shared, cluster),
@@ -78,7 +80,7 @@ impl App {
         config: Config,
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
-        popularity: Arc<Popularity>,
+        console: Arc<Console>,
         sessions: Arc<Sessions>,
         known_endpoints: &[Arc<Memory>],
         (shared, cluster): (Option<Arc<SharedStore>>, Option<Arc<Cluster>>),
@@ -109,7 +111,7 @@ impl App {
             upstreams,
             cache,
             metrics,
-            popularity,
+            console,
             access,
             sessions,
             shared,
@@ -149,7 +151,7 @@ impl App {
             config,
             Arc::clone(&self.cache),
             Arc::clone(&self.metrics),
-            Arc::clone(&self.popularity),
+            Arc::clone(&self.console),
             Arc::clone(&self.sessions),
             &known,
             (self.shared.clone(), self.cluster.clone()),
@@ -200,9 +202,9 @@ impl App {
         self.cluster.as_ref()
     }
 
-    /// Pull counts per image, for the status page.
-    pub fn popularity(&self) -> &Popularity {
-        &self.popularity
+    /// The operator console's state.
+    pub fn console(&self) -> &Console {
+        &self.console
     }
 
     /// The Prometheus text, with the gauges that mirror other modules' state brought up to date.

@@ -16,7 +16,7 @@
 //! - [`upstream`]: endpoints, failover, redirects, token auth.
 //! - [`shared`]: the S3-compatible bucket replicas share as a second cache level.
 //! - [`error`]: errors by source and the OCI error table.
-//! - [`metrics`]: every Prometheus series; [`status`]: the HTML status page at `/`.
+//! - [`metrics`]: every Prometheus series; [`console`]: the operator console at `/` (HTML and JSON).
 //! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`); [`admin`]: the socket
 //!   through which they act on a running server.
 //! - [`config`], [`app`], [`shutdown`], [`telemetry`], [`allocator`]: set-up.
@@ -42,6 +42,7 @@ pub mod body;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod digest;
 pub mod error;
 pub mod fill;
@@ -56,7 +57,6 @@ pub mod sendfile;
 pub mod server;
 pub mod shared;
 pub mod signals;
-pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

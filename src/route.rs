@@ -46,10 +46,27 @@ pub enum Target {
     Healthz,
     Readyz,
     Metrics,
-    /// The status page at `/`.
-    Status,
+    /// A page of the operator console (`/`, `/browse`, `/downloads`, `/upstreams`), with its
+    /// query (filter, page, `format=json`).
+    Status {
+        page: Page,
+        query: Option<String>,
+    },
     /// `GET /token`: the token service clients are sent to by the `Bearer` challenge.
     Token,
+}
+
+/// The operator console's pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// `/`: the last hour, disk use, savings, upstreams, the shared store and the cluster.
+    Overview,
+    /// `/browse`: registries, their repositories, a repository's tags.
+    Browse,
+    /// `/downloads`: downloads in progress, prefetches queued, commits waiting.
+    Downloads,
+    /// `/upstreams`: each endpoint's state changes over the last hour.
+    Upstreams,
 }
 
 /// A routed request.
@@ -81,7 +98,7 @@ impl Route {
             Target::Token => "token",
             Target::Readyz => "readyz",
             Target::Metrics => "metrics",
-            Target::Status => "status",
+            Target::Status { .. } => "status",
         }
     }
 }
@@ -128,7 +145,18 @@ pub fn route(
         "/healthz" => return plain(Target::Healthz),
         "/readyz" => return plain(Target::Readyz),
         "/metrics" => return plain(Target::Metrics),
-        "/" if method == Method::GET || method == Method::HEAD => return plain(Target::Status),
+        "/" | "/browse" | "/downloads" | "/upstreams"
+            if method == Method::GET || method == Method::HEAD =>
+        {
+            let page = match path {
+                "/" => Page::Overview,
+                "/browse" => Page::Browse,
+                "/downloads" => Page::Downloads,
+                _ => Page::Upstreams,
+            };
+            let query = query.map(str::to_string);
+            return plain(Target::Status { page, query });
+        }
         "/token" if method == Method::GET || method == Method::HEAD => return plain(Target::Token),
         // containerd tries an OAuth2 POST first and falls back to GET on 405.
         "/token" => return Err(RouteError::Unsupported(method.clone())),

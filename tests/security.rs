@@ -314,6 +314,59 @@ async fn clients_log_in_and_access_rules_hold() {
         "bob sees a repository he may not pull"
     );
     assert!(page(&alice).await.contains("docker.io/myorg/tool:1"));
+    // Browsing the cache, in HTML and JSON, at every level: bob never sees myorg/tool, not
+    // even by naming it or filtering for it.
+    let browse = |who: &str, query: &str| {
+        let url = mirror.url(&format!("/browse?{query}"));
+        let who = who.to_string();
+        async move { request(Method::GET, &url, &[("authorization", &who)]).await }
+    };
+    for (who, repos) in [
+        (&bob, vec!["library/alpine"]),
+        (&alice, vec!["library/alpine", "myorg/tool"]),
+    ] {
+        let registries = browse(who, "format=json").await.json();
+        assert_eq!(registries["registries"][0]["registry"], "docker.io");
+        assert_eq!(registries["registries"][0]["repositories"], repos.len());
+        let listed = browse(who, "registry=docker.io&sort=name&format=json")
+            .await
+            .json();
+        let names: Vec<&str> = listed["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["repository"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, repos, "the repositories listed");
+        let html = browse(who, "registry=docker.io").await;
+        let html = String::from_utf8_lossy(html.bytes());
+        assert_eq!(html.contains("myorg/tool"), repos.len() == 2, "{html}");
+    }
+    let tool_tags = browse(&alice, "registry=docker.io&repo=myorg/tool&format=json").await;
+    assert_eq!(tool_tags.status, StatusCode::OK);
+    assert_eq!(tool_tags.json()["rows"][0]["tag"], "1");
+    for query in [
+        "registry=docker.io&repo=myorg/tool",
+        "registry=docker.io&repo=myorg/tool&format=json",
+        "registry=docker.io&repo=myorg/nothing-here",
+    ] {
+        let got = browse(&bob, query).await;
+        assert_eq!(
+            got.status,
+            StatusCode::NOT_FOUND,
+            "{query}: as if not cached"
+        );
+    }
+    let filtered = browse(&bob, "registry=docker.io&filter=tool&format=json")
+        .await
+        .json();
+    assert_eq!(filtered["total"], 0);
+    assert_eq!(
+        browse(&format!("Bearer {anonymous_token}"), "registry=docker.io")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
     // A denied or unauthenticated client learns nothing and costs nothing upstream.
     let blob = format!("/v2/myorg/tool/blobs/{digest}");
     let got = request(Method::GET, &mirror.url(&blob), &[("authorization", &bob)]).await;

@@ -49,6 +49,20 @@ pub struct Fill {
     pub progress: watch::Receiver<FillState>,
     /// The endpoint the download comes from, once known (for access lines).
     pub source: Arc<OnceLock<String>>,
+    /// When the fill began.
+    pub started: std::time::Instant,
+}
+
+/// A fill in progress, as the operator console lists it.
+#[derive(Clone, Debug)]
+pub struct InProgress {
+    pub digest: Digest,
+    pub state: FillState,
+    /// The endpoint (or peer, or bucket) it comes from, once known.
+    pub source: Option<String>,
+    /// Clients following it now.
+    pub readers: usize,
+    pub started: std::time::Instant,
 }
 
 /// The right and duty to perform a fill. Dropping it unfinished fails the fill.
@@ -196,6 +210,7 @@ impl Inflight {
             file: Arc::new(reader),
             progress: rx,
             source: Arc::clone(&source),
+            started: std::time::Instant::now(),
         };
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
@@ -231,6 +246,24 @@ impl Inflight {
         let fills = self.fills.lock().expect("inflight lock poisoned");
         let fill = fills.get(digest)?;
         Some(Arc::strong_count(&fill.file) - 1)
+    }
+
+    /// Every fill in the table, oldest first.
+    pub fn list(&self) -> Vec<InProgress> {
+        let fills = self.fills.lock().expect("inflight lock poisoned");
+        let mut all: Vec<InProgress> = fills
+            .iter()
+            .map(|(digest, fill)| InProgress {
+                digest: digest.clone(),
+                state: fill.progress.borrow().clone(),
+                source: fill.source.get().cloned(),
+                readers: Arc::strong_count(&fill.file) - 1,
+                started: fill.started,
+            })
+            .collect();
+        drop(fills);
+        all.sort_by_key(|f| f.started);
+        all
     }
 
     /// Fills in progress.

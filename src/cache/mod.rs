@@ -172,6 +172,11 @@ impl Cache {
         self.inflight.readers(digest)
     }
 
+    /// Every download in progress (and verified one waiting for its commit), oldest first.
+    pub fn downloads(&self) -> Vec<inflight::InProgress> {
+        self.inflight.list()
+    }
+
     /// Downloads under way: not counting verified ones waiting for (or in) their commit.
     pub fn downloads_in_flight(&self) -> usize {
         self.inflight.downloading()

@@ -129,6 +129,87 @@ pub fn served_references(body: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
+/// What an index or an image manifest holds, for people browsing the cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outline {
+    /// An index's platform manifests: `os/arch[/variant]` (or `unknown`) and digest.
+    pub platforms: Vec<(String, Digest)>,
+    /// An image's config.
+    pub config: Option<Digest>,
+    /// An image's config and layers, in bytes as declared.
+    pub bytes: u64,
+}
+
+/// A platform as an index or an image config names it.
+#[derive(serde::Deserialize)]
+struct Platform {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Platform {
+    fn name(&self) -> String {
+        if self.os.is_empty() && self.architecture.is_empty() {
+            return "unknown".into();
+        }
+        match &self.variant {
+            Some(variant) => format!("{}/{}/{variant}", self.os, self.architecture),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
+/// The outline of a manifest, or `None` when it is not one.
+pub fn outline(body: &[u8]) -> Option<Outline> {
+    #[derive(serde::Deserialize)]
+    struct Child {
+        digest: String,
+        platform: Option<Platform>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Sized {
+        digest: String,
+        #[serde(default)]
+        size: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        manifests: Vec<Child>,
+        config: Option<Sized>,
+        #[serde(default)]
+        layers: Vec<Sized>,
+    }
+    let doc: Doc = serde_json::from_slice(body).ok()?;
+    let platforms = doc
+        .manifests
+        .iter()
+        .filter_map(|c| {
+            let name = c.platform.as_ref().map_or("unknown".into(), Platform::name);
+            Some((name, c.digest.parse().ok()?))
+        })
+        .collect();
+    let bytes = doc
+        .config
+        .iter()
+        .chain(doc.layers.iter())
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
+    Some(Outline {
+        platforms,
+        config: doc.config.and_then(|c| c.digest.parse().ok()),
+        bytes,
+    })
+}
+
+/// The platform an image config names (`os/arch[/variant]`).
+pub fn config_platform(config: &[u8]) -> Option<String> {
+    let platform: Platform = serde_json::from_slice(config).ok()?;
+    (!platform.os.is_empty()).then(|| platform.name())
+}
+
 /// Most layers an image may have for [`image_blobs`] to list them (Docker allows 127).
 const MAX_IMAGE_LAYERS: usize = 256;
 
@@ -274,5 +355,28 @@ mod tests {
         );
         assert_eq!(served_references(image.as_bytes()), vec![c, l1]);
         assert_eq!(references(image.as_bytes()).len(), 5);
+    }
+
+    #[test]
+    fn outlines_name_platforms_and_sum_an_image() {
+        let [c, l1, l2] = [b"c", b"1", b"2"].map(|b| Digest::of(b));
+        let image = format!(
+            r#"{{"config":{{"digest":"{c}","size":10}},"layers":[{{"digest":"{l1}","size":100}},{{"digest":"{l2}","size":1000}}]}}"#
+        );
+        let outline = outline(image.as_bytes()).unwrap();
+        assert_eq!((outline.bytes, outline.config), (1110, Some(c.clone())));
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{l1}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},{{"digest":"{l2}"}}]}}"#
+        );
+        let platforms = super::outline(index.as_bytes()).unwrap().platforms;
+        assert_eq!(
+            platforms,
+            vec![("linux/arm64/v8".into(), l1), ("unknown".into(), l2)]
+        );
+        assert_eq!(
+            config_platform(br#"{"os":"linux","architecture":"amd64"}"#).as_deref(),
+            Some("linux/amd64")
+        );
+        assert!(super::outline(b"not json").is_none());
     }
 }

@@ -8,8 +8,8 @@ use std::fmt;
 
 mod document;
 pub use document::{
-    descriptors, image_blobs, is_manifest_document, references, served_references,
-    sniff_manifest_type,
+    config_platform, descriptors, image_blobs, is_manifest_document, outline, references,
+    served_references, sniff_manifest_type, Outline,
 };
 
 /// `Docker-Content-Digest`, set on every manifest and blob answer.

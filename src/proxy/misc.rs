@@ -32,21 +32,6 @@ pub fn text(status: StatusCode, text: impl Into<bytes::Bytes>) -> Response<Respo
         .expect("static headers are valid")
 }
 
-/// The HTML status page; the images it names are those `visible(registry, repo)` allows.
-pub fn status_page(
-    app: &App,
-    head: bool,
-    visible: impl Fn(&str, &str) -> bool,
-) -> Response<ResponseBody> {
-    let html = crate::status::render(app, visible);
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(header::CONTENT_LENGTH, html.len())
-        .body(body_unless_head(html.into(), head))
-        .expect("static headers are valid")
-}
-
 /// The Prometheus text format.
 pub fn metrics(app: &App) -> Response<ResponseBody> {
     let text = app.render_metrics();

@@ -237,7 +237,7 @@ fn peer_request(
 }
 
 /// Checks the client may make this request: pulls by the access rules, the API base with any
-/// valid credentials, the status page with a signed-in user; the token service, health and
+/// valid credentials, the console with a signed-in user; the token service, health and
 /// metrics are open (the token service checks logins itself; probes and scrapers).
 /// Returns who the client is (for the access log) whatever the answer.
 async fn authorize(
@@ -257,7 +257,7 @@ async fn authorize(
             registry,
             repo: repo.as_str(),
         },
-        (Target::Status | Target::Catalog, _) => Need::SignedIn,
+        (Target::Status { .. } | Target::Catalog, _) => Need::SignedIn,
         (Target::Healthz | Target::Readyz | Target::Metrics | Target::Token, _) => {
             return (Principal::Anonymous, Ok(()))
         }
@@ -287,7 +287,7 @@ fn refusal(denial: Denial) -> Error {
     }
 }
 
-/// The challenge a 401 carries: Basic for a browser on the status page and for the token
+/// The challenge a 401 carries: Basic for a browser on the console and for the token
 /// service itself, else where to fetch a token, as Docker Hub says it.
 fn challenge(
     app: &App,
@@ -297,7 +297,7 @@ fn challenge(
     uri: &http::Uri,
 ) -> HeaderValue {
     let repo = match target {
-        None | Some(Target::Status | Target::Token) => return access.basic_challenge(),
+        None | Some(Target::Status { .. } | Target::Token) => return access.basic_challenge(),
         Some(
             Target::Manifest { repo, .. }
             | Target::Blob { repo, .. }
@@ -389,10 +389,20 @@ async fn dispatch(
         Target::Healthz => Ok(misc::text(StatusCode::OK, "ok\n")),
         Target::Readyz => Ok(misc::readiness(app)),
         Target::Metrics => Ok(misc::metrics(app)),
-        Target::Status => Ok(misc::status_page(app, head, |registry, repo| {
-            app.access()
-                .is_none_or(|access| access.may_pull(user, registry, repo))
-        })),
+        Target::Status { page, query } => {
+            crate::console::serve(
+                app,
+                *page,
+                query.as_deref(),
+                headers,
+                head,
+                |registry, repo| {
+                    app.access()
+                        .is_none_or(|access| access.may_pull(user, registry, repo))
+                },
+            )
+            .await
+        }
         Target::Token => issue_token(app, headers, head).await,
         Target::Catalog => {
             misc::catalog(app, head, |registry, repo| {
@@ -406,8 +416,13 @@ async fn dispatch(
             let response =
                 manifest::serve(app, registry, repo, reference, headers, head, outcome).await?;
             if let (false, crate::oci::Reference::Tag(tag)) = (head, reference) {
-                app.popularity()
-                    .pulled(&format!("{}/{repo}:{tag}", app.routes()[registry].name));
+                app.console()
+                    .popularity()
+                    .pulled(&crate::console::popularity::image_key(
+                        &app.routes()[registry].name,
+                        repo.as_str(),
+                        tag.as_str(),
+                    ));
             }
             Ok(response)
         }

@@ -9,7 +9,7 @@
 //! until then, so no replica ever sees half an object.
 //!
 //! The bucket never holds a request up for long: its requests have their own time limits, and
-//! a failed read marks it down ([`health`]: logged once, shown by `/readyz`, the status page
+//! a failed read marks it down ([`health`]: logged once, shown by `/readyz`, the console
 //! and the metrics); a replica whose bucket is down serves from its disk and upstream as a
 //! single node does.
 //!

@@ -9,6 +9,7 @@
 //! joining that probe rather than piling onto a dead host. Any answer but an outage ends the
 //! back-off at once. Pure state: times are passed in, nothing here does I/O.
 
+use super::timeline::{Change, EndpointState, Timeline};
 use http::HeaderMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -148,6 +149,8 @@ struct State {
     probes_started: u64,
     rate_limited_until: Option<Instant>,
     rate_limit: Option<RateLimit>,
+    /// State changes over the last hour.
+    timeline: Timeline,
 }
 
 #[derive(Debug)]
@@ -194,6 +197,9 @@ impl Health {
             return Admission::Cooling;
         }
         state.probes_started += 1;
+        state
+            .timeline
+            .record(SystemTime::now(), EndpointState::Probing, None, None);
         let id = state.probes_started;
         let (done, _) = watch::channel(ProbeEnd::Running);
         state.probe = Some(Probe { id, done });
@@ -226,6 +232,16 @@ impl Health {
         state.down_until = None;
         state.failures = 0;
         state.last_error = None;
+        // Answers go on during a rate-limit pause (only manifest GETs wait): it stays the
+        // latest change until it ends.
+        let pausing = state
+            .rate_limited_until
+            .is_some_and(|until| Instant::now() < until);
+        if !pausing || state.timeline.latest() != EndpointState::RateLimited {
+            state
+                .timeline
+                .record(SystemTime::now(), EndpointState::Up, None, None);
+        }
     }
 
     /// The endpoint had an outage: it backs off for a pause that doubles with each failed
@@ -247,6 +263,9 @@ impl Health {
         let pause = back_off(state.failures, longest);
         state.down_until = Some(now + pause);
         state.last_error = Some(error.to_string());
+        state
+            .timeline
+            .record(SystemTime::now(), EndpointState::Down, None, Some(error));
         pause
     }
 
@@ -277,6 +296,10 @@ impl Health {
             .unwrap_or(DEFAULT_RATE_LIMIT_PAUSE)
             .min(LONGEST_RATE_LIMIT_PAUSE);
         state.rate_limited_until = Some(now + pause);
+        let at = SystemTime::now();
+        state
+            .timeline
+            .record(at, EndpointState::RateLimited, Some(at + pause), None);
         pause
     }
 
@@ -284,6 +307,11 @@ impl Health {
     pub fn rate_limit_pause(&self, now: Instant) -> Option<Duration> {
         let until = self.state().rate_limited_until?;
         (now < until).then(|| until - now)
+    }
+
+    /// The state an hour ago and the changes since.
+    pub fn last_hour(&self) -> (EndpointState, Vec<Change>) {
+        self.state().timeline.last_hour(SystemTime::now())
     }
 
     pub fn snapshot(&self, now: Instant) -> HealthSnapshot {

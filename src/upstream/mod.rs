@@ -14,6 +14,7 @@ mod endpoint;
 pub mod failure;
 pub mod health;
 mod request;
+pub mod timeline;
 mod transport;
 
 pub use endpoint::Memory;
@@ -58,12 +59,14 @@ pub fn note_endpoint(base: &str) {
     let _ = ANSWERED_BY.try_with(|c| *c.borrow_mut() = Some(base.to_string()));
 }
 
-/// An endpoint's state for status pages and metrics.
+/// An endpoint's state for the console and metrics.
 #[derive(Clone, Debug)]
 pub struct EndpointStatus {
     pub url: String,
     pub resolve_tags: bool,
     pub health: HealthSnapshot,
+    /// The state an hour ago and the changes since.
+    pub last_hour: (timeline::EndpointState, Vec<timeline::Change>),
 }
 
 /// The upstream side of one registry.
@@ -414,6 +417,7 @@ impl RegistryUpstream {
                 url: e.base.clone(),
                 resolve_tags: e.resolve_tags,
                 health: e.health().snapshot(now),
+                last_hour: e.health().last_hour(),
             })
             .collect()
     }

@@ -5,6 +5,10 @@
 //! Gauges that mirror state owned elsewhere (cache size, fills in flight, endpoint health,
 //! rate limits) are read when `/metrics` is scraped.
 
+mod totals;
+
+pub use totals::{Snapshot, Totals};
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -26,18 +30,6 @@ pub const ROUTES: [&str; 11] = [
 ];
 /// Cache outcomes, as `proxy::Outcome` names them.
 pub const OUTCOMES: [&str; 5] = ["hit", "miss", "join", "stale", "bypass"];
-
-/// Totals for the status page.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Snapshot {
-    pub hits: u64,
-    pub misses: u64,
-    pub joins: u64,
-    pub stale: u64,
-    pub bypass: u64,
-    pub bytes_from_cache: u64,
-    pub bytes_from_upstream: u64,
-}
 
 /// One registry's endpoints, for labels.
 pub struct EndpointLabels {
@@ -487,25 +479,6 @@ impl Metrics {
 
     pub fn digest_mismatch(&self) {
         self.digest_mismatches.inc();
-    }
-
-    /// Blob and manifest totals.
-    pub fn snapshot(&self) -> Snapshot {
-        let outcome = |o: &str| {
-            ["blob", "manifest"]
-                .iter()
-                .map(|k| self.cache_requests.with_label_values(&[k, o]).get())
-                .sum()
-        };
-        Snapshot {
-            hits: outcome("hit"),
-            misses: outcome("miss"),
-            joins: outcome("join"),
-            stale: outcome("stale"),
-            bypass: outcome("bypass"),
-            bytes_from_cache: self.served_bytes.with_label_values(&["cache"]).get(),
-            bytes_from_upstream: self.served_bytes.with_label_values(&["upstream"]).get(),
-        }
     }
 
     /// The text exposition.
