@@ -139,8 +139,13 @@ async fn answer(
                 };
                 let lifecycle = cache.lifecycle();
                 let forget = |digest: &crate::digest::Digest| lifecycle.forget(digest);
-                let report =
-                    ops::verify_until(cache.store(), &options, forget, &commands.stopping)?;
+                let report = ops::verify_until(
+                    cache.store(),
+                    &options,
+                    forget,
+                    &commands.stopping,
+                    &crate::progress::Silent,
+                )?;
                 Ok(report.render(options.quarantine))
             })
             .await

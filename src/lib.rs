@@ -18,7 +18,7 @@
 //! - [`error`]: errors by source and the OCI error table.
 //! - [`metrics`]: every Prometheus series; [`console`]: the operator console at `/` (HTML and JSON).
 //! - [`ops`], [`warm`]: operator commands (`verify`, `gc`, `ls`, `warm`); [`admin`]: the socket
-//!   through which they act on a running server.
+//!   through which they act on a running server; [`progress`]: their bar on a terminal.
 //! - [`config`], [`app`], [`shutdown`], [`telemetry`], [`allocator`]: set-up.
 //!
 //! # Life of a request
@@ -49,6 +49,7 @@ pub mod fill;
 pub mod metrics;
 pub mod oci;
 pub mod ops;
+pub mod progress;
 pub mod proxy;
 pub mod range;
 pub mod route;

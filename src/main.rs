@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use http::Method;
 use regmirror::app::{App, Live};
 use regmirror::config::{parse_byte_size, Config, LogFormat};
+use regmirror::progress::Progress;
 use regmirror::tls::ServerTls;
 use regmirror::warm::{self, Platforms};
 use regmirror::{cache::store::Store, ops, server, signals, telemetry};
@@ -164,7 +165,10 @@ fn main() -> ExitCode {
                 max_bytes,
                 quarantine,
             };
-            let report = ops::verify(&c.cache.dir, &options).map_err(|e| e.to_string())?;
+            let progress = Progress::start("verify");
+            let report =
+                ops::verify(&c.cache.dir, &options, &progress).map_err(|e| e.to_string())?;
+            progress.finish();
             print!("{}", report.render(quarantine));
             Ok(())
         }),
@@ -179,7 +183,10 @@ fn main() -> ExitCode {
             if let Some(socket) = running_server(&c.cache.dir)? {
                 return through_server(&socket, Method::POST, &format!("/gc?target={target}"));
             }
-            let evicted = ops::gc(&c.cache.dir, target, &c.cache.pin).map_err(|e| e.to_string())?;
+            let progress = Progress::start("gc");
+            let evicted = ops::gc(&c.cache.dir, target, &c.cache.pin, &progress)
+                .map_err(|e| e.to_string())?;
+            progress.finish();
             print!("{}", ops::render_gc(evicted));
             Ok(())
         }),
@@ -223,8 +230,10 @@ fn running_server(dir: &Path) -> Result<Option<PathBuf>, String> {
 /// Runs an operator command inside the running server and prints what it says.
 fn through_server(socket: &Path, method: Method, query: &str) -> Result<(), String> {
     eprintln!("a server holds the cache directory: acting through it");
-    let output = runtime().block_on(regmirror::admin::command(socket, method, query))?;
-    print!("{output}");
+    let waiting = Progress::waiting("the server is at it");
+    let output = runtime().block_on(regmirror::admin::command(socket, method, query));
+    waiting.finish();
+    print!("{}", output?);
     Ok(())
 }
 
@@ -267,7 +276,17 @@ async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), String> {
         );
         let default = default_registry(app.config());
         tokio::spawn(async move {
-            match warm::warm(&local_base(local), &images, &default, &platforms).await {
+            let said = |line: &str| tracing::info!("{line}");
+            let base = local_base(local);
+            let warmed = warm::warm(
+                &base,
+                &images,
+                &default,
+                &platforms,
+                &regmirror::progress::Silent,
+                &said,
+            );
+            match warmed.await {
                 Ok(s) => tracing::info!(
                     images = s.images,
                     blobs = s.blobs,
@@ -298,40 +317,40 @@ async fn warm_command(
     platforms: Platforms,
 ) -> Result<(), String> {
     let default = default_registry(&config);
-    if let Some(base) = server {
-        return warm::warm(base.trim_end_matches('/'), &images, &default, &platforms)
+    let progress = Progress::start("warm");
+    let said = |line: &str| progress.println(line);
+    let pull = |base: String| {
+        let (images, default, platforms) = (&images, &default, &platforms);
+        let (progress, said) = (&progress, &said);
+        async move { warm::warm(&base, images, default, platforms, progress, said).await }
+    };
+    let result = if let Some(base) = server {
+        pull(base.trim_end_matches('/').to_string()).await
+    } else if Store::server_running(&config.cache.dir) {
+        pull(local_base(config.server.listen)).await
+    } else {
+        // No server on this cache: run one in-process for the duration.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map(|_| ());
-    }
-    if Store::server_running(&config.cache.dir) {
-        return warm::warm(
-            &local_base(config.server.listen),
-            &images,
-            &default,
-            &platforms,
-        )
-        .await
-        .map(|_| ());
-    }
-    // No server on this cache: run one in-process for the duration.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = App::new(config)?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(
-        listener,
-        Live::new(app),
-        None,
-        async {
-            let _ = stopped.await;
-        },
-        std::time::Duration::from_secs(30),
-    ));
-    let result = warm::warm(&local_base(local), &images, &default, &platforms).await;
-    let _ = stop.send(());
-    let _ = server.await;
+            .map_err(|e| e.to_string())?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let app = App::new(config)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(server::run(
+            listener,
+            Live::new(app),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+            std::time::Duration::from_secs(30),
+        ));
+        let result = pull(local_base(local)).await;
+        let _ = stop.send(());
+        let _ = server.await;
+        result
+    };
+    progress.finish();
     result.map(|_| ())
 }
 

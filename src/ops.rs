@@ -9,6 +9,7 @@ use crate::cache::lifecycle::{parse_pin, Lifecycle};
 use crate::cache::store::Store;
 use crate::digest::{Digest, Hasher};
 use crate::oci::{RepoName, Tag};
+use crate::progress::{Report, Silent};
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +38,13 @@ pub struct VerifyReport {
 
 /// Re-hashes stored content; removes (or quarantines) every entry whose bytes do not match
 /// its name.
-pub fn verify(dir: &Path, options: &VerifyOptions) -> io::Result<VerifyReport> {
-    verify_store(&Store::open_shared(dir)?, options, |_| {})
+pub fn verify(
+    dir: &Path,
+    options: &VerifyOptions,
+    report: &dyn Report,
+) -> io::Result<VerifyReport> {
+    let stop = AtomicBool::new(false);
+    verify_until(&Store::open_shared(dir)?, options, |_| {}, &stop, report)
 }
 
 /// [`verify`] on an open store; `removed` hears of each entry taken out (a server forgets it).
@@ -47,15 +53,17 @@ pub fn verify_store(
     options: &VerifyOptions,
     removed: impl Fn(&Digest),
 ) -> io::Result<VerifyReport> {
-    verify_until(store, options, removed, &AtomicBool::new(false))
+    verify_until(store, options, removed, &AtomicBool::new(false), &Silent)
 }
 
-/// [`verify_store`] that stops before its next entry once `stop` is set (the server stops).
+/// [`verify_store`] that stops before its next entry once `stop` is set (the server stops),
+/// telling `progress` how far it is.
 pub fn verify_until(
     store: &Store,
     options: &VerifyOptions,
     removed: impl Fn(&Digest),
     stop: &AtomicBool,
+    progress: &dyn Report,
 ) -> io::Result<VerifyReport> {
     let mut found = store.scan()?;
     shuffle(&mut found);
@@ -63,6 +71,9 @@ pub fn verify_until(
     if let Some(n) = options.sample {
         found.truncate(n);
     }
+    let planned: u64 = found.iter().map(|f| f.size).sum();
+    let planned = options.max_bytes.map_or(planned, |max| planned.min(max));
+    progress.planned(found.len() as u64, planned);
     let mut report = VerifyReport::default();
     for entry in &found {
         if options.max_bytes.is_some_and(|max| report.bytes >= max) || stop.load(Ordering::Relaxed)
@@ -76,6 +87,7 @@ pub fn verify_until(
         };
         report.checked += 1;
         report.bytes += entry.size;
+        progress.done(1, entry.size);
         if actual != entry.digest {
             tracing::error!(digest = %entry.digest, %actual, "corrupt content in the store");
             let taken_out = if options.quarantine {
@@ -160,11 +172,16 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
 
 /// Evicts least recently used blobs (pins respected) until blobs use at most `target` bytes.
 /// Returns (blobs, bytes) evicted.
-pub fn gc(dir: &Path, target: u64, pins: &[String]) -> io::Result<(usize, u64)> {
+pub fn gc(
+    dir: &Path,
+    target: u64,
+    pins: &[String],
+    progress: &dyn Report,
+) -> io::Result<(usize, u64)> {
     let pins = pins.iter().filter_map(|p| parse_pin(p)).collect();
     let store = Arc::new(Store::open_shared(dir)?);
     let lifecycle = Lifecycle::open(store, Budget::unlimited(), pins)?;
-    Ok(lifecycle.evict_to(target, "gc"))
+    Ok(lifecycle.evict_reporting(target, "gc", progress))
 }
 
 /// One cached tag.

@@ -3,12 +3,12 @@
 
 use crate::config::format_byte_size;
 use crate::oci::{self, CANONICAL_MANIFEST_TYPES};
+use crate::progress::Report;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use std::io::IsTerminal;
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -45,68 +45,114 @@ pub fn image_path(image: &str, default_registry: &str) -> Result<(String, String
     ))
 }
 
-/// Pulls every image through the mirror at `base` (`http://host:port`).
+/// Pulls every image through the mirror at `base` (`http://host:port`), telling `progress` of
+/// each image's blobs once its manifests are read and of their bytes as they arrive, and
+/// `said` a line per image.
 pub async fn warm(
     base: &str,
     images: &[String],
     default_registry: &str,
     platforms: &Platforms,
+    progress: &dyn Report,
+    said: &(dyn Fn(&str) + Sync),
 ) -> Result<Summary, String> {
     let http: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let progress = std::io::stderr().is_terminal();
     let mut summary = Summary::default();
     for image in images {
         let (path, reference) = image_path(image, default_registry)?;
         let before = summary.clone();
-        warm_image(&http, base, &path, &reference, platforms, &mut summary)
+        let pulled = Pull {
+            http: &http,
+            base,
+            path: &path,
+            progress,
+        };
+        pulled
+            .image(&reference, platforms, &mut summary)
             .await
             .map_err(|e| format!("{image}: {e}"))?;
         summary.images += 1;
         let (blobs, bytes) = (summary.blobs - before.blobs, summary.bytes - before.bytes);
-        eprintln!(
+        said(&format!(
             "warmed {image}: {} manifests, {blobs} blobs, {}",
             summary.manifests - before.manifests,
             format_byte_size(bytes)
-        );
-        if progress {
-            eprintln!(
-                "  total so far: {} images, {}",
-                summary.images,
-                format_byte_size(summary.bytes)
-            );
-        }
+        ));
     }
     Ok(summary)
 }
 
-async fn warm_image(
-    http: &HttpClient,
-    base: &str,
-    path: &str,
-    reference: &str,
-    platforms: &Platforms,
-    summary: &mut Summary,
-) -> Result<(), String> {
-    let top = get(http, &format!("{base}{path}/manifests/{reference}"), true).await?;
-    summary.manifests += 1;
-    let mut images = Vec::new();
-    match platform_children(&top, platforms) {
-        Some(children) => {
-            for child in children {
-                images.push(get(http, &format!("{base}{path}/manifests/{child}"), true).await?);
-                summary.manifests += 1;
+/// One image's pull.
+struct Pull<'a> {
+    http: &'a HttpClient,
+    base: &'a str,
+    /// `/v2/<prefix><repo>`.
+    path: &'a str,
+    progress: &'a dyn Report,
+}
+
+impl Pull<'_> {
+    async fn image(
+        &self,
+        reference: &str,
+        platforms: &Platforms,
+        summary: &mut Summary,
+    ) -> Result<(), String> {
+        let (base, path) = (self.base, self.path);
+        let top = self
+            .manifest(&format!("{base}{path}/manifests/{reference}"))
+            .await?;
+        summary.manifests += 1;
+        let mut images = Vec::new();
+        match platform_children(&top, platforms) {
+            Some(children) => {
+                for child in children {
+                    images.push(
+                        self.manifest(&format!("{base}{path}/manifests/{child}"))
+                            .await?,
+                    );
+                    summary.manifests += 1;
+                }
+            }
+            None => images.push(top),
+        }
+        let blobs: Vec<(crate::digest::Digest, Option<u64>)> =
+            images.iter().flat_map(|m| oci::descriptors(m)).collect();
+        let declared = blobs.iter().filter_map(|(_, size)| *size).sum();
+        self.progress.planned(blobs.len() as u64, declared);
+        for (blob, _) in blobs {
+            let bytes = self.blob(&format!("{base}{path}/blobs/{blob}")).await?;
+            summary.blobs += 1;
+            summary.bytes += bytes;
+        }
+        Ok(())
+    }
+
+    async fn manifest(&self, url: &str) -> Result<Bytes, String> {
+        let response = send(self.http, url, true).await?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: download broke: {e}"))?
+            .to_bytes();
+        Ok(body)
+    }
+
+    /// Reads a blob to its end without keeping it (it may be several GiB); its length.
+    async fn blob(&self, url: &str) -> Result<u64, String> {
+        let mut body = send(self.http, url, false).await?.into_body();
+        let mut read = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("{url}: download broke: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                read += data.len() as u64;
+                self.progress.done(0, data.len() as u64);
             }
         }
-        None => images.push(top),
+        self.progress.done(1, 0);
+        Ok(read)
     }
-    for manifest in images {
-        for blob in oci::references(&manifest) {
-            let bytes = get(http, &format!("{base}{path}/blobs/{blob}"), false).await?;
-            summary.blobs += 1;
-            summary.bytes += bytes.len() as u64;
-        }
-    }
-    Ok(())
 }
 
 /// The child manifests of an index that match the platforms, or `None` for a single image.
@@ -146,7 +192,12 @@ fn platform_children(manifest: &[u8], platforms: &Platforms) -> Option<Vec<Strin
     )
 }
 
-async fn get(http: &HttpClient, url: &str, manifest: bool) -> Result<Bytes, String> {
+/// Sends a GET; an answer other than 200 is an error naming its status and body.
+async fn send(
+    http: &HttpClient,
+    url: &str,
+    manifest: bool,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
     let mut request = Request::get(url);
     if manifest {
         request = request.header(header::ACCEPT, CANONICAL_MANIFEST_TYPES.join(", "));
@@ -157,19 +208,18 @@ async fn get(http: &HttpClient, url: &str, manifest: bool) -> Result<Bytes, Stri
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let status = response.status();
-    let body = response
-        .into_body()
+    if status == StatusCode::OK {
+        return Ok(response);
+    }
+    let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
         .collect()
         .await
-        .map_err(|e| format!("{url}: download broke: {e}"))?
-        .to_bytes();
-    if status != StatusCode::OK {
-        return Err(format!(
-            "{url}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    Ok(body)
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Err(format!(
+        "{url}: {status}: {}",
+        String::from_utf8_lossy(&body)
+    ))
 }
 
 #[cfg(test)]

@@ -148,6 +148,97 @@ async fn warm_without_a_server_pulls_through_an_in_process_one() {
     assert!(!ok && out.contains("404"), "{out}");
 }
 
+/// Runs the binary under `script`, whose pseudo-terminal is its stderr: what a person at a
+/// terminal sees.
+fn regmirror_on_a_terminal(args: &[&str], config: &Path) -> (bool, String) {
+    let mut line = format!("{:?}", env!("CARGO_BIN_EXE_regmirror"));
+    for arg in args
+        .iter()
+        .copied()
+        .chain(["--config", config.to_str().unwrap()])
+    {
+        line.push_str(&format!(" '{arg}'"));
+    }
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("script (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), without_colours(&text))
+}
+
+/// `text` without its SGR escapes (colours), keeping those that move the cursor.
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("\x1b[") {
+        plain.push_str(&rest[..start]);
+        let escape = &rest[start..];
+        let end = escape[2..]
+            .find(|c: char| c.is_ascii_alphabetic())
+            .map_or(escape.len(), |i| i + 3);
+        if !escape[..end].ends_with('m') {
+            plain.push_str(&escape[..end]);
+        }
+        rest = &escape[end..];
+    }
+    plain.push_str(rest);
+    plain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_commands_draw_a_progress_bar_on_a_terminal_and_print_lines_when_piped() {
+    let origin = FakeRegistry::start().await;
+    let config_blob = origin.add_blob(b"{}".to_vec());
+    let layer = origin.add_blob(random_bytes(3 << 20, 85));
+    let manifest = schema2_manifest(&config_blob, 2, &[(layer.clone(), 3 << 20)]);
+    origin.add_manifest("library/app", Some("1.0"), DOCKER_MANIFEST, manifest);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let file = config_file(dir.path(), &cache, &origin.url(), "");
+    let (ok, out) = regmirror_on_a_terminal(&["warm", "app:1.0"], &file);
+    assert!(ok, "{out}");
+    // The bar's last state: the prefix, a full bar, bytes of the total, objects, rate.
+    assert!(
+        out.contains("warmed app:1.0: 1 manifests, 2 blobs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warm [=============================="),
+        "no bar:\n{out}"
+    );
+    assert!(out.contains("3.00 MiB/3.00 MiB · 2/2 objects"), "{out}");
+    assert!(
+        out.contains('\r') || out.contains("\x1b["),
+        "not drawn as a bar: {out:?}"
+    );
+    // Piped: plain lines, no bar.
+    let (ok, out) = regmirror(&["warm", "app:1.0"], &file);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warm: 2/2 objects, 3.0 MiB of 3.0 MiB, "),
+        "{out}"
+    );
+    assert!(
+        !out.contains("[=") && !out.contains('\r'),
+        "a bar in a pipe: {out:?}"
+    );
+    let (ok, out) = regmirror(&["verify"], &file);
+    assert!(ok && out.contains("verify: 3/3 objects"), "{out}");
+    let (ok, out) = regmirror_on_a_terminal(&["verify"], &file);
+    assert!(
+        ok && out.contains("verify [") && out.contains("3/3 objects"),
+        "{out}"
+    );
+    let (ok, out) = regmirror_on_a_terminal(&["gc", "--target", "0"], &file);
+    assert!(
+        ok && out.contains("gc [") && out.contains("2/2 objects"),
+        "{out}"
+    );
+    assert!(out.contains("evicted 2 blobs"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_verify_and_ls_act_through_a_running_server_whose_figures_stay_true() {
     let origin = FakeRegistry::start().await;

@@ -176,14 +176,26 @@ impl Lifecycle {
 
     /// Evicts down to `target` bytes of blobs now (`regmirror gc`); returns (blobs, bytes).
     pub fn evict_to(&self, target: u64, why: &str) -> (usize, u64) {
+        self.evict_reporting(target, why, &crate::progress::Silent)
+    }
+
+    /// [`Lifecycle::evict_to`], telling `progress` what it chose and each blob it deletes.
+    pub fn evict_reporting(
+        &self,
+        target: u64,
+        why: &str,
+        progress: &dyn crate::progress::Report,
+    ) -> (usize, u64) {
         let pinned = self.pinned();
         let evicted = self.index.evict_to(target, &pinned);
+        progress.planned(evicted.len() as u64, evicted.iter().map(|(_, s)| s).sum());
         let mut bytes = 0;
         for (digest, size) in &evicted {
             match self.store.remove_blob(digest) {
                 Ok(()) => bytes += size,
                 Err(e) => tracing::error!(%digest, error = %e, "cannot delete an evicted blob"),
             }
+            progress.done(1, *size);
             // Once more: a hit that opened the file before it left the index recorded it again.
             self.forget_removed(digest);
         }
