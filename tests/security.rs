@@ -357,6 +357,75 @@ async fn clients_log_in_and_access_rules_hold() {
             "{query}: as if not cached"
         );
     }
+    // The overview's most pulled images, as JSON and for HEAD, and downloads in progress:
+    // only what the viewer may pull.
+    let most_pulled = |who: &str| {
+        let url = mirror.url("/?format=json");
+        let who = who.to_string();
+        async move {
+            request(Method::GET, &url, &[("authorization", &who)])
+                .await
+                .json()
+        }
+    };
+    let images = |view: &serde_json::Value| -> Vec<String> {
+        view["most_pulled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["image"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        images(&most_pulled(&bob).await),
+        ["docker.io/library/alpine:3"]
+    );
+    assert!(images(&most_pulled(&alice).await).contains(&"docker.io/myorg/tool:1".to_string()));
+    let head = request(
+        Method::HEAD,
+        &mirror.url("/browse?registry=docker.io&repo=myorg/tool"),
+        &[("authorization", &bob)],
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::NOT_FOUND);
+    assert!(head.bytes().is_empty());
+    let slow = origin.add_blob(random_bytes(300_000, 77));
+    origin.knobs(|k| k.stall_after = Some(100_000));
+    let download = tokio::spawn({
+        let url = mirror.url(&format!("/v2/myorg/tool/blobs/{slow}"));
+        let alice = alice.clone();
+        async move { request(Method::GET, &url, &[("authorization", &alice)]).await }
+    });
+    let downloads = |who: &str| {
+        let url = mirror.url("/downloads?format=json");
+        let who = who.to_string();
+        async move {
+            request(Method::GET, &url, &[("authorization", &who)])
+                .await
+                .json()
+        }
+    };
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = downloads(&alice).await;
+        if seen["downloads"][0]["bytes"] == 100_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen["downloads"][0]["repository"], "myorg/tool", "{seen}");
+    assert_eq!(seen["downloads"][0]["digest"], slow.to_string());
+    let for_bob = downloads(&bob).await;
+    assert_eq!(for_bob["downloads"], serde_json::json!([]), "{for_bob}");
+    let page = request(
+        Method::GET,
+        &mirror.url("/downloads"),
+        &[("authorization", &bob)],
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(page.bytes()).contains(&slow.to_string()));
+    download.abort();
+    origin.knobs(|k| k.stall_after = None);
     let filtered = browse(&bob, "registry=docker.io&filter=tool&format=json")
         .await
         .json();

@@ -51,6 +51,8 @@ pub struct Fill {
     pub source: Arc<OnceLock<String>>,
     /// When the fill began.
     pub started: std::time::Instant,
+    /// The registry and repository it was started for (who may see it on the console).
+    pub wanted_by: Arc<OnceLock<(String, String)>>,
 }
 
 /// A fill in progress, as the operator console lists it.
@@ -63,6 +65,8 @@ pub struct InProgress {
     /// Clients following it now.
     pub readers: usize,
     pub started: std::time::Instant,
+    /// The registry and repository it was started for, once the download began.
+    pub wanted_by: Option<(String, String)>,
 }
 
 /// The right and duty to perform a fill. Dropping it unfinished fails the fill.
@@ -70,6 +74,7 @@ pub struct InProgress {
 pub struct FillPermit {
     digest: Digest,
     source: Arc<OnceLock<String>>,
+    wanted_by: Arc<OnceLock<(String, String)>>,
     table: Arc<Inflight>,
     progress: watch::Sender<FillState>,
     finished: bool,
@@ -83,6 +88,11 @@ impl FillPermit {
     /// Clients following this fill now (see [`Inflight::readers`]).
     pub fn readers(&self) -> usize {
         self.table.readers(&self.digest).unwrap_or(0)
+    }
+
+    /// Records the registry and repository the download is for.
+    pub fn set_wanted_by(&self, registry: &str, repo: &str) {
+        let _ = self.wanted_by.set((registry.to_string(), repo.to_string()));
     }
 
     /// Records which endpoint the download comes from.
@@ -211,11 +221,13 @@ impl Inflight {
             progress: rx,
             source: Arc::clone(&source),
             started: std::time::Instant::now(),
+            wanted_by: Arc::new(OnceLock::new()),
         };
         fills.insert(digest.clone(), fill.clone());
         let permit = FillPermit {
             digest: digest.clone(),
             source,
+            wanted_by: Arc::clone(&fill.wanted_by),
             table: Arc::clone(self),
             progress: tx,
             finished: false,
@@ -259,6 +271,7 @@ impl Inflight {
                 source: fill.source.get().cloned(),
                 readers: Arc::strong_count(&fill.file) - 1,
                 started: fill.started,
+                wanted_by: fill.wanted_by.get().cloned(),
             })
             .collect();
         drop(fills);

@@ -2,6 +2,7 @@
 //! expected size), rate, source and the clients following it; then the downloads waiting for a
 //! slot, the images whose blobs are still being fetched ahead of their clients, and the
 //! verified blobs waiting for their commit. The HTML page refreshes itself every few seconds.
+//! A viewer sees only the downloads started for repositories they may pull.
 
 use super::escape;
 use crate::app::App;
@@ -24,6 +25,9 @@ pub struct Downloads {
 #[derive(Serialize)]
 pub struct Download {
     pub digest: String,
+    /// The registry and repository it was started for.
+    pub registry: String,
+    pub repository: String,
     /// `starting` (waiting for upstream's answer), `downloading`, `committing` (verified).
     pub state: &'static str,
     pub bytes: u64,
@@ -37,12 +41,13 @@ pub struct Download {
     pub clients: usize,
 }
 
-pub fn build(app: &App) -> Downloads {
+pub fn build(app: &App, visible: &impl Fn(&str, &str) -> bool) -> Downloads {
     let cache = app.cache();
     let downloads = cache
         .downloads()
         .into_iter()
         .filter_map(|fill| {
+            let (registry, repository) = fill.wanted_by.filter(|(r, p)| visible(r, p))?;
             let (state, bytes, total) = match fill.state {
                 FillState::Starting => ("starting", 0, None),
                 FillState::Streaming { written, total } => ("downloading", written, total),
@@ -53,6 +58,8 @@ pub fn build(app: &App) -> Downloads {
             Some(Download {
                 expected_bytes: total.or_else(|| cache.declared_size(&fill.digest)),
                 digest: fill.digest.to_string(),
+                registry,
+                repository,
                 state,
                 bytes,
                 bytes_per_second: bytes as f64 / seconds.max(0.001),
@@ -72,11 +79,15 @@ pub fn build(app: &App) -> Downloads {
 
 pub fn html(view: &Downloads) -> String {
     let mut html = String::with_capacity(4096);
+    let downloading = view
+        .downloads
+        .iter()
+        .filter(|d| d.state != "committing")
+        .count();
     let _ = write!(
         html,
-        "<h2>Downloads in progress</h2><p><span id=\"downloads-count\">{}</span> downloading · \
+        "<h2>Downloads in progress</h2><p><span id=\"downloads-count\">{downloading}</span> downloading · \
          {} waiting for a slot · {} images being fetched ahead of their clients · {} commits waiting</p>",
-        view.downloads.len(),
         view.waiting_for_a_slot,
         view.prefetches_queued,
         view.commits_waiting
@@ -102,10 +113,12 @@ pub fn html(view: &Downloads) -> String {
             .map_or(String::new(), |t| format!(" of {}", format_byte_size(t)));
         let _ = write!(
             html,
-            "<tr><td><code title=\"{}\">{}…</code> <span class=\"muted\">{}</span></td><td>{bar}</td><td class=\"num\">{}{of}</td>\
+            "<tr><td>{}/{}<br><code title=\"{}\">{}…</code> <span class=\"muted\">{}</span></td><td>{bar}</td><td class=\"num\">{}{of}</td>\
              <td class=\"num\">{}/s</td><td>{}</td><td class=\"num\">{}</td></tr>",
+            escape(&d.registry),
+            escape(&d.repository),
             escape(&d.digest),
-            escape(&d.digest[..d.digest.len().min(19)]),
+            escape(super::short(&d.digest)),
             d.state,
             format_byte_size(d.bytes),
             format_byte_size(d.bytes_per_second as u64),

@@ -28,6 +28,8 @@ pub struct History {
     current: u64,
     /// The totals when it began.
     at_start: Totals,
+    /// When counting began (Unix seconds): the first minute covers only the rest of it.
+    since: u64,
 }
 
 impl History {
@@ -37,6 +39,7 @@ impl History {
             minutes: VecDeque::with_capacity(MINUTES),
             current: now / 60,
             at_start: totals,
+            since: now,
         }
     }
 
@@ -49,9 +52,10 @@ impl History {
         if minute <= self.current {
             return;
         }
+        let start = self.current * 60;
         self.push(Minute {
-            start: self.current * 60,
-            seconds: 60,
+            start,
+            seconds: (start + 60).saturating_sub(self.since.max(start)).max(1),
             counts: totals.since(&self.at_start),
         });
         let idle_from = (self.current + 1).max(minute.saturating_sub(MINUTES as u64));
@@ -80,7 +84,7 @@ impl History {
         let start = self.current * 60;
         all.push(Minute {
             start,
-            seconds: now.saturating_sub(start).clamp(1, 60),
+            seconds: now.saturating_sub(self.since.max(start)).clamp(1, 60),
             counts: totals.since(&self.at_start),
         });
         all
@@ -123,6 +127,7 @@ mod tests {
         assert_eq!(minutes.len(), 2);
         assert_eq!(minutes[0].counts.requests, 5);
         assert_eq!(minutes[0].start % 60, 0);
+        assert_eq!(minutes[0].seconds, 40, "counting began 20 s into it");
         assert_eq!(minutes[1].counts.requests, 5, "the minute under way");
         assert_eq!(minutes[1].seconds, 35);
         let sum: u64 = minutes.iter().map(|m| m.counts.requests).sum();

@@ -108,6 +108,16 @@ impl Query {
         }
     }
 
+    /// This query with `name` set to `value`, as `?...`.
+    pub fn with(&self, name: &str, value: &str) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (n, v) in self.pairs.iter().filter(|(n, _)| n != name) {
+            query.append_pair(n, v);
+        }
+        query.append_pair(name, value);
+        format!("?{}", query.finish())
+    }
+
     /// A parameter's value; empty counts as absent.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.pairs
@@ -119,14 +129,17 @@ impl Query {
 
 /// Whether the client asked for JSON: `?format=json`, or an `Accept` naming JSON and not HTML.
 fn wants_json(headers: &HeaderMap, query: &Query) -> bool {
-    match query.get("format") {
-        Some(format) => format == "json",
-        None => headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|accept| accept.contains("application/json") && !accept.contains("text/html")),
+    if let Some(format) = query.get("format") {
+        return format == "json";
     }
+    // Several Accept headers are one list.
+    let accept: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let accept = accept.join(",");
+    accept.contains("application/json") && !accept.contains("text/html")
 }
 
 /// Answers a console page; `visible(registry, repo)` says which repositories the viewer may see.
@@ -154,7 +167,7 @@ pub async fn serve(
             )
         }
         Page::Downloads => {
-            let view = downloads::build(app);
+            let view = downloads::build(app, &visible);
             (
                 Some("Downloads"),
                 serde_json::to_value(&view),
@@ -177,7 +190,7 @@ pub async fn serve(
     } else {
         (
             "text/html; charset=utf-8",
-            page_html(page, title, &html, app),
+            page_html(page, title, &html, app, &query),
         )
     };
     Ok(Response::builder()
@@ -215,7 +228,7 @@ const STYLE: &str = concat!(
     ".mark.low{border-color:#9a6700}.small{max-width:14em;height:.8em;display:inline-block;vertical-align:middle}",
     ".timeline{display:flex;width:100%;max-width:40em;height:1em;border-radius:3px;overflow:hidden}",
     ".timeline span{display:block;height:100%;min-width:2px}.s-up{background:#2da44e}.s-down{background:#cf222e}",
-    ".s-probing{background:#bf8700}.s-rate_limited{background:#8250df}",
+    ".s-probing{background:#bf8700}.s-rate_limited{background:#8250df}.s-unknown{background:#d0d7de}",
     "form{margin:.5em 0}input{font:inherit;padding:.2em .4em}nav.pages a{margin-right:1em}"
 );
 
@@ -230,7 +243,7 @@ const LIVE: &str = concat!(
 );
 
 /// A whole page: the header with the console's pages, then `main`.
-fn page_html(page: Page, title: Option<&str>, main: &str, app: &App) -> String {
+fn page_html(page: Page, title: Option<&str>, main: &str, app: &App, query: &Query) -> String {
     let mut html = String::with_capacity(main.len() + 4096);
     html.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     html.push_str("<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">");
@@ -277,9 +290,10 @@ fn page_html(page: Page, title: Option<&str>, main: &str, app: &App) -> String {
         );
     }
     html.push_str(&format!(
-        "<p class=\"muted\">regmirror {} · listening on {} · <a href=\"?format=json\">this page as JSON</a></p></main></body></html>",
+        "<p class=\"muted\">regmirror {} · listening on {} · <a href=\"{}\">this page as JSON</a></p></main></body></html>",
         env!("CARGO_PKG_VERSION"),
-        escape(&app.config().server.listen.to_string())
+        escape(&app.config().server.listen.to_string()),
+        escape(&query.with("format", "json"))
     ));
     html
 }
@@ -290,6 +304,11 @@ pub fn escape(text: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+/// The first characters of a digest, for tables (the whole one goes in a `title`).
+pub fn short(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
 }
 
 /// `3 s ago`, `5 min ago`, `2 h ago`, `4 d ago` for a Unix time.
@@ -320,6 +339,10 @@ mod tests {
         assert_eq!(query.get("filter"), Some("al/pine x"));
         assert_eq!(query.get("page"), Some("2"));
         assert_eq!(query.get("format"), None);
+        assert_eq!(
+            query.with("format", "json"),
+            "?filter=al%2Fpine+x&page=2&format=json"
+        );
     }
 
     #[test]

@@ -30,8 +30,9 @@ pub struct Endpoint {
     pub rate_limited_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
-    /// The state an hour ago.
-    pub state_an_hour_ago: EndpointState,
+    /// The state before the first change listed: an hour ago, or `unknown` when more changes
+    /// came within the hour than are kept.
+    pub state_before: EndpointState,
     /// Changes since, oldest first.
     pub changes: Vec<Change>,
 }
@@ -61,7 +62,7 @@ pub fn endpoints(app: &App) -> Vec<Endpoint> {
             } else {
                 EndpointState::Down
             };
-            let (state_an_hour_ago, changes) = status.last_hour;
+            let (state_before, changes) = status.last_hour;
             all.push(Endpoint {
                 registry: route.name.clone(),
                 url: status.url,
@@ -82,7 +83,7 @@ pub fn endpoints(app: &App) -> Vec<Endpoint> {
                     source: r.source,
                     seen_at: crate::upstream::timeline::unix_ms(r.seen_at) / 1000,
                 }),
-                state_an_hour_ago,
+                state_before,
                 changes,
             });
         }
@@ -102,6 +103,7 @@ fn class(state: EndpointState) -> &'static str {
         EndpointState::Down => "s-down",
         EndpointState::Probing => "s-probing",
         EndpointState::RateLimited => "s-rate_limited",
+        EndpointState::Unknown => "s-unknown",
     }
 }
 
@@ -112,7 +114,7 @@ fn health(e: &Endpoint) -> String {
             "<span class=\"warn\">rate limited</span> (manifest GETs paused {}s more)",
             e.rate_limited_seconds.unwrap_or(0)
         ),
-        EndpointState::Down | EndpointState::Probing => {
+        EndpointState::Down | EndpointState::Probing | EndpointState::Unknown => {
             let backing_off = e.backing_off_seconds.map_or("probing".to_string(), |left| {
                 format!("backing off {left}s more")
             });
@@ -166,7 +168,7 @@ fn segments(e: &Endpoint, now_ms: u64) -> Vec<(EndpointState, f64, u64, u64)> {
     let hour = KEPT_FOR.as_millis() as u64;
     let start = now_ms.saturating_sub(hour);
     let mut spans: Vec<(EndpointState, u64, u64)> = Vec::new();
-    let mut state = e.state_an_hour_ago;
+    let mut state = e.state_before;
     let mut from = start;
     let mut rate_limit_ends: Option<u64> = None;
     let push = |spans: &mut Vec<(EndpointState, u64, u64)>, state, from: u64, to: u64| {
@@ -228,7 +230,7 @@ pub fn html(view: &Upstreams) -> String {
             let _ = write!(
                 html,
                 "<p class=\"muted\">{} all hour</p>",
-                e.state_an_hour_ago.name()
+                e.state_before.name()
             );
             continue;
         }
@@ -285,7 +287,7 @@ mod tests {
             backing_off_seconds: None,
             rate_limited_seconds: None,
             rate_limit: None,
-            state_an_hour_ago: EndpointState::Up,
+            state_before: EndpointState::Up,
             changes: vec![
                 change(1800, EndpointState::Down, None),
                 change(1790, EndpointState::Probing, None),

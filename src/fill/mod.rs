@@ -71,6 +71,7 @@ pub struct FillJob {
 pub fn spawn(mut job: FillJob, permit: FillPermit, temp: TempBlob) {
     tokio::spawn(async move {
         let digest = permit.digest().clone();
+        permit.set_wanted_by(&job.upstream.name, job.repo.as_str());
         let started = Instant::now();
         job.pacer.traffic();
         // Whether the owner is asked is decided once, here: a download meant for the owner

@@ -120,6 +120,10 @@ impl Drop for ProbeGuard {
             let end = if self.answered {
                 ProbeEnd::Answered
             } else {
+                // Back to backing off until someone probes again.
+                state
+                    .timeline
+                    .record(SystemTime::now(), EndpointState::Down, None, None);
                 ProbeEnd::Abandoned
             };
             if let Some(probe) = state.probe.take() {

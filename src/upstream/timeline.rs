@@ -22,6 +22,9 @@ pub enum EndpointState {
     Probing,
     /// Paused after a 429 (manifest GETs wait; `until` says how long).
     RateLimited,
+    /// Not known: before the oldest change kept when more than [`MOST_CHANGES`] came within
+    /// the hour.
+    Unknown,
 }
 
 impl EndpointState {
@@ -31,6 +34,7 @@ impl EndpointState {
             EndpointState::Down => "down",
             EndpointState::Probing => "probing",
             EndpointState::RateLimited => "rate limited",
+            EndpointState::Unknown => "unknown",
         }
     }
 }
@@ -103,9 +107,20 @@ impl Timeline {
         while self.changes.len() > MOST_CHANGES
             || self.changes.front().is_some_and(|c| c.at < oldest)
         {
-            if let Some(gone) = self.changes.pop_front() {
-                self.before = gone.state;
-            }
+            let Some(gone) = self.changes.pop_front() else {
+                break;
+            };
+            self.before = if gone.at >= oldest {
+                // Dropped for room: what came before the oldest kept is not all known.
+                EndpointState::Unknown
+            } else if gone.state == EndpointState::RateLimited
+                && gone.until.is_some_and(|until| until < oldest)
+            {
+                // A pause that ended before the hour began (nothing was recorded after it).
+                EndpointState::Up
+            } else {
+                gone.state
+            };
         }
     }
 
@@ -160,6 +175,9 @@ mod tests {
         );
         assert_eq!(timeline.len(), 1);
         assert_eq!(timeline.latest(), EndpointState::RateLimited);
+        // Idle after the pause: an hour on, it is over, not "rate limited all hour".
+        let (before, _) = timeline.last_hour(later + Duration::from_secs(3700));
+        assert_eq!(before, EndpointState::Up);
     }
 
     #[test]
@@ -177,10 +195,9 @@ mod tests {
         }
         let (before, changes) = timeline.last_hour(t0 + Duration::from_secs(86_400));
         assert_eq!(changes.len(), MOST_CHANGES);
-        assert_eq!(
-            before,
-            EndpointState::Up,
-            "the state before the oldest kept"
-        );
+        assert_eq!(before, EndpointState::Unknown, "changes dropped for room");
+        // An hour later the kept ones aged out: the state before is the last one's.
+        let later = t0 + Duration::from_secs(86_400 + 3_700);
+        assert_eq!(timeline.last_hour(later), (EndpointState::Up, Vec::new()));
     }
 }
