@@ -130,8 +130,9 @@ impl Progress {
         match &self.bar {
             Some(bar) if self.quiet => bar.finish_and_clear(),
             Some(bar) => {
+                // As far as it got (`finish` would fill the bar even after a failure).
                 bar.set_message(self.objects_text());
-                bar.finish();
+                bar.abandon();
             }
             None if self.quiet => {}
             None => eprintln!("{}", self.line()),
@@ -142,7 +143,10 @@ impl Progress {
 impl Report for Progress {
     fn planned(&self, objects: u64, bytes: u64) {
         self.objects_planned.fetch_add(objects, Ordering::Relaxed);
-        let total = self.bytes_planned.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let total = self
+            .bytes_planned
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_message(self.objects_text());

@@ -118,7 +118,10 @@ impl Pull<'_> {
         }
         let blobs: Vec<(crate::digest::Digest, Option<u64>)> =
             images.iter().flat_map(|m| oci::descriptors(m)).collect();
-        let declared = blobs.iter().filter_map(|(_, size)| *size).sum();
+        let declared = blobs
+            .iter()
+            .filter_map(|(_, size)| *size)
+            .fold(0u64, u64::saturating_add);
         self.progress.planned(blobs.len() as u64, declared);
         for (blob, _) in blobs {
             let bytes = self.blob(&format!("{base}{path}/blobs/{blob}")).await?;
@@ -211,11 +214,18 @@ async fn send(
     if status == StatusCode::OK {
         return Ok(response);
     }
-    let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    // The start of what it said, at most 64 KiB.
+    let mut body = Vec::new();
+    let mut frames = response.into_body();
+    while let Some(Ok(frame)) = frames.frame().await {
+        if let Some(data) = frame.data_ref() {
+            let room = (64 * 1024usize).saturating_sub(body.len());
+            body.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        if body.len() >= 64 * 1024 {
+            break;
+        }
+    }
     Err(format!(
         "{url}: {status}: {}",
         String::from_utf8_lossy(&body)

@@ -417,6 +417,21 @@ async fn clients_log_in_and_access_rules_hold() {
     assert_eq!(seen["downloads"][0]["digest"], slow.to_string());
     let for_bob = downloads(&bob).await;
     assert_eq!(for_bob["downloads"], serde_json::json!([]), "{for_bob}");
+    let still = downloads(&alice).await;
+    assert_eq!(
+        still["downloads"][0]["digest"],
+        slow.to_string(),
+        "still in progress"
+    );
+    // A registry that is not a host name never names a directory, whatever the rules match.
+    for registry in [
+        "docker.io/library/alpine/../..",
+        "docker.io%2Flibrary%2Falpine%2F..%2F..",
+    ] {
+        let query = format!("registry={registry}&repo=myorg/tool&format=json");
+        let got = browse(&bob, &query).await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{query}");
+    }
     let page = request(
         Method::GET,
         &mirror.url("/downloads"),

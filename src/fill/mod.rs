@@ -69,9 +69,9 @@ pub struct FillJob {
 /// progress. A verified blob is committed once blob traffic pauses (see [`CommitPacer`]); it
 /// stays in the single-flight table, served from its download file, until then.
 pub fn spawn(mut job: FillJob, permit: FillPermit, temp: TempBlob) {
+    permit.set_wanted_by(&job.upstream.name, job.repo.as_str());
     tokio::spawn(async move {
         let digest = permit.digest().clone();
-        permit.set_wanted_by(&job.upstream.name, job.repo.as_str());
         let started = Instant::now();
         job.pacer.traffic();
         // Whether the owner is asked is decided once, here: a download meant for the owner

@@ -120,10 +120,13 @@ impl Drop for ProbeGuard {
             let end = if self.answered {
                 ProbeEnd::Answered
             } else {
-                // Back to backing off until someone probes again.
-                state
-                    .timeline
-                    .record(SystemTime::now(), EndpointState::Down, None, None);
+                // Back to backing off until someone probes again (unless a request that was
+                // under way found it up meanwhile).
+                if state.down_until.is_some() && state.timeline.latest() == EndpointState::Probing {
+                    state
+                        .timeline
+                        .record(SystemTime::now(), EndpointState::Down, None, None);
+                }
                 ProbeEnd::Abandoned
             };
             if let Some(probe) = state.probe.take() {

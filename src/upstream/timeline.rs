@@ -58,6 +58,8 @@ pub struct Change {
 pub struct Timeline {
     changes: VecDeque<Change>,
     before: EndpointState,
+    /// When `before` is a rate-limit pause: when it ends (Unix milliseconds).
+    before_until: Option<u64>,
 }
 
 impl Default for Timeline {
@@ -65,6 +67,7 @@ impl Default for Timeline {
         Timeline {
             changes: VecDeque::new(),
             before: EndpointState::Up,
+            before_until: None,
         }
     }
 }
@@ -121,14 +124,33 @@ impl Timeline {
             } else {
                 gone.state
             };
+            self.before_until = gone
+                .until
+                .filter(|_| self.before == EndpointState::RateLimited);
         }
     }
 
-    /// The state an hour before `now`, and the changes since, oldest first.
+    /// The state an hour before `now`, and the changes since, oldest first. A rate-limit
+    /// pause that began before the hour and ends within it is listed as a change at the hour's
+    /// start, with its end.
     pub fn last_hour(&self, now: SystemTime) -> (EndpointState, Vec<Change>) {
         let mut copy = self.clone();
         copy.forget_before(now);
-        (copy.before, copy.changes.into_iter().collect())
+        let mut changes: Vec<Change> = copy.changes.into_iter().collect();
+        if let (EndpointState::RateLimited, Some(until)) = (copy.before, copy.before_until) {
+            let start = unix_ms(now).saturating_sub(KEPT_FOR.as_millis() as u64);
+            changes.insert(
+                0,
+                Change {
+                    at: start,
+                    state: EndpointState::RateLimited,
+                    until: Some(until),
+                    error: None,
+                },
+            );
+            return (EndpointState::Up, changes);
+        }
+        (copy.before, changes)
     }
 
     pub fn len(&self) -> usize {
@@ -178,6 +200,14 @@ mod tests {
         // Idle after the pause: an hour on, it is over, not "rate limited all hour".
         let (before, _) = timeline.last_hour(later + Duration::from_secs(3700));
         assert_eq!(before, EndpointState::Up);
+        // A pause that began before the hour and ends within it keeps its end.
+        let (_, changes) = timeline.last_hour(later + Duration::from_secs(3630));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].state, EndpointState::RateLimited);
+        assert_eq!(
+            changes[0].until,
+            Some(unix_ms(later + Duration::from_secs(60)))
+        );
     }
 
     #[test]

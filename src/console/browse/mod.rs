@@ -8,7 +8,7 @@
 //!
 //! The work per page is bounded: [`PAGE_SIZE`] rows, each reading its tag record, its manifest
 //! and at most [`MOST_PLATFORMS`] platform manifests, all within [`MANIFEST_BYTES_PER_PAGE`]
-//! (rows past it show no platforms or size).
+//! (sizes are checked before reading; rows past it show no platforms or size).
 
 mod html;
 
@@ -255,7 +255,8 @@ async fn tags(
     repo: &str,
     visible: &impl Fn(&str, &str) -> bool,
 ) -> Result<Browse, Error> {
-    if !visible(params.registry, repo) {
+    // The registry names a directory: only a host name (no `/`, no `..`) may.
+    if !oci::is_host_name(params.registry) || !visible(params.registry, repo) {
         return Err(not_cached());
     }
     let name = RepoName::parse(repo).ok_or_else(not_cached)?;
@@ -312,11 +313,28 @@ fn paginate<T>(rows: Vec<T>, page: usize) -> (usize, usize, Vec<T>) {
     )
 }
 
-/// A stored manifest's outline, if `budget` still covers its bytes (which it then pays).
-fn outline_within(store: &Store, digest: &Digest, budget: &mut u64) -> Option<oci::Outline> {
-    let (bytes, _) = store.get_manifest(digest).ok()??;
-    *budget = budget.checked_sub(bytes.len() as u64)?;
-    oci::outline(&bytes)
+/// What reading a stored manifest within the page's budget gave.
+enum Reading {
+    Outline(oci::Outline),
+    /// Not stored (or not a manifest).
+    Missing,
+    /// The budget does not cover it: not read.
+    OverBudget,
+}
+
+/// A stored manifest's outline, read only if `budget` covers its size (which it then pays).
+fn outline_within(store: &Store, digest: &Digest, budget: &mut u64) -> Reading {
+    let Ok(size) = std::fs::metadata(store.content_path(digest)).map(|m| m.len()) else {
+        return Reading::Missing;
+    };
+    let Some(left) = budget.checked_sub(size) else {
+        return Reading::OverBudget;
+    };
+    *budget = left;
+    match store.get_manifest(digest).ok().flatten() {
+        Some((bytes, _)) => oci::outline(&bytes).map_or(Reading::Missing, Reading::Outline),
+        None => Reading::Missing,
+    }
 }
 
 fn platform_name(name: String) -> String {
@@ -336,16 +354,25 @@ fn tag_row(
     let digest: Option<Digest> = record.digest.parse().ok();
     let manifest = digest
         .as_ref()
-        .and_then(|d| outline_within(store, d, budget));
+        .map_or(Reading::Missing, |d| outline_within(store, d, budget));
     let (platforms, bytes) = match manifest {
-        Some(outline) if !outline.platforms.is_empty() => {
+        Reading::Outline(outline) if !outline.platforms.is_empty() => {
+            // The size of an index: its platforms whose manifests are cached; unknown when
+            // some were not read (too many, or past the page's budget).
             let mut read = HashSet::new();
-            let mut bytes = 0u64;
-            for (_, child) in outline.platforms.iter().take(MOST_PLATFORMS) {
-                if read.insert(child) {
-                    if let Some(child) = outline_within(store, child, budget) {
-                        bytes = bytes.saturating_add(child.bytes);
-                    }
+            let mut bytes = Some(0u64);
+            for (index, (_, child)) in outline.platforms.iter().enumerate() {
+                if index == MOST_PLATFORMS {
+                    bytes = None;
+                    break;
+                }
+                if !read.insert(child) {
+                    continue;
+                }
+                match outline_within(store, child, budget) {
+                    Reading::Outline(child) => bytes = bytes.map(|b| b.saturating_add(child.bytes)),
+                    Reading::Missing => {}
+                    Reading::OverBudget => bytes = None,
                 }
             }
             let names = outline
@@ -354,9 +381,9 @@ fn tag_row(
                 .take(MOST_PLATFORMS)
                 .map(|(name, _)| platform_name(name))
                 .collect();
-            (names, Some(bytes))
+            (names, bytes)
         }
-        Some(outline) => {
+        Reading::Outline(outline) => {
             let platform = outline
                 .config
                 .and_then(|config| image_platform(store, &config, budget));
@@ -365,7 +392,7 @@ fn tag_row(
                 Some(outline.bytes),
             )
         }
-        None => (Vec::new(), None),
+        Reading::Missing | Reading::OverBudget => (Vec::new(), None),
     };
     Some(TagRow {
         pinned: digest.as_ref().is_some_and(|d| pinned.contains(d)),
@@ -404,6 +431,38 @@ mod tests {
         assert_eq!(shown[0], 100);
         let (total, pages, shown) = paginate(Vec::<usize>::new(), 1);
         assert_eq!((total, pages, shown.len()), (0, 1, 0));
+    }
+
+    #[test]
+    fn manifests_are_read_only_within_the_page_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_shared(dir.path()).unwrap();
+        let child = br#"{"schemaVersion":2,"config":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":7},"layers":[]}"#;
+        let child_digest = Digest::of(child);
+        let meta = crate::cache::store::ManifestMeta {
+            media_type: oci::OCI_MANIFEST.into(),
+        };
+        store.put_manifest(&child_digest, child, &meta).unwrap();
+        let mut budget = child.len() as u64 - 1;
+        assert!(matches!(
+            outline_within(&store, &child_digest, &mut budget),
+            Reading::OverBudget
+        ));
+        assert_eq!(
+            budget,
+            child.len() as u64 - 1,
+            "nothing paid for what was not read"
+        );
+        let mut budget = child.len() as u64;
+        let Reading::Outline(outline) = outline_within(&store, &child_digest, &mut budget) else {
+            panic!("within the budget")
+        };
+        assert_eq!((outline.bytes, budget), (7, 0));
+        assert!(matches!(
+            outline_within(&store, &Digest::of(b"absent"), &mut budget),
+            Reading::Missing
+        ));
+        assert_eq!(platform_name("x".repeat(500)).len(), LONGEST_PLATFORM);
     }
 
     #[test]
