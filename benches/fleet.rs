@@ -20,20 +20,16 @@
 
 mod harness;
 
+use harness::client::Connection;
 use harness::*;
-use regmirror::digest::Hasher;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const REPO: &str = "bench/fleet";
 const SECRET: &str = "a-cluster-secret-for-the-fleet-bench";
-/// What dockerd, containerd and podman send for manifests.
-const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 /// Layers each client downloads at once (dockerd's default).
 const PARALLEL_LAYERS: usize = 3;
 
@@ -335,104 +331,6 @@ fn pull_image(port: u16, layers: &[Blob], config: &Blob, started: Instant) -> f6
     }
     let first = first.lock().unwrap().expect("a layer byte");
     (first - started).as_secs_f64()
-}
-
-/// A keep-alive HTTP/1.1 connection read 1 MiB at a time, as pulling clients read.
-struct Connection {
-    stream: TcpStream,
-    buffer: Vec<u8>,
-    /// Bytes read past the last answer.
-    pending: Vec<u8>,
-}
-
-/// One answer: when its first body byte came, and its body when it was not a blob.
-struct Got {
-    first_byte: Instant,
-    body: Vec<u8>,
-}
-
-impl Connection {
-    fn open(port: u16) -> Connection {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        Connection {
-            stream,
-            buffer: vec![0; MIB as usize],
-            pending: Vec::new(),
-        }
-    }
-
-    /// GETs `path`; a `blob` is hashed and checked against its digest and size, not kept.
-    fn get(&mut self, path: &str, blob: Option<&Blob>) -> Got {
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {ACCEPT}\r\nUser-Agent: fleet-bench\r\n\r\n"
-        );
-        self.stream.write_all(request.as_bytes()).unwrap();
-        let mut head = std::mem::take(&mut self.pending);
-        let end = loop {
-            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let n = self.stream.read(&mut self.buffer).expect("read");
-            assert!(n > 0, "{path}: the connection closed before the headers");
-            head.extend_from_slice(&self.buffer[..n]);
-        };
-        let text = String::from_utf8_lossy(&head[..end]).to_string();
-        assert!(
-            text.starts_with("HTTP/1.1 200"),
-            "{path}: {}",
-            text.lines().next().unwrap_or("")
-        );
-        let length: u64 = text
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{path}: no Content-Length"));
-        let mut first_byte = None;
-        let (mut hasher, mut body, mut read) = (Hasher::default(), Vec::new(), 0u64);
-        let mut take = |bytes: &[u8], at: Instant| {
-            if bytes.is_empty() {
-                return;
-            }
-            first_byte.get_or_insert(at);
-            if blob.is_some() {
-                hasher.update(bytes);
-            } else {
-                body.extend_from_slice(bytes);
-            }
-        };
-        let already = (head.len() - end).min(length as usize);
-        take(&head[end..end + already], Instant::now());
-        self.pending = head[end + already..].to_vec();
-        read += already as u64;
-        while read < length {
-            let want = ((length - read) as usize).min(self.buffer.len());
-            let n = self.stream.read(&mut self.buffer[..want]).expect("read");
-            assert!(
-                n > 0,
-                "{path}: the connection closed after {read} of {length} bytes"
-            );
-            take(&self.buffer[..n], Instant::now());
-            read += n as u64;
-        }
-        if let Some(blob) = blob {
-            assert_eq!(length, blob.size, "{path}: length");
-            assert_eq!(
-                hasher.finish(),
-                blob.digest,
-                "{path}: not the blob asked for"
-            );
-        }
-        Got {
-            first_byte: first_byte.unwrap_or_else(Instant::now),
-            body,
-        }
-    }
 }
 
 fn print(results: &BTreeMap<(&str, &str), Vec<f64>>) {

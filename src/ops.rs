@@ -80,14 +80,14 @@ pub fn verify_until(
         {
             break;
         }
-        let actual = match hash_file(&store.content_path(&entry.digest)) {
+        let actual = match hash_file(&store.content_path(&entry.digest), progress) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // evicted meanwhile
             Err(e) => return Err(e),
         };
         report.checked += 1;
         report.bytes += entry.size;
-        progress.done(1, entry.size);
+        progress.done(1, 0);
         if actual != entry.digest {
             tracing::error!(digest = %entry.digest, %actual, "corrupt content in the store");
             let taken_out = if options.quarantine {
@@ -157,7 +157,8 @@ pub fn render_ls(tags: &[TagLine], objects: &[ObjectLine]) -> String {
     text
 }
 
-fn hash_file(path: &Path) -> io::Result<Digest> {
+/// Hashes a file, telling `progress` of each MiB as it goes (a large layer takes seconds).
+fn hash_file(path: &Path, progress: &dyn Report) -> io::Result<Digest> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1024 * 1024];
@@ -167,6 +168,7 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
             return Ok(hasher.finish());
         }
         hasher.update(&buf[..n]);
+        progress.done(0, n as u64);
     }
 }
 

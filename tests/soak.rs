@@ -96,10 +96,19 @@ async fn client(
                 }
             }
             6 => {
-                // Leaves after the head (and whatever came with it).
-                let started = tokio::time::timeout(Duration::from_secs(5), start_get(&url)).await;
-                drop(started);
-                seen.left_mid_body.fetch_add(1, Ordering::Relaxed);
+                // Leaves after the head (and whatever came with it). No head at all counts as
+                // an error, as it does for the other clients.
+                let started =
+                    tokio::time::timeout(Duration::from_secs(5), try_start_get(&url)).await;
+                match started {
+                    Ok(Some(response)) => {
+                        drop(response);
+                        seen.left_mid_body.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        seen.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             7 => match try_request(Method::HEAD, &url, &[]).await {
                 Some(got) if got.status == StatusCode::OK => {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod client;
+
 use regmirror::digest::{Digest, Hasher};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};

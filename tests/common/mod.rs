@@ -365,10 +365,18 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
 
 /// A GET whose answer's body is left unread (a client that stops, or reads slowly).
 pub async fn start_get(url: &str) -> Response<Incoming> {
+    try_start_get(url)
+        .await
+        .unwrap_or_else(|| panic!("GET {url}: no response"))
+}
+
+/// [`start_get`] that may fail before any response (the server died, or dropped the
+/// connection before the headers): `None` then.
+pub async fn try_start_get(url: &str) -> Option<Response<Incoming>> {
     client()
         .request(Request::get(url).body(Empty::new()).unwrap())
         .await
-        .unwrap()
+        .ok()
 }
 
 /// One request with a fresh connection pool; `None` when it fails before any response (the
