@@ -193,18 +193,18 @@ fn service(
             activity.closes();
         }
         let sending = Arc::clone(&sending);
-        let answer: Pin<Box<dyn Future<Output = _> + Send>> =
-            Box::pin(async move {
-                let mut response = proxy::handle(app, request, client).await;
-                if last && http1 {
-                    response
-                        .headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(response.map(|body| {
-                    Watched::new(body.with_guard(busy), sending, !http1).boxed_unsync()
-                }))
-            });
+        let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let mut response = proxy::handle(app, request, client).await;
+            if last && http1 {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response.map(|body| {
+                let body = super::head_first::HeadFirst::new(body.with_guard(busy));
+                Watched::new(body, sending, !http1).boxed_unsync()
+            }))
+        });
         answer
     })
 }

@@ -6,6 +6,7 @@
 //! `run` takes an already-bound listener so tests can bind port 0.
 
 mod connection;
+mod head_first;
 mod parking;
 
 pub use connection::PARK_AFTER;
