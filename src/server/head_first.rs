@@ -7,6 +7,12 @@
 //! before any answer, not an answer that broke off. [`HeadFirst`] holds a body's error back for
 //! one turn (pending, and wakes itself), so what is buffered goes out first; the error then
 //! aborts the body as it would have.
+//!
+//! One turn is enough when the flush it allows completes (hyper then polls the body again at
+//! once), which is the case for a fresh answer on a drained socket. Not covered: a socket that
+//! would block at that moment (pipelined requests, a previous answer's tail unsent), where hyper
+//! may poll the body again before the head is out; on HTTP/2 the stream is reset, and the head
+//! goes first only if the connection task took it before.
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -72,16 +78,19 @@ mod tests {
     type Failing =
         StreamBody<futures_util::stream::Iter<std::vec::IntoIter<io::Result<Frame<Bytes>>>>>;
 
-    /// A body that hands out 1000 bytes, then fails at once (of the 100000 its head promises).
-    fn failing() -> Failing {
-        StreamBody::new(futures_util::stream::iter(vec![
-            Ok(Frame::data(Bytes::from(vec![7u8; 1000]))),
-            Err(io::Error::other("the download failed")),
-        ]))
+    /// A body that fails at once (of the 100000 bytes its head promises), after handing out
+    /// 1000 bytes when `some_first`.
+    fn failing(some_first: bool) -> Failing {
+        let mut frames = Vec::new();
+        if some_first {
+            frames.push(Ok(Frame::data(Bytes::from(vec![7u8; 1000]))));
+        }
+        frames.push(Err(io::Error::other("the download failed")));
+        StreamBody::new(futures_util::stream::iter(frames))
     }
 
     /// Serves one connection with a 200 whose body is `wrap(failing())`; what the client got.
-    async fn served<B>(wrap: fn(Failing) -> B) -> Result<(u16, bool), String>
+    async fn served<B>(wrap: fn(Failing) -> B, some_first: bool) -> Result<(u16, bool), String>
     where
         B: Body<Data = Bytes, Error = io::Error> + Send + Unpin + 'static,
     {
@@ -92,7 +101,7 @@ mod tests {
             let service = service_fn(move |_| async move {
                 let response = http::Response::builder()
                     .header(http::header::CONTENT_LENGTH, 100_000)
-                    .body(wrap(failing()))
+                    .body(wrap(failing(some_first)))
                     .unwrap();
                 Ok::<_, Infallible>(response)
             });
@@ -115,17 +124,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_fails_at_once_still_gets_its_head_out() {
-        assert_eq!(
-            served(HeadFirst::new).await,
-            Ok((200, true)),
-            "an answer that broke off"
-        );
-        // Without it, hyper closes the connection with the head unsent.
-        let bare = served(|body| body).await;
-        assert!(
-            bare.as_ref()
-                .is_err_and(|e| e.contains("IncompleteMessage")),
-            "{bare:?}"
-        );
+        for some_first in [false, true] {
+            assert_eq!(
+                served(HeadFirst::new, some_first).await,
+                Ok((200, true)),
+                "an answer that broke off"
+            );
+            // Without it, hyper (1.x) closes the connection with the head unsent. Should a
+            // later hyper flush before closing, this fails: HeadFirst is then not needed.
+            let bare = served(|body| body, some_first).await;
+            assert!(
+                bare.as_ref()
+                    .is_err_and(|e| e.contains("IncompleteMessage")),
+                "{bare:?}"
+            );
+        }
     }
 }
