@@ -16,7 +16,6 @@ mod harness;
 
 use harness::client::Connection;
 use harness::*;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -176,28 +175,9 @@ fn blob_path(blob: &Blob) -> String {
 }
 
 /// Samples per (measure, subject); medians printed.
-#[derive(Default)]
-struct Results {
-    samples: BTreeMap<(String, String), Vec<f64>>,
-}
+type Results = Samples;
 
 impl Results {
-    fn record(&mut self, subject: &str, measure: &str, value: f64) {
-        self.samples
-            .entry((measure.to_string(), subject.to_string()))
-            .or_default()
-            .push(value);
-    }
-
-    fn median(&self, measure: &str, subject: &str) -> Option<f64> {
-        let mut v = self
-            .samples
-            .get(&(measure.to_string(), subject.to_string()))?
-            .clone();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Some(v[v.len() / 2])
-    }
-
     fn print(&self, sizes: &[u64]) {
         println!(
             "\n{:<26} {:>10} {:>13} {:>8} {:>8} {:>8}  ratios regmirror/…",

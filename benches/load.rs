@@ -18,7 +18,6 @@ mod harness;
 
 use harness::*;
 use regmirror::digest::{Digest, Hasher};
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -611,28 +610,9 @@ impl StaticFiles {
 }
 
 /// Medians per (subject, measure) over rounds.
-#[derive(Default)]
-struct Results {
-    samples: BTreeMap<(String, String), Vec<f64>>,
-}
+type Results = Samples;
 
 impl Results {
-    fn record(&mut self, subject: &str, measure: &str, value: f64) {
-        self.samples
-            .entry((measure.to_string(), subject.to_string()))
-            .or_default()
-            .push(value);
-    }
-
-    fn median(&self, measure: &str, subject: &str) -> Option<f64> {
-        let mut v = self
-            .samples
-            .get(&(measure.to_string(), subject.to_string()))?
-            .clone();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Some(v[v.len() / 2])
-    }
-
     /// The targets that compare regmirror with a limit rather than with a peer.
     fn print_targets(&self, sizes: &[u64]) {
         println!("\nregmirror against the limits (medians):");
@@ -673,7 +653,7 @@ impl Results {
 
     fn print(&self) {
         let measures: Vec<String> = {
-            let mut m: Vec<String> = self.samples.keys().map(|(m, _)| m.clone()).collect();
+            let mut m: Vec<String> = self.measures();
             m.dedup();
             m
         };

@@ -423,3 +423,32 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
         .copied()
         .unwrap_or(0.0)
 }
+
+/// Samples of each measure of each subject, over rounds; their medians are what benches print.
+#[derive(Default)]
+pub struct Samples {
+    samples: std::collections::BTreeMap<(String, String), Vec<f64>>,
+}
+
+impl Samples {
+    pub fn record(&mut self, subject: &str, measure: &str, value: f64) {
+        self.samples
+            .entry((measure.to_string(), subject.to_string()))
+            .or_default()
+            .push(value);
+    }
+
+    pub fn median(&self, measure: &str, subject: &str) -> Option<f64> {
+        let mut v = self
+            .samples
+            .get(&(measure.to_string(), subject.to_string()))?
+            .clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Some(v[v.len() / 2])
+    }
+
+    /// Every measure recorded, in order (once per subject that has it).
+    pub fn measures(&self) -> Vec<String> {
+        self.samples.keys().map(|(m, _)| m.clone()).collect()
+    }
+}
