@@ -10,7 +10,8 @@
 //! GiB (its process and children: nginx's workers), with regmirror's ratios to each peer.
 //!
 //! Run with: `benches/large.sh`. Environment: `ROUNDS` (default 5), `SIZES_MIB` (default
-//! 512,2048).
+//! 512,2048,4096), `SUBJECTS` (default all but `baseline`, e.g. `regmirror,nginx`), `BASELINE`
+//! (another build of regmirror, run as the subject `baseline`: an A/B of a change).
 
 mod harness;
 
@@ -21,12 +22,21 @@ use std::path::Path;
 use std::time::Instant;
 
 const REPO: &str = "bench/large";
-const SUBJECTS: [&str; 5] = ["regmirror", "distribution", "nginx", "direct", "static"];
+/// The subjects; `baseline` (regmirror built from another revision, `BASELINE=path/to/binary`)
+/// runs only when named, for a paired A/B of a change.
+const SUBJECTS: [&str; 6] = [
+    "regmirror",
+    "distribution",
+    "nginx",
+    "direct",
+    "static",
+    "baseline",
+];
 
 fn main() {
     let rounds: usize = env("ROUNDS", 5);
     let sizes: Vec<u64> = std::env::var("SIZES_MIB")
-        .unwrap_or_else(|_| "512,2048".into())
+        .unwrap_or_else(|_| "512,2048,4096".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
@@ -42,12 +52,18 @@ fn main() {
         .collect();
     let statics = static_files(&dir, &sizes);
     println!("origin seeded: {sizes:?} MiB; static files written");
+    // SUBJECTS narrows the run (a profile of one subject, an A/B of two builds).
+    let only = std::env::var("SUBJECTS").unwrap_or_default();
+    let wanted = |s: &&str| match only.as_str() {
+        "" => *s != "baseline",
+        only => only.split(',').any(|o| o == *s),
+    };
     let mut results = Results::default();
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
         let mut order = SUBJECTS;
         order.rotate_left(round % SUBJECTS.len());
-        for subject in order {
+        for subject in order.into_iter().filter(wanted) {
             for blob in &blobs {
                 measure(subject, &dir, &origin, &statics, blob, round, &mut results);
             }
@@ -86,7 +102,7 @@ fn measure(
     let mib = blob.size / MIB;
     let subject_dir = dir.join(format!("{subject}-{round}-{mib}"));
     let (service, path) = match subject {
-        "regmirror" => {
+        "regmirror" | "baseline" => {
             let port = free_port();
             let config = format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = {:?}\n[log]\nlevel = \"warn\"\n\
@@ -94,10 +110,14 @@ fn measure(
                 subject_dir.join("cache").display().to_string(),
                 origin.port
             );
-            (
-                Some(Service::regmirror(&subject_dir, port, &config)),
-                blob_path(blob),
-            )
+            let service = match subject {
+                "baseline" => {
+                    let binary = std::env::var("BASELINE").expect("BASELINE names a binary");
+                    Service::regmirror_binary(Path::new(&binary), &subject_dir, port, &config)
+                }
+                _ => Service::regmirror(&subject_dir, port, &config),
+            };
+            (Some(service), blob_path(blob))
         }
         "distribution" => (
             Some(Service::docker_registry(&subject_dir, Some(origin.port))),
@@ -120,21 +140,28 @@ fn measure(
     let mut connection = Connection::open(port);
     let mut transfer = |label: &str, connection: &mut Connection| {
         quiesce();
+        if label == "cold" {
+            rest_memory();
+        }
         let cpu = measured.cpu_seconds();
         let started = Instant::now();
         let (_, bytes) = connection.read_through(&path);
         let seconds = started.elapsed().as_secs_f64();
         assert_eq!(bytes, blob.size, "{subject}: {label} incomplete");
+        // The work a transfer caused, including what the subject does after the client has
+        // its last byte (distribution fetches the blob a second time to store it, nginx
+        // renames its file, regmirror commits).
+        let cpu = (measured.settled_cpu_seconds() - cpu) / gib;
+        println!(
+            "  {subject:<12} {label} {mib} MiB: {:>6.0} MiB/s {cpu:.2} CPU s/GiB",
+            mib_per_s(bytes, seconds)
+        );
         results.record(
             subject,
             &format!("{label} {mib} MiB MiB/s"),
             mib_per_s(bytes, seconds),
         );
-        results.record(
-            subject,
-            &format!("{label} {mib} MiB CPU s/GiB"),
-            (measured.cpu_seconds() - cpu) / gib,
-        );
+        results.record(subject, &format!("{label} {mib} MiB CPU s/GiB"), cpu);
     };
     if service.is_some() || subject == "direct" {
         // A mirror's first read is its miss; the origin's and a file's are just reads.
@@ -180,8 +207,14 @@ type Results = Samples;
 impl Results {
     fn print(&self, sizes: &[u64]) {
         println!(
-            "\n{:<26} {:>10} {:>13} {:>8} {:>8} {:>8}  ratios regmirror/…",
-            "measure (median)", "regmirror", "distribution", "nginx", "direct", "static"
+            "\n{:<26} {:>10} {:>13} {:>8} {:>8} {:>8} {:>9}  ratios regmirror/…",
+            "measure (median)",
+            "regmirror",
+            "distribution",
+            "nginx",
+            "direct",
+            "static",
+            "baseline"
         );
         let mut measures: Vec<String> = Vec::new();
         for mib in sizes {
@@ -210,13 +243,14 @@ impl Results {
                 })
                 .collect();
             println!(
-                "{:<26} {:>10} {:>13} {:>8} {:>8} {:>8}  {}",
+                "{:<26} {:>10} {:>13} {:>8} {:>8} {:>8} {:>9}  {}",
                 measure,
                 cell("regmirror"),
                 cell("distribution"),
                 cell("nginx"),
                 cell("direct"),
                 cell("static"),
+                cell("baseline"),
                 ratios.join(" ")
             );
         }

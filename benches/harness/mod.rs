@@ -128,10 +128,15 @@ impl Service {
 
     /// regmirror (the release build) on `port`, configured with `config`.
     pub fn regmirror(dir: &Path, port: u16, config: &str) -> Service {
+        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/regmirror");
+        Service::regmirror_binary(&binary, dir, port, config)
+    }
+
+    /// regmirror from another build (`binary`), for a paired A/B of two builds.
+    pub fn regmirror_binary(binary: &Path, dir: &Path, port: u16, config: &str) -> Service {
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("regmirror.toml");
         std::fs::write(&path, config).unwrap();
-        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/regmirror");
         Service::spawn(
             Command::new(binary).args(["serve", "--config"]).arg(&path),
             port,
@@ -164,6 +169,21 @@ impl Service {
     }
 
     /// User + system CPU seconds of the process and its children.
+    /// CPU seconds once the process has gone quiet: less than 1 % of a core over its last
+    /// second (or after 30 s).
+    pub fn settled_cpu_seconds(&self) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut last = self.cpu_seconds();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = self.cpu_seconds();
+            if now - last < 0.01 || std::time::Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     pub fn cpu_seconds(&self) -> f64 {
         let ticks = 100.0; // USER_HZ on Linux
         std::iter::once(self.pid())
@@ -410,6 +430,18 @@ pub fn curl(args: &[&str]) -> String {
 pub fn quiesce() {
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Lets free memory go cold before a workload that writes a large file. On a VM whose host
+/// takes back guest memory that stays free (free page reporting or hinting, as on this VM kind),
+/// the first write into such a page costs the guest a fault in the host: writing 4 GiB into the
+/// page cache took 3.3-3.9 s of system time into memory free for 10 s or more, and 1.5-1.8 s
+/// into pages freed a moment before. A mirror filling right after another freed its cache wrote
+/// at nearly twice the speed of one filling after a read-only subject, so every cold fill now
+/// starts `MEMORY_REST` seconds (default 10) after the last: all subjects write into cold pages.
+pub fn rest_memory() {
+    let seconds: u64 = env("MEMORY_REST", 10);
+    std::thread::sleep(Duration::from_secs(seconds));
 }
 
 pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
