@@ -11,7 +11,8 @@
 //!
 //! Run with: `benches/large.sh`. Environment: `ROUNDS` (default 5), `SIZES_MIB` (default
 //! 512,2048,4096), `SUBJECTS` (default all but `baseline`, e.g. `regmirror,nginx`), `BASELINE`
-//! (another build of regmirror, run as the subject `baseline`: an A/B of a change).
+//! (another build of regmirror, run as the subject `baseline`: an A/B of a change),
+//! `MEMORY_REST` (seconds of rest before each cold fill, default 10: see `rest_memory`).
 
 mod harness;
 
@@ -61,9 +62,11 @@ fn main() {
     let mut results = Results::default();
     for round in 0..rounds {
         println!("round {}/{rounds}", round + 1);
-        let mut order = SUBJECTS;
-        order.rotate_left(round % SUBJECTS.len());
-        for subject in order.into_iter().filter(wanted) {
+        // The subjects run take turns at going first (two of them alternate: a paired A/B).
+        let mut order: Vec<&str> = SUBJECTS.into_iter().filter(wanted).collect();
+        let turn = round % order.len().max(1);
+        order.rotate_left(turn);
+        for subject in order {
             for blob in &blobs {
                 measure(subject, &dir, &origin, &statics, blob, round, &mut results);
             }

@@ -168,9 +168,8 @@ impl Service {
         status_field_mib(self.pid(), "VmHWM:")
     }
 
-    /// User + system CPU seconds of the process and its children.
-    /// CPU seconds once the process has gone quiet: less than 1 % of a core over its last
-    /// second (or after 30 s).
+    /// [`Service::cpu_seconds`] once the process has gone quiet: less than 1 % of a core over
+    /// its last second (or after 30 s).
     pub fn settled_cpu_seconds(&self) -> f64 {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let mut last = self.cpu_seconds();
@@ -184,6 +183,7 @@ impl Service {
         }
     }
 
+    /// User + system CPU seconds of the process and its children.
     pub fn cpu_seconds(&self) -> f64 {
         let ticks = 100.0; // USER_HZ on Linux
         std::iter::once(self.pid())
