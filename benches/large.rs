@@ -12,7 +12,8 @@
 //! Run with: `benches/large.sh`. Environment: `ROUNDS` (default 5), `SIZES_MIB` (default
 //! 512,2048,4096), `SUBJECTS` (default all but `baseline`, e.g. `regmirror,nginx`), `BASELINE`
 //! (another build of regmirror, run as the subject `baseline`: an A/B of a change),
-//! `MEMORY_REST` (seconds of rest before each cold fill, default 10: see `rest_memory`).
+//! `MEMORY` (`warm`, the default, or `cold`: the free memory each cold fill writes into, see
+//! `settle_memory`).
 
 mod harness;
 
@@ -144,7 +145,7 @@ fn measure(
     let mut transfer = |label: &str, connection: &mut Connection| {
         quiesce();
         if label == "cold" {
-            rest_memory();
+            settle_memory(blob.size);
         }
         let cpu = measured.cpu_seconds();
         let started = Instant::now();

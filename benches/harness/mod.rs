@@ -432,16 +432,28 @@ pub fn quiesce() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-/// Lets free memory go cold before a workload that writes a large file. On a VM whose host
-/// takes back guest memory that stays free (free page reporting or hinting, as on this VM kind),
-/// the first write into such a page costs the guest a fault in the host: writing 4 GiB into the
-/// page cache took 3.3-3.9 s of system time into memory free for 10 s or more, and 1.5-1.8 s
-/// into pages freed a moment before. A mirror filling right after another freed its cache wrote
-/// at nearly twice the speed of one filling after a read-only subject, so every cold fill now
-/// starts `MEMORY_REST` seconds (default 10) after the last: all subjects write into cold pages.
-pub fn rest_memory() {
-    let seconds: u64 = env("MEMORY_REST", 10);
-    std::thread::sleep(Duration::from_secs(seconds));
+/// Puts free memory in one state before a workload that writes `bytes` into the page cache.
+/// On a VM whose host takes back guest memory that stays free (free page reporting, as on this
+/// VM kind, at about 128 MiB/s), the first write into such a page costs the guest a fault in the
+/// host: writing 4 GiB into the page cache took 3.3-3.9 s of system time into memory free for
+/// 10 s or more, and 1.5-1.8 s into pages freed a moment before. A mirror filling right after
+/// another freed its cache ran at up to twice the speed of one filling after a subject that
+/// writes nothing. So before each cold fill, `MEMORY` decides: `warm` (the default) touches
+/// `bytes` and a quarter more of memory and frees it at once, so every subject writes into
+/// pages just freed, as on a busy cache whose page cache recycles its own pages; `cold` rests
+/// 10 s, so every subject writes into memory the host has taken back, as on a quiet VM.
+pub fn settle_memory(bytes: u64) {
+    match std::env::var("MEMORY").as_deref() {
+        Ok("cold") => std::thread::sleep(Duration::from_secs(10)),
+        _ => {
+            let len = (bytes + bytes / 4) as usize;
+            let mut touched = vec![0u8; len];
+            for page in touched.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            std::hint::black_box(&touched);
+        }
+    }
 }
 
 pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
