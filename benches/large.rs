@@ -156,15 +156,9 @@ fn measure(
         // its last byte (distribution fetches the blob a second time to store it, nginx
         // renames its file, regmirror commits).
         let cpu = (measured.settled_cpu_seconds() - cpu) / gib;
-        println!(
-            "  {subject:<12} {label} {mib} MiB: {:>6.0} MiB/s {cpu:.2} CPU s/GiB",
-            mib_per_s(bytes, seconds)
-        );
-        results.record(
-            subject,
-            &format!("{label} {mib} MiB MiB/s"),
-            mib_per_s(bytes, seconds),
-        );
+        let rate = mib_per_s(bytes, seconds);
+        println!("  {subject:<12} {label} {mib} MiB: {rate:>6.0} MiB/s {cpu:.2} CPU s/GiB");
+        results.record(subject, &format!("{label} {mib} MiB MiB/s"), rate);
         results.record(subject, &format!("{label} {mib} MiB CPU s/GiB"), cpu);
     };
     if service.is_some() || subject == "direct" {

@@ -212,18 +212,20 @@ impl Service {
 pub fn status_field_mib(pid: u32, field: &str) -> f64 {
     let mut total = 0.0;
     for pid in std::iter::once(pid).chain(children(pid)) {
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(line) = status.lines().find(|l| l.starts_with(field)) {
-                let kib: f64 = line
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0);
-                total += kib / 1024.0;
-            }
-        }
+        total += file_field_mib(&format!("/proc/{pid}/status"), field);
     }
     total
+}
+
+/// A `field:  N kB` line of a `/proc` file (`/proc/meminfo`, a `status`) in MiB; 0 if absent.
+pub fn file_field_mib(path: &str, field: &str) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Samples a process's anonymous resident memory (its own heap and stacks, not the page-cache
@@ -446,7 +448,9 @@ pub fn settle_memory(bytes: u64) {
     match std::env::var("MEMORY").as_deref() {
         Ok("cold") => std::thread::sleep(Duration::from_secs(10)),
         _ => {
-            let len = (bytes + bytes / 4) as usize;
+            // Never more than half of what the machine has available.
+            let available = file_field_mib("/proc/meminfo", "MemAvailable:") * MIB as f64;
+            let len = (bytes + bytes / 4).min((available / 2.0) as u64) as usize;
             let mut touched = vec![0u8; len];
             for page in touched.chunks_mut(4096) {
                 page[0] = 1;
